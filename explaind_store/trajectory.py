@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import schema
+from .optim import optimizer_kind, state_names
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,7 @@ class OptimizerSpec:
     @property
     def state_names(self) -> tuple[str, ...]:
         """Optimizer state groups the store holds for this optimizer."""
-        if self.type in ("AdamW", "Adam"):
-            return (schema.EXP_AVG, schema.EXP_AVG_SQ)
-        if self.type == "SGD" and any(g.get("momentum", 0.0) != 0.0 for g in self.groups):
-            return (schema.MOMENTUM_BUFFER,)
-        return ()
+        return state_names(self.type, self.groups)
 
 
 @dataclass
@@ -140,7 +137,7 @@ class InMemoryTrajectory:
                 hp["betas"] = list(hp["betas"])
             hp["tensors"] = [id_to_name[id(p)] for p in g["params"]]
             groups.append(hp)
-        spec = OptimizerSpec(type=type(optimizer).__name__, groups=tuple(groups))
+        spec = OptimizerSpec(type=optimizer_kind(optimizer), groups=tuple(groups))
         traj = cls(model_factory, spec, loss, data, names)
         traj._snapshot(model, optimizer)
         return traj

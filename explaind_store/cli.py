@@ -1,0 +1,178 @@
+"""The ``explaind`` command line: record built-in examples, inspect and verify stores, and (via ``engine.cli``)
+attribute predictions, show top contributors and run the demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import format as fmt
+from . import schema
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def run_info(path: str | Path) -> dict[str, Any]:
+    """Summary of a store: updates, tensors, bytes on disk, compression ratio, optimizer, data."""
+    from .reader import open_run
+
+    run = open_run(path)
+    t = run.committed_updates
+    steps = t + 1
+    raw = 0
+    for tinfo in run.tensors:
+        n = 1
+        for d in tinfo["shape"]:
+            n *= d
+        item = 8 if tinfo["dtype"] == "float64" else (2 if tinfo["dtype"] == "float16" else 4)
+        raw += n * item * steps * (1 + len(run.state_names))
+    disk = run.nbytes_on_disk()
+    data_disk = sum(f.stat().st_size for f in (run.path / schema.DATA).rglob("*") if f.is_file()) if (
+        run.path / schema.DATA).exists() else 0
+    traj_disk = disk - data_disk
+    opt = run.optimizer_spec
+    return {
+        "path": str(run.path),
+        "format_version": run.attrs[schema.ATTR_FORMAT_VERSION],
+        "committed_updates": t,
+        "tensors": len(run.tensor_names),
+        "parameters": sum(int(__import__("math").prod(x["shape"])) for x in run.tensors),
+        "state": run.state_names,
+        "chunk_updates": run.chunk_updates,
+        "bytes_on_disk": disk,
+        "trajectory_bytes_raw": raw,
+        "compression_ratio": raw / traj_disk if traj_disk else None,
+        "bytes_per_update": traj_disk / steps if steps else None,
+        "optimizer": opt.to_attrs(),
+        "loss": run.loss,
+        "model_spec": run.model_spec,
+        "data": run.attrs[schema.ATTR_DATA],
+        "codec": run.attrs.get(schema.ATTR_CODEC),
+        "nonfinite_updates": run.nonfinite_updates,
+        "created": run.attrs.get(schema.ATTR_CREATED),
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    opt = info["optimizer"]
+    groups = "; ".join(
+        ", ".join(f"{k}={v}" for k, v in g.items() if k != "tensors") + f" ({len(g['tensors'])} tensors)"
+        for g in opt["groups"]
+    )
+    splits = ", ".join(f"{k}: {v['n']} samples ({v['mode']})" for k, v in info["data"]["splits"].items())
+    spec = info["model_spec"] or {}
+    lines = [
+        f"store          {info['path']} (format v{info['format_version']})",
+        f"updates        {info['committed_updates']} committed (steps 0..{info['committed_updates']})",
+        f"model          {spec.get('factory', '?')} {json.dumps(spec.get('kwargs', {}))}",
+        f"tensors        {info['tensors']} tensors, {info['parameters']:,} parameters; state: "
+        f"{', '.join(info['state']) or 'none'}",
+        f"optimizer      {opt['type']}: {groups}",
+        f"loss           {info['loss']['kind']} (mean over the batch)",
+        f"data           {splits}",
+        f"on disk        {_human(info['bytes_on_disk'])}; {_human(info['bytes_per_update'] or 0)} per update; "
+        f"compression {info['compression_ratio']:.2f}x" if info["compression_ratio"] else "on disk        -",
+        f"chunks         {info['chunk_updates']} updates per chunk; codec {info['codec']['compressor']['cname']} "
+        f"level {info['codec']['compressor']['clevel']} + {info['codec']['checksum']}"
+        + (f"; LOSSY bitround keepbits={info['codec']['lossy']['bitround_keepbits']}" if info["codec"]["lossy"] else ""),
+    ]
+    if info["nonfinite_updates"]:
+        lines.append(f"WARNING        non-finite parameters after updates {info['nonfinite_updates'][:10]}")
+    return "\n".join(lines)
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    if args.task == "modadd":
+        from .examples import modadd
+
+        kwargs: dict[str, Any] = {}
+        if args.p is not None:
+            kwargs["p"] = args.p
+        modadd.train(args.out, steps=args.steps, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+                     progress=not args.quiet, **kwargs)
+    else:
+        from .examples import digits_cnn
+
+        digits_cnn.train(args.out, steps=args.steps, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+                         progress=not args.quiet)
+    print(format_info(run_info(args.out)))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    info = run_info(args.path)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .reader import open_run
+
+    run = open_run(args.path)
+    rep = run.verify(gradients=not args.no_gradients, max_updates=args.max_updates, progress=not args.json)
+    print(json.dumps(rep.to_dict(), indent=2) if args.json else rep.table())
+    return 0 if rep.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="explaind", description="Record training trajectories and decompose predictions exactly (ExPLAIND)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rec = sub.add_parser("record", help="train a built-in example while recording it")
+    rec.add_argument("task", choices=["modadd", "digits-cnn"])
+    rec.add_argument("--out", required=True, help="store path to write")
+    rec.add_argument("--steps", type=int, default=None, help="number of optimizer updates")
+    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--p", type=int, default=None, help="modadd: the modulus (default 113)")
+    rec.add_argument("--resume", action="store_true", help="continue a killed or shorter run at --out")
+    rec.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    rec.add_argument("--quiet", action="store_true", help="no progress bar")
+    rec.set_defaults(func=_cmd_record)
+
+    info = sub.add_parser("info", help="summarise a store")
+    info.add_argument("path")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_cmd_info)
+
+    ver = sub.add_parser("verify", help="check a store: optimizer replay, batch gradients, chunk checksums")
+    ver.add_argument("path")
+    ver.add_argument("--json", action="store_true")
+    ver.add_argument("--no-gradients", action="store_true", help="skip the (slower) batch-gradient check")
+    ver.add_argument("--max-updates", type=int, default=None, help="check this many evenly spaced updates")
+    ver.set_defaults(func=_cmd_verify)
+
+    try:
+        from engine.cli import add_commands
+    except ImportError:  # the engine is optional for store-only use
+        pass
+    else:
+        add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "record" and args.steps is None:
+        args.steps = 1000 if args.task == "modadd" else 300
+    try:
+        return int(args.func(args) or 0)
+    except (fmt.StoreError, KeyError, ValueError, PermissionError, RuntimeError, IndexError, TypeError) as exc:
+        print(f"explaind: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

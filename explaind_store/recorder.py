@@ -1,0 +1,562 @@
+"""The recorder: three lines in a plain PyTorch training loop give a crash-safe, compressed trajectory store.
+
+    rec = Recorder("run.zarr", model, optimizer, data=(x_train, y_train), loss="cross_entropy", model_spec=spec)
+    ...  loss.backward(); optimizer.step()
+    rec.record(batch_indices, loss=loss.item())
+
+It captures theta_0 and the initial optimizer state on construction, and through optimizer step hooks the learning
+rate and weight decay each update actually used (whatever scheduler sets them).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from torch import nn
+
+from . import format as fmt
+from . import optim as optim_mod
+from . import schema
+from .specs import normalize_loss
+from .writer import ChunkWriter, Row
+
+
+class RecorderError(RuntimeError):
+    """The recorder was used in a way that would make the record wrong; the message says how to fix it."""
+
+
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def _np(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _acquire_lock(path: Path) -> int:
+    """One writer per store: an flock that the OS drops when the process dies (so kill -9 never leaves it stale)."""
+    lock = path / schema.WRITER_LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise RecorderError(
+            f"another recorder is already writing to {path} ({holder or 'unknown process'}). "
+            "A store has one writer at a time: wait for it to finish, or record to another path."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()}".encode(), 0)
+    return fd
+
+
+def _remove_partials(path: Path) -> None:
+    """Temporary files of writes that a crash interrupted (zarr writes chunks to *.partial, then renames)."""
+    for p in path.rglob("*.partial"):
+        p.unlink(missing_ok=True)
+
+
+def _json_state(scheduler: Any) -> dict[str, Any] | None:
+    if scheduler is None:
+        return None
+    state = scheduler.state_dict()
+    try:
+        return json.loads(json.dumps(state, default=_tensor_default))
+    except TypeError as exc:
+        raise RecorderError(
+            f"the scheduler's state_dict is not JSON-serialisable ({exc}), and a store never holds pickles. "
+            "Use a module-level function (not a lambda closure over objects) in LambdaLR, or pass scheduler=None "
+            "and restore the scheduler yourself after resume."
+        ) from None
+
+
+def _tensor_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor) and o.numel() == 1:
+        return o.item()
+    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+
+
+class Recorder:
+    """Records a training run into a Zarr v3 store. Use as a context manager or call ``close()``.
+
+    Args:
+        path: directory of the store (one Zarr group per run).
+        model: the module being trained; its trainable parameters are recorded.
+        optimizer: ``torch.optim.AdamW``, ``Adam`` or ``SGD`` over those parameters.
+        data: ``(inputs, targets)`` of the training set; batch indices refer to it.
+        loss: ``"cross_entropy"`` (logits), ``"nll"`` (log-probs) or ``"mse"``, mean over the batch.
+        model_spec: ``{"factory": "module:callable", "kwargs": {...}}`` to rebuild the model (JSON, never a pickle).
+        splits: extra named data splits, e.g. ``{"val": (x_val, y_val)}`` (queries can then say ``"val[:10]"``).
+        scheduler: an lr scheduler whose state is saved with each commit so ``resume=True`` can restore it.
+        resume: continue a store (model, optimizer and scheduler are restored to the last committed update).
+        overwrite: replace an existing store at ``path``.
+        chunk_updates: steps per chunk (the flush interval); by default ~4 MB chunks for the largest tensor.
+        lossy_keepbits: opt-in lossy BitRound of float mantissas (relative error <= 2^-(keepbits+1)).
+        store_data: store the data arrays (default) or only a fingerprint to check them on use.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: tuple[ArrayLike, ArrayLike] | None = None,
+        *,
+        loss: str | dict[str, str] = "cross_entropy",
+        model_spec: dict[str, Any] | None = None,
+        splits: dict[str, tuple[ArrayLike, ArrayLike]] | None = None,
+        scheduler: Any = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        chunk_updates: int | None = None,
+        lossy_keepbits: int | None = None,
+        clevel: int = fmt.DEFAULT_CLEVEL,
+        store_data: bool = True,
+        queue_chunks: int = 4,
+    ) -> None:
+        self.path = Path(path)
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.kind = optim_mod.optimizer_kind(optimizer)
+        self._lock_fd: int | None = None
+        self._closed = False
+        self._hooks: list[Any] = []
+        self._steps_since_record = 0
+        self._pending: dict[str, Any] | None = None
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self._id_to_name = {id(p): n for n, p in named}
+        self._check_optimizer_covers_model(model)
+        self.state_names = optim_mod.state_names(self.kind, optimizer.param_groups)
+        self.n_train = None if data is None else len(data[0])
+
+        exists = self.path.exists() and any(self.path.iterdir()) if self.path.exists() else False
+        if resume and exists:
+            self._open_for_resume(loss, model_spec)
+        else:
+            if exists and not overwrite:
+                raise RecorderError(
+                    f"{self.path} already exists and is not empty. Pass resume=True to continue that run, "
+                    "overwrite=True to replace it, or choose another path."
+                )
+            if exists and overwrite:
+                self._replace_existing()
+            if data is None:
+                raise RecorderError("data=(inputs, targets) is required: batch indices refer to the training data")
+            self._create(data, splits or {}, loss, model_spec, chunk_updates, lossy_keepbits, clevel, store_data)
+
+        self._opt_attrs = self.root.attrs[schema.ATTR_OPTIMIZER]
+        self._writer = ChunkWriter(
+            self.root, self._arrays, self._batch_array, self.chunk_updates, queue_size=queue_chunks
+        )
+        if self.committed_at_open < 0:
+            self._writer.put(self._row(0, self._initial_updates_row()))
+            self._writer.flush()
+        self.updates_done = max(self.committed_at_open, 0)
+        self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
+        self._hooks.append(optimizer.register_step_post_hook(self._post_step))
+
+    # --- set-up ----------------------------------------------------------------------------------------------
+    def _check_optimizer_covers_model(self, model: nn.Module) -> None:
+        in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        all_named = {id(p): n for n, p in model.named_parameters()}
+        for p in in_opt:
+            if p not in all_named:
+                raise RecorderError("the optimizer holds a tensor that is not a parameter of the model")
+            if p not in self._id_to_name:
+                raise RecorderError(f"parameter {all_named[p]} is in the optimizer but has requires_grad=False")
+        missing = [n for n, p in zip(self.names, self.params) if id(p) not in in_opt]
+        if missing:
+            raise RecorderError(
+                f"parameters {missing} require grad but are not in the optimizer, so they never change. "
+                "Set requires_grad=False on them (they are then stored once as static tensors) or add them."
+            )
+        for p in self.params:
+            if p.dtype not in (torch.float32, torch.float64, torch.float16):
+                raise RecorderError(f"parameters of dtype {p.dtype} are not supported (use float32 or float64)")
+
+    def _replace_existing(self) -> None:
+        try:
+            fmt.open_root(self.path)
+        except fmt.StoreError:
+            raise RecorderError(
+                f"{self.path} exists and is not an explaind store; refusing to delete it even with overwrite=True"
+            ) from None
+        fd = _acquire_lock(self.path)  # never delete a store another process is writing
+        os.close(fd)
+        shutil.rmtree(self.path)
+
+    def _create(
+        self,
+        data: tuple[ArrayLike, ArrayLike],
+        splits: dict[str, tuple[ArrayLike, ArrayLike]],
+        loss: str | dict[str, str],
+        model_spec: dict[str, Any] | None,
+        chunk_updates: int | None,
+        lossy_keepbits: int | None,
+        clevel: int,
+        store_data: bool,
+    ) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _acquire_lock(self.path)
+        step_bytes = max(p.numel() * p.element_size() for p in self.params)
+        self.chunk_updates = int(chunk_updates or fmt.default_chunk_updates(step_bytes))
+        if self.chunk_updates < 1:
+            raise RecorderError("chunk_updates must be at least 1")
+        groups_attr = optim_mod.optimizer_attrs(self.optimizer, self._id_to_name)
+        tensors = [
+            {"name": n, "shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""), "group": g}
+            for g, grp in enumerate(self.optimizer.param_groups)
+            for p in grp["params"]
+            for n in [self._id_to_name[id(p)]]
+        ]
+        order = {n: i for i, n in enumerate(self.names)}
+        tensors.sort(key=lambda t: order[t["name"]])
+        root = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        data_attrs = {"splits": {}}
+        all_splits = {schema.TRAIN_SPLIT: data, **splits}
+        for split, (x, y) in all_splits.items():
+            xs, ys = _np(x), _np(y)
+            if len(xs) != len(ys):
+                raise RecorderError(f"split {split!r}: {len(xs)} inputs but {len(ys)} targets")
+            info: dict[str, Any] = {"n": len(xs), "fingerprint": fmt.fingerprint(xs, ys)}
+            if store_data:
+                g = root.require_group(schema.data_path(split))
+                fmt.write_static(g, schema.INPUTS, xs, schema.data_dims(split, schema.INPUTS, xs.ndim))
+                fmt.write_static(g, schema.TARGETS, ys, schema.data_dims(split, schema.TARGETS, ys.ndim))
+                fmt.write_static(g, schema.SAMPLE, np.arange(len(xs), dtype=np.int64), (schema.SAMPLE,))
+                info["mode"] = "stored"
+            else:
+                info["mode"] = "reference"
+                info.update(inputs_shape=list(xs.shape), targets_shape=list(ys.shape))
+            data_attrs["splits"][split] = info
+        self._write_static_tensors(root)
+        root.attrs.update(
+            {
+                schema.ATTR_FORMAT: schema.FORMAT_NAME,
+                schema.ATTR_FORMAT_VERSION: schema.FORMAT_VERSION,
+                schema.ATTR_COMMITTED: -1,
+                schema.ATTR_MODEL_SPEC: model_spec,
+                schema.ATTR_OPTIMIZER: groups_attr,
+                schema.ATTR_LOSS: normalize_loss(loss),
+                schema.ATTR_TENSORS: tensors,
+                schema.ATTR_STATE_NAMES: list(self.state_names),
+                schema.ATTR_CHUNK_UPDATES: self.chunk_updates,
+                schema.ATTR_CODEC: fmt.codec_attrs(clevel, lossy_keepbits),
+                schema.ATTR_DATA: data_attrs,
+                schema.ATTR_VERSIONS: fmt.library_versions(),
+                schema.ATTR_CREATED: fmt.now_iso(),
+                schema.ATTR_SCHEDULER_STATE: None,
+                schema.ATTR_NONFINITE: [],
+            }
+        )
+        self._make_arrays(root, create=True, clevel=clevel, lossy_keepbits=lossy_keepbits)
+        self.root = root
+        self.committed_at_open = -1
+        self._sgd_count = self._initial_sgd_count()
+
+    def _write_static_tensors(self, root: zarr.Group) -> None:
+        frozen = {n: p for n, p in self.model.named_parameters() if not p.requires_grad}
+        frozen.update(dict(self.model.named_buffers()))
+        if not frozen:
+            return
+        g = root.require_group(schema.STATIC)
+        for n, t in frozen.items():
+            arr = _np(t)
+            fmt.write_static(g, n, arr, schema.tensor_dims(n, arr.ndim) or ("scalar",))
+
+    def _make_arrays(self, root: zarr.Group, *, create: bool, clevel: int = 1, lossy_keepbits: int | None = None) -> None:
+        k = self.chunk_updates
+        arrays: dict[str, zarr.Array] = {}
+        filters = fmt.float_filters(lossy_keepbits)
+        n_groups = len(self.optimizer.param_groups)
+        for gname in (schema.PARAMS, *self.state_names):
+            g = root.require_group(gname) if create else root[gname]
+            for n, p in zip(self.names, self.params):
+                key = f"{gname}/{n}"
+                if create:
+                    arrays[key] = fmt.create_stepped(
+                        g, n, tuple(p.shape), _np(p).dtype, schema.stepped_dims(n, p.ndim), k,
+                        fill_value=np.nan, clevel=clevel, filters=filters,
+                    )
+                else:
+                    arrays[key] = g[n]
+            arrays[f"{gname}/{schema.STEP}"] = (
+                fmt.create_stepped(g, schema.STEP, (), np.int64, (schema.STEP,), k, fill_value=-1)
+                if create else g[schema.STEP]
+            )
+        u = root.require_group(schema.UPDATES) if create else root[schema.UPDATES]
+        specs: list[tuple[str, tuple[int, ...], Any, tuple[str, ...], Any]] = [
+            (schema.LR, (n_groups,), np.float64, (schema.STEP, schema.GROUP), np.nan),
+            (schema.WEIGHT_DECAY, (n_groups,), np.float64, (schema.STEP, schema.GROUP), np.nan),
+            (schema.LOSS, (), np.float64, (schema.STEP,), np.nan),
+            (schema.BATCH_SIZE, (), np.int64, (schema.STEP,), 0),
+            (schema.GRAD_SCALE, (), np.float64, (schema.STEP,), np.nan),
+            (schema.OPT_STEP, (), np.int64, (schema.STEP,), -1),
+            (schema.STEP, (), np.int64, (schema.STEP,), -1),
+        ]
+        for name, shape, dtype, dims, fill in specs:
+            arrays[f"{schema.UPDATES}/{name}"] = (
+                fmt.create_stepped(u, name, shape, dtype, dims, k, fill_value=fill) if create else u[name]
+            )
+        if create:
+            width = 1
+            self._batch_array = u.create_array(
+                schema.BATCH, shape=(0, width), chunks=(k, 1024), dtype=np.int64, fill_value=schema.BATCH_PAD,
+                compressors=fmt.compressors(), dimension_names=(schema.STEP, schema.SLOT),
+            )
+        else:
+            self._batch_array = u[schema.BATCH]
+        self._arrays = arrays
+
+    def _open_for_resume(self, loss: str | dict[str, str], model_spec: dict[str, Any] | None) -> None:
+        root = fmt.open_root(self.path, mode="r+")
+        self._lock_fd = _acquire_lock(self.path)
+        _remove_partials(self.path)
+        attrs = root.attrs.asdict()
+        problems = []
+        stored = {t["name"]: t for t in attrs[schema.ATTR_TENSORS]}
+        live = {n: list(p.shape) for n, p in zip(self.names, self.params)}
+        if list(stored) != list(live):
+            problems.append(f"tensors differ: store has {list(stored)}, model has {list(live)}")
+        else:
+            for n, shape in live.items():
+                if stored[n]["shape"] != shape:
+                    problems.append(f"tensor {n}: store shape {stored[n]['shape']}, model shape {shape}")
+        problems += optim_mod.static_mismatch(attrs[schema.ATTR_OPTIMIZER], self.optimizer, self._id_to_name)
+        if normalize_loss(loss) != attrs[schema.ATTR_LOSS]:
+            problems.append(f"loss {normalize_loss(loss)} differs from the store's {attrs[schema.ATTR_LOSS]}")
+        if problems:
+            raise RecorderError(
+                f"cannot resume {self.path}: it was recorded from a different model or optimizer:\n  - "
+                + "\n  - ".join(problems)
+                + "\nResume with the same model and optimizer settings, or record to a new path."
+            )
+        self.root = root
+        self.chunk_updates = int(attrs[schema.ATTR_CHUNK_UPDATES])
+        self._make_arrays(root, create=False)
+        c = int(attrs[schema.ATTR_COMMITTED])
+        self.committed_at_open = c
+        self.n_train = int(attrs[schema.ATTR_DATA]["splits"][schema.TRAIN_SPLIT]["n"])
+        if c < 0:
+            # Killed before theta_0 was committed: start over on the same path.
+            for arr in (*self._arrays.values(), self._batch_array):
+                arr.resize((0, *arr.shape[1:]))
+            self._sgd_count = self._initial_sgd_count()
+            return
+        # Hide anything written past the commit point before a crash.
+        for arr in (*self._arrays.values(), self._batch_array):
+            if arr.shape[0] > c + 1:
+                arr.resize((c + 1, *arr.shape[1:]))
+        self._restore(c, attrs)
+
+    def _restore(self, c: int, attrs: dict[str, Any]) -> None:
+        """Put model, optimizer and scheduler back exactly where update ``c`` left them."""
+        with torch.no_grad():
+            for n, p in zip(self.names, self.params):
+                p.copy_(torch.from_numpy(np.asarray(self._arrays[f"{schema.PARAMS}/{n}"][c])))
+        opt_step = int(self._arrays[f"{schema.UPDATES}/{schema.OPT_STEP}"][c])
+        sd = self.optimizer.state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+        state: dict[int, dict[str, Any]] = {}
+        if opt_step > 0:
+            for n, p in zip(self.names, self.params):
+                st: dict[str, Any] = {
+                    s: torch.from_numpy(np.asarray(self._arrays[f"{s}/{n}"][c])) for s in self.state_names
+                }
+                if self.kind in ("AdamW", "Adam"):
+                    st["step"] = torch.tensor(float(opt_step), dtype=torch.float32)
+                if st:
+                    state[index[id(p)]] = st
+        sd["state"] = state
+        if c > 0:
+            lrs = np.asarray(self._arrays[f"{schema.UPDATES}/{schema.LR}"][c])
+            wds = np.asarray(self._arrays[f"{schema.UPDATES}/{schema.WEIGHT_DECAY}"][c])
+            for g, lr, wd in zip(sd["param_groups"], lrs, wds):
+                g["lr"], g["weight_decay"] = float(lr), float(wd)
+        self.optimizer.load_state_dict(sd)
+        self._sgd_count = opt_step
+        sched_state = attrs.get(schema.ATTR_SCHEDULER_STATE)
+        if self.scheduler is not None and sched_state is not None and c > 0:
+            # The saved state is the one update c started from; stepping once reproduces what the loop did after
+            # update c (works for closed-form and chainable schedulers alike, as group lrs are update c's).
+            self.scheduler.load_state_dict(sched_state)
+            self.scheduler.step()
+
+    def _initial_sgd_count(self) -> int:
+        if self.kind != "SGD":
+            return 0
+        has_buf = any(self.optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in self.params)
+        return 1 if has_buf else 0
+
+    # --- per-update hooks --------------------------------------------------------------------------------------
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._steps_since_record >= 1:
+            raise RecorderError(
+                "optimizer.step() was called again before rec.record(): call rec.record(batch_indices) right after "
+                "every optimizer.step(), so each update's batch is recorded."
+            )
+        lrs = [float(optim_mod._scalar(g["lr"])) for g in optimizer.param_groups]
+        wds = [float(optim_mod._scalar(g.get("weight_decay", 0.0))) for g in optimizer.param_groups]
+        problems = optim_mod.static_mismatch(self._opt_attrs, optimizer, self._id_to_name)
+        if problems:
+            raise RecorderError(
+                "optimizer hyperparameters changed during the run (only lr and weight_decay may change): "
+                + "; ".join(problems)
+            )
+        self._pending = {"lr": lrs, "wd": wds, "scheduler": _json_state(self.scheduler)}
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._steps_since_record += 1
+
+    # --- public API ------------------------------------------------------------------------------------------
+    def record(
+        self,
+        batch_indices: Sequence[int] | ArrayLike,
+        loss: float | torch.Tensor | None = None,
+        grad_scale: float | torch.Tensor | None = None,
+    ) -> None:
+        """Record the update that ``optimizer.step()`` just made.
+
+        Args:
+            batch_indices: indices (into the training data) of the samples in this update's batch.
+            loss: the training loss of this batch (optional, for plots and checks).
+            grad_scale: the factor gradient clipping applied to the batch gradient (e.g. ``min(1, max_norm/norm)``).
+        """
+        if self._closed:
+            raise RecorderError("this recorder is closed; open a new one with resume=True to continue")
+        if self._steps_since_record == 0:
+            raise RecorderError(
+                "rec.record() was called without an optimizer.step() since the last record (or before the first "
+                "step). Call it exactly once, right after each optimizer.step()."
+            )
+        batch = np.asarray(_np(torch.as_tensor(batch_indices) if not isinstance(batch_indices, np.ndarray)
+                               else batch_indices)).reshape(-1)
+        if batch.size == 0 or batch.dtype.kind not in "iu":
+            raise RecorderError(f"batch_indices must be a non-empty sequence of integers, got {batch_indices!r}")
+        if self.n_train is not None and (batch.min() < 0 or batch.max() >= self.n_train):
+            raise RecorderError(
+                f"batch index out of range: indices must lie in 0..{self.n_train - 1} (the training data), got "
+                f"min {batch.min()} max {batch.max()}"
+            )
+        s = self.updates_done + 1
+        assert self._pending is not None
+        self._sgd_count += 1
+        upd = {
+            schema.LR: np.asarray(self._pending["lr"], dtype=np.float64),
+            schema.WEIGHT_DECAY: np.asarray(self._pending["wd"], dtype=np.float64),
+            schema.LOSS: np.float64(np.nan if loss is None else float(loss)),
+            schema.BATCH_SIZE: np.int64(batch.size),
+            schema.GRAD_SCALE: np.float64(1.0 if grad_scale is None else float(grad_scale)),
+            schema.OPT_STEP: np.int64(self._opt_step()),
+        }
+        row = self._row(s, upd)
+        row.batch = batch.astype(np.int64)
+        row.commit_attrs = {schema.ATTR_SCHEDULER_STATE: self._pending["scheduler"]}
+        self._writer.put(row)
+        self.updates_done = s
+        self._steps_since_record = 0
+        self._pending = None
+
+    def _opt_step(self) -> int:
+        if self.kind == "SGD":
+            return self._sgd_count
+        steps = {float(self.optimizer.state[p]["step"]) for p in self.params if p in self.optimizer.state}
+        if len(steps) != 1 or len(self.optimizer.state) < len(self.params):
+            missing = [n for n, p in zip(self.names, self.params) if p not in self.optimizer.state]
+            raise RecorderError(
+                f"not every recorded parameter was updated by this step (no gradient for {missing or 'some'}); "
+                "the decomposition needs every trainable tensor updated each step. Freeze unused tensors with "
+                "requires_grad=False."
+            )
+        return int(steps.pop())
+
+    def _initial_updates_row(self) -> dict[str, Any]:
+        n_groups = len(self.optimizer.param_groups)
+        opt0 = self._sgd_count
+        if self.kind != "SGD" and self.optimizer.state:
+            opt0 = int(float(next(iter(self.optimizer.state.values())).get("step", 0)))
+        return {
+            schema.LR: np.full(n_groups, np.nan),
+            schema.WEIGHT_DECAY: np.full(n_groups, np.nan),
+            schema.LOSS: np.float64(np.nan),
+            schema.BATCH_SIZE: np.int64(0),
+            schema.GRAD_SCALE: np.float64(np.nan),
+            schema.OPT_STEP: np.int64(opt0),
+        }
+
+    def _row(self, index: int, updates: dict[str, Any]) -> Row:
+        arrays: dict[str, Any] = {}
+        ready = None
+        any_cuda = any(p.is_cuda for p in self.params)
+        for n, p in zip(self.names, self.params):
+            arrays[f"{schema.PARAMS}/{n}"] = _snapshot(p)
+            st = self.optimizer.state.get(p, {})
+            for s in self.state_names:
+                val = st.get(s)
+                arrays[f"{s}/{n}"] = _snapshot(val) if val is not None else torch.zeros(p.shape, dtype=p.dtype)
+        for g in (schema.PARAMS, *self.state_names, schema.UPDATES):
+            arrays[f"{g}/{schema.STEP}"] = np.int64(index)
+        for k, v in updates.items():
+            arrays[f"{schema.UPDATES}/{k}"] = v
+        if any_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return Row(index=index, arrays=arrays, ready=ready)
+
+    def flush(self) -> None:
+        """Write and commit everything recorded so far (also happens automatically every chunk)."""
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flush, commit and release the store. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._hooks:
+            h.remove()
+        try:
+            self._writer.close()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    @property
+    def committed_updates(self) -> int:
+        return int(self.root.attrs[schema.ATTR_COMMITTED])
+
+    @property
+    def bytes_written(self) -> int:
+        return self._writer.bytes_written
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _snapshot(t: torch.Tensor) -> torch.Tensor:
+    """Copy a tensor off the training device without stalling it (pinned buffer + async copy on CUDA)."""
+    t = t.detach()
+    if t.is_cuda:
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t, non_blocking=True)
+        return out
+    return t.clone()

@@ -1,0 +1,236 @@
+"""``run.verify()`` / ``explaind verify``: is this record exact enough to decompose?
+
+1. Replay: rebuild theta_s from theta_{s-1} and the recorded optimizer state; report the residual against the stored
+   theta_s (relative to the size of the update).
+2. Batches: recompute the batch-mean gradient at theta_{s-1} from the stored batch and data (float64) and compare it
+   with the gradient the recorded optimizer-state change implies. A wrong batch record fails this.
+3. Chunks: decode every chunk of every array; chunks failing their CRC32C checksum are listed by array and index.
+Also flags non-finite parameters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from . import optim as optim_mod
+from . import schema
+from .specs import batch_loss
+
+if TYPE_CHECKING:
+    from .reader import Run
+
+REPLAY_TOL = 1e-3  # relative to the update size; float32 training gives ~1e-6, a wrong state O(1)
+GRADIENT_TOL = 1e-3  # relative gradient mismatch; float32 training gives ~1e-6, a wrong batch O(0.1..1)
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    updates: int
+    checked_updates: int = 0
+    replay_max_residual: float = 0.0  # max |replayed - stored theta_s| / max|dtheta_s|
+    replay_worst_update: int | None = None
+    gradient_max_rel_error: float | None = None
+    gradient_worst_update: int | None = None
+    gradient_checked: bool = False
+    chunks_checked: int = 0
+    bad_chunks: list[dict[str, Any]] = field(default_factory=list)
+    nonfinite_updates: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+    def table(self) -> str:
+        def fmt_num(x: float | None) -> str:
+            return "-" if x is None else f"{x:.3e}"
+
+        rows = [
+            ("store", self.path, ""),
+            ("committed updates", str(self.updates), ""),
+            ("updates checked", str(self.checked_updates), ""),
+            (
+                "replay residual (rel. to update)",
+                fmt_num(self.replay_max_residual),
+                "ok" if self.replay_max_residual <= REPLAY_TOL else "FAIL",
+            ),
+            (
+                "batch gradient rel. error",
+                fmt_num(self.gradient_max_rel_error) if self.gradient_checked else "skipped",
+                "" if not self.gradient_checked else (
+                    "ok" if (self.gradient_max_rel_error or 0) <= GRADIENT_TOL else "FAIL"),
+            ),
+            ("chunks checked", str(self.chunks_checked), "ok" if not self.bad_chunks else "FAIL"),
+            ("non-finite updates", str(self.nonfinite_updates[:10] or "none"), "ok" if not self.nonfinite_updates else "FAIL"),
+        ]
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        lines = [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+        for bc in self.bad_chunks[:20]:
+            lines.append(f"  bad chunk: {bc['array']} chunk {bc['chunk']} ({bc['error']})")
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        lines.append("RESULT: " + ("OK" if self.ok else "FAILED\n  - " + "\n  - ".join(self.problems)))
+        return "\n".join(lines)
+
+
+def _chunk_indices(arr: zarr.Array) -> list[tuple[int, ...]]:
+    grid = [range(math.ceil(s / c)) if s else range(0) for s, c in zip(arr.shape, arr.chunks)]
+    return list(itertools.product(*grid))
+
+
+def check_chunks(run: "Run", progress: bool = False) -> tuple[int, list[dict[str, Any]]]:
+    """Decode every chunk; return (number checked, bad chunks with array path, chunk index and error)."""
+    bad: list[dict[str, Any]] = []
+    arrays: list[tuple[str, zarr.Array]] = []
+
+    def walk(group: zarr.Group, prefix: str) -> None:
+        for name, arr in group.arrays():
+            arrays.append((f"{prefix}{name}", arr))
+        for name, sub in group.groups():
+            walk(sub, f"{prefix}{name}/")
+
+    walk(run.root, "")
+    checked = 0
+    for path, arr in tqdm(arrays, desc="chunks", disable=not progress, leave=False):
+        for idx in _chunk_indices(arr):
+            sl = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, arr.chunks, arr.shape))
+            checked += 1
+            try:
+                arr[sl]
+            except Exception as exc:  # noqa: BLE001 - any decode failure is a bad chunk
+                bad.append({"array": path, "chunk": list(idx), "error": f"{type(exc).__name__}: {exc}"[:200]})
+    return checked, bad
+
+
+def verify(
+    run: "Run",
+    *,
+    gradients: bool = True,
+    chunks: bool = True,
+    max_updates: int | None = None,
+    progress: bool = False,
+) -> VerifyReport:
+    """Run the three checks; ``max_updates`` checks that many evenly spaced updates instead of all."""
+    t = run.committed_updates
+    rep = VerifyReport(path=str(run.path), updates=t, nonfinite_updates=run.nonfinite_updates)
+    if rep.nonfinite_updates:
+        rep.problems.append(
+            f"parameters are NaN/inf after update(s) {rep.nonfinite_updates[:10]}: training diverged there; "
+            "decompose a window before it (steps=slice(0, first_bad - 1))"
+        )
+    if chunks:
+        rep.chunks_checked, rep.bad_chunks = check_chunks(run, progress)
+        if rep.bad_chunks:
+            rep.problems.append(
+                f"{len(rep.bad_chunks)} chunk(s) fail their checksum or cannot be decoded (listed above); the store "
+                "is damaged there: re-record, or restrict analysis to the steps before the first bad chunk"
+            )
+            return rep  # the numeric checks would only repeat the decode errors
+    if t == 0:
+        return rep
+    updates = list(range(1, t + 1))
+    if max_updates is not None and max_updates < t:
+        updates = sorted({int(round(x)) for x in np.linspace(1, t, max_updates)})
+    spec = run.optimizer_spec
+    group_of = spec.group_of()
+    model = None
+    x = y = None
+    if gradients:
+        try:
+            model = run.build_model().double()
+            x, y = run.split(schema.TRAIN_SPLIT)
+            rep.gradient_checked = True
+        except Exception as exc:  # noqa: BLE001 - report why the gradient check could not run
+            rep.warnings.append(f"batch-gradient check skipped: {exc}")
+            rep.gradient_checked = False
+    worst_g = 0.0
+    k = run.chunk_updates
+    todo = set(updates)
+    for lo in tqdm(range(0, t, k), desc="verify", disable=not progress, leave=False):
+        hi = min(lo + k, t)
+        if not todo.intersection(range(lo + 1, hi + 1)):
+            continue
+        blk = run.block(lo, hi)
+        for s in blk.updates:
+            if s not in todo:
+                continue
+            r = s - lo - 1
+            n = int(blk.opt_step[r])
+            prev, nxt = blk.params_at(s - 1), blk.params_at(s)
+            implied: dict[str, torch.Tensor] = {}
+            num = den = 0.0
+            for name in run.tensor_names:
+                g = group_of[name]
+                hp = spec.groups[g]
+                lr, wd = float(blk.lr[r, g]), float(blk.weight_decay[r, g])
+                sp = {sn: blk.state_at(sn, s - 1)[name] for sn in run.state_names}
+                sn_ = {sn: blk.state_at(sn, s)[name] for sn in run.state_names}
+                if spec.type == "SGD" and not run.state_names:
+                    replayed = None  # plain SGD keeps no state: the update itself is what the gradient check tests
+                else:
+                    replayed = optim_mod.replay_update(spec.type, hp, prev[name], None, sp, sn_, lr, wd, n)
+                if replayed is not None:
+                    dtheta = (nxt[name].double() - prev[name].double()).abs().max().item()
+                    res = (replayed - nxt[name].double()).abs().max().item() / max(dtheta, 1e-30)
+                    if res > rep.replay_max_residual or math.isnan(res):
+                        rep.replay_max_residual, rep.replay_worst_update = res, s
+                implied[name] = optim_mod.implied_gradient(spec.type, hp, prev[name], nxt[name], sp, sn_, lr, wd, n)
+            if model is not None:
+                scale = float(blk.grad_scale[r])
+                grads = _batch_gradient(model, run, prev, x, y, blk.batches[r])
+                for name in run.tensor_names:
+                    num += float(((implied[name] - scale * grads[name]) ** 2).sum())
+                    den += float(((scale * grads[name]) ** 2).sum())
+                rel = math.sqrt(num / max(den, 1e-300))
+                if rel > worst_g or math.isnan(rel):
+                    worst_g, rep.gradient_worst_update = rel, s
+            rep.checked_updates += 1
+    if model is not None:
+        rep.gradient_max_rel_error = worst_g
+    if rep.replay_max_residual > REPLAY_TOL or math.isnan(rep.replay_max_residual):
+        rep.problems.append(
+            f"replaying update {rep.replay_worst_update} from the recorded optimizer state misses the stored "
+            f"parameters by {rep.replay_max_residual:.2e} of the update size: parameters and optimizer state "
+            "disagree (a different optimizer, or state edited outside optimizer.step())"
+        )
+    if rep.gradient_checked and (worst_g > GRADIENT_TOL or math.isnan(worst_g)):
+        rep.problems.append(
+            f"update {rep.gradient_worst_update}: the gradient recomputed from the recorded batch differs from the "
+            f"one the optimizer used by {worst_g:.2e} (relative). The batch indices, data, loss spec or "
+            "grad_scale passed to record() do not match what training did (dropout or augmentation also cause this)."
+        )
+    return rep
+
+
+def _batch_gradient(
+    model: torch.nn.Module,
+    run: "Run",
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    p64 = {k: v.double().requires_grad_(True) for k, v in params.items()}
+    xb = x[batch]
+    xb = xb.double() if xb.is_floating_point() else xb
+    yb = y[batch]
+    yb = yb.double() if yb.is_floating_point() else yb
+    out = torch.func.functional_call(model, p64, (xb,))
+    loss = batch_loss(run.loss, out, yb)
+    grads = torch.autograd.grad(loss, list(p64.values()))
+    return dict(zip(p64.keys(), grads))

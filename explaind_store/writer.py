@@ -1,0 +1,166 @@
+"""Background writer: rows of one step go through a bounded queue to a thread that buffers whole chunks of steps,
+writes them, and only then advances the committed update count (so a crash never exposes a half-written step).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from . import schema
+
+
+class WriterError(RuntimeError):
+    """The background writer failed; the message names the cause. Committed data is intact."""
+
+
+@dataclass
+class Row:
+    """Everything recorded for one step index (arrays keyed by their path in the store)."""
+
+    index: int
+    arrays: dict[str, Any]  # path -> np.ndarray | torch.Tensor (CPU, maybe pinned with a pending copy)
+    batch: np.ndarray | None = None  # int64 sample indices (per-update rows only)
+    ready: Any = None  # torch.cuda.Event to wait for before reading device copies
+    commit_attrs: dict[str, Any] = field(default_factory=dict)  # root attributes valid once this row is committed
+
+
+_FLUSH = object()
+_STOP = object()
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().numpy()
+    return np.asarray(value)
+
+
+class ChunkWriter:
+    """Single writer of a run's step-indexed arrays.
+
+    Rows are buffered until a chunk of ``chunk_updates`` steps is complete, then written region by region, so
+    chunks are written whole (appending step by step into a multi-step chunk rewrites it every time).
+    """
+
+    def __init__(
+        self,
+        root: zarr.Group,
+        arrays: dict[str, zarr.Array],
+        batch_array: zarr.Array,
+        chunk_updates: int,
+        *,
+        queue_size: int = 4,
+        on_commit: Callable[[int], None] | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        self.root = root
+        self.arrays = arrays
+        self.batch_array = batch_array
+        self.k = chunk_updates
+        self.on_commit = on_commit
+        self.check_finite = check_finite
+        # Queue holds at most `queue_size` chunks of rows: training waits instead of growing memory without bound.
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(2, queue_size * chunk_updates))
+        self._buffer: list[Row] = []
+        self._error: BaseException | None = None
+        self._flushed = threading.Event()
+        self.bytes_written = 0
+        self.nonfinite: list[int] = list(root.attrs.get(schema.ATTR_NONFINITE, []))
+        self._thread = threading.Thread(target=self._run, name="explaind-writer", daemon=True)
+        self._thread.start()
+
+    # --- producer side (training thread) ---------------------------------------------------------------------
+    def put(self, row: Row) -> None:
+        self.raise_if_failed()
+        self._queue.put(row)
+
+    def flush(self) -> None:
+        """Block until everything queued so far is written and committed."""
+        self.raise_if_failed()
+        self._flushed.clear()
+        self._queue.put(_FLUSH)
+        while not self._flushed.wait(0.1):
+            if not self._thread.is_alive():
+                break
+        self.raise_if_failed()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+        self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise WriterError(
+                f"writing the trajectory failed: {self._error!r}. Updates up to committed_updates="
+                f"{self.root.attrs.get(schema.ATTR_COMMITTED)} are safe on disk; resume with resume=True."
+            ) from self._error
+
+    # --- consumer side (writer thread) -----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP:
+                    self._write_buffer()
+                    return
+                if item is _FLUSH:
+                    self._write_buffer()
+                    self._flushed.set()
+                    continue
+                self._buffer.append(item)
+                if (item.index + 1) % self.k == 0:
+                    self._write_buffer()
+        except BaseException as exc:  # noqa: BLE001 - reported to the training thread
+            self._error = exc
+            self._flushed.set()
+
+    def _write_buffer(self) -> None:
+        if not self._buffer:
+            return
+        rows, self._buffer = self._buffer, []
+        i0, i1 = rows[0].index, rows[-1].index
+        if [r.index for r in rows] != list(range(i0, i1 + 1)):
+            raise WriterError(f"steps {[r.index for r in rows]} are not consecutive")
+        for r in rows:
+            if r.ready is not None:
+                r.ready.synchronize()
+        n = i1 + 1
+        for path, arr in self.arrays.items():
+            block = np.stack([_to_numpy(r.arrays[path]) for r in rows])
+            if arr.shape[0] < n:
+                arr.resize((n, *arr.shape[1:]))
+            arr[i0:n] = block
+            self.bytes_written += block.nbytes
+            if self.check_finite and block.dtype.kind == "f" and path.startswith(schema.PARAMS + "/"):
+                bad = ~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
+                for r, b in zip(rows, bad):
+                    if b and r.index not in self.nonfinite and len(self.nonfinite) < 100:
+                        self.nonfinite.append(r.index)
+        self._write_batches(rows, i0, n)
+        attrs = dict(rows[-1].commit_attrs)
+        attrs[schema.ATTR_NONFINITE] = sorted(self.nonfinite)
+        attrs[schema.ATTR_COMMITTED] = i1
+        # The commit point: only now do readers see updates i0..i1.
+        self.root.attrs.update(attrs)
+        if self.on_commit is not None:
+            self.on_commit(i1)
+
+    def _write_batches(self, rows: list[Row], i0: int, n: int) -> None:
+        arr = self.batch_array
+        width = max([len(r.batch) for r in rows if r.batch is not None] + [0])
+        if arr.shape[0] < n or arr.shape[1] < width:
+            arr.resize((max(n, arr.shape[0]), max(width, arr.shape[1])))
+        block = np.full((len(rows), arr.shape[1]), schema.BATCH_PAD, dtype=np.int64)
+        for j, r in enumerate(rows):
+            if r.batch is not None:
+                block[j, : len(r.batch)] = r.batch
+        arr[i0:n] = block
