@@ -40,7 +40,7 @@ def float_filters(lossy_keepbits: int | None) -> tuple[Any, ...]:
     """Opt-in lossy rounding of float mantissas (numcodecs BitRound); None keeps data exact."""
     if lossy_keepbits is None:
         return ()
-    from numcodecs.zarr3 import BitRound
+    from zarr.codecs.numcodecs import BitRound
 
     return (BitRound(keepbits=int(lossy_keepbits)),)
 

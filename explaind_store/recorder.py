@@ -45,20 +45,17 @@ def _np(x: ArrayLike) -> np.ndarray:
 
 
 def _acquire_lock(path: Path) -> int:
-    """One writer per store: an flock that the OS drops when the process dies (so kill -9 never leaves it stale)."""
-    lock = path / schema.WRITER_LOCK_FILE
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    """One writer per store: an flock on the store directory, which the OS drops when the process dies (so kill -9
+    never leaves a stale lock) and which adds no file to the Zarr hierarchy."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
         os.close(fd)
         raise RecorderError(
-            f"another recorder is already writing to {path} ({holder or 'unknown process'}). "
-            "A store has one writer at a time: wait for it to finish, or record to another path."
+            f"another recorder is already writing to {path}. A store has one writer at a time: wait for it to "
+            "finish, or record to another path."
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()}".encode(), 0)
     return fd
 
 
@@ -145,7 +142,42 @@ class Recorder:
         self.state_names = optim_mod.state_names(self.kind, optimizer.param_groups)
         self.n_train = None if data is None else len(data[0])
 
-        exists = self.path.exists() and any(self.path.iterdir()) if self.path.exists() else False
+        try:
+            self._open_or_create(data, loss, model_spec, splits, resume, overwrite, chunk_updates, lossy_keepbits,
+                                 clevel, store_data)
+        except BaseException:
+            self._release_lock()
+            raise
+        self._opt_attrs = self.root.attrs[schema.ATTR_OPTIMIZER]
+        self._writer = ChunkWriter(
+            self.root, self._arrays, self._batch_array, self.chunk_updates, queue_size=queue_chunks
+        )
+        if self.committed_at_open < 0:
+            self._writer.put(self._row(0, self._initial_updates_row()))
+            self._writer.flush()
+        self.updates_done = max(self.committed_at_open, 0)
+        self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
+        self._hooks.append(optimizer.register_step_post_hook(self._post_step))
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _open_or_create(
+        self,
+        data: tuple[ArrayLike, ArrayLike] | None,
+        loss: str | dict[str, str],
+        model_spec: dict[str, Any] | None,
+        splits: dict[str, tuple[ArrayLike, ArrayLike]] | None,
+        resume: bool,
+        overwrite: bool,
+        chunk_updates: int | None,
+        lossy_keepbits: int | None,
+        clevel: int,
+        store_data: bool,
+    ) -> None:
+        exists = self.path.exists() and any(self.path.iterdir())
         if resume and exists:
             self._open_for_resume(loss, model_spec)
         else:
@@ -159,17 +191,6 @@ class Recorder:
             if data is None:
                 raise RecorderError("data=(inputs, targets) is required: batch indices refer to the training data")
             self._create(data, splits or {}, loss, model_spec, chunk_updates, lossy_keepbits, clevel, store_data)
-
-        self._opt_attrs = self.root.attrs[schema.ATTR_OPTIMIZER]
-        self._writer = ChunkWriter(
-            self.root, self._arrays, self._batch_array, self.chunk_updates, queue_size=queue_chunks
-        )
-        if self.committed_at_open < 0:
-            self._writer.put(self._row(0, self._initial_updates_row()))
-            self._writer.flush()
-        self.updates_done = max(self.committed_at_open, 0)
-        self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
-        self._hooks.append(optimizer.register_step_post_hook(self._post_step))
 
     # --- set-up ----------------------------------------------------------------------------------------------
     def _check_optimizer_covers_model(self, model: nn.Module) -> None:
@@ -227,7 +248,7 @@ class Recorder:
         ]
         order = {n: i for i, n in enumerate(self.names)}
         tensors.sort(key=lambda t: order[t["name"]])
-        root = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        root = zarr.open_group(str(self.path), mode="a", zarr_format=3)  # "w" would delete the lock file
         data_attrs = {"splits": {}}
         all_splits = {schema.TRAIN_SPLIT: data, **splits}
         for split, (x, y) in all_splits.items():
@@ -533,9 +554,7 @@ class Recorder:
         try:
             self._writer.close()
         finally:
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            self._release_lock()
 
     @property
     def committed_updates(self) -> int:

@@ -65,9 +65,7 @@ ATTR_VERSIONS = "versions"
 ATTR_CREATED = "created"
 ATTR_SCHEDULER_STATE = "scheduler_state"  # JSON state of an lr scheduler at the committed update (for resume)
 ATTR_NONFINITE = "nonfinite_updates"  # updates whose parameters or state held NaN/inf (first few)
-ATTR_WRITER = "writer"  # {"pid", "host", "started"} of the live writer, for the one-writer rule
 
-WRITER_LOCK_FILE = ".explaind-writer.lock"
 
 
 def tensor_dims(name: str, ndim: int) -> tuple[str, ...]:
