@@ -562,7 +562,13 @@ class Recorder:
 
     @property
     def bytes_written(self) -> int:
+        """Raw (uncompressed) bytes handed to the store so far."""
         return self._writer.bytes_written
+
+    @property
+    def writer_seconds(self) -> float:
+        """Time the background writer spent encoding and writing."""
+        return self._writer.busy_seconds
 
     def __enter__(self) -> "Recorder":
         return self
