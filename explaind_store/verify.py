@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import zarr
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import optim as optim_mod
 from . import schema

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 Data = dict[str, tuple[torch.Tensor, torch.Tensor]]
 Callback = Callable[[int, float, nn.Module], "bool | None"]
@@ -189,7 +190,8 @@ def fit(
     as the training data, the other splits as extra splits); with ``resume=True`` it restores model, optimizer and
     scheduler and the loop continues at ``rec.updates_done + 1``. ``eval_every > 0`` evaluates all splits every that
     many updates (and at the first and last step) outside the timed path. ``callback(step, loss, model)`` runs after
-    each update; returning True stops training early (as if interrupted).
+    each update; returning True stops training early (as if interrupted). The progress bar is plain tqdm (text),
+    as ``tqdm.auto``'s notebook widget would need ipywidgets.
     """
     x_train, y_train = data["train"]
     n = len(x_train)
@@ -197,7 +199,6 @@ def fit(
     result = TrainResult(model=model, path=None if out is None else str(out))
 
     rec = None
-    start = 1
     if out is not None:
         # imported here: plain training (out=None) does not need the recorder
         from explaind_store import Recorder
@@ -216,51 +217,41 @@ def fit(
             overwrite=overwrite,
             **(recorder_kwargs or {}),
         )
-        start = rec.updates_done + 1
-        if scheduler is not None:
-            _align_scheduler(scheduler, rec.updates_done)
-    result.first_update, result.updates_done = start, start - 1
-
-    def do_eval(step: int) -> None:
-        result.evals.append({"step": step, **evaluate(model, data)})
-
     try:
+        start = 1 if rec is None else rec.updates_done + 1
+        if rec is not None and scheduler is not None:
+            _align_scheduler(scheduler, rec.updates_done)
+        result.first_update, result.updates_done = start, start - 1
         if eval_every > 0 and start <= steps:
-            do_eval(start - 1)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=start - 1, desc=desc, disable=not progress, leave=False)
+            result.evals.append({"step": start - 1, **evaluate(model, data)})
         model.train()
         t_loop = 0.0
-        for s in range(start, steps + 1):
-            t0 = time.perf_counter()
-            idx = schedule(s)
-            if schedule.full:
-                xb, yb = x_train, y_train
-            else:
-                xb, yb = x_train[idx], y_train[idx]
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            value = loss.item()
-            if rec is not None:
-                rec.record(idx, loss=value)
-            if scheduler is not None:
-                scheduler.step()
-            t_loop += time.perf_counter() - t0
-            result.losses.append(value)
-            result.updates_done = s
-            bar.update(1)
-            if progress and (s % 10 == 0 or s == steps):
-                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-            stop = bool(callback(s, value, model)) if callback is not None else False
-            if eval_every > 0 and (s % eval_every == 0 or s == steps or stop):
-                do_eval(s)
-            if stop:
-                break
-        bar.close()
-        result.seconds = t_loop
+        with tqdm(total=steps, initial=start - 1, desc=desc, disable=not progress, leave=False) as bar:
+            for s in range(start, steps + 1):
+                t0 = time.perf_counter()
+                idx = schedule(s)
+                xb, yb = (x_train, y_train) if schedule.full else (x_train[idx], y_train[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(xb), yb)
+                loss.backward()
+                optimizer.step()
+                value = loss.item()
+                if rec is not None:
+                    rec.record(idx, loss=value)
+                if scheduler is not None:
+                    scheduler.step()
+                t_loop += time.perf_counter() - t0
+                result.losses.append(value)
+                result.updates_done = s
+                result.seconds = t_loop
+                bar.update(1)
+                if progress and (s % 10 == 0 or s == steps):
+                    bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                stop = bool(callback(s, value, model)) if callback is not None else False
+                if eval_every > 0 and (s % eval_every == 0 or s == steps or stop):
+                    result.evals.append({"step": s, **evaluate(model, data)})
+                if stop:
+                    break
     finally:
         if rec is not None:
             rec.close()
