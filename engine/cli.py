@@ -1,0 +1,185 @@
+"""``explaind attribute`` and ``explaind top`` (registered into ``explaind_store.cli`` by :func:`add_commands`).
+
+Errors raise ``ValueError`` / ``KeyError`` / ``StoreError``; ``explaind_store.cli.main`` prints them as one line and
+exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from explaind_store.schema import OUTPUT, QUERY, SAMPLE
+
+PART_VARS = ("data", "weight_decay", "momentum", "residual")
+
+
+def _by(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``attribute`` and ``top`` on the ``explaind`` parser's subparsers."""
+    att = subparsers.add_parser(
+        "attribute",
+        help="decompose query predictions of a recorded run into training samples, steps, tensors",
+        description="Decompose F(theta_b) - F(theta_a) exactly (ExPLAIND) and stream the result into a Zarr store.",
+    )
+    att.add_argument("run", help="the recorded run (store path)")
+    att.add_argument("--queries", required=True, help="a split selection, e.g. val[:10], val, train[0:3], val[[1,5,7]]")
+    att.add_argument("--output", default="log_softmax",
+                     help="log_softmax (default), logits, loss, target_logprob or margin")
+    att.add_argument("--by", default="sample", help="comma-separated: sample, step, tensor, param (default: sample)")
+    att.add_argument("--out", default=None, help="Zarr path to write the result to (default: keep it in memory)")
+    att.add_argument("--steps", default=None, help="window A:B: decompose F(theta_B) - F(theta_A) (default: all)")
+    att.add_argument("--quadrature", default=None, help="kink (default), gauss:N, midpoint:N, adaptive:TOL")
+    where = att.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", default=None, help="address of a running dask scheduler (tcp://host:port)")
+    where.add_argument("--workers", type=_positive, default=None, help="start a local cluster with N workers")
+    where.add_argument("--sync", action="store_true", help="run in this process (dask's synchronous scheduler)")
+    att.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    att.add_argument("--chunk-updates", type=_positive, default=None,
+                     help="updates per task (a multiple of the store's chunk size)")
+    att.add_argument("--method", default="auto", choices=["auto", "grad", "jvp"], help="per-sample dot products")
+    att.add_argument("--step-bins", type=_positive, default=None, help="sum the step axis into N bins")
+    att.add_argument("--top", type=_positive, default=5, help="top samples to print per query (default 5)")
+    att.add_argument("--quiet", action="store_true", help="no progress bar")
+    att.set_defaults(func=_cmd_attribute)
+
+    top = subparsers.add_parser("top", help="largest and smallest contributors of an attribution result")
+    top.add_argument("path", help="an attribution result written with --out")
+    top.add_argument("-k", type=_positive, default=10, help="how many (default 10)")
+    top.add_argument("--query", type=int, default=None, help="only this query (position; default: all)")
+    top.add_argument("--output", default="predicted",
+                     help="output label, 'all', or 'predicted' (default: each query's largest final value)")
+    top.add_argument("--along", default="sample", help="sample (default), step or tensor")
+    top.add_argument("--part", default="data", help="result variable (default data)")
+    top.set_defaults(func=_cmd_top)
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    from engine.api import attribute
+    from engine.scheduler import close_local_client, local_client
+
+    client: Any = None
+    if args.sync:
+        client = "sync"
+    elif args.scheduler:
+        client = args.scheduler
+    elif args.workers:
+        client = local_client(args.workers)
+    try:
+        ds = attribute(
+            args.run, queries=args.queries, output=args.output, by=_by(args.by), steps=args.steps,
+            quadrature=args.quadrature, client=client, device=args.device, out=args.out,
+            chunk_updates=args.chunk_updates, method=args.method, progress=not args.quiet, step_bins=args.step_bins,
+        )
+        print(summarize(ds, top=args.top))
+        if args.out:
+            print(f"result         {args.out} (xarray.open_zarr; `explaind top {args.out}`)")
+    finally:
+        close_local_client()
+    return 0
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    from engine.topk import open_result, top_k
+
+    ds = open_result(args.path)
+    if args.query is not None and not 0 <= args.query < ds.sizes[QUERY]:
+        raise ValueError(f"--query {args.query} is out of range: the result has {ds.sizes[QUERY]} queries")
+    res = top_k(ds, args.k, along=args.along, part=args.part)
+    print(format_top(ds, res, query=args.query, output=args.output))
+    return 0
+
+
+# ==============================================================================================================
+# Text summaries
+# ==============================================================================================================
+def _total(ds: xr.Dataset, name: str) -> np.ndarray:
+    """Per (query, output) total of a variable (every other axis summed)."""
+    var = ds[name]
+    other = [d for d in var.dims if d not in (QUERY, OUTPUT)]
+    return np.asarray(var.sum(other) if other else var)
+
+
+def _chosen_outputs(ds: xr.Dataset, how: str) -> list[list[int]]:
+    """Output positions to show per query: 'predicted' (largest final value), 'all', or one label."""
+    n_q, n_o = ds.sizes[QUERY], ds.sizes[OUTPUT]
+    if how == "all" or n_o == 1:
+        return [list(range(n_o))] * n_q
+    if how == "predicted":
+        final = np.asarray(ds["final"])
+        return [[int(np.argmax(final[q]))] for q in range(n_q)]
+    labels = [str(v) for v in np.asarray(ds[OUTPUT].values)]
+    if how not in labels:
+        raise ValueError(f"--output {how!r} is not an output label of this result; labels: {labels[:20]}")
+    return [[labels.index(how)]] * n_q
+
+
+def summarize(ds: xr.Dataset, top: int = 5, max_queries: int = 5) -> str:
+    """A few lines: window, residuals, the total of each part, and the top training samples of the first queries."""
+    from engine.topk import top_k
+
+    attrs = ds.attrs
+    a, b = attrs.get("window", [None, None])
+    change = _total(ds, "final") - _total(ds, "initial")
+    lines = [
+        f"window         updates ({a}, {b}]; output {attrs.get('output')}; {ds.sizes[QUERY]} queries x "
+        f"{ds.sizes[OUTPUT]} outputs; by {','.join(attrs.get('by', [])) or '-'}; rule {attrs.get('rule')}",
+        f"scheduler      {attrs.get('scheduler', '-')}; {attrs.get('n_chunks', '?')} chunks of <= "
+        f"{attrs.get('chunk_updates', '?')} updates; device {attrs.get('device', 'cpu')}",
+        f"residual       max |residual| {attrs.get('max_abs_residual', float('nan')):.3e} (quadrature "
+        f"{attrs.get('max_quadrature_residual', float('nan')):.2e}, rounding "
+        f"{attrs.get('max_rounding_residual', float('nan')):.2e}) against max |final - initial| "
+        f"{attrs.get('max_abs_change', float('nan')):.3e}",
+        "totals         " + "; ".join(
+            f"{name} {float(_total(ds, name).sum()):+.6g}" for name in PART_VARS
+        ) + f"; final - initial {float(change.sum()):+.6g} (summed over queries and outputs)",
+    ]
+    if SAMPLE in ds["data"].dims and ds.sizes[SAMPLE] > 0:
+        res = top_k(ds, top, along=SAMPLE, part="data")
+        lines.append(format_top(ds, res, query=None, output="predicted", max_queries=max_queries))
+    return "\n".join(lines)
+
+
+def format_top(
+    ds: xr.Dataset, res: xr.Dataset, *, query: int | None, output: str = "predicted", max_queries: int | None = None
+) -> str:
+    """Table of the top / bottom contributors per query (and chosen outputs)."""
+    along, part = res.attrs["along"], res.attrs["part"]
+    queries = [query] if query is not None else list(range(ds.sizes[QUERY]))
+    shown = queries[:max_queries] if max_queries else queries
+    outs = _chosen_outputs(ds, output)
+    labels = np.asarray(ds[OUTPUT].values)
+    has_label = "top_label" in res
+    lines = [f"top {res.attrs['k']} {along}s by {part}" + (f" (summed over {', '.join(res.attrs['summed_over'])})"
+                                                           if res.attrs["summed_over"] else "")]
+    for q in shown:
+        for o in outs[q]:
+            def fmt(kind: str) -> str:
+                idx = res[f"{kind}_label" if has_label else f"{kind}_index"].values[q, o]
+                val = res[f"{kind}_value"].values[q, o]
+                return ", ".join(f"{i}: {v:+.3e}" for i, v in zip(idx, val))
+
+            lines.append(f"  query {q} output {labels[o]}  top [{fmt('top')}]")
+            lines.append(f"  {' ' * len(f'query {q} output {labels[o]}')}  bottom [{fmt('bottom')}]")
+    if len(shown) < len(queries):
+        lines.append(f"  ... {len(queries) - len(shown)} more queries (`explaind top PATH --query Q`)")
+    return "\n".join(lines)
+
+
+__all__ = ["add_commands", "format_top", "summarize"]

@@ -1,0 +1,243 @@
+"""The Dask graph of one attribution: a two-pass chunked scan over the updates of the window.
+
+For chunks ``c = 0..C-1`` of updates ``(lo_c, hi_c]`` (aligned to the store's chunks so a task reads whole chunks)::
+
+    job ──► pass1[c] ──► summary[c] ──┐                   (parallel over chunks)
+                                      ├─► carries ─► carry[c]   (one small sequential task; carry[c] = getitem)
+    job ──► pass2[c] ◄── carry[c] (+ pass1[c] when u_s is kept)  (parallel over chunks)
+            pass2[c] ──► arrays of chunk c ──► from_delayed blocks
+
+Arrays with a ``step`` axis are concatenated from the per-chunk blocks (``dask.array.concatenate``: the step axis
+is never built in one task); every other array is a tree sum over chunks (``dask.array`` ``sum`` with
+``split_every``). ``job`` is one graph key holding the small :class:`~engine.scheduler.Job` (store path and
+``Problem``): tasks open the store and build the float64 model themselves, cached per worker
+(:func:`engine.scheduler.task_env`), so no large tensor is closed over or embedded in the graph.
+
+Memory: a pass-1 / pass-2 task holds O(R x P) (R = query rows, P = parameters) plus its chunk's result blocks,
+never samples x parameters. With ``keep_u`` a chunk's pass-1 result also keeps its ``u_s`` (L x R x P) until its
+pass 2 ran; :func:`attribute` only keeps them when the whole window's fit in ``engine.local.KEEP_U_BYTES``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+import xarray as xr
+
+from engine.chunks import Carry, Pass1, carries, pass1, pass2
+from engine.result import STEP, ResultMeta, assemble, chunk_dtype, chunk_layout, chunk_shapes
+from engine.scheduler import MATH_LOCK, Job, task_env
+
+SPLIT_EVERY = 8  # fan-in of the tree sums over chunks
+
+
+# ==============================================================================================================
+# Chunk plan
+# ==============================================================================================================
+def plan_chunks(
+    window: tuple[int, int],
+    *,
+    store_chunk: int | None,
+    chunk_updates: int | None = None,
+    n_workers: int = 1,
+) -> list[tuple[int, int]]:
+    """Chunks ``(lo, hi]`` tiling the window.
+
+    With a store (``store_chunk`` = its ``chunk_updates``) boundaries sit on multiples of ``chunk_updates``, which
+    must be a multiple of ``store_chunk`` (default: ``store_chunk``), so every task reads whole store chunks; only
+    the first / last chunk of a window that does not start / end on a boundary is shorter. When the store's
+    chunks are so long that the window would give fewer tasks than ``n_workers``, the default splits the window
+    evenly instead (tasks then re-read parts of one store chunk: cheap next to the math). Without a store
+    (in-memory trajectories) chunks of ``chunk_updates`` (default 16) start at the window start.
+    """
+    a, b = window
+    length = b - a
+    if chunk_updates is not None:
+        k = int(chunk_updates)
+        if k < 1:
+            raise ValueError(f"chunk_updates must be >= 1, got {chunk_updates}")
+        if store_chunk and k % store_chunk:
+            raise ValueError(
+                f"chunk_updates={k} is not a multiple of the store's chunk size ({store_chunk} updates): tasks "
+                f"must read whole chunks; use {store_chunk * max(1, round(k / store_chunk))} or another multiple"
+            )
+    elif store_chunk:
+        k = int(store_chunk)
+        n_aligned = 1 + len(range((a // k + 1) * k, b, k))
+        if n_workers > 1 and n_aligned < n_workers and length >= 2:
+            step = math.ceil(length / min(n_workers, length))
+            return [(lo, min(b, lo + step)) for lo in range(a, b, step)]
+    else:
+        k = 16
+    if not store_chunk:
+        return [(lo, min(b, lo + k)) for lo in range(a, b, k)]
+    edges = [a, *range((a // k + 1) * k, b, k), b]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+# ==============================================================================================================
+# Tasks (module-level functions: pickled by reference, never closing over data)
+# ==============================================================================================================
+def _pass1_task(job: Job, lo: int, hi: int, keep_u: bool) -> Pass1:
+    with MATH_LOCK:  # jvp is not thread-safe: one engine task at a time per process
+        traj, ctx = task_env(job)
+        return pass1(traj, job.problem, lo, hi, keep_u=keep_u, ctx=ctx)
+
+
+def _summary_task(p1: Pass1) -> Pass1:
+    """What ``carries`` needs of a chunk (without kept ``u_s``), on the CPU so any worker can take it."""
+    return _to_cpu(p1.summary())
+
+
+def _carries_task(job: Job, *summaries: Pass1) -> list[Carry]:
+    with MATH_LOCK:
+        traj, _ = task_env(job)
+        return carries(traj, job.problem, [_to_cpu(p.summary()) for p in summaries])
+
+
+def _pick(items: Sequence[Any], i: int) -> Any:
+    return items[i]
+
+
+def _pass2_task(job: Job, lo: int, hi: int, carry: Carry, p1: Pass1 | None) -> dict[str, np.ndarray]:
+    with MATH_LOCK:
+        traj, ctx = task_env(job)
+        return pass2(traj, job.problem, lo, hi, carry, p1, ctx=ctx).arrays
+
+
+def _get(arrays: dict[str, np.ndarray], key: str) -> np.ndarray:
+    return arrays[key]
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Move every tensor inside dataclasses / dicts / lists to the CPU (a no-op for CPU tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if hasattr(obj, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.replace(obj, **{f.name: _to_cpu(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+    return obj
+
+
+# ==============================================================================================================
+# The graph
+# ==============================================================================================================
+def build_arrays(job: Job, meta: ResultMeta, bounds: Sequence[tuple[int, int]], *, keep_u: bool) -> dict[str, Any]:
+    """Lazy whole-window arrays (``engine.result.combine``'s layout) for the chunks ``bounds`` of ``job``."""
+    if not bounds:
+        raise ValueError("build_arrays needs at least one chunk")
+    tok = job.token
+    job_d = dask.delayed(job, name=f"explaind-job-{tok}", traverse=False)
+    p1s, sums = [], []
+    for c, (lo, hi) in enumerate(bounds):
+        p1 = dask.delayed(_pass1_task, pure=True)(job_d, lo, hi, keep_u, dask_key_name=f"explaind-pass1-{tok}-{c}")
+        p1s.append(p1)
+        # kept u_s stay with pass 1's result for pass 2; carries only gets the small summary
+        sums.append(dask.delayed(_summary_task, pure=True)(p1, dask_key_name=f"explaind-summary-{tok}-{c}")
+                    if keep_u else p1)
+    cs = dask.delayed(_carries_task, pure=True)(job_d, *sums, dask_key_name=f"explaind-carries-{tok}")
+    layout = chunk_layout(meta)
+    blocks: list[dict[str, da.Array]] = []
+    for c, (lo, hi) in enumerate(bounds):
+        carry = dask.delayed(_pick, pure=True)(cs, c, dask_key_name=f"explaind-carry-{tok}-{c}")
+        p2 = dask.delayed(_pass2_task, pure=True)(
+            job_d, lo, hi, carry, p1s[c] if keep_u else None, dask_key_name=f"explaind-pass2-{tok}-{c}"
+        )
+        shapes = chunk_shapes(meta, lo, hi)
+        arrs = {}
+        for key in layout:
+            dt = chunk_dtype(key)
+            value = dask.delayed(_get, pure=True)(p2, key, dask_key_name=f"explaind-get-{tok}-{c}-{key}")
+            arrs[key] = da.from_delayed(value, shapes[key], dtype=dt, meta=np.empty((0,) * len(shapes[key]), dt),
+                                        name=f"explaind-block-{tok}-{c}-{key}")
+        blocks.append(arrs)
+    return combine_lazy(blocks, meta)
+
+
+def combine_lazy(blocks: Sequence[dict[str, da.Array]], meta: ResultMeta) -> dict[str, da.Array]:
+    """``engine.result.combine`` for dask blocks, with tree sums: step arrays are concatenated along ``step``,
+    ``f_start`` / ``f_end`` come from the first / last chunk, the rest is summed over chunks in a tree."""
+    out: dict[str, da.Array] = {}
+    for key, dims in chunk_layout(meta).items():
+        parts = [b[key] for b in blocks]
+        if key == "f_start":
+            out[key] = parts[0]
+        elif key == "f_end":
+            out[key] = parts[-1]
+        elif len(parts) == 1:
+            out[key] = parts[0]
+        elif STEP in dims:
+            out[key] = da.concatenate(parts, axis=dims.index(STEP))
+        else:
+            out[key] = da.stack(parts, axis=0).sum(axis=0, split_every=SPLIT_EVERY, dtype=parts[0].dtype)
+    return out
+
+
+def lazy_result(job: Job, meta: ResultMeta, bounds: Sequence[tuple[int, int]], *, keep_u: bool) -> xr.Dataset:
+    """The dask-backed result Dataset (``engine.result.assemble`` of :func:`build_arrays`)."""
+    return assemble(job.problem, meta, build_arrays(job, meta, bounds, keep_u=keep_u))
+
+
+# ==============================================================================================================
+# Step bins and output chunking
+# ==============================================================================================================
+def bin_steps(ds: xr.Dataset, n_bins: int) -> xr.Dataset:
+    """Sum every ``step`` variable into ``n_bins`` contiguous bins of (nearly) equal length.
+
+    The ``step`` coordinate becomes each bin's last update and ``step_start`` its first; the identity still holds
+    because residuals are binned the same way.
+    """
+    steps = np.asarray(ds[STEP].values)
+    n_bins = int(n_bins)
+    if n_bins < 1:
+        raise ValueError(f"step_bins must be >= 1, got {n_bins}")
+    groups = [g for g in np.array_split(np.arange(len(steps)), min(n_bins, len(steps))) if len(g)]
+    step_vars = [k for k, v in ds.data_vars.items() if STEP in v.dims]
+    binned = {
+        k: xr.concat([ds[k].isel({STEP: slice(int(g[0]), int(g[-1]) + 1)}).sum(STEP) for g in groups], dim=STEP)
+        for k in step_vars
+    }
+    out = ds.drop_vars(step_vars).drop_dims(STEP, errors="ignore")
+    for k, v in binned.items():
+        out[k] = v.transpose(*[d for d in ds[k].dims])
+    ends = np.array([steps[g[-1]] for g in groups])
+    starts = np.array([steps[g[0]] for g in groups])
+    out = out.assign_coords({STEP: ends, "step_start": (STEP, starts)})
+    out.attrs = dict(ds.attrs, step_bins=len(groups))
+    return out[list(ds.data_vars)]
+
+
+TARGET_CHUNK_BYTES = 16 << 20  # output zarr chunks: bounded, so readers (top_k) stream them
+
+
+def output_chunks(ds: xr.Dataset, step_chunk: int) -> dict[str, dict[str, int]]:
+    """Per-variable dask (= zarr) chunks for writing: uniform ``step`` chunks of ``step_chunk``; variables with a
+    ``sample`` axis get one query per chunk and a sample chunk sized to ~16 MB; everything else one chunk."""
+    out: dict[str, dict[str, int]] = {}
+    for name, var in ds.data_vars.items():
+        sizes = dict(var.sizes)
+        chunks = {d: n for d, n in sizes.items()}
+        if STEP in sizes:
+            chunks[STEP] = max(1, min(step_chunk, sizes[STEP]))
+        if "sample" in sizes:
+            chunks["query"] = 1
+            other = math.prod(v for d, v in chunks.items() if d not in ("query", "sample")) * var.dtype.itemsize
+            chunks["sample"] = int(max(1, min(sizes["sample"], TARGET_CHUNK_BYTES // max(other, 1))))
+        elif math.prod(sizes.values()) * var.dtype.itemsize > TARGET_CHUNK_BYTES and "query" in sizes:
+            chunks["query"] = 1  # element-wise (param) scores: one query per chunk
+        out[name] = chunks
+    return out
+
+
+__all__ = ["bin_steps", "build_arrays", "combine_lazy", "lazy_result", "output_chunks", "plan_chunks"]

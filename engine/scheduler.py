@@ -1,0 +1,418 @@
+"""Where the chunk tasks run, and what a worker keeps between them.
+
+Client selection (:func:`get_runner`):
+
+- ``"sync"`` (also ``"synchronous"``): dask's synchronous scheduler, in this process (no pickling).
+- ``None`` (the default) or ``"local"``: a ``LocalCluster(processes=True, threads_per_worker=1)`` sized to the
+  machine (``min(cores, tasks)`` workers), started once per process, reused by later calls and closed at exit.
+- an address (``"tcp://host:8786"``), a ``distributed.Client`` or a cluster object: an existing scheduler.
+
+Dask's threads scheduler is never used: ``torch.func.jvp`` (forward-mode AD) is not thread-safe. Workers that run
+several threads anyway (an external ``dask worker --nthreads 4``) are made safe by :data:`MATH_LOCK`, which lets
+one engine task at a time do math in a process.
+
+Worker side (:func:`task_env`): a task receives a small :class:`Job` (store path or pickled in-memory trajectory,
+the :class:`~engine.chunks.Problem`, the caller's trusted-module list) and looks up, per process, the opened
+``Run`` and the float64 model context for it, building them on first use.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.chunks import Context, Problem
+from explaind_store.specs import TRUSTED_ENV
+from explaind_store.trajectory import Trajectory
+
+SYNC_NAMES = ("sync", "synchronous", "single-threaded")
+LOCAL_NAMES = ("local", "processes", "localcluster")
+# threads per torch process inside dask workers (dask parallelises over processes instead)
+WORKER_THREADS_ENV = "EXPLAIND_WORKER_THREADS"
+# environment the default LocalCluster's workers get on top of the parent's (they inherit EXPLAIND_TRUSTED_MODULES)
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+MATH_LOCK = threading.Lock()
+
+
+# ==============================================================================================================
+# The job a task receives
+# ==============================================================================================================
+@dataclass(eq=False)
+class Job:
+    """What every chunk task needs to find its trajectory and problem (small, picklable, one graph key).
+
+    Exactly one of ``path`` (a store: opened inside the task, with the caller's ``model_factory`` and attached
+    by-reference splits) or ``traj`` (an in-memory trajectory: shipped pickled, or shared by reference under the
+    synchronous scheduler) is set. ``trusted`` is the caller's ``EXPLAIND_TRUSTED_MODULES``: workers started
+    before the caller set it (or on other machines) would otherwise refuse the store's model factory.
+    """
+
+    problem: Problem
+    path: str | None = None
+    traj: Trajectory | None = None
+    model_factory: Callable[..., torch.nn.Module] | None = None
+    attached: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    trusted: str | None = None
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def open(self) -> Trajectory:
+        if self.traj is not None:
+            return self.traj
+        from explaind_store.reader import open_run
+
+        assert self.path is not None
+        return open_run(self.path, model_factory=self.model_factory, data=self.attached or None)
+
+
+def make_job(traj: Trajectory, problem: Problem, *, by_reference: bool) -> Job:
+    """The job for ``traj``. ``by_reference``: the tasks run in this process (sync), so share ``traj`` itself."""
+    from explaind_store.reader import Run
+
+    trusted = os.environ.get(TRUSTED_ENV)
+    if by_reference or not isinstance(traj, Run):
+        return Job(problem=problem, traj=traj, trusted=trusted)
+    attached = dict(getattr(traj, "_attached", {}) or {})
+    return Job(problem=problem, path=str(traj.path), model_factory=traj.model_factory, attached=attached,
+               trusted=trusted)
+
+
+# ==============================================================================================================
+# Worker-side caches
+# ==============================================================================================================
+_ENVS: OrderedDict[str, tuple[Trajectory, Context]] = OrderedDict()
+_ENVS_MAX = 2  # a context holds the float64 model and training data: keep only the latest jobs
+_THREADS_SET = False
+
+
+@contextmanager
+def trusted_modules(extra: str | None) -> Iterator[None]:
+    """Temporarily add the caller's trusted modules to this process's ``EXPLAIND_TRUSTED_MODULES``."""
+    if not extra:
+        yield
+        return
+    old = os.environ.get(TRUSTED_ENV)
+    mods = [m for m in (old or "").split(",") if m.strip()]
+    mods += [m for m in extra.split(",") if m.strip() and m not in mods]
+    os.environ[TRUSTED_ENV] = ",".join(mods)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(TRUSTED_ENV, None)
+        else:
+            os.environ[TRUSTED_ENV] = old
+
+
+def _in_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def task_env(job: Job) -> tuple[Trajectory, Context]:
+    """This process's (trajectory, float64 context) for ``job``, opened / built on first use."""
+    global _THREADS_SET
+    hit = _ENVS.get(job.token)
+    if hit is not None:
+        _ENVS.move_to_end(job.token)
+        return hit
+    if not _THREADS_SET and _in_worker():
+        # one torch thread per worker process: dask parallelises over processes, and oversubscribed BLAS threads
+        # only slow every worker down
+        torch.set_num_threads(int(os.environ.get(WORKER_THREADS_ENV, "1")))
+        _THREADS_SET = True
+    with trusted_modules(job.trusted):
+        traj = job.open()
+        ctx = Context(traj, job.problem)
+    _ENVS[job.token] = (traj, ctx)
+    while len(_ENVS) > _ENVS_MAX:
+        _ENVS.popitem(last=False)
+    return traj, ctx
+
+
+def seed(job: Job, traj: Trajectory, ctx: Context) -> None:
+    """Register an already built context for ``job`` in this process (the synchronous scheduler reuses the
+    driver's)."""
+    _ENVS[job.token] = (traj, ctx)
+    while len(_ENVS) > _ENVS_MAX:
+        _ENVS.popitem(last=False)
+
+
+def clear_caches() -> None:
+    """Forget every cached run and context in this process (e.g. after rewriting a store in place)."""
+    _ENVS.clear()
+
+
+# ==============================================================================================================
+# Runners: compute dask collections on the chosen scheduler, with a progress bar
+# ==============================================================================================================
+class Runner:
+    """Computes dask collections somewhere; ``n_workers`` sizes the default chunking."""
+
+    kind = "base"
+    n_workers = 1
+    address: str | None = None
+
+    def compute(self, collections: Sequence[Any], *, progress: bool, desc: str = "explaind") -> list[Any]:
+        raise NotImplementedError
+
+    def check_device(self, device: str) -> None:
+        """Raise ValueError when the workers cannot use ``device``."""
+        _check_local_device(device)
+
+    def describe(self) -> str:
+        return self.kind
+
+    def close(self) -> None:
+        """Release what this runner opened for one call (the shared LocalCluster stays up)."""
+
+
+class SyncRunner(Runner):
+    """dask's synchronous scheduler in this process; progress is a tqdm bar over finished tasks."""
+
+    kind = "sync"
+
+    def compute(self, collections: Sequence[Any], *, progress: bool, desc: str = "explaind") -> list[Any]:
+        import dask
+
+        if not progress:
+            return list(dask.compute(*collections, scheduler="synchronous"))
+        with _TqdmCallback(desc):
+            return list(dask.compute(*collections, scheduler="synchronous"))
+
+
+class ClientRunner(Runner):
+    """A ``distributed.Client`` (a LocalCluster of ours, or an external scheduler)."""
+
+    kind = "distributed"
+
+    def __init__(self, client: Any, *, ephemeral: bool = False):
+        self.client = client
+        self.ephemeral = ephemeral  # a client we opened for one call (from an address): closed by close()
+        self.address = client.scheduler.address if client.scheduler is not None else None
+
+    @property
+    def n_workers(self) -> int:  # type: ignore[override]
+        try:
+            return max(1, len(self.client.scheduler_info(n_workers=-1).get("workers", {})))
+        except TypeError:  # older signatures
+            return max(1, len(self.client.scheduler_info().get("workers", {})))
+
+    def compute(self, collections: Sequence[Any], *, progress: bool, desc: str = "explaind") -> list[Any]:
+        futures = self.client.compute(list(collections))
+        if progress:
+            _client_progress(futures, self.client.scheduler.address, desc)
+        return self.client.gather(futures)
+
+    def check_device(self, device: str) -> None:
+        if not device.startswith("cuda"):
+            return
+        ok = self.client.run(_cuda_ok)
+        bad = sorted(w for w, v in ok.items() if not v)
+        if not ok or bad:
+            raise ValueError(
+                f"device={device!r}, but CUDA is not available on worker(s) {bad or '(none connected)'}; start GPU "
+                "workers or use device='cpu'"
+            )
+
+    def describe(self) -> str:
+        return f"{self.address} ({self.n_workers} workers)"
+
+    def close(self) -> None:
+        if self.ephemeral:
+            self.client.close()
+
+
+def _cuda_ok() -> bool:
+    return bool(torch.cuda.is_available())
+
+
+def _check_local_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but CUDA is not available on this machine; use device='cpu'")
+
+
+class _TqdmCallback:
+    """A dask local-scheduler callback driving a tqdm bar over the graph's tasks."""
+
+    def __init__(self, desc: str):
+        from dask.callbacks import Callback
+
+        bar_holder: dict[str, Any] = {}
+
+        class _CB(Callback):
+            def _start_state(self, dsk: Any, state: Any) -> None:
+                from tqdm import tqdm
+
+                total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
+                bar_holder["bar"] = tqdm(total=total, desc=desc, unit="task", leave=False)
+
+            def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+                bar = bar_holder.get("bar")
+                if bar is not None:
+                    bar.update(1)
+
+            def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
+                bar = bar_holder.pop("bar", None)
+                if bar is not None:
+                    bar.close()
+
+        self._cb = _CB()
+
+    def __enter__(self) -> "_TqdmCallback":
+        self._cb.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cb.__exit__(*exc)
+
+
+def _client_progress(futures: Sequence[Any], address: str, desc: str) -> None:
+    """A tqdm bar over every task the futures depend on, fed by the scheduler (as ``distributed.progress``)."""
+    try:
+        from distributed.diagnostics.progressbar import TextProgressBar
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return
+
+    class _Bar(TextProgressBar):
+        bar: Any = None
+
+        def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:  # noqa: A002 - dask's signature
+            if self.bar is None:  # created on the scheduler's first report, when the task count is known
+                self.bar = tqdm(total=all, desc=desc, unit="task", leave=False)
+            self.bar.total = all
+            self.bar.n = all - remaining
+            self.bar.refresh()
+
+        def _draw_stop(self, **kwargs: Any) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+    bar = _Bar(futures, scheduler=address, start=False)
+    try:
+        bar._loop_runner.run_sync(bar.listen)
+    except Exception:  # noqa: BLE001 - progress is cosmetic; the futures carry the real errors
+        bar._draw_stop()
+
+
+# --- the default LocalCluster -----------------------------------------------------------------------------------
+_LOCAL: dict[str, Any] = {}
+_LOCAL_LOCK = threading.Lock()
+
+
+def local_client(n_workers: int | None = None) -> Any:
+    """This process's default ``LocalCluster(processes=True, threads_per_worker=1)`` client (started on first use).
+
+    ``n_workers`` (first call only; default: the CPU count) is capped by the CPU count. Worker processes are
+    spawned, so scripts that call this need an ``if __name__ == "__main__":`` guard.
+    """
+    with _LOCAL_LOCK:
+        client = _LOCAL.get("client")
+        if client is not None and client.status == "running":
+            return client
+        from distributed import Client, LocalCluster
+
+        cores = os.cpu_count() or 1
+        n = max(1, min(cores, int(n_workers or cores)))
+        # the nanny writes OMP_NUM_THREADS & co. into *our* environment before spawning; keep ours unchanged
+        saved = dict(os.environ)
+        try:
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+                env=dict(WORKER_ENV),
+            )
+            client = Client(cluster, set_as_default=False)
+        finally:
+            for k in set(os.environ) - set(saved):
+                os.environ.pop(k, None)
+            os.environ.update(saved)
+        _LOCAL.update(cluster=cluster, client=client)
+        return client
+
+
+def close_local_client() -> None:
+    """Close the default LocalCluster (also registered to run at exit)."""
+    with _LOCAL_LOCK:
+        client, cluster = _LOCAL.pop("client", None), _LOCAL.pop("cluster", None)
+        for obj in (client, cluster):
+            if obj is not None:
+                try:
+                    obj.close()
+                except Exception:  # noqa: BLE001 - best effort at shutdown
+                    pass
+
+
+atexit.register(close_local_client)
+
+
+def get_runner(client: Any = None, *, n_tasks: int | None = None) -> Runner:
+    """Resolve the ``client`` argument of :func:`engine.attribute` (see the module docstring)."""
+    if isinstance(client, Runner):
+        return client
+    if client is None or (isinstance(client, str) and client.lower() in LOCAL_NAMES):
+        return ClientRunner(local_client(n_tasks))
+    if isinstance(client, str):
+        name = client.strip()
+        if name.lower() in SYNC_NAMES:
+            return SyncRunner()
+        if name.lower() in ("threads", "threading", "threaded"):
+            raise ValueError(
+                "the threads scheduler is not supported: torch.func.jvp is not thread-safe. Use client='sync', the "
+                "default LocalCluster (client=None) or a scheduler address"
+            )
+        if "://" not in name and ":" not in name:
+            raise ValueError(
+                f"client={client!r} is not a scheduler: use 'sync', 'local', None (a LocalCluster), an address "
+                "such as 'tcp://127.0.0.1:8786', or a distributed.Client"
+            )
+        from distributed import Client
+
+        try:
+            return ClientRunner(Client(name, set_as_default=False, timeout="10s"), ephemeral=True)
+        except OSError as exc:
+            raise ValueError(f"cannot connect to the dask scheduler at {name}: {exc}") from None
+    from distributed import Client
+
+    if isinstance(client, Client):
+        return ClientRunner(client)
+    if hasattr(client, "scheduler_address"):  # a cluster object (LocalCluster, SpecCluster, ...)
+        return ClientRunner(Client(client, set_as_default=False), ephemeral=True)
+    raise TypeError(
+        f"client must be None, 'sync', 'local', a scheduler address or a distributed.Client, not {type(client).__name__}"
+    )
+
+
+__all__ = [
+    "MATH_LOCK",
+    "ClientRunner",
+    "Job",
+    "Runner",
+    "SyncRunner",
+    "clear_caches",
+    "close_local_client",
+    "get_runner",
+    "local_client",
+    "make_job",
+    "seed",
+    "task_env",
+]

@@ -1,0 +1,343 @@
+"""The public engine API on real stores: Dask (sync and a process LocalCluster) against the in-process reference,
+the decomposition identity, query parsing, windows, Zarr output, top_k, input checks and the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+from conftest import MLP_SPEC, assert_results_close, identity_error
+from torch import nn
+
+import engine
+from engine import graph as engine_graph
+from engine.chunks import Problem
+from engine.local import attribute_local
+from explaind_store import Recorder, open_run
+from explaind_store.format import StoreError
+from explaind_store.specs import UntrustedFactoryError, model_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def reference(run, queries: str, *, chunk_updates: int = 4, **kw) -> xr.Dataset:
+    """``attribute_local`` (the sequential reference) for a split selection of ``run``."""
+    spec = engine.parse_queries(queries)
+    x, y = run.split(spec.split)
+    idx = torch.as_tensor(spec.indices(len(x)))
+    return attribute_local(run, Problem(x[idx], y[idx], **kw), chunk_updates=chunk_updates)
+
+
+# ==============================================================================================================
+# Dask graph == in-process reference
+# ==============================================================================================================
+BY_ALL = ("sample", "step", "tensor")
+
+
+@pytest.fixture(scope="module")
+def sgd_reference(digits_store) -> xr.Dataset:
+    return reference(open_run(digits_store), "val[:2]", by=frozenset(BY_ALL))
+
+
+@pytest.mark.parametrize("chunk_updates", [2, 6])
+def test_sync_scheduler_matches_reference_for_chunk_sizes(digits_store, sgd_reference, chunk_updates):
+    ds = engine.attribute(open_run(digits_store), queries="val[:2]", by=BY_ALL, client="sync",
+                          chunk_updates=chunk_updates, progress=False)
+    assert ds.attrs["n_chunks"] == 12 // chunk_updates
+    assert dict(ds["data"].sizes) == {"query": 2, "output": 10, "sample": 120, "step": 12, "tensor": 4}
+    assert_results_close(ds, sgd_reference)
+    assert identity_error(ds) <= 1e-10
+
+
+def test_windows_match_reference_and_carry_momentum(adamw_store):
+    """An unaligned window (3, 9]: tasks start on store-chunk boundaries, and the carried-over momentum is used."""
+    run = open_run(adamw_store)
+    ref = reference(run, "val[2:5]", by=frozenset({"sample", "tensor"}), window=(3, 9), chunk_updates=3)
+    ds = engine.attribute(run, queries="val[2:5]", by="sample,tensor", steps=slice(3, 9), client="sync",
+                          progress=False)
+    assert ds.attrs["window"] == [3, 9] and ds.attrs["n_chunks"] == 4  # (3,4] (4,6] (6,8] (8,9]
+    assert_results_close(ds, ref)
+    assert np.abs(np.asarray(ds["momentum"])).max() > 1e-6  # S_a != 0 for a > 0
+    assert identity_error(ds) <= 1e-10
+    # the window ends are the real model's outputs, evaluated directly
+    x, _ = run.split("val")
+    for step, var in ((3, "initial"), (9, "final")):
+        model = run.model(step).double()
+        with torch.no_grad():
+            expect = torch.log_softmax(model(x[2:5].double()), dim=-1).numpy()
+        np.testing.assert_allclose(np.asarray(ds[var]), expect, rtol=0, atol=1e-12)
+    # negative window ends count from the end
+    ds2 = engine.attribute(run, queries="val[2:5]", by=(), steps=slice(-2, None), client="sync", progress=False)
+    assert ds2.attrs["window"] == [8, 10]
+    assert identity_error(ds2) <= 1e-10
+
+
+def test_local_cluster_matches_reference(digits_store, modadd_store, sgd_reference, cluster):
+    ds = engine.attribute(open_run(digits_store), queries="val[:2]", by=BY_ALL, client=cluster, chunk_updates=4,
+                          progress=False)
+    assert ds.attrs["n_chunks"] == 3 and "2 workers" in ds.attrs["scheduler"]
+    assert_results_close(ds, sgd_reference)
+    # the default client (None) is the module's LocalCluster (the fixture's): the transformer, element-wise scores
+    mrun = open_run(modadd_store)
+    by = frozenset({"sample", "tensor", "param"})
+    mref = reference(mrun, "val[:2]", by=by, output="target_logprob", chunk_updates=3)
+    mds = engine.attribute(str(modadd_store), queries="val[:2]", output="target_logprob", by=by, progress=False)
+    assert mds.attrs["scheduler"].startswith(cluster.scheduler.address)
+    assert "param_embed" in mds and "param_mlp_in__weight" in mds
+    assert_results_close(mds, mref)
+    assert identity_error(mds) <= 1e-10
+
+
+def test_in_memory_trajectory_runs_on_workers(cluster):
+    """An InMemoryTrajectory (no store) is pickled to the workers once (one graph key)."""
+    from oracle import train
+
+    tr = train("mlp", "adamw", n_updates=5, batch_size=6)
+    ref = attribute_local(tr.traj, Problem(tr.xq, tr.yq, by=frozenset({"sample"})), chunk_updates=2)
+    ds = engine.attribute(tr.traj, tr.xq, tr.yq, client=cluster, chunk_updates=2, progress=False)
+    assert ds.attrs["n_chunks"] == 3
+    assert_results_close(ds, ref)
+
+
+def test_workers_inherit_trusted_modules(tmp_path, cluster, monkeypatch):
+    """A store whose factory is trusted only through EXPLAIND_TRUSTED_MODULES, set after the workers started."""
+    from store_helpers import train
+
+    path = tmp_path / "trusted.zarr"
+    train(path, 4, kind="sgd", chunk_updates=2, model_spec=model_spec("store_helpers:make_mlp", hidden=6))
+    with pytest.raises(UntrustedFactoryError, match="EXPLAIND_TRUSTED_MODULES"):
+        engine.attribute(path, queries="val[:1]", client=cluster, progress=False)
+    monkeypatch.setenv("EXPLAIND_TRUSTED_MODULES", "store_helpers")
+    ds = engine.attribute(path, queries="val[:1]", client=cluster, progress=False)
+    ref = engine.attribute(path, queries="val[:1]", client="sync", progress=False)
+    assert_results_close(ds, ref)
+
+
+# ==============================================================================================================
+# Queries, outputs, bins
+# ==============================================================================================================
+def test_parse_queries():
+    p = engine.parse_queries
+    assert list(p("val[:4]").indices(10)) == [0, 1, 2, 3]
+    assert list(p("val").indices(3)) == [0, 1, 2]
+    assert list(p("val[5:8]").indices(10)) == [5, 6, 7]
+    assert list(p("train[0:3]").indices(10)) == [0, 1, 2]
+    assert list(p("val[[1,5,7]]").indices(10)) == [1, 5, 7]
+    assert list(p("val[1, 5]").indices(10)) == [1, 5]
+    assert list(p("val[3]").indices(10)) == [3]
+    assert list(p("val[-2:]").indices(10)) == [8, 9]
+    assert p("my-split[::2]").split == "my-split"
+    with pytest.raises(ValueError, match="outside split 'val', which has 10"):
+        p("val[:11]").indices(10)
+    with pytest.raises(ValueError, match=r"indices \[12\] are outside"):
+        p("val[[1,12]]").indices(10)
+    with pytest.raises(ValueError, match="selects no samples"):
+        p("val[4:4]").indices(10)
+    for bad in ("val[", "val[a:b]", "[1]", "val[1:2:3:4]"):
+        with pytest.raises(ValueError, match="cannot parse"):
+            p(bad)
+
+
+def test_split_queries_equal_explicit_tensors_and_outputs(digits_store):
+    run = open_run(digits_store)
+    x, y = run.split("val")
+    a = engine.attribute(run, queries="val[[1,5,7]]", output="loss", by=(), client="sync", progress=False)
+    b = engine.attribute(run, x[[1, 5, 7]], y[[1, 5, 7]], output="loss", by=(), client="sync", progress=False)
+    assert_results_close(a, b, rtol=0)
+    assert a.attrs["queries"] == "val[[1,5,7]]" and list(a["output"].values) == ["loss"]
+    assert identity_error(a) <= 1e-10
+    # one query without its batch axis; margin output
+    m = engine.attribute(run, x[4], y[4:5], output="margin", by=(), client="sync", progress=False)
+    assert dict(m["final"].sizes) == {"query": 1, "output": 1}
+
+
+def test_step_bins_sum_the_step_axis(digits_store):
+    run = open_run(digits_store)
+    full = engine.attribute(run, queries="val[:2]", by="step", client="sync", progress=False)
+    binned = engine.attribute(run, queries="val[:2]", by="step", client="sync", progress=False, step_bins=5)
+    assert list(binned["step"].values) == [3, 6, 8, 10, 12]  # array_split of 12 updates into 5 bins
+    assert list(binned["step_start"].values) == [1, 4, 7, 9, 11]
+    np.testing.assert_allclose(binned["data"].sum("step"), full["data"].sum("step"), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(binned["data"].sel(step=6), full["data"].sel(step=[4, 5, 6]).sum("step"), rtol=1e-12)
+    assert identity_error(binned) <= 1e-10
+
+
+# ==============================================================================================================
+# Zarr output and top_k
+# ==============================================================================================================
+def test_out_streams_to_zarr_and_top_k_streams_it(digits_store, tmp_path):
+    run = open_run(digits_store)
+    mem = engine.attribute(run, queries="val[:3]", by="sample,step", client="sync", progress=False)
+    out = tmp_path / "result.zarr"
+    ds = engine.attribute(run, queries="val[:3]", by="sample,step", client="sync", out=out, progress=False)
+    assert ds["data"].chunks is not None  # lazy, read from the store
+    opened = xr.open_zarr(out)
+    assert_results_close(opened, mem, rtol=0)
+    assert opened.attrs["max_abs_residual"] == pytest.approx(mem.attrs["max_abs_residual"], rel=1e-12)
+    # aligned chunks: one store chunk (2 updates) per step block, one query per block of the big array
+    arr = zarr.open_array(out / "data", mode="r")
+    assert arr.chunks == (1, 10, 120, 2)
+    assert len(list((out / "data" / "c").rglob("*"))) > 3 * 6  # written chunk by chunk
+    # an earlier result may be overwritten; a store may not
+    engine.attribute(run, queries="val[:1]", by=(), client="sync", out=out, progress=False)
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        engine.attribute(run, queries="val[:1]", client="sync", out=digits_store, progress=False)
+
+    # top_k == numpy argsort of the in-memory result (summed over step), on the zarr store and in memory
+    k = 5
+    total = np.asarray(mem["data"].sum("step"))  # (query, output, sample)
+    order = np.argsort(total, axis=-1)
+    for res in (engine.top_k(mem, k), engine.top_k(_rewrite(mem, tmp_path), k)):
+        assert dict(res.sizes) == {"query": 3, "output": 10, "rank": k}
+        np.testing.assert_array_equal(res["top_index"], order[..., ::-1][..., :k])
+        np.testing.assert_array_equal(res["bottom_index"], order[..., :k])
+        np.testing.assert_allclose(res["top_value"], np.take_along_axis(total, order[..., ::-1][..., :k], -1))
+        np.testing.assert_allclose(res["bottom_value"], np.take_along_axis(total, order[..., :k], -1))
+    by_step = engine.top_k(mem, 3, along="step")
+    np.testing.assert_array_equal(by_step["top_label"], np.asarray(mem["step"])[np.argsort(
+        -np.asarray(mem["data"].sum("sample")), axis=-1)[..., :3]])
+    with pytest.raises(ValueError, match="has no 'tensor' axis"):
+        engine.top_k(mem, 3, along="tensor")
+    with pytest.raises(KeyError, match="no variable 'nope'"):
+        engine.top_k(mem, 3, part="nope")
+
+
+def _rewrite(ds: xr.Dataset, tmp_path: Path) -> Path:
+    """``ds`` written with small sample chunks, so top_k really merges candidates across chunks."""
+    path = tmp_path / "small-chunks.zarr"
+    ds[["data"]].chunk({"query": 1, "sample": 16}).to_zarr(path, mode="w", consolidated=False)
+    return path
+
+
+# ==============================================================================================================
+# Bad input: clear errors before any heavy work
+# ==============================================================================================================
+@pytest.fixture()
+def no_heavy_work(monkeypatch):
+    """Make building the task graph fail loudly: errors must come from the checks, before it."""
+
+    def boom(*a, **k):
+        raise AssertionError("heavy work started before the input was rejected")
+
+    monkeypatch.setattr(engine_graph, "lazy_result", boom)
+    monkeypatch.setattr(engine_graph, "build_arrays", boom)
+
+
+@pytest.fixture(scope="module")
+def nan_store(tmp_path_factory) -> Path:
+    """SGD that diverges at update 4 (a NaN gradient): parameters are non-finite after updates 4 and 5."""
+    from store_helpers import batch_for, digits, make_mlp
+
+    torch.manual_seed(0)
+    x, y = digits()
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path_factory.mktemp("bad") / "nan.zarr"
+    with Recorder(path, model, opt, data=(x, y), splits={"val": (x[:10], y[:10])}, chunk_updates=2,
+                  model_spec=MLP_SPEC) as rec:
+        for s in range(1, 6):
+            idx = batch_for(s, len(x))
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            if s == 4:
+                model[0].weight.grad[0, 0] = float("nan")
+            opt.step()
+            rec.record(idx, loss=loss.item())
+    return path
+
+
+@pytest.fixture(scope="module")
+def tampered_store(tmp_path_factory) -> Path:
+    """A store whose parameters after update 3 were edited: the optimizer replay no longer matches."""
+    from store_helpers import train
+
+    path = tmp_path_factory.mktemp("bad") / "tampered.zarr"
+    train(path, 6, kind="adamw", chunk_updates=2, model_spec=MLP_SPEC)
+    arr = zarr.open_array(path / "params" / "0.weight", mode="r+")
+    arr[3] = arr[3] + 0.05
+    return path
+
+
+def test_bad_input_is_rejected_before_heavy_work(digits_store, nan_store, tampered_store, no_heavy_work):
+    run = open_run(digits_store)
+    x, y = run.split("val")
+    cases = [
+        (dict(inputs=torch.zeros(2, 63)), ValueError, r"query inputs have shape \(2, 63\).*\(N, 64\)"),
+        (dict(inputs=x[:2], output="loss"), ValueError, "output='loss' needs the query targets"),
+        (dict(inputs=x[:2], targets=y[:3], output="loss"), ValueError, "targets has 3 entries but there are 2"),
+        (dict(queries="val[:2]", steps=slice(5, 40)), ValueError, r"outside this run: it has updates 1\.\.12"),
+        (dict(queries="val[:2]", steps=slice(6, 6)), ValueError, "needs 0 <= a < b <= 12"),
+        (dict(queries="val[:2]", steps="x:y"), ValueError, "cannot parse steps"),
+        (dict(queries="test[:2]"), KeyError, r"no data split 'test'; it has \['train', 'val'\]"),
+        (dict(queries="val[:50]"), ValueError, "outside split 'val', which has 10 samples"),
+        (dict(queries="val[:2]", inputs=x[:2]), ValueError, "not both"),
+        (dict(), ValueError, "nothing to explain"),
+        (dict(queries="val[:2]", output="probs"), ValueError, "unknown output='probs'"),
+        (dict(queries="val[:2]", by=("sample", "layer")), ValueError, r"unknown by=\['layer'\]"),
+        (dict(queries="val[:2]", chunk_updates=3), ValueError, "not a multiple of the store's chunk size"),
+        (dict(queries="val[:2]", quadrature="simpson"), ValueError, "quadrature rule .simpson."),
+        (dict(queries="val[:2]", device="gpu"), ValueError, "device must be 'cpu', 'cuda'"),
+        (dict(queries="val[:2]", client="threads"), ValueError, "threads scheduler is not supported"),
+        (dict(queries="val[:2]", method="fast"), ValueError, "unknown method"),
+        (dict(queries="val[:2]", step_bins=0), ValueError, "step_bins must be a positive integer"),
+        (dict(queries="val[:2]", out=digits_store), ValueError, "refusing to overwrite"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((dict(queries="val[:2]", device="cuda"), ValueError, "CUDA is not available"))
+    for kwargs, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            engine.attribute(run, client="sync", progress=False, **kwargs)
+    with pytest.raises(StoreError, match="no store at"):
+        engine.attribute(digits_store.parent / "missing.zarr", queries="val", client="sync")
+    # a store that diverged: refused inside the window, accepted before it (the checks pass: graph building starts)
+    with pytest.raises(StoreError, match=r"NaN/inf after update\(s\) \[4, 5\].*steps=slice\(0, 3\)"):
+        engine.attribute(nan_store, queries="val[:2]", client="sync")
+    with pytest.raises(AssertionError, match="heavy work started"):
+        engine.attribute(nan_store, queries="val[:2]", steps=slice(0, 3), client="sync")
+    # a store whose parameters and optimizer state disagree fails the up-front verify
+    with pytest.raises(StoreError, match="fails its verify check.*explaind verify"):
+        engine.attribute(tampered_store, queries="val[:2]", client="sync")
+    # an untrusted model factory is refused in the driver, before any task
+    untrusted = open_run(digits_store)
+    untrusted.attrs["model_spec"] = model_spec("somewhere.else:make", hidden=6)
+    with pytest.raises(UntrustedFactoryError, match="not trusted"):
+        engine.attribute(untrusted, queries="val[:2]", client="sync")
+
+
+# ==============================================================================================================
+# CLI
+# ==============================================================================================================
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "explaind_store.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_cli_attribute_and_top(digits_store, tmp_path):
+    out = tmp_path / "cli.zarr"
+    r = _cli("attribute", str(digits_store), "--queries", "val[:2]", "--by", "sample,step", "--steps", "2:10",
+             "--out", str(out), "--sync", "--chunk-updates", "4", "--top", "3")
+    assert r.returncode == 0, r.stderr
+    assert "window         updates (2, 10]" in r.stdout
+    assert "max |residual|" in r.stdout and "totals         data" in r.stdout
+    assert "top 3 samples by data" in r.stdout and "query 1 output" in r.stdout
+    ds = xr.open_zarr(out)
+    assert ds.attrs["window"] == [2, 10] and identity_error(ds) <= 1e-10
+    r = _cli("top", str(out), "-k", "4", "--query", "1", "--output", "all")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("query 1 output") == 10 and "query 0" not in r.stdout
+    best = engine.top_k(out, 4)["top_label"].values[1, 0]
+    assert f"top [{best[0]}: " in r.stdout
+    # errors: one clear line, exit status 2
+    r = _cli("attribute", str(digits_store), "--queries", "val[:2]", "--steps", "0:99", "--sync")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("explaind: error: steps=")
+    r = _cli("top", str(out), "--query", "7")
+    assert r.returncode == 2 and "out of range" in r.stderr
