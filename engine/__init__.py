@@ -6,15 +6,31 @@
 
 ``attribute`` runs the chunked two-pass scan (``engine.chunks``) on Dask (``engine.graph``, ``engine.scheduler``);
 ``attribute_local`` is the in-process reference it reproduces.
+
+The public names are imported on first use, so ``import engine.cli`` (done by every ``explaind`` command) does not
+pay for torch, dask and xarray.
 """
 
-from engine.api import attribute, parse_queries, parse_steps
-from engine.chunks import Problem
-from engine.local import attribute_local
-from engine.quadrature import QuadratureRule, parse_rule
-from engine.result import finalize_attrs
-from engine.scheduler import close_local_client, get_runner, local_client
-from engine.topk import open_result, top_k
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "attribute": "engine.api",
+    "parse_queries": "engine.api",
+    "parse_steps": "engine.api",
+    "Problem": "engine.chunks",
+    "attribute_local": "engine.local",
+    "QuadratureRule": "engine.quadrature",
+    "parse_rule": "engine.quadrature",
+    "finalize_attrs": "engine.result",
+    "close_local_client": "engine.scheduler",
+    "get_runner": "engine.scheduler",
+    "local_client": "engine.scheduler",
+    "open_result": "engine.topk",
+    "top_k": "engine.topk",
+}
 
 __all__ = [
     "Problem",
@@ -31,3 +47,16 @@ __all__ = [
     "parse_steps",
     "top_k",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -105,6 +105,7 @@ def parse_queries(text: str) -> QuerySpec:
 
 def parse_steps(steps: Any, n_updates: int) -> tuple[int, int]:
     """``steps`` (None, ``slice(a, b)``, ``(a, b)`` or ``"a:b"``; negatives count from the end) -> window ``(a, b)``."""
+    given = steps
     if steps is None:
         a, b = 0, n_updates
     else:
@@ -133,7 +134,7 @@ def parse_steps(steps: Any, n_updates: int) -> tuple[int, int]:
         b = b + n_updates if b < 0 else b
     if not 0 <= a < b <= n_updates:
         raise ValueError(
-            f"steps={_fmt_steps(steps)} asks for the window ({a}, {b}], outside this run: it has updates 1..{n_updates} "
+            f"steps={_fmt_steps(given)} asks for the window ({a}, {b}], outside this run: it has updates 1..{n_updates} "
             f"(steps 0..{n_updates}); the window (a, b] needs 0 <= a < b <= {n_updates}"
         )
     return a, b
@@ -178,6 +179,13 @@ def _is_run(traj: Trajectory) -> bool:
     return isinstance(traj, Run)
 
 
+class UnknownSplitError(KeyError):
+    """A ``queries=`` split the run does not have (a KeyError whose message prints without quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def split_names(traj: Trajectory) -> list[str]:
     if _is_run(traj):
         return list(traj.splits)  # type: ignore[attr-defined]
@@ -189,11 +197,11 @@ def get_split(traj: Trajectory, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A split's (inputs, targets), with a clear KeyError when it does not exist."""
     names = split_names(traj)
     if names and name not in names:
-        raise KeyError(f"this run has no data split {name!r}; it has {names}")
+        raise UnknownSplitError(f"this run has no data split {name!r}; it has {names}")
     try:
         return traj.split(name)
     except KeyError:
-        raise KeyError(f"this run has no data split {name!r}; it has {names}") from None
+        raise UnknownSplitError(f"this run has no data split {name!r}; it has {names}") from None
 
 
 def train_input_spec(traj: Trajectory) -> tuple[tuple[int, ...], bool]:
@@ -385,7 +393,13 @@ def attribute(
     meta = result_meta(traj, cpu_problem, ctx)
 
     # --- scheduler, graph, compute --------------------------------------------------------------------------
-    runner = _sched.get_runner(client, n_tasks=len(guess))
+    local = client is None or (isinstance(client, str) and client.strip().lower() in _sched.LOCAL_NAMES)
+    if local or (isinstance(client, str) and client.strip().lower() in _sched.SYNC_NAMES):
+        _sched.check_local_device(device)  # before starting any worker process
+    n_tasks = len(guess)
+    if local and device != "cpu":  # processes share the GPU(s): a few per device is plenty
+        n_tasks = min(n_tasks, 2 * max(1, torch.cuda.device_count()))
+    runner = _sched.get_runner(client, n_tasks=n_tasks)
     try:
         runner.check_device(device)
         bounds = _graph.plan_chunks(window, store_chunk=store_chunk, chunk_updates=chunk_updates,
@@ -444,4 +458,4 @@ def _strings_as_objects(ds: xr.Dataset) -> xr.Dataset:
     return ds.assign_coords(fix) if fix else ds
 
 
-__all__ = ["QuerySpec", "attribute", "check_store", "open_trajectory", "parse_by", "parse_queries", "parse_steps"]
+__all__ = ["QuerySpec", "UnknownSplitError", "attribute", "check_store", "open_trajectory", "parse_by", "parse_queries", "parse_steps"]

@@ -209,6 +209,8 @@ def result_meta(traj: Trajectory, problem: Problem, ctx: Context | None = None) 
     """Everything :func:`engine.result.assemble` needs besides the arrays."""
     ctx = ctx or context(traj, problem)
     method = problem.method
+    if "sample" in problem.by:  # what "auto" resolves to for batches of 2+ samples
+        method = choose_method(problem.method, ctx.R, 2, ctx.per_tensor)
     return ResultMeta(
         window=ctx.window,
         n_samples=ctx.n_samples,
@@ -476,7 +478,7 @@ def pass2(
 
     U = {n: carry.u_in[n].to(dev).clone() for n in names}
     V = {n: torch.empty_like(U[n]) for n in names}
-    s_a = carry.s_a
+    s_a = None if carry.s_a is None else {n: v.to(dev) for n, v in carry.s_a.items()}
     for s in reversed(block.updates):
         j = s - lo - 1
         theta_prev = ctx.params(block, s - 1)

@@ -7,12 +7,14 @@ exits 2.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
 
 from explaind_store.schema import OUTPUT, QUERY, SAMPLE
+
+if TYPE_CHECKING:  # xarray is imported by the commands themselves: registering them stays cheap
+    import xarray as xr
 
 PART_VARS = ("data", "weight_decay", "momentum", "residual")
 
@@ -137,18 +139,18 @@ def summarize(ds: xr.Dataset, top: int = 5, max_queries: int = 5) -> str:
     attrs = ds.attrs
     a, b = attrs.get("window", [None, None])
     change = _total(ds, "final") - _total(ds, "initial")
+    totals = "; ".join(f"{name} {float(_total(ds, name).sum()):+.6g}" for name in PART_VARS)
     lines = [
-        f"window         updates ({a}, {b}]; output {attrs.get('output')}; {ds.sizes[QUERY]} queries x "
-        f"{ds.sizes[OUTPUT]} outputs; by {','.join(attrs.get('by', [])) or '-'}; rule {attrs.get('rule')}",
-        f"scheduler      {attrs.get('scheduler', '-')}; {attrs.get('n_chunks', '?')} chunks of <= "
-        f"{attrs.get('chunk_updates', '?')} updates; device {attrs.get('device', 'cpu')}",
-        f"residual       max |residual| {attrs.get('max_abs_residual', float('nan')):.3e} (quadrature "
-        f"{attrs.get('max_quadrature_residual', float('nan')):.2e}, rounding "
-        f"{attrs.get('max_rounding_residual', float('nan')):.2e}) against max |final - initial| "
-        f"{attrs.get('max_abs_change', float('nan')):.3e}",
-        "totals         " + "; ".join(
-            f"{name} {float(_total(ds, name).sum()):+.6g}" for name in PART_VARS
-        ) + f"; final - initial {float(change.sum()):+.6g} (summed over queries and outputs)",
+        (f"window         updates ({a}, {b}]; output {attrs.get('output')}; {ds.sizes[QUERY]} queries x "
+         f"{ds.sizes[OUTPUT]} outputs; by {','.join(attrs.get('by', [])) or '-'}; rule {attrs.get('rule')}"),
+        (f"scheduler      {attrs.get('scheduler', '-')}; {attrs.get('n_chunks', '?')} chunks of <= "
+         f"{attrs.get('chunk_updates', '?')} updates; device {attrs.get('device', 'cpu')}"),
+        (f"residual       max |residual| {attrs.get('max_abs_residual', float('nan')):.3e} (quadrature "
+         f"{attrs.get('max_quadrature_residual', float('nan')):.2e}, rounding "
+         f"{attrs.get('max_rounding_residual', float('nan')):.2e}) against max |final - initial| "
+         f"{attrs.get('max_abs_change', float('nan')):.3e}"),
+        (f"totals         {totals}; final - initial {float(change.sum()):+.6g} (summed over queries and "
+         "outputs)"),
     ]
     if SAMPLE in ds["data"].dims and ds.sizes[SAMPLE] > 0:
         res = top_k(ds, top, along=SAMPLE, part="data")
@@ -168,15 +170,16 @@ def format_top(
     has_label = "top_label" in res
     lines = [f"top {res.attrs['k']} {along}s by {part}" + (f" (summed over {', '.join(res.attrs['summed_over'])})"
                                                            if res.attrs["summed_over"] else "")]
+    def fmt(kind: str, q: int, o: int) -> str:
+        idx = res[f"{kind}_label" if has_label else f"{kind}_index"].values[q, o]
+        val = res[f"{kind}_value"].values[q, o]
+        return ", ".join(f"{i}: {v:+.3e}" for i, v in zip(idx, val))
+
     for q in shown:
         for o in outs[q]:
-            def fmt(kind: str) -> str:
-                idx = res[f"{kind}_label" if has_label else f"{kind}_index"].values[q, o]
-                val = res[f"{kind}_value"].values[q, o]
-                return ", ".join(f"{i}: {v:+.3e}" for i, v in zip(idx, val))
-
-            lines.append(f"  query {q} output {labels[o]}  top [{fmt('top')}]")
-            lines.append(f"  {' ' * len(f'query {q} output {labels[o]}')}  bottom [{fmt('bottom')}]")
+            head = f"query {q} output {labels[o]}"
+            lines.append(f"  {head}  top [{fmt('top', q, o)}]")
+            lines.append(f"  {' ' * len(head)}  bottom [{fmt('bottom', q, o)}]")
     if len(shown) < len(queries):
         lines.append(f"  ... {len(queries) - len(shown)} more queries (`explaind top PATH --query Q`)")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ pass 2 ran; :func:`attribute` only keeps them when the whole window's fit in ``e
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -31,7 +32,14 @@ import torch
 import xarray as xr
 
 from engine.chunks import Carry, Pass1, carries, pass1, pass2
-from engine.result import STEP, ResultMeta, assemble, chunk_dtype, chunk_layout, chunk_shapes
+from engine.result import (
+    STEP,
+    ResultMeta,
+    assemble,
+    chunk_dtype,
+    chunk_layout,
+    chunk_shapes,
+)
 from engine.scheduler import MATH_LOCK, Job, task_env
 
 SPLIT_EVERY = 8  # fan-in of the tree sums over chunks
@@ -78,7 +86,7 @@ def plan_chunks(
     if not store_chunk:
         return [(lo, min(b, lo + k)) for lo in range(a, b, k)]
     edges = [a, *range((a // k + 1) * k, b, k), b]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(itertools.pairwise(edges))
 
 
 # ==============================================================================================================
@@ -98,7 +106,7 @@ def _summary_task(p1: Pass1) -> Pass1:
 def _carries_task(job: Job, *summaries: Pass1) -> list[Carry]:
     with MATH_LOCK:
         traj, _ = task_env(job)
-        return carries(traj, job.problem, [_to_cpu(p.summary()) for p in summaries])
+        return carries(traj, job.problem, list(summaries))
 
 
 def _pick(items: Sequence[Any], i: int) -> Any:
@@ -143,9 +151,8 @@ def build_arrays(job: Job, meta: ResultMeta, bounds: Sequence[tuple[int, int]], 
     for c, (lo, hi) in enumerate(bounds):
         p1 = dask.delayed(_pass1_task, pure=True)(job_d, lo, hi, keep_u, dask_key_name=f"explaind-pass1-{tok}-{c}")
         p1s.append(p1)
-        # kept u_s stay with pass 1's result for pass 2; carries only gets the small summary
-        sums.append(dask.delayed(_summary_task, pure=True)(p1, dask_key_name=f"explaind-summary-{tok}-{c}")
-                    if keep_u else p1)
+        # carries only gets the small CPU summary (kept u_s stay with pass 1's result, on its worker, for pass 2)
+        sums.append(dask.delayed(_summary_task, pure=True)(p1, dask_key_name=f"explaind-summary-{tok}-{c}"))
     cs = dask.delayed(_carries_task, pure=True)(job_d, *sums, dask_key_name=f"explaind-carries-{tok}")
     layout = chunk_layout(meta)
     blocks: list[dict[str, da.Array]] = []

@@ -31,6 +31,7 @@ reverse pass) with each sample's own kinks, which removes the batch factor from 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -286,8 +287,12 @@ def _phi_rows(seg: Segment, ts: Tensor, ws: Tensor, chunk: int | None, sample_ch
     """Per-sample phi: ``ts``/``ws`` are ``(S, M)``; returns name -> ``(S*K, *shape)``, sample-major."""
     n_rows = ts.shape[0]
     out: dict[str, Tensor] = {}
+    # Samples with similar node counts share a batch, so little work goes into zero-weight padding nodes.
+    count = (ws != 0).sum(1)
+    by_count = torch.argsort(count)
     for s0 in range(0, n_rows, sample_chunk):
-        rows = torch.arange(s0, min(n_rows, s0 + sample_chunk))
+        rows = by_count[s0 : s0 + sample_chunk]
+        m = max(1, int(count[rows].max()))
 
         def per(t_row: Tensor, w_row: Tensor, c: Any) -> dict[str, Tensor]:
             def g(p0: dict[str, Tensor]) -> Tensor:
@@ -295,7 +300,7 @@ def _phi_rows(seg: Segment, ts: Tensor, ws: Tensor, chunk: int | None, sample_ch
 
             return jacrev(g, chunk_size=chunk)(seg.params0)
 
-        jac = vmap(per)(ts[rows], ws[rows], seg.rows(rows))
+        jac = vmap(per)(ts[rows, :m], ws[rows, :m], seg.rows(rows))
         for k, v in jac.items():
             if k not in out:
                 out[k] = torch.empty((n_rows, *v.shape[1:]), dtype=v.dtype)
@@ -337,7 +342,9 @@ def _dfdt(seg: Segment, ts: Tensor, rows: Tensor | None) -> Tensor:
         return jvp(lambda tt: seg.call(tt, c), (t,), (torch.ones_like(t),))[1]
 
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch scripts its jvp decompositions on first use and warns that torch.jit.script is deprecated.
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
             return seg.vmap(fwd, ts, rows)
     except (RuntimeError, NotImplementedError):
         return seg.vmap(lambda t, c: jacrev(lambda tt: seg.call(tt, c))(t), ts, rows).detach()

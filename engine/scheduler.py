@@ -19,7 +19,9 @@ the :class:`~engine.chunks.Problem`, the caller's trusted-module list) and looks
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
+import multiprocessing
 import os
 import threading
 import uuid
@@ -27,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -173,7 +175,7 @@ class Runner:
 
     def check_device(self, device: str) -> None:
         """Raise ValueError when the workers cannot use ``device``."""
-        _check_local_device(device)
+        check_local_device(device)
 
     def describe(self) -> str:
         return self.kind
@@ -242,7 +244,8 @@ def _cuda_ok() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _check_local_device(device: str) -> None:
+def check_local_device(device: str) -> None:
+    """Raise ValueError when this machine cannot use ``device``."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}, but CUDA is not available on this machine; use device='cpu'")
 
@@ -274,11 +277,11 @@ class _TqdmCallback:
 
         self._cb = _CB()
 
-    def __enter__(self) -> "_TqdmCallback":
+    def __enter__(self) -> Self:
         self._cb.__enter__()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._cb.__exit__(*exc)
 
 
@@ -293,7 +296,7 @@ def _client_progress(futures: Sequence[Any], address: str, desc: str) -> None:
     class _Bar(TextProgressBar):
         bar: Any = None
 
-        def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:  # noqa: A002 - dask's signature
+        def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:  # dask's signature
             if self.bar is None:  # created on the scheduler's first report, when the task count is known
                 self.bar = tqdm(total=all, desc=desc, unit="task", leave=False)
             self.bar.total = all
@@ -323,16 +326,25 @@ def local_client(n_workers: int | None = None) -> Any:
     spawned, so scripts that call this need an ``if __name__ == "__main__":`` guard.
     """
     with _LOCAL_LOCK:
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            raise RuntimeError(
+                "engine.attribute(client=None) starts a LocalCluster whose worker processes are spawned and re-import "
+                "your script: put the call under `if __name__ == \"__main__\":`, or pass client=\"sync\""
+            )
+        cores = os.cpu_count() or 1
+        n = max(1, min(cores, int(n_workers or cores)))
         client = _LOCAL.get("client")
         if client is not None and client.status == "running":
+            cluster = _LOCAL["cluster"]
+            if n > len(cluster.workers):  # a later, bigger job: grow to min(cores, tasks)
+                with _own_environ():
+                    cluster.scale(n)
+                    client.wait_for_workers(n, timeout=120)
+                client.run(warm_worker, wait=False)
             return client
         from distributed import Client, LocalCluster
 
-        cores = os.cpu_count() or 1
-        n = max(1, min(cores, int(n_workers or cores)))
-        # the nanny writes OMP_NUM_THREADS & co. into *our* environment before spawning; keep ours unchanged
-        saved = dict(os.environ)
-        try:
+        with _own_environ():
             cluster = LocalCluster(
                 n_workers=n,
                 threads_per_worker=1,
@@ -342,12 +354,33 @@ def local_client(n_workers: int | None = None) -> Any:
                 env=dict(WORKER_ENV),
             )
             client = Client(cluster, set_as_default=False)
-        finally:
-            for k in set(os.environ) - set(saved):
-                os.environ.pop(k, None)
-            os.environ.update(saved)
         _LOCAL.update(cluster=cluster, client=client)
+        # import torch and the engine on every worker now, in the background, while the caller builds its graph
+        client.run(warm_worker, wait=False)
         return client
+
+
+@contextmanager
+def _own_environ() -> Iterator[None]:
+    """Undo what the nanny writes into *our* environment (OMP_NUM_THREADS & co.) before spawning workers."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for k in set(os.environ) - set(saved):
+            os.environ.pop(k, None)
+        os.environ.update(saved)
+
+
+def _warm_worker() -> None:
+    import engine.graph  # noqa: F401 - imports torch, torch.func and the chunk math
+
+
+async def warm_worker() -> None:
+    """Import the engine on a worker in a thread (``client.run(warm_worker, wait=False)`` needs a coroutine)."""
+    import asyncio
+
+    await asyncio.get_running_loop().run_in_executor(None, _warm_worker)
 
 
 def close_local_client() -> None:
@@ -356,10 +389,8 @@ def close_local_client() -> None:
         client, cluster = _LOCAL.pop("client", None), _LOCAL.pop("cluster", None)
         for obj in (client, cluster):
             if obj is not None:
-                try:
+                with contextlib.suppress(Exception):  # best effort at shutdown
                     obj.close()
-                except Exception:  # noqa: BLE001 - best effort at shutdown
-                    pass
 
 
 atexit.register(close_local_client)

@@ -7,6 +7,7 @@ at once (output chunks hold one query each; see ``engine.graph.output_chunks``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,8 @@ def open_result(result_or_path: Any) -> xr.Dataset:
         p = Path(result_or_path)
         if not p.exists():
             raise ValueError(f"no attribution result at {p}")
-        try:
+        with contextlib.suppress(Exception):  # no consolidated metadata (written by other tools): read it plainly
             return xr.open_zarr(p, consolidated=True)
-        except Exception:  # noqa: BLE001 - no consolidated metadata (written by other tools): read it plainly
-            pass
         try:
             return xr.open_zarr(p, consolidated=False)
         except Exception as exc:  # noqa: BLE001 - zarr/xarray raise several types for "not a dataset"

@@ -3,7 +3,6 @@ the decomposition identity, query parsing, windows, Zarr output, top_k, input ch
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +119,46 @@ def test_workers_inherit_trusted_modules(tmp_path, cluster, monkeypatch):
     assert_results_close(ds, ref)
 
 
+def test_plan_chunks_reads_whole_store_chunks():
+    plan = engine_graph.plan_chunks
+    assert plan((0, 12), store_chunk=2) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12)]
+    assert plan((3, 9), store_chunk=2) == [(3, 4), (4, 6), (6, 8), (8, 9)]
+    assert plan((3, 11), store_chunk=2, chunk_updates=4) == [(3, 4), (4, 8), (8, 11)]
+    # store chunks longer than the window: split evenly so every worker gets a task
+    assert plan((0, 10), store_chunk=1000, n_workers=4) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert plan((0, 10), store_chunk=1000, n_workers=1) == [(0, 10)]
+    assert plan((0, 5), store_chunk=None, chunk_updates=2) == [(0, 2), (2, 4), (4, 5)]
+    with pytest.raises(ValueError, match="not a multiple of the store's chunk size"):
+        plan((0, 12), store_chunk=4, chunk_updates=6)
+
+
+def test_graph_is_a_two_pass_scan_without_embedded_data(digits_store):
+    """C pass-1 tasks, one carries task, C pass-2 tasks; the step axis comes from per-chunk blocks; only the job
+    key (store path + small Problem) is more than a few bytes: tasks load everything else from the store."""
+    import cloudpickle
+
+    from engine.chunks import Context, result_meta
+    from engine.scheduler import make_job
+
+    run = open_run(digits_store)
+    x, y = run.split("val")
+    problem = Problem(x[:2], y[:2], by=frozenset(BY_ALL), window=(0, 12))
+    meta = result_meta(run, problem, Context(run, problem))
+    job = make_job(run, problem, by_reference=False)
+    assert job.path == str(digits_store) and job.traj is None
+    bounds = engine_graph.plan_chunks((0, 12), store_chunk=run.chunk_updates)
+    ds = engine_graph.lazy_result(job, meta, bounds, keep_u=False)
+    assert ds["data"].data.chunks[3] == (2,) * 6  # step axis: one block per task, concatenated
+    graph = dict(ds.__dask_graph__())
+    kinds = [str(k[0] if isinstance(k, tuple) else k).split("-")[1] for k in graph if "explaind-" in str(k)]
+    assert kinds.count("pass1") == 6 and kinds.count("pass2") == 6 and kinds.count("carries") == 1
+    sizes = {k: len(cloudpickle.dumps(v)) for k, v in graph.items()}
+    job_key = f"explaind-job-{job.token}"
+    assert sizes[job_key] < 20_000
+    big = {k: n for k, n in sizes.items() if k != job_key and n > 4_000}
+    assert not big, f"tasks embedding data: {big}"
+
+
 # ==============================================================================================================
 # Queries, outputs, bins
 # ==============================================================================================================
@@ -148,63 +187,71 @@ def test_parse_queries():
 def test_split_queries_equal_explicit_tensors_and_outputs(digits_store):
     run = open_run(digits_store)
     x, y = run.split("val")
-    a = engine.attribute(run, queries="val[[1,5,7]]", output="loss", by=(), client="sync", progress=False)
-    b = engine.attribute(run, x[[1, 5, 7]], y[[1, 5, 7]], output="loss", by=(), client="sync", progress=False)
+    kw = {"output": "loss", "by": (), "steps": slice(8, 12), "client": "sync", "progress": False}
+    a = engine.attribute(run, queries="val[[1,5,7]]", **kw)
+    b = engine.attribute(run, x[[1, 5, 7]], y[[1, 5, 7]], **kw)
     assert_results_close(a, b, rtol=0)
     assert a.attrs["queries"] == "val[[1,5,7]]" and list(a["output"].values) == ["loss"]
     assert identity_error(a) <= 1e-10
     # one query without its batch axis; margin output
-    m = engine.attribute(run, x[4], y[4:5], output="margin", by=(), client="sync", progress=False)
+    m = engine.attribute(run, x[4], y[4:5], output="margin", by=(), steps=slice(10, 12), client="sync",
+                         progress=False)
     assert dict(m["final"].sizes) == {"query": 1, "output": 1}
+    assert identity_error(m) <= 1e-10
 
 
-def test_step_bins_sum_the_step_axis(digits_store):
-    run = open_run(digits_store)
-    full = engine.attribute(run, queries="val[:2]", by="step", client="sync", progress=False)
-    binned = engine.attribute(run, queries="val[:2]", by="step", client="sync", progress=False, step_bins=5)
+def test_step_bins_sum_the_step_axis(digits_store, sgd_reference):
+    binned = engine.attribute(digits_store, queries="val[:2]", by=BY_ALL, client="sync", progress=False, step_bins=5)
     assert list(binned["step"].values) == [3, 6, 8, 10, 12]  # array_split of 12 updates into 5 bins
     assert list(binned["step_start"].values) == [1, 4, 7, 9, 11]
-    np.testing.assert_allclose(binned["data"].sum("step"), full["data"].sum("step"), rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(binned["data"].sel(step=6), full["data"].sel(step=[4, 5, 6]).sum("step"), rtol=1e-12)
+    full = sgd_reference
+    np.testing.assert_allclose(binned["data"].sel(step=6), full["data"].sel(step=[4, 5, 6]).sum("step"),
+                               rtol=1e-12, atol=1e-15)
+    for name in ("data", "weight_decay", "residual"):
+        np.testing.assert_allclose(binned[name].sum("step"), full[name].sum("step"), rtol=1e-12, atol=1e-15)
     assert identity_error(binned) <= 1e-10
 
 
 # ==============================================================================================================
 # Zarr output and top_k
 # ==============================================================================================================
-def test_out_streams_to_zarr_and_top_k_streams_it(digits_store, tmp_path):
-    run = open_run(digits_store)
-    mem = engine.attribute(run, queries="val[:3]", by="sample,step", client="sync", progress=False)
+def test_out_streams_to_zarr_and_top_k_streams_it(digits_store, sgd_reference, tmp_path):
     out = tmp_path / "result.zarr"
-    ds = engine.attribute(run, queries="val[:3]", by="sample,step", client="sync", out=out, progress=False)
+    ds = engine.attribute(digits_store, queries="val[:2]", by=BY_ALL, client="sync", out=out, progress=False)
     assert ds["data"].chunks is not None  # lazy, read from the store
     opened = xr.open_zarr(out)
-    assert_results_close(opened, mem, rtol=0)
-    assert opened.attrs["max_abs_residual"] == pytest.approx(mem.attrs["max_abs_residual"], rel=1e-12)
+    assert_results_close(opened, sgd_reference)
+    assert_results_close(ds.compute(), opened.compute(), rtol=0)
+    assert opened.attrs["max_abs_residual"] == pytest.approx(sgd_reference.attrs["max_abs_residual"], rel=1e-6)
     # aligned chunks: one store chunk (2 updates) per step block, one query per block of the big array
     arr = zarr.open_array(out / "data", mode="r")
-    assert arr.chunks == (1, 10, 120, 2)
-    assert len(list((out / "data" / "c").rglob("*"))) > 3 * 6  # written chunk by chunk
+    assert arr.chunks == (1, 10, 120, 2, 4)
+    assert len([f for f in (out / "data" / "c").rglob("*") if f.is_file()]) == 2 * 6  # written chunk by chunk
     # an earlier result may be overwritten; a store may not
-    engine.attribute(run, queries="val[:1]", by=(), client="sync", out=out, progress=False)
+    engine.attribute(digits_store, queries="val[:1]", by=(), steps=slice(10, 12), client="sync", out=out,
+                     progress=False)
     with pytest.raises(ValueError, match="refusing to overwrite"):
-        engine.attribute(run, queries="val[:1]", client="sync", out=digits_store, progress=False)
+        engine.attribute(digits_store, queries="val[:1]", client="sync", out=digits_store, progress=False)
 
-    # top_k == numpy argsort of the in-memory result (summed over step), on the zarr store and in memory
+    # top_k == numpy argsort of the in-memory result (summed over step and tensor), in memory and from zarr
+    mem = sgd_reference
     k = 5
-    total = np.asarray(mem["data"].sum("step"))  # (query, output, sample)
+    total = np.asarray(mem["data"].sum(["step", "tensor"]))  # (query, output, sample)
     order = np.argsort(total, axis=-1)
     for res in (engine.top_k(mem, k), engine.top_k(_rewrite(mem, tmp_path), k)):
-        assert dict(res.sizes) == {"query": 3, "output": 10, "rank": k}
+        assert dict(res.sizes) == {"query": 2, "output": 10, "rank": k}
+        assert res.attrs["summed_over"] == ["step", "tensor"]
         np.testing.assert_array_equal(res["top_index"], order[..., ::-1][..., :k])
         np.testing.assert_array_equal(res["bottom_index"], order[..., :k])
         np.testing.assert_allclose(res["top_value"], np.take_along_axis(total, order[..., ::-1][..., :k], -1))
         np.testing.assert_allclose(res["bottom_value"], np.take_along_axis(total, order[..., :k], -1))
     by_step = engine.top_k(mem, 3, along="step")
-    np.testing.assert_array_equal(by_step["top_label"], np.asarray(mem["step"])[np.argsort(
-        -np.asarray(mem["data"].sum("sample")), axis=-1)[..., :3]])
+    per_step = np.asarray(mem["data"].sum(["sample", "tensor"]))
+    np.testing.assert_array_equal(by_step["top_label"], np.asarray(mem["step"])[np.argsort(-per_step, -1)[..., :3]])
+    by_tensor = engine.top_k(mem, 2, along="tensor", part="weight_decay")
+    assert by_tensor["top_label"].values[0, 0, 0] in list(mem["tensor"].values)
     with pytest.raises(ValueError, match="has no 'tensor' axis"):
-        engine.top_k(mem, 3, along="tensor")
+        engine.top_k(engine.top_k(mem, 1), 3, along="tensor", part="top_value")
     with pytest.raises(KeyError, match="no variable 'nope'"):
         engine.top_k(mem, 3, part="nope")
 
@@ -212,7 +259,8 @@ def test_out_streams_to_zarr_and_top_k_streams_it(digits_store, tmp_path):
 def _rewrite(ds: xr.Dataset, tmp_path: Path) -> Path:
     """``ds`` written with small sample chunks, so top_k really merges candidates across chunks."""
     path = tmp_path / "small-chunks.zarr"
-    ds[["data"]].chunk({"query": 1, "sample": 16}).to_zarr(path, mode="w", consolidated=False)
+    small = ds[["data"]].drop_vars("tensor").chunk({"query": 1, "sample": 16, "step": 3})
+    small.to_zarr(path, mode="w", consolidated=False)
     return path
 
 
@@ -270,31 +318,32 @@ def test_bad_input_is_rejected_before_heavy_work(digits_store, nan_store, tamper
     run = open_run(digits_store)
     x, y = run.split("val")
     cases = [
-        (dict(inputs=torch.zeros(2, 63)), ValueError, r"query inputs have shape \(2, 63\).*\(N, 64\)"),
-        (dict(inputs=x[:2], output="loss"), ValueError, "output='loss' needs the query targets"),
-        (dict(inputs=x[:2], targets=y[:3], output="loss"), ValueError, "targets has 3 entries but there are 2"),
-        (dict(queries="val[:2]", steps=slice(5, 40)), ValueError, r"outside this run: it has updates 1\.\.12"),
-        (dict(queries="val[:2]", steps=slice(6, 6)), ValueError, "needs 0 <= a < b <= 12"),
-        (dict(queries="val[:2]", steps="x:y"), ValueError, "cannot parse steps"),
-        (dict(queries="test[:2]"), KeyError, r"no data split 'test'; it has \['train', 'val'\]"),
-        (dict(queries="val[:50]"), ValueError, "outside split 'val', which has 10 samples"),
-        (dict(queries="val[:2]", inputs=x[:2]), ValueError, "not both"),
-        (dict(), ValueError, "nothing to explain"),
-        (dict(queries="val[:2]", output="probs"), ValueError, "unknown output='probs'"),
-        (dict(queries="val[:2]", by=("sample", "layer")), ValueError, r"unknown by=\['layer'\]"),
-        (dict(queries="val[:2]", chunk_updates=3), ValueError, "not a multiple of the store's chunk size"),
-        (dict(queries="val[:2]", quadrature="simpson"), ValueError, "quadrature rule .simpson."),
-        (dict(queries="val[:2]", device="gpu"), ValueError, "device must be 'cpu', 'cuda'"),
-        (dict(queries="val[:2]", client="threads"), ValueError, "threads scheduler is not supported"),
-        (dict(queries="val[:2]", method="fast"), ValueError, "unknown method"),
-        (dict(queries="val[:2]", step_bins=0), ValueError, "step_bins must be a positive integer"),
-        (dict(queries="val[:2]", out=digits_store), ValueError, "refusing to overwrite"),
+        ({"inputs": torch.zeros(2, 63)}, ValueError, r"query inputs have shape \(2, 63\).*\(N, 64\)"),
+        ({"inputs": x[:2], "output": "loss"}, ValueError, "output='loss' needs the query targets"),
+        ({"inputs": x[:2], "targets": y[:3], "output": "loss"}, ValueError, "targets has 3 entries but there are 2"),
+        ({"queries": "val[:2]", "steps": slice(5, 40)}, ValueError, r"outside this run: it has updates 1\.\.12"),
+        ({"queries": "val[:2]", "steps": slice(6, 6)}, ValueError, "needs 0 <= a < b <= 12"),
+        ({"queries": "val[:2]", "steps": "x:y"}, ValueError, "cannot parse steps"),
+        ({"queries": "test[:2]"}, KeyError, r"no data split 'test'; it has \['train', 'val'\]"),
+        ({"queries": "val[:50]"}, ValueError, "outside split 'val', which has 10 samples"),
+        ({"queries": "val[:2]", "inputs": x[:2]}, ValueError, "not both"),
+        ({}, ValueError, "nothing to explain"),
+        ({"queries": "val[:2]", "output": "probs"}, ValueError, "unknown output='probs'"),
+        ({"queries": "val[:2]", "by": ("sample", "layer")}, ValueError, r"unknown by=\['layer'\]"),
+        ({"queries": "val[:2]", "chunk_updates": 3}, ValueError, "not a multiple of the store's chunk size"),
+        ({"queries": "val[:2]", "quadrature": "simpson"}, ValueError, "quadrature rule .simpson."),
+        ({"queries": "val[:2]", "device": "gpu"}, ValueError, "device must be 'cpu', 'cuda'"),
+        ({"queries": "val[:2]", "client": "threads"}, ValueError, "threads scheduler is not supported"),
+        ({"queries": "val[:2]", "method": "fast"}, ValueError, "unknown method"),
+        ({"queries": "val[:2]", "step_bins": 0}, ValueError, "step_bins must be a positive integer"),
+        ({"queries": "val[:2]", "out": digits_store}, ValueError, "refusing to overwrite"),
     ]
     if not torch.cuda.is_available():
-        cases.append((dict(queries="val[:2]", device="cuda"), ValueError, "CUDA is not available"))
+        cases.append(({"queries": "val[:2]", "device": "cuda"}, ValueError, "CUDA is not available"))
     for kwargs, exc, msg in cases:
+        kwargs = {"client": "sync", **kwargs}
         with pytest.raises(exc, match=msg):
-            engine.attribute(run, client="sync", progress=False, **kwargs)
+            engine.attribute(run, progress=False, **kwargs)
     with pytest.raises(StoreError, match="no store at"):
         engine.attribute(digits_store.parent / "missing.zarr", queries="val", client="sync")
     # a store that diverged: refused inside the window, accepted before it (the checks pass: graph building starts)
@@ -315,12 +364,12 @@ def test_bad_input_is_rejected_before_heavy_work(digits_store, nan_store, tamper
 # ==============================================================================================================
 # CLI
 # ==============================================================================================================
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "explaind_store.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=120)
+                          cwd=ROOT, timeout=180, check=False)
 
 
-def test_cli_attribute_and_top(digits_store, tmp_path):
+def test_cli_attribute_and_top(digits_store, tmp_path, capsys):
     out = tmp_path / "cli.zarr"
     r = _cli("attribute", str(digits_store), "--queries", "val[:2]", "--by", "sample,step", "--steps", "2:10",
              "--out", str(out), "--sync", "--chunk-updates", "4", "--top", "3")
@@ -335,9 +384,13 @@ def test_cli_attribute_and_top(digits_store, tmp_path):
     assert r.stdout.count("query 1 output") == 10 and "query 0" not in r.stdout
     best = engine.top_k(out, 4)["top_label"].values[1, 0]
     assert f"top [{best[0]}: " in r.stdout
-    # errors: one clear line, exit status 2
-    r = _cli("attribute", str(digits_store), "--queries", "val[:2]", "--steps", "0:99", "--sync")
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("explaind: error: steps=")
-    r = _cli("top", str(out), "--query", "7")
-    assert r.returncode == 2 and "out of range" in r.stderr
+    # errors: one clear line on stderr, exit status 2 (in-process: the same main() the script runs)
+    from explaind_store.cli import main
+
+    assert main(["attribute", str(digits_store), "--queries", "val[:2]", "--steps", "0:99", "--sync"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("explaind: error: steps='0:99' asks for the window (0, 99]")
+    assert main(["top", str(out), "--query", "7"]) == 2
+    assert "out of range: the result has 2 queries" in capsys.readouterr().err
+    assert main(["attribute", str(digits_store), "--queries", "nope[:2]", "--sync"]) == 2
+    assert "no data split 'nope'" in capsys.readouterr().err

@@ -286,12 +286,13 @@ def test_output_modes(output):
     if n_out == 1:
         assert list(ds["output"].values) == [output]
     check_identities(ds)
-    tol = 1e-9 if output == "margin" else 1e-10  # margin: kinks located by the engine's root finder
-    compare(ds, oracle_of("mlp", "adamw", output), tol=tol, what=output)
+    # margin: the oracle splits at runner-up changes it finds by bisection, the engine at the kinks it finds
+    compare(ds, oracle_of("mlp", "adamw", output), what=output)
     if output == "margin":
         assert ds["kinks"].values.sum() > 0  # the runner-up class changed somewhere: kinks found
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward-AD init
 @pytest.mark.parametrize("by", [{"sample", "step"}, {"sample", "tensor", "param"}])
 def test_grad_and_jvp_agree(by):
     run = run_of("transformer", "adam_wd")

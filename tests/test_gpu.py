@@ -28,8 +28,8 @@ def test_cuda_sync_matches_cpu(digits_store, by):
 
 
 def test_cuda_transformer_window_matches_cpu(modadd_store):
-    kw = dict(queries="val[:2]", output="target_logprob", by="sample,tensor", steps=slice(2, 6), client="sync",
-              progress=False)
+    kw = {"queries": "val[:2]", "output": "target_logprob", "by": "sample,tensor", "steps": slice(2, 6),
+          "client": "sync", "progress": False}
     cpu = engine.attribute(modadd_store, **kw)
     gpu = engine.attribute(modadd_store, device="cuda", **kw)
     assert_results_close(gpu, cpu, rtol=RTOL)

@@ -202,7 +202,10 @@ def relu_mlp_reference(model: MLP, x: Tensor, p0: Params, dp: Params) -> Params:
     tk = tk[(tk > 0) & (tk < 1)].sort().values
     edges = torch.cat([torch.zeros(1, dtype=DT), tk, torch.ones(1, dtype=DT)])
     ts, ws = gauss_nodes(edges, 2)
-    query = lambda p: functional_call(model, p, (x,)).reshape(-1)  # noqa: E731
+
+    def query(p: Params) -> Tensor:
+        return functional_call(model, p, (x,)).reshape(-1)
+
     return brute_phi(query, p0, dp, ts, ws)
 
 
