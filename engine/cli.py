@@ -71,6 +71,10 @@ def add_commands(subparsers: Any) -> None:
     top.add_argument("--part", default="data", help="result variable (default data)")
     top.set_defaults(func=_cmd_top)
 
+    from engine.demo import add_demo_command
+
+    add_demo_command(subparsers)
+
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
     from engine.api import attribute

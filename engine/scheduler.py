@@ -263,7 +263,7 @@ class _TqdmCallback:
                 from tqdm import tqdm
 
                 total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
-                bar_holder["bar"] = tqdm(total=total, desc=desc, unit="task", leave=False)
+                bar_holder["bar"] = tqdm(total=total, desc=desc, unit="task", leave=False, mininterval=0.5)
 
             def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
                 bar = bar_holder.get("bar")
@@ -298,10 +298,11 @@ def _client_progress(futures: Sequence[Any], address: str, desc: str) -> None:
 
         def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:  # dask's signature
             if self.bar is None:  # created on the scheduler's first report, when the task count is known
-                self.bar = tqdm(total=all, desc=desc, unit="task", leave=False)
+                self.bar = tqdm(total=all, desc=desc, unit="task", leave=False, mininterval=0.5)
             self.bar.total = all
-            self.bar.n = all - remaining
-            self.bar.refresh()
+            done = all - remaining
+            if done > self.bar.n:
+                self.bar.update(done - self.bar.n)  # update(), not refresh(): honours mininterval in logs
 
         def _draw_stop(self, **kwargs: Any) -> None:
             if self.bar is not None:

@@ -41,7 +41,12 @@ def run_info(path: str | Path) -> dict[str, Any]:
         run.path / schema.DATA).exists() else 0
     traj_disk = disk - data_disk
     opt = run.optimizer_spec
+    lr_range = None
+    if t > 0:
+        lr = run.updates[schema.LR].values[1:]
+        lr_range = [[float(lr[:, g].min()), float(lr[:, g].max())] for g in range(lr.shape[1])]
     return {
+        "lr_range": lr_range,
         "path": str(run.path),
         "format_version": run.attrs[schema.ATTR_FORMAT_VERSION],
         "committed_updates": t,
@@ -65,9 +70,12 @@ def run_info(path: str | Path) -> dict[str, Any]:
 
 def format_info(info: dict[str, Any]) -> str:
     opt = info["optimizer"]
+    lr_range = info.get("lr_range") or [None] * len(opt["groups"])
     groups = "; ".join(
-        ", ".join(f"{k}={v}" for k, v in g.items() if k != "tensors") + f" ({len(g['tensors'])} tensors)"
-        for g in opt["groups"]
+        ", ".join(f"{k}={v}" for k, v in g.items() if k not in ("tensors", "lr"))
+        + (f", lr {r[0]:.3g}..{r[1]:.3g} over the updates" if r else "")
+        + f" ({len(g['tensors'])} tensors)"
+        for g, r in zip(opt["groups"], lr_range)
     )
     splits = ", ".join(f"{k}: {v['n']} samples ({v['mode']})" for k, v in info["data"]["splits"].items())
     spec = info["model_spec"] or {}
@@ -153,12 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--max-updates", type=int, default=None, help="check this many evenly spaced updates")
     ver.set_defaults(func=_cmd_verify)
 
-    try:
-        from engine.cli import add_commands
-    except ImportError:  # the engine is optional for store-only use
-        pass
-    else:
-        add_commands(sub)
+    from engine.cli import add_commands  # attribute, top, demo
+
+    add_commands(sub)
     return parser
 
 
