@@ -30,7 +30,11 @@ arrays, never samples x parameters, never the number of updates (except ``keep_u
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import math
+import os
+import sys
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -41,7 +45,7 @@ import torch
 from engine import outputs as _outputs
 from engine.optim_terms import OptimTerms
 from engine.persample import batch_mean_grad, choose_method, sample_dots
-from engine.quadrature import parse_rule, path_integral
+from engine.quadrature import parse_rule, path_integral, phi_given
 from engine.result import BY_KEYS, PARAM_PREFIX, PARTS, ChunkResult, ResultMeta
 from explaind_store.trajectory import Trajectory, TrajectoryBlock
 
@@ -58,7 +62,10 @@ class Problem:
     ``F(theta) = output_mode(functional_call(model_float64_eval, theta, x_query))`` flattened to ``(Q * O,)``,
     decomposed over the window ``(a, b]`` (``None``: the whole run). ``by``: any subset of
     ``{"sample", "step", "tensor", "param"}``. ``rule``: a quadrature rule or its string (``None`` = the default,
-    "kink"). ``method``: per-sample dot products by ``"grad"``, ``"jvp"`` or ``"auto"``.
+    "kink"). ``method``: per-sample dot products by ``"grad"``, ``"jvp"`` or ``"auto"``. ``per_query`` (default):
+    each query's outputs depend only on its own input (eval mode, no batch statistics), so each query is integrated
+    with its own kinks and reverse pass (:class:`engine.quadrature.SampleQuery`); False treats the query batch as
+    one opaque function (needed only for models that mix samples in eval mode).
     """
 
     x_query: torch.Tensor
@@ -70,6 +77,7 @@ class Problem:
     method: str = "auto"
     sample_chunk: int = 512
     device: str = "cpu"
+    per_query: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.x_query, torch.Tensor):
@@ -135,6 +143,33 @@ def rule_string(rule: Any) -> str:
 # ==============================================================================================================
 # Context: the float64 model, data and coefficients (built once per process, cached)
 # ==============================================================================================================
+_HEAP_TUNED = False
+# pass 1 of a window's first chunk skips its path integrals when pass 2 can keep L x P floats per momentum part
+LIGHT_BYTES = int(os.environ.get("EXPLAIND_LIGHT_BYTES", str(512 << 20)))
+
+
+def keep_heap() -> bool:
+    """glibc only: serve allocations up to 1 GiB from the heap and keep freed memory there.
+
+    Every update allocates fresh ``R x P`` tensors (the Jacobians); by default glibc maps each one over 32 MiB
+    freshly and returns it on free, so every update page-faults all of it again: measured 2.6x slower phi (98 vs
+    37 ms per update) on the d_model-64 modadd transformer. Peak memory is unchanged (freed blocks are reused);
+    the process just keeps its peak. Once per process; ``EXPLAIND_MALLOPT=0`` turns it off.
+    """
+    global _HEAP_TUNED
+    if _HEAP_TUNED or not sys.platform.startswith("linux") or os.environ.get("EXPLAIND_MALLOPT", "1") == "0":
+        return _HEAP_TUNED
+    _HEAP_TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) or bool(libc.mallopt(m_mmap_threshold, 1 << 25))
+        libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+        return ok
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def _cast(x: torch.Tensor, device: str) -> torch.Tensor:
     x = torch.as_tensor(x)
     return x.to(device=device, dtype=F64) if x.is_floating_point() else x.to(device)
@@ -144,6 +179,7 @@ class Context:
     """Per-process state for one (trajectory, problem): model in float64 eval mode, data, query function."""
 
     def __init__(self, traj: Trajectory, problem: Problem):
+        keep_heap()
         self.problem = problem
         self.device = problem.device
         self.n_updates = int(traj.committed_updates)
@@ -166,7 +202,10 @@ class Context:
         self.n_samples = len(self.x_train)
         self.x_query = _cast(problem.x_query, self.device)
         self.y_query = None if problem.y_query is None else _cast(problem.y_query, self.device)
-        self.query_fn = _outputs.make_query_fn(model, self.x_query, self.y_query, problem.output, self.loss)
+        if problem.per_query:
+            self.query_fn = _outputs.make_sample_query(model, self.x_query, self.y_query, problem.output, self.loss)
+        else:
+            self.query_fn = _outputs.make_query_fn(model, self.x_query, self.y_query, problem.output, self.loss)
         with torch.no_grad():
             out = _outputs.apply_mode(problem.output, model(self.x_query), self.y_query, self.loss)
         self.Q, self.O = int(out.shape[0]), int(out.shape[1])
@@ -247,12 +286,16 @@ class StepStats:
     nodes: torch.Tensor  # (L,) int64
     kinks: torch.Tensor  # (L,) int64
     mov_local: torch.Tensor  # (R, L, 2, T): in-chunk part of <phi_s, data_s> and <phi_s, wd_s> (AdamW: all of wd)
+    # the quadrature nodes / weights of each update (rows, M), CPU: pass 2 recomputes phi on them, no kink search
+    t_nodes: list[torch.Tensor | None] | None = None
+    w_nodes: list[torch.Tensor | None] | None = None
+    deferred: bool = False  # pass 1 skipped the path integrals; pass 2 fills everything above (see pass1)
 
     @classmethod
     def empty(cls, R: int, L: int, T: int, device: str) -> StepStats:
         z = lambda *s: torch.zeros(s, dtype=F64, device=device)
         i = torch.zeros(L, dtype=torch.int64)
-        return cls(z(R, L), z(R, L), z(R, L), z(R, L), i, i.clone(), z(R, L, 2, T))
+        return cls(z(R, L), z(R, L), z(R, L), z(R, L), i, i.clone(), z(R, L, 2, T), [None] * L, [None] * L)
 
 
 @dataclass
@@ -273,50 +316,151 @@ class Pass1:
         return replace(self, u=None, g=None, wd_param=None)
 
 
-def _phi_u(
+def _phi(
+    ctx: Context,
+    theta_prev: dict[str, torch.Tensor],
+    theta_s: dict[str, torch.Tensor],
+    nodes: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """Path integral of one update: ``phi_s`` (name -> ``(R, *shape)``, fresh tensors the caller may overwrite)
+    and the :class:`~engine.quadrature.PathIntegral` (``quad``/``residual`` are left to the caller's fused pass).
+    With ``nodes`` (the ``t_rows, w_rows`` pass 1 used) only phi is recomputed on them (no kink search): the
+    second value is then None."""
+    dtheta = {n: theta_s[n] - theta_prev[n] for n in ctx.names}
+    if nodes is not None and nodes[0] is not None and nodes[1] is not None:
+        return phi_given(ctx.query_fn, theta_prev, dtheta, nodes[0], nodes[1], ctx.rule), None
+    pi = path_integral(ctx.query_fn, theta_prev, dtheta, ctx.rule, need_quad=False)
+    return pi.phi, pi
+
+
+def _mul(x: torch.Tensor, k: float | torch.Tensor) -> torch.Tensor:
+    return x * k
+
+
+def _cols(*vs: torch.Tensor) -> torch.Tensor:
+    """Vectors (each of one tensor's shape) as the columns of a ``(P_n, len(vs))`` float64 matrix."""
+    return torch.stack([v.reshape(-1) for v in vs], dim=1)
+
+
+_PART_OF_COL = ("data", "weight_decay")
+
+
+def _advance(
     ctx: Context,
     block: TrajectoryBlock,
     s: int,
+    A: dict[str, dict[str, torch.Tensor]],
+    g: dict[str, torch.Tensor],
     theta_prev: dict[str, torch.Tensor],
-    *,
-    wd_local: torch.Tensor | None = None,
-    wd_param: dict[str, torch.Tensor] | None = None,
-) -> tuple[dict[str, torch.Tensor], Any]:
-    """Path integral of update ``s`` and ``u_s = k_s * phi_s`` (phi is scaled in place and returned as u).
+) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    """One step of the rebuilt momentum ``A <- beta A + omega x_s`` (in place, per part) and, per tensor, the
+    movement coefficient vectors ``(col, h A_s + e x_s)`` (col 0: data, 1: coupled weight decay): the in-chunk
+    movement of update ``s`` is ``-<u_s, vec>``."""
+    terms = ctx.terms
+    gs = terms.grad_scale(block, s)
+    out: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for n in ctx.names:
+        tt = terms.terms[n]
+        om = terms.omega(block, s, n)
+        xs = [(0, g[n] * gs)]
+        if not terms.decoupled:
+            xs.append((1, theta_prev[n] * terms.coupled_decay(block, s, n)))
+        vecs = []
+        for col, x in xs:
+            a = A[_PART_OF_COL[col]][n]
+            a.mul_(tt.beta).add_(x, alpha=om)
+            vec = a * tt.h
+            if tt.e != 0.0:
+                vec.add_(x, alpha=tt.e)
+            vecs.append((col, vec))
+        out[n] = vecs
+    return out
 
-    AdamW only: writes ``-a_s lam_s <phi_s, theta_{s-1}>`` per tensor into ``wd_local`` (R, T) and adds
-    ``-a_s lam_s phi_s * theta_{s-1}`` into ``wd_param``, before phi is scaled.
-    """
-    theta_s = ctx.params(block, s)
-    dtheta = {n: theta_s[n] - theta_prev[n] for n in ctx.names}
-    pi = path_integral(ctx.query_fn, theta_prev, dtheta, ctx.rule)
+
+def _step_stats(
+    ctx: Context,
+    block: TrajectoryBlock,
+    s: int,
+    j: int,
+    phi: dict[str, torch.Tensor],
+    k: dict[str, float | torch.Tensor],
+    theta_prev: dict[str, torch.Tensor],
+    theta_s: dict[str, torch.Tensor],
+    vecs: dict[str, list[tuple[int, torch.Tensor]]],
+    pi: Any,
+    stats: StepStats,
+    extra: dict[str, list[torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Update ``s``'s scalars into ``stats[:, j]``: ``<phi, dtheta>``, the in-chunk movement ``-<phi, k vec>`` and
+    AdamW's decay ``-a lam <phi, theta_{s-1}>``, plus ``<phi, v>`` for the ``extra`` vectors of each tensor
+    (returned as name -> (R, len(extra))): one ``(R x P_n) @ (P_n x c)`` matmul per tensor, the only read of phi."""
     terms, R = ctx.terms, ctx.R
-    u: dict[str, torch.Tensor] = {}
+    quad = torch.zeros(R, dtype=F64, device=ctx.device)
+    out: dict[str, torch.Tensor] = {}
     for t, n in enumerate(ctx.names):
-        phi = pi.phi[n]
-        if terms.decoupled:
-            c = terms.decoupled_decay(block, s, n)
-            if c != 0.0:
-                if wd_local is not None:
-                    wd_local[:, t] = (phi.reshape(R, -1) @ theta_prev[n].reshape(-1)).mul_(-c)
-                if wd_param is not None:
-                    wd_param[n].addcmul_(phi, theta_prev[n], value=-c)
-        u[n] = phi.mul_(terms.k(block, s, n, ctx.device))
-    return u, pi
+        cols = [theta_s[n] - theta_prev[n], *(_mul(v, k[n]) for _, v in vecs[n])]
+        c_dec = terms.decoupled_decay(block, s, n) if terms.decoupled else 0.0
+        if c_dec != 0.0:
+            cols.append(theta_prev[n])
+        n_own = len(cols)
+        if extra is not None:
+            cols.extend(extra[n])
+        M = phi[n].reshape(R, -1) @ _cols(*cols)
+        quad.add_(M[:, 0])
+        for i, (col, _) in enumerate(vecs[n]):
+            stats.mov_local[:, j, col, t] = M[:, 1 + i].neg()
+        if c_dec != 0.0:
+            stats.mov_local[:, j, 1, t] = M[:, n_own - 1] * -c_dec
+        out[n] = M[:, n_own:]
+    stats.f0[:, j] = pi.f0
+    stats.f1[:, j] = pi.f1
+    stats.quad[:, j] = quad
+    stats.qres[:, j] = pi.f1 - pi.f0 - quad
+    stats.nodes[j] = int(pi.n_nodes)
+    stats.kinks[j] = int(pi.n_kinks)
+    if stats.t_nodes is not None and stats.w_nodes is not None:
+        stats.t_nodes[j], stats.w_nodes[j] = pi.t_rows, pi.w_rows
+    return out
+
+
+def _n_parts(ctx: Context) -> int:
+    return 1 if ctx.terms.decoupled else 2
+
+
+def _light(ctx: Context, lo: int, hi: int, keep_u: bool) -> bool:
+    """Whether pass 1 of chunk ``(lo, hi]`` can skip the path integrals (see :func:`pass1`)."""
+    if keep_u or lo != ctx.window[0]:
+        return False
+    n_params = sum(math.prod(s) for s in ctx.shapes.values())
+    return (hi - lo) * n_params * _n_parts(ctx) * 8 <= LIGHT_BYTES
 
 
 def pass1(
     traj: Trajectory, problem: Problem, lo: int, hi: int, *, keep_u: bool = False, ctx: Context | None = None
 ) -> Pass1:
-    """First pass over chunk ``(lo, hi]`` (see the module docstring)."""
+    """First pass over chunk ``(lo, hi]`` (see the module docstring).
+
+    Per update and tensor, every inner product with ``phi_s`` (``<phi, dtheta>``, the decoupled decay
+    ``<phi, theta_{s-1}>``, the rebuilt movement ``<u, vec> = <phi, k * vec>``) is one ``(R x P_n) @ (P_n x c)``
+    matmul, and ``u_s`` goes into the chunk total by one ``addcmul_``: ``phi`` is read twice, ``u`` is never
+    materialised (unless kept).
+
+    The first chunk of the window needs no path integrals here: its ``u_total`` is never used (the carries only
+    flow backward into earlier chunks), so without ``keep_u`` (and when ``L x P`` floats per momentum part fit
+    ``LIGHT_BYTES``) it only rebuilds the momentum, and its pass 2 computes the per-update scalars itself
+    (``stats.deferred``): one path integral per update instead of two (2x less quadrature work for a
+    single-chunk window).
+    """
     ctx = ctx or context(traj, problem)
     _check_chunk(ctx, lo, hi)
     block = traj.block(lo, hi)
     terms, R, L, names, dev = ctx.terms, ctx.R, hi - lo, ctx.names, ctx.device
+    light = _light(ctx, lo, hi, keep_u)
     u_total = {n: torch.zeros((R, *ctx.shapes[n]), dtype=F64, device=dev) for n in names}
-    parts = ("data",) if terms.decoupled else ("data", "weight_decay")
+    parts = _PART_OF_COL[: _n_parts(ctx)]
     a_total = {p: {n: torch.zeros(ctx.shapes[n], dtype=F64, device=dev) for n in names} for p in parts}
     stats = StepStats.empty(R, L, len(names), dev)
+    stats.deferred = light
     kept_u: list[dict[str, torch.Tensor]] | None = [] if keep_u else None
     kept_g: list[dict[str, torch.Tensor]] | None = [] if keep_u else None
     wd_param = None
@@ -324,37 +468,32 @@ def pass1(
         wd_param = {n: torch.zeros((R, *ctx.shapes[n]), dtype=F64, device=dev) for n in names}
     theta_prev = ctx.params(block, lo)
     for j, s in enumerate(block.updates):
-        wd_local = stats.mov_local[:, j, 1, :] if terms.decoupled else None
-        u, pi = _phi_u(ctx, block, s, theta_prev, wd_local=wd_local, wd_param=wd_param)
-        stats.f0[:, j] = pi.f0
-        stats.f1[:, j] = pi.f1
-        stats.quad[:, j] = pi.quad
-        stats.qres[:, j] = pi.residual
-        stats.nodes[j] = int(pi.n_nodes)
-        stats.kinks[j] = int(pi.n_kinks)
+        theta_s = ctx.params(block, s)
         _, xb, yb = ctx.batch(block, s)
         g = batch_mean_grad(ctx.model, theta_prev, xb, yb, ctx.loss)
-        gs = terms.grad_scale(block, s)
-        for t, n in enumerate(names):
-            tt = terms.terms[n]
-            om = terms.omega(block, s, n)
-            uf = u[n].reshape(R, -1)
-            inputs = [("data", g[n] * gs, 0)]
-            lam = terms.coupled_decay(block, s, n)
-            if not terms.decoupled:
-                inputs.append(("weight_decay", theta_prev[n] * lam, 1))
-            for part, x, col in inputs:
-                A = a_total[part][n]
-                A.mul_(tt.beta).add_(x, alpha=om)
-                vec = A * tt.h
-                if tt.e != 0.0:
-                    vec.add_(x, alpha=tt.e)
-                stats.mov_local[:, j, col, t] = (uf @ vec.reshape(-1)).neg_()
-            u_total[n].add_(u[n], alpha=tt.beta**j)
+        vecs = _advance(ctx, block, s, a_total, g, theta_prev)
+        if light:
+            theta_prev = theta_s
+            continue
+        phi, pi = _phi(ctx, theta_prev, theta_s)
+        k = {n: terms.k(block, s, n, dev) for n in names}
+        _step_stats(ctx, block, s, j, phi, k, theta_prev, theta_s, vecs, pi, stats)
+        for n in names:
+            if wd_param is not None:
+                c_dec = terms.decoupled_decay(block, s, n)
+                if c_dec != 0.0:
+                    wd_param[n].addcmul_(phi[n], theta_prev[n], value=-c_dec)
+            w = terms.terms[n].beta ** j
+            if isinstance(k[n], torch.Tensor):
+                u_total[n].addcmul_(phi[n], k[n], value=w)
+            else:
+                u_total[n].add_(phi[n], alpha=float(k[n]) * w)
+            if kept_u is not None:
+                phi[n].mul_(k[n])  # u_s, in place
         if kept_u is not None and kept_g is not None:
-            kept_u.append(u)
+            kept_u.append(phi)
             kept_g.append(g)
-        theta_prev = ctx.params(block, s)
+        theta_prev = theta_s
     return Pass1(lo, hi, u_total, a_total, stats, kept_u, kept_g, wd_param)
 
 
@@ -429,6 +568,34 @@ def carries(traj: Trajectory, problem: Problem, pass1s: list[Pass1]) -> list[Car
 # ==============================================================================================================
 # Pass 2
 # ==============================================================================================================
+def _extra_vectors(
+    ctx: Context,
+    s: int,
+    a: int,
+    lo: int,
+    s_a: dict[str, torch.Tensor] | None,
+    a_in: dict[str, dict[str, torch.Tensor]],
+) -> dict[str, list[tuple[int, float, torch.Tensor]]]:
+    """Per tensor, the vectors ``v`` whose ``c * <u_s, v>`` pass 2 needs, as ``(dest, c, v)``: the carried momentum
+    (dest -1: ``c = -h beta^(s-a)``, ``v = S_a``) and the carried-in rebuilt movement (dest = movement column,
+    ``c = -h beta^(s-lo)``, ``v = A_lo`` of that part)."""
+    out: dict[str, list[tuple[int, float, torch.Tensor]]] = {}
+    for n in ctx.names:
+        tt = ctx.terms.terms[n]
+        lst: list[tuple[int, float, torch.Tensor]] = []
+        if s_a is not None:
+            c = -tt.h * tt.beta ** (s - a)
+            if c != 0.0:
+                lst.append((-1, c, s_a[n]))
+        c = -tt.h * tt.beta ** (s - lo)
+        if c != 0.0 and a_in:
+            for col, part in enumerate(_PART_OF_COL):
+                if part in a_in:
+                    lst.append((col, c, a_in[part][n]))
+        out[n] = lst
+    return out
+
+
 def pass2(
     traj: Trajectory,
     problem: Problem,
@@ -441,8 +608,10 @@ def pass2(
 ) -> ChunkResult:
     """Second pass over chunk ``(lo, hi]``: scores of every update's batch, walking backward from ``hi``.
 
-    Uses ``p1``'s kept ``u_s`` / ``g_s`` when present (``pass1(..., keep_u=True)``), else recomputes them.
-    Returns numpy arrays laid out as :func:`engine.result.chunk_layout` says.
+    Uses ``p1``'s kept ``u_s`` / ``g_s`` when present (``pass1(..., keep_u=True)``), else recomputes the path
+    integrals on the nodes pass 1 used (no second kink search), or, for a chunk whose pass 1 skipped them
+    (``carry.stats.deferred``), computes them and the per-update scalars here. Returns numpy arrays laid out as
+    :func:`engine.result.chunk_layout` says.
     """
     ctx = ctx or context(traj, problem)
     _check_chunk(ctx, lo, hi)
@@ -466,7 +635,6 @@ def pass2(
     wd = torch.zeros((R, L, T), dtype=F64, device=dev)
     mom = torch.zeros((R, L, T), dtype=F64, device=dev)
     mov = torch.zeros((R, L, 3, T), dtype=F64, device=dev)
-    mov[:, :, 0:2] = carry.stats.mov_local.to(dev)
     param = {n: torch.zeros((R, 3, *ctx.shapes[n]), dtype=F64, device=dev) for n in names} if by_param else None
     wd_param = None
     if by_param and terms.decoupled:
@@ -476,24 +644,74 @@ def pass2(
         else:
             wd_param = {n: param[n][:, 1] for n in names}  # type: ignore[index]
 
-    U = {n: carry.u_in[n].to(dev).clone() for n in names}
-    V = {n: torch.empty_like(U[n]) for n in names}
+    # The reverse accumulator, rescaled: U_i = scale[n] * Ut[n], scale = beta^(hi+1-i) (renormalised before it
+    # underflows), so each update costs one addcmul_ (U_i = u_i + beta U_{i+1}) and V_i = coef * Ut is never built.
+    Ut = {n: carry.u_in[n].to(device=dev, dtype=F64).clone() for n in names}
+    scale = dict.fromkeys(names, 1.0)
     s_a = None if carry.s_a is None else {n: v.to(dev) for n, v in carry.s_a.items()}
+    a_in = {part: {n: v.to(dev) for n, v in d.items()} for part, d in carry.a_in.items()} if lo > a else {}
+    st = carry.stats
+    deferred = bool(getattr(st, "deferred", False)) and not kept
+    vec_hist: list[dict[str, list[tuple[int, torch.Tensor]]]] = []
+    if deferred:  # pass 1 skipped the path integrals: the per-update scalars are made here
+        st = StepStats.empty(R, L, T, dev)
+        A = {p: {n: torch.zeros(ctx.shapes[n], dtype=F64, device=dev) for n in names} for p in _PART_OF_COL[: _n_parts(ctx)]}
+        theta_prev = ctx.params(block, lo)
+        for s in block.updates:  # forward: the in-chunk rebuilt momentum of every update (L x P per part)
+            _, xb, yb = ctx.batch(block, s)
+            g = batch_mean_grad(ctx.model, theta_prev, xb, yb, ctx.loss)
+            vec_hist.append(_advance(ctx, block, s, A, g, theta_prev))
+            theta_prev = ctx.params(block, s)
+        del A
+    mov[:, :, 0:2] = st.mov_local.to(dev)
     for s in reversed(block.updates):
         j = s - lo - 1
         theta_prev = ctx.params(block, s - 1)
+        kx: dict[str, float | torch.Tensor]
+        inner: dict[str, torch.Tensor] | None = None  # <x, kx * v> for the extra vectors v below
+        extra = _extra_vectors(ctx, s, a, lo, s_a, a_in)
         if kept:
-            u, g = p1.u[j], p1.g[j]  # type: ignore[union-attr,index]
+            x, g = p1.u[j], p1.g[j]  # type: ignore[union-attr,index]  # u_s itself
+            kx = dict.fromkeys(names, 1.0)
         else:
-            u, _ = _phi_u(ctx, block, s, theta_prev, wd_param=wd_param)
+            theta_s = ctx.params(block, s)
+            nodes = None if deferred or st.t_nodes is None or st.w_nodes is None else (st.t_nodes[j], st.w_nodes[j])
+            x, pi = _phi(ctx, theta_prev, theta_s, nodes)  # phi_s; u_s = kx * phi_s
             g = None
+            kx = {n: terms.k(block, s, n, dev) for n in names}
+            if deferred:
+                ex = {n: [_mul(v, kx[n]) for _, _, v in extra[n]] for n in names}
+                inner = _step_stats(ctx, block, s, j, x, kx, theta_prev, theta_s, vec_hist[j], pi, st, ex)
+                mov[:, j, 0:2] = st.mov_local[:, j]
+                vec_hist[j] = {}
+            if wd_param is not None:
+                for n in names:
+                    c = terms.decoupled_decay(block, s, n)
+                    if c != 0.0:
+                        wd_param[n].addcmul_(x[n], theta_prev[n], value=-c)
         gs = terms.grad_scale(block, s)
+        Vt: dict[str, torch.Tensor] = {}
+        coef: dict[str, float] = {}  # V_n = coef[n] * Vt[n]
         for n in names:
             tt = terms.terms[n]
-            U[n].mul_(tt.beta).add_(u[n])
-            torch.mul(U[n], tt.h * terms.omega(block, s, n), out=V[n])
-            if tt.e != 0.0:
-                V[n].add_(u[n], alpha=tt.e)
+            if tt.beta == 0.0:
+                torch.mul(x[n], kx[n], out=Ut[n])
+                scale[n] = 1.0
+            else:
+                scale[n] *= tt.beta
+                if isinstance(kx[n], torch.Tensor):
+                    Ut[n].addcmul_(x[n], kx[n], value=1.0 / scale[n])
+                else:
+                    Ut[n].add_(x[n], alpha=float(kx[n]) / scale[n])
+                if scale[n] < 1e-150:
+                    Ut[n].mul_(scale[n])
+                    scale[n] = 1.0
+            c = tt.h * terms.omega(block, s, n) * scale[n]
+            if tt.e != 0.0:  # nesterov: V = e * u + h * omega * U
+                Vt[n] = torch.mul(Ut[n], c).add_(_mul(x[n], kx[n]), alpha=tt.e)
+                coef[n] = 1.0
+            else:
+                Vt[n], coef[n] = Ut[n], c
         idx, xb, yb = ctx.batch(block, s)
         nb = len(idx)
         # --- data: -gs/|B| <V, grad l_k> per sample, or -gs <V, g> for the batch
@@ -501,8 +719,8 @@ def pass2(
             method = choose_method(problem.method, R, nb, per_tensor)
             want_g = g is None and by_param
             dots, g_mean = sample_dots(
-                ctx.model, theta_prev, xb, yb, ctx.loss, V, per_tensor=per_tensor, method=method,
-                sample_chunk=int(problem.sample_chunk), want_mean_grad=want_g,
+                ctx.model, theta_prev, xb, yb, ctx.loss, Vt, per_tensor=per_tensor, method=method,
+                sample_chunk=int(problem.sample_chunk), want_mean_grad=want_g, scale=coef,
             )
             if g is None:
                 g = g_mean
@@ -514,39 +732,39 @@ def pass2(
                 g = batch_mean_grad(ctx.model, theta_prev, xb, yb, ctx.loss)
             target = data[:, j] if by_step else data  # (R, T)
             for t, n in enumerate(names):
-                target[:, t] += (V[n].reshape(R, -1) @ g[n].reshape(-1)).mul_(-gs)
+                target[:, t] += (Vt[n].reshape(R, -1) @ g[n].reshape(-1)).mul_(-gs * coef[n])
         if by_param:
             if g is None:
                 g = batch_mean_grad(ctx.model, theta_prev, xb, yb, ctx.loss)
             for n in names:
-                param[n][:, 0].addcmul_(V[n], g[n], value=-gs)  # type: ignore[index]
+                param[n][:, 0].addcmul_(Vt[n], g[n], value=-gs * coef[n])  # type: ignore[index]
         # --- coupled weight decay (Adam, SGD): -<V, lam theta_{s-1}>
         if not terms.decoupled:
             for t, n in enumerate(names):
                 lam = terms.coupled_decay(block, s, n)
                 if lam != 0.0:
-                    wd[:, j, t] = (V[n].reshape(R, -1) @ theta_prev[n].reshape(-1)).mul_(-lam)
+                    wd[:, j, t] = (Vt[n].reshape(R, -1) @ theta_prev[n].reshape(-1)).mul_(-lam * coef[n])
                     if by_param:
-                        param[n][:, 1].addcmul_(V[n], theta_prev[n], value=-lam)  # type: ignore[index]
-        # --- carried momentum S_a, and the carried-in part of the rebuilt movement
+                        param[n][:, 1].addcmul_(Vt[n], theta_prev[n], value=-lam * coef[n])  # type: ignore[index]
+        # --- carried momentum S_a, and the carried-in part of the rebuilt movement: c <u, v> = c <x, kx * v>
         for t, n in enumerate(names):
-            tt = terms.terms[n]
-            uf = u[n].reshape(R, -1)
-            if s_a is not None:
-                c = -tt.h * tt.beta ** (s - a)
-                if c != 0.0:
-                    mom[:, j, t] = (uf @ s_a[n].reshape(-1)).mul_(c)
+            lst = extra[n]
+            if not lst:
+                continue
+            if inner is not None:
+                M = inner[n]
+            else:
+                M = x[n].reshape(R, -1) @ _cols(*(_mul(v, kx[n]) for _, _, v in lst))
+            for i, (dest, c, v) in enumerate(lst):
+                if dest < 0:
+                    mom[:, j, t] = M[:, i] * c
                     if by_param:
-                        param[n][:, 2].addcmul_(u[n], s_a[n], value=c)  # type: ignore[index]
-            c = -tt.h * tt.beta ** (s - lo)
-            if c != 0.0 and lo > a:
-                for col, part in enumerate(("data", "weight_decay")):
-                    if part in carry.a_in:
-                        mov[:, j, col, t] += (uf @ carry.a_in[part][n].to(dev).reshape(-1)).mul_(c)
+                        param[n][:, 2].addcmul_(x[n], _mul(v, kx[n]), value=c)  # type: ignore[index]
+                else:
+                    mov[:, j, dest, t] += M[:, i] * c
     if terms.decoupled:
         wd.copy_(mov[:, :, 1])
     mov[:, :, 2] = mom
-    st = carry.stats
     rounding = st.quad.to(dev) - mov.sum(dim=(2, 3))
 
     # reduce to the asked-for dims: data (R, [N], [L], [T]); wd (R, [L], [T]); momentum (R, [T])

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from engine.quadrature import SampleQuery
 from explaind_store.specs import per_sample_loss
 
 OUTPUT_MODES = ("log_softmax", "logits", "loss", "target_logprob", "margin")
@@ -54,7 +55,8 @@ def apply_mode(
         return logp.gather(-1, y.reshape(-1, 1))
     if mode == "margin":
         target = out.gather(-1, y.reshape(-1, 1))
-        is_target = torch.nn.functional.one_hot(y, out.shape[-1]).to(torch.bool)
+        # not F.one_hot: it reads the labels' values, which fails under vmap (per-query quadrature)
+        is_target = torch.arange(out.shape[-1], device=out.device) == y.reshape(-1, 1)
         others = torch.where(is_target, torch.full_like(out, -torch.inf), out)
         return target - others.amax(dim=-1, keepdim=True)
     raise ValueError(f"unknown output mode {mode!r}; use one of {', '.join(OUTPUT_MODES)}")
@@ -81,3 +83,29 @@ def make_query_fn(
         return apply_mode(mode, out, y_query, loss_spec).reshape(-1)
 
     return query_fn
+
+
+def make_sample_query(
+    model: nn.Module,
+    x_query: torch.Tensor,
+    y_query: torch.Tensor | None,
+    mode: str,
+    loss_spec: dict[str, str],
+    sample_chunk: int = 32,
+) -> SampleQuery:
+    """The same ``F`` as :func:`make_query_fn` as a :class:`~engine.quadrature.SampleQuery`: query ``q``'s outputs
+    depend only on ``x_query[q]`` (and ``y_query[q]``), so each query is integrated with its own kinks and its own
+    reverse pass (no cross-query work). Valid for models whose eval-mode outputs are per-sample (no batch
+    statistics, no mixing across the batch): every model the examples build."""
+    if y_query is None:
+
+        def fn(params: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+            return apply_mode(mode, functional_call(model, params, (xb,)), None, loss_spec)
+
+        return SampleQuery(fn, x_query, sample_chunk)
+
+    def fn_y(params: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        xb, yb = inputs
+        return apply_mode(mode, functional_call(model, params, (xb,)), yb, loss_spec)
+
+    return SampleQuery(fn_y, (x_query, y_query), sample_chunk)

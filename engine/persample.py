@@ -85,10 +85,12 @@ def sample_dots(
     method: str = "grad",
     sample_chunk: int = 512,
     want_mean_grad: bool = False,
+    scale: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """``dots[r, k(, t)] = <V[r], grad l_k(params)>`` (restricted to tensor ``t`` when ``per_tensor``).
 
-    ``V``: name -> ``(R, *shape)`` float64. Returns ``(dots, mean_grad)``: dots ``(R, |B|)`` or ``(R, |B|, T)`` in
+    ``V``: name -> ``(R, *shape)`` float64; ``scale`` (name -> float, default 1) multiplies each tensor's ``V``
+    without building the scaled copy. Returns ``(dots, mean_grad)``: dots ``(R, |B|)`` or ``(R, |B|, T)`` in
     ``V``'s tensor order; ``mean_grad`` is the batch-mean gradient when ``want_mean_grad`` (free with ``"grad"``, one
     extra reverse pass with ``"jvp"``), else None.
     """
@@ -98,6 +100,7 @@ def sample_dots(
     dev = next(iter(V.values())).device
     out = torch.zeros((R, B, len(names)) if per_tensor else (R, B), dtype=torch.float64, device=dev)
     Vf = {n: V[n].reshape(R, -1) for n in names}
+    sc = {n: 1.0 if scale is None else float(scale.get(n, 1.0)) for n in names}
     mean: dict[str, torch.Tensor] | None = None
     if method == "grad":
         psg = vmap(grad(_sample_loss_fn(model, loss_spec)), in_dims=(None, 0, 0))
@@ -109,11 +112,12 @@ def sample_dots(
             C = sl.stop - sl.start
             if per_tensor:
                 for t, n in enumerate(names):
-                    out[:, sl, t] = Vf[n] @ G[n].reshape(C, -1).T
+                    d = Vf[n] @ G[n].reshape(C, -1).T
+                    out[:, sl, t] = d if sc[n] == 1.0 else d.mul_(sc[n])
             else:
                 acc = out[:, sl]
                 for n in names:
-                    acc.addmm_(Vf[n], G[n].reshape(C, -1).T)
+                    acc.addmm_(Vf[n], G[n].reshape(C, -1).T, alpha=sc[n])
             if mean is not None:
                 for n in names:
                     mean[n].add_(G[n].sum(0))
@@ -138,14 +142,15 @@ def sample_dots(
                     return jvp(f_t, (params[n],), (v,))[1]
 
                 for r0 in range(0, R, rows):
-                    out[r0 : r0 + rows, sl, t] = vmap(tangent_t)(V[n][r0 : r0 + rows])
+                    out[r0 : r0 + rows, sl, t] = vmap(tangent_t)(V[n][r0 : r0 + rows]).mul_(sc[n])
         else:
 
             def tangent(v: dict[str, torch.Tensor], losses: Callable = losses) -> torch.Tensor:
                 return jvp(losses, (params,), (v,))[1]
 
             for r0 in range(0, R, rows):
-                out[r0 : r0 + rows, sl] = vmap(tangent)({n: V[n][r0 : r0 + rows] for n in names})
+                v = {n: V[n][r0 : r0 + rows] if sc[n] == 1.0 else V[n][r0 : r0 + rows] * sc[n] for n in names}
+                out[r0 : r0 + rows, sl] = vmap(tangent)(v)
     if want_mean_grad:
         mean = batch_mean_grad(model, params, x, y, loss_spec)
     return out, mean

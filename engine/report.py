@@ -1,7 +1,7 @@
 """Figures and a self-contained HTML report for a recorded modular-addition run and its attribution results.
 
-Every figure function returns a matplotlib ``Figure`` (Agg backend, nothing is shown), so notebooks can use them one
-by one; :func:`make_report` draws them all, saves each as PNG and writes one HTML file with the PNGs embedded
+Every figure function returns a matplotlib ``Figure`` built without pyplot (no backend is touched, nothing is shown,
+nothing is kept alive by pyplot), so notebooks can display them one by one (a ``Figure`` as a cell's last expression); :func:`make_report` draws them all, saves each as PNG and writes one HTML file with the PNGs embedded
 (base64), a summary table and short captions. Nothing in the HTML refers to another file.
 
 Inputs are an ``explaind_store`` run (for the training curves and the training pairs) and ``engine.attribute``
@@ -23,11 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # never needs a display; must come before pyplot
-
-import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
@@ -102,7 +97,7 @@ def compute_curves(run: Any, every: int | None = None, max_points: int = 300,
     names = list(run.tensor_names)
     out: dict[str, list[float]] = {"step": []}
     chunk = int(run.chunk_updates)
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     for lo in tqdm(range(0, t + 1, chunk), desc="curves", disable=not progress, leave=False):
         hi = min(t, lo + chunk - 1)
@@ -129,8 +124,9 @@ def find_phases(curves: Mapping[str, np.ndarray], mem_acc: float = 0.99, grok_ac
     """The three phases of grokking (Nanda et al., 2023) located from the accuracy curves.
 
     - memorisation: from the start until training accuracy first reaches ``mem_acc``;
-    - circuit formation: from there until validation accuracy first reaches 50% (the generalising circuit grows
-      while the training accuracy is already saturated and the validation accuracy barely moves);
+    - circuit formation: from there until the validation accuracy on pairs the model cannot have memorised
+      (``val_novel_acc`` when given, else ``val_acc``) first reaches 50%: the generalising circuit grows while the
+      training accuracy is already saturated;
     - cleanup: from there until validation accuracy first reaches ``grok_acc`` (weight decay removes the
       memorising parts; validation loss falls steeply).
 
@@ -140,13 +136,14 @@ def find_phases(curves: Mapping[str, np.ndarray], mem_acc: float = 0.99, grok_ac
     """
     steps = np.asarray(curves["step"])
     tr, va = np.asarray(curves.get("train_acc", [])), np.asarray(curves.get("val_acc", []))
+    gen = np.asarray(curves["val_novel_acc"]) if "val_novel_acc" in curves else va
 
     def first(mask: np.ndarray, after: float = -1) -> int | None:
         idx = np.nonzero(mask & (steps >= after))[0]
         return int(steps[idx[0]]) if len(idx) else None
 
     mem = first(tr >= mem_acc) if len(tr) else None
-    rise = first(va >= 0.5, after=mem or 0) if len(va) and mem is not None else None
+    rise = first(gen >= 0.5, after=mem or 0) if len(gen) and mem is not None else None
     grok = first(va >= grok_acc, after=mem or 0) if len(va) and mem is not None else None
     end = int(steps[-1]) if len(steps) else 0
     phases: list[tuple[str, int, int]] = [("memorisation", 0, mem if mem is not None else end)]
@@ -156,6 +153,12 @@ def find_phases(curves: Mapping[str, np.ndarray], mem_acc: float = 0.99, grok_ac
             phases.append(("cleanup", rise, grok if grok is not None and grok > rise else end))
     grokking = bool(mem is not None and grok is not None and grok >= 1.5 * max(mem, 1))
     return {"memorised": mem, "rise": rise, "grokked": grok, "phases": phases, "grokking": grokking}
+
+
+def _subplots(nrows: int, ncols: int, figsize: tuple[float, float], **kw: Any) -> tuple[Figure, Any]:
+    """``plt.subplots`` without pyplot: a standalone Figure (rendered with Agg when saved)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kw)
 
 
 def _shade(ax: Any, phases: Mapping[str, Any] | None, label: bool = False) -> None:
@@ -173,10 +176,10 @@ def _shade(ax: Any, phases: Mapping[str, Any] | None, label: bool = False) -> No
 def fig_training(curves: Mapping[str, np.ndarray], phases: Mapping[str, Any] | None = None) -> Figure:
     """Loss (log scale) and accuracy of training and validation over updates, phases shaded, parameter norm."""
     phases = phases if phases is not None else find_phases(curves)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = _subplots(1, 3, figsize=(15, 4.2))
     s = curves["step"]
     ax = axes[0]
-    _shade(ax, phases, label=True)
+    _shade(ax, phases)
     ax.plot(s, curves["train_loss"], label="train", color="C0")
     if "val_loss" in curves:
         ax.plot(s, curves["val_loss"], label="validation", color="C3")
@@ -185,7 +188,7 @@ def fig_training(curves: Mapping[str, np.ndarray], phases: Mapping[str, Any] | N
             ax.plot(s, curves[f"{key}_loss"], label=label, color="C1", ls="--")
     ax.set_yscale("log")
     ax.set(xlabel="update", ylabel="cross-entropy loss", title="loss")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower left")
     ax = axes[1]
     _shade(ax, phases)
     ax.plot(s, curves["train_acc"], label="train", color="C0")
@@ -195,11 +198,12 @@ def fig_training(curves: Mapping[str, np.ndarray], phases: Mapping[str, Any] | N
         if f"{key}_acc" in curves:
             ax.plot(s, curves[f"{key}_acc"], label=label, color="C1", ls="--")
     ax.set(xlabel="update", ylabel="accuracy", title="accuracy", ylim=(-0.02, 1.02))
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc=(0.14, 0.55))
     ax = axes[2]
-    _shade(ax, phases)
-    ax.plot(s, curves["weight_norm"], color="k")
+    _shade(ax, phases, label=True)
+    ax.plot(s, curves["weight_norm"], color="k", label="||theta||")
     ax.set(xlabel="update", ylabel="||theta||_2", title="parameter norm (weight decay at work)")
+    ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(TITLE_TRAINING)
     fig.tight_layout()
     return fig
@@ -238,7 +242,7 @@ def fig_components(result: xr.Dataset, phases: Mapping[str, Any] | None = None, 
     ser = component_series(result)
     steps = ser["step"]["step"]
     smooth = smooth if smooth is not None else max(1, len(steps) // 100)
-    fig, axes = plt.subplots(2, 2, figsize=(14, 8), sharex=True)
+    fig, axes = _subplots(2, 2, figsize=(14, 8), sharex=True)
     for col, (part, label) in enumerate((("data", "data (gradients of the training batches)"),
                                          ("weight_decay", "weight decay"))):
         top, bot = axes[0, col], axes[1, col]
@@ -283,7 +287,7 @@ def fig_top_samples(result: xr.Dataset, describe: Callable[[int], str], query_la
     n_q = tk.sizes["query"]
     cols = min(3, n_q)
     rows = math.ceil(n_q / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 0.32 * 2 * k * rows + 1.2 * rows), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(5.2 * cols, 0.32 * 2 * k * rows + 1.2 * rows), squeeze=False)
     for q in range(n_q):
         ax = axes[q // cols, q % cols]
         ti = np.asarray(tk["top_index"].isel(query=q)).reshape(-1)[:k]
@@ -313,7 +317,7 @@ def fig_contribution_matrix(result: xr.Dataset, residues: np.ndarray, p: int, qu
     order = np.argsort(residues, kind="stable")
     mat = scores[:, order]
     lim = float(np.percentile(np.abs(mat), 99.5)) or 1.0
-    fig, axes = plt.subplots(2, 1, figsize=(14, 2.2 + 0.55 * len(scores) * 2))
+    fig, axes = _subplots(2, 1, figsize=(14, 2.2 + 0.55 * len(scores) * 2))
     ax = axes[0]
     im = ax.imshow(mat, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
     ticks = [int(np.searchsorted(residues[order], c)) for c in range(0, p, max(1, p // 10))]
@@ -353,7 +357,7 @@ def fig_param_scores(result: xr.Dataset, tensor: str, max_rows: int = 128) -> Fi
     if len(dims) != 2:
         raise ValueError(f"{tensor} is not a matrix (dims {dims})")
     parts = [("data", "data"), ("weight_decay", "weight decay"), (None, "total")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    fig, axes = _subplots(1, 3, figsize=(15, 4.8))
     for ax, (part, label) in zip(axes, parts):
         arr = np.asarray((var.sum("part") if part is None else var.sel(part=part)).transpose(*dims).values)[:max_rows]
         lim = float(np.abs(arr).max()) or 1.0
@@ -365,22 +369,35 @@ def fig_param_scores(result: xr.Dataset, tensor: str, max_rows: int = 128) -> Fi
     return fig
 
 
+def _per_step_max(ds: xr.Dataset, name: str) -> np.ndarray:
+    steps = ds.sizes["step"]
+    arr = np.asarray(ds[name].transpose(..., "step").values, dtype=float)
+    return np.abs(arr).reshape(-1, steps).max(axis=0)
+
+
 def fig_residuals(results: Mapping[str, xr.Dataset]) -> Figure:
-    """Per update: max over queries of ``|residual|`` next to the size of the change ``|F(theta_s) - F(theta_{s-1})|``."""
-    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4), squeeze=False)
+    """Per update, max over queries: ``|residual|`` split into the quadrature residual (the error of the path
+    integral) and the rounding residual (float32 training arithmetic vs the float64 rebuild), next to the size of
+    the change ``|F(theta_s) - F(theta_{s-1})|``; the title gives the total residual against the total change."""
+    fig, axes = _subplots(1, len(results), figsize=(7 * len(results), 4.2), squeeze=False)
+    tiny = 1e-20
     for ax, (name, ds) in zip(axes[0], results.items()):
         steps = np.asarray(ds["step"].values)
-        res = np.abs(np.asarray(ds["residual"].values, dtype=float)).reshape(-1, len(steps)).max(axis=0)
-        delta = np.abs(np.asarray(ds["delta"].values, dtype=float)).reshape(-1, len(steps)).max(axis=0)
-        tiny = 1e-20
+        delta = _per_step_max(ds, "delta")
+        res = _per_step_max(ds, "residual")
         ax.semilogy(steps, np.maximum(delta, tiny), color="0.6", lw=1, label="|change of F| per update")
-        ax.semilogy(steps, np.maximum(res, tiny), color="C3", lw=1, label="|residual| per update")
+        ax.semilogy(steps, np.maximum(res, tiny), color="C3", lw=2.5, alpha=0.35, label="|residual| (sum of both)")
+        if "quadrature_residual" in ds and "rounding_residual" in ds:
+            ax.semilogy(steps, np.maximum(_per_step_max(ds, "quadrature_residual"), tiny), color="C0", lw=0.8,
+                        label="|quadrature residual|")
+            ax.semilogy(steps, np.maximum(_per_step_max(ds, "rounding_residual"), tiny), color="C1", lw=0.8,
+                        label="|rounding residual|")
+        ax.axhline(res.max(), color="C3", ls="--", lw=0.8, label=f"max per update {res.max():.1e}")
         total = np.abs(np.asarray(ds["residual"].sum("step").values, dtype=float)).max()
         change = np.abs(np.asarray((ds["final"] - ds["initial"]).values, dtype=float)).max()
-        ax.axhline(res.max(), color="C3", ls="--", lw=0.8, label=f"max per update {res.max():.1e}")
-        ax.set(xlabel="update", ylabel="max over queries", title=f"{name}: total residual {total:.1e} of "
-               f"a change of {change:.3g}")
-        ax.legend(fontsize=8)
+        ax.set(xlabel="update", ylabel="max over queries",
+               title=f"{name}: total residual {total:.1e} against a change of {change:.3g}")
+        ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(TITLE_RESIDUAL)
     fig.tight_layout()
     return fig
@@ -463,7 +480,7 @@ def make_report(
         p: the modulus (default: read from ``x_train``).
         summary: ``(label, value)`` rows of the summary table.
         notes: extra paragraphs (plain text) shown under the summary.
-        param_tensor: the weight matrix for the element-wise heat map (default ``embed`` if present).
+        param_tensor: the weight matrix for the element-wise heat map (default ``unembed.weight`` if present).
 
     Returns the path of the HTML file.
     """
@@ -475,7 +492,6 @@ def make_report(
 
     def add(name: str, fig: Figure, heading: str, caption: str) -> None:
         data = png_bytes(fig)
-        plt.close(fig)
         (fig_dir / f"{name}.png").write_bytes(data)
         b64 = base64.b64encode(data).decode("ascii")
         sections.append(
@@ -487,9 +503,9 @@ def make_report(
         ph = phases or {}
         cap = ("Full-batch AdamW on the training pairs; loss and accuracy evaluated from the recorded parameters. "
                "Shaded: <b>memorisation</b> (until training accuracy reaches 99%), <b>circuit formation</b> (training "
-               "accuracy saturated, validation accuracy still low, until it reaches 50%) and <b>cleanup</b> (until "
-               "validation accuracy reaches 95%). The parameter norm shows weight decay shrinking the memorising "
-               "solution. ")
+               "accuracy saturated, until the accuracy on validation pairs whose mirror (b, a) was not trained, "
+               "dashed, reaches 50%) and <b>cleanup</b> (until the validation accuracy reaches 95%). The parameter "
+               "norm shows weight decay shrinking the memorising solution. ")
         if ph.get("grokking"):
             cap += (f"Here training accuracy saturated at update {ph['memorised']} and validation accuracy reached 95% "
                     f"at update {ph['grokked']}: the model grokked.")
@@ -512,11 +528,12 @@ def make_report(
             "loss. Top: per update; bottom: cumulative over updates.")
         tensors = param_tensors(components)
         if tensors:
-            tname = param_tensor or ("embed" if "embed" in tensors else tensors[0])
+            tname = param_tensor or ("unembed.weight" if "unembed.weight" in tensors else tensors[0])
             add("param_scores", fig_param_scores(components, tname), f"{TITLE_PARAM}: {tname}",
                 f"<code>sum_s phi_s * part_s</code> for every element of <code>{html.escape(tname)}</code> (mean over "
                 "the queries): how much each single weight's movement changed the query loss, split into data and "
-                "weight decay. Rows of the embedding are input tokens (the last row is the '=' token).")
+                "weight decay." + (" Rows of the unembedding are the output classes (the answers 0..p-1), columns the "
+                                   "residual-stream dimensions." if tname == "unembed.weight" else ""))
 
     if samples is not None and x_train is not None:
         x_train = np.asarray(x_train)
@@ -555,8 +572,11 @@ def make_report(
         ident = _table(rows, ["result", "window", "quadrature", "max |F(end) - F(start)|", "max |total residual|",
                               "max identity error"])
         add("residuals", fig_residuals(res_sets), TITLE_RESIDUAL,
-            "The only approximation is the 1-D path integral of each update; its error is known exactly from two "
-            "forward passes and reported per update (red) next to the size of the update's change (grey). "
+            "The only approximation is the 1-D path integral of each update; its error (the <b>quadrature "
+            "residual</b>) is known exactly from two forward passes. The <b>rounding residual</b> is the difference "
+            "between the recorded float32 update and the same update rebuilt in float64 from recomputed gradients "
+            "(it grows late in training, when the loss is tiny and Adam normalises float32 gradient noise). Both are "
+            "reported per update, next to the size of the update's change (grey). With them, "
             "<code>initial + data + weight_decay + momentum + residual = final</code> holds to float64 rounding:"
             + ident)
 

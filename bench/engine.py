@@ -1,0 +1,447 @@
+"""Engine benchmark: our engine against a published-style baseline, and how time and memory scale.
+
+    python bench/engine.py [--quick] [--workdir DIR] [--baseline-updates N] [--skip-scaling] [--skip-cluster]
+
+Prints Markdown tables (paste into docs/benchmarks.md, section "Engine"):
+
+(a) Head-to-head on the modular-addition transformer (p=23, 170 training pairs, 100 full-batch AdamW updates with
+    lr 1e-3, betas (0.9, 0.98), weight decay 4.0; 10 validation queries, all 23 log-softmax outputs) with
+    d_model 32 / MLP 128 ("tiny") and d_model 64 / MLP 512 ("d64"): ``engine.attribute(..., by=("sample",
+    "step", "tensor"))`` end to end from the store, on the synchronous scheduler and on a 1- and a 2-worker
+    ``LocalCluster``; its max quadrature residual; and the *total max error*, max over queries and outputs of
+    ``|F(theta_T) of the real float32 model - (F(theta_0) + sum of all parts)|``, which includes the float32
+    rounding of training itself.
+(b) A reimplementation of the published method's cost structure on the same recorded run ("published-style":
+    100 midpoint nodes per update, a full Jacobian of all query outputs per node, per-sample N x P momentum
+    buffers updated every update, float32 like the published code). It is slow, so it runs on the first
+    ``--baseline-updates`` updates and its time is extrapolated linearly to 100 (labelled so). Its max error is
+    exact for the quadrature part (forward-mode derivatives at its 100 nodes, all updates) plus the same
+    float32-training rounding as ours.
+(c) Scaling: time and peak memory as updates, queries, training samples and parameters each grow 4x and 16x from a
+    small base (synchronous scheduler, ``by=("sample", "tensor")`` so the output does not grow with the
+    updates), and the 2-worker speedup.
+
+Every measured configuration runs in a fresh subprocess (``python bench/engine.py --child JSON``) and reports
+its own peak RSS (``ru_maxrss``; for clusters, the largest of the client and worker processes), so numbers are
+clean. Torch runs one thread per process (dask parallelises over processes). This machine is shared: the load
+average is printed with every table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+# `python bench/engine.py` puts bench/ first on sys.path, where this file would shadow the `engine` package
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(REPO)
+HEAD_TO_HEAD = {
+    "tiny": {"p": 23, "d_model": 32, "d_mlp": 128},
+    "d64": {"p": 23, "d_model": 64, "d_mlp": 512},
+}
+PUBLISHED = {"tiny": (177.0, 0.5, 2.8e-4), "d64": (900.0, 1.5, 2.0e-3)}  # seconds, GB, max error (issue text)
+BY = ("sample", "step", "tensor")
+
+
+# ==============================================================================================================
+# helpers
+# ==============================================================================================================
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _record(path: Path, steps: int, n_train: int, n_val: int, **model: Any) -> None:
+    from explaind_store.examples import modadd
+
+    if (path / ".bench-done").exists():
+        return
+    modadd.train(str(path), steps=steps, n_train=n_train, n_val=n_val, seed=0, progress=False, overwrite=True,
+                 eval_every=0, **model)
+    (path / ".bench-done").write_text("ok")
+
+
+def _child(spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter; returns its JSON result."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"child {spec['kind']} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(lines[-1])
+
+
+def _query_set(run: Any, n: int) -> tuple[Any, Any]:
+    xv, yv = run.split("val")
+    return xv[:n], yv[:n]
+
+
+def _f32_final(run: Any, n_queries: int) -> Any:
+    """F(theta_T) of the real model, in float32 (as trained), as float64 numbers: (Q, O)."""
+    import torch
+
+    model = run.model(int(run.committed_updates)).float().eval()
+    x, _ = _query_set(run, n_queries)
+    with torch.no_grad():
+        return torch.log_softmax(model(x), dim=-1).double().numpy()
+
+
+def _parts_total(ds: Any) -> Any:
+    """F(theta_a) + every part summed (data, weight decay, momentum): (Q, O)."""
+    total = ds["initial"].values.copy()
+    for name in ("data", "weight_decay", "momentum"):
+        v = ds[name]
+        total = total + v.sum([d for d in v.dims if d not in ("query", "output")]).values
+    return total
+
+
+# ==============================================================================================================
+# children
+# ==============================================================================================================
+def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
+    """engine.attribute end to end from the store; sync or a fresh LocalCluster of n workers."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from engine.api import attribute
+    from explaind_store.reader import open_run
+
+    path, n_workers = spec["path"], spec.get("workers", 0)
+    by = tuple(spec.get("by", BY))
+    q = int(spec["queries"])
+    client: Any = "sync"
+    startup = 0.0
+    if n_workers:
+        from engine.scheduler import local_client
+
+        t0 = time.perf_counter()
+        client = local_client(n_workers)
+        client.wait_for_workers(n_workers)
+        attribute(path, queries="val[:1]", output="log_softmax", by=("sample",), steps=(0, 1), client=client,
+                  progress=False)  # spawn + import + first task on every worker: not timed below
+        startup = time.perf_counter() - t0
+    if spec.get("warm") and not n_workers:
+        attribute(path, queries=f"val[:{q}]", output="log_softmax", by=by, steps=(0, 1), client=client,
+                  progress=False)  # first-call costs (lazy imports, torch dispatch caches): not timed
+    t0 = time.perf_counter()
+    ds = attribute(path, queries=f"val[:{q}]", output="log_softmax", by=by, client=client, progress=False,
+                   quadrature=spec.get("quadrature"))
+    seconds = time.perf_counter() - t0
+    rss = {"client": _rss_mb()}
+    if n_workers:
+        for addr, mb in client.run(_rss_mb).items():
+            rss[addr] = mb
+    out: dict[str, Any] = {
+        "seconds": seconds,
+        "startup": startup,
+        "peak_mb": max(rss.values()),
+        "peak_client_mb": rss["client"],
+        "qres": float(ds.attrs["max_quadrature_residual"]),
+        "residual": float(ds.attrs["max_abs_residual"]),
+        "load": _load(),
+    }
+    if spec.get("error", True):
+        run = open_run(path)
+        f32 = _f32_final(run, q)
+        out["total_error"] = float(np.abs(f32 - _parts_total(ds)).max())
+        out["f64_vs_f32"] = float(np.abs(f32 - ds["final"].values).max())
+        if spec.get("save_rounding"):
+            np.savez(spec["save_rounding"], rounding=ds["rounding_residual"].sum("step").values,
+                     initial=ds["initial"].values)
+    return out
+
+
+def child_baseline(spec: dict[str, Any]) -> dict[str, Any]:
+    """The published method's cost structure on the first ``updates`` updates (float32, one thread)."""
+    import torch
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    torch.set_num_threads(1)
+    from explaind_store import schema
+    from explaind_store.reader import open_run
+    from explaind_store.specs import per_sample_loss
+
+    run = open_run(spec["path"])
+    L, q = int(spec["updates"]), int(spec["queries"])
+    model = run.build_model().float().eval()
+    names = list(run.tensor_names)
+    x_tr, y_tr = run.split("train")
+    xq, _ = _query_set(run, q)
+    opt = run.optimizer_spec.groups[0]
+    b1, b2 = (float(b) for b in opt.get("betas", (0.9, 0.999)))
+    eps = float(opt.get("eps", 1e-8))
+    blk = run.block(0, L)
+    N = len(x_tr)
+
+    def F(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.log_softmax(functional_call(model, p, (xq,)), dim=-1).reshape(-1)
+
+    def loss_one(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return per_sample_loss(run.loss, functional_call(model, p, (x[None],)), y[None]).sum()
+
+    psg = vmap(grad(loss_one), in_dims=(None, 0, 0))
+    shapes = {n: tuple(blk.params[n].shape[1:]) for n in names}
+    sizes = [math.prod(shapes[n]) for n in names]
+    P = sum(sizes)
+    R = q * int(F({n: blk.params[n][0].float() for n in names}).numel() // q)
+    M = torch.zeros(N, P)  # per-sample momentum buffers, decayed every update
+    scores = torch.zeros(R, N, L, len(names))  # per-sample, per-step, per-tensor
+    wd_scores = torch.zeros(R, L, len(names))
+    mid = (torch.arange(100, dtype=torch.float32) + 0.5) / 100
+    t0 = time.perf_counter()
+    for j, s in enumerate(range(1, L + 1)):
+        th0 = {n: blk.params[n][s - 1].float() for n in names}
+        th1 = {n: blk.params[n][s].float() for n in names}
+        d = {n: th1[n] - th0[n] for n in names}
+        idx = blk.batches[s - 1].long()
+        G = psg(th0, x_tr[idx], y_tr[idx])
+        Gf = torch.cat([G[n].reshape(len(idx), -1) for n in names], 1)
+        M.mul_(b1)
+        M.index_add_(0, idx, Gf, alpha=(1 - b1) / len(idx))
+        lr = float(blk.lr[j, 0])
+        lam = float(blk.weight_decay[j, 0])
+        n_opt = int(blk.opt_step[j])
+        v = torch.cat([blk.state[schema.EXP_AVG_SQ][n][j + 1].float().reshape(-1) for n in names])
+        coef = -lr / (1 - b1**n_opt) / ((v / (1 - b2**n_opt)).sqrt() + eps)
+        phi = torch.zeros(R, P)
+        for t in mid:  # a full Jacobian of all query outputs at every node
+            jac = jacrev(F)({n: th0[n] + t * d[n] for n in names})
+            phi.add_(torch.cat([jac[n].reshape(R, -1) for n in names], 1), alpha=1 / 100)
+        mov = M * coef  # per-sample movement of this update (N x P)
+        th0f = torch.cat([th0[n].reshape(-1) for n in names])
+        c0 = 0
+        for t_i, size in enumerate(sizes):
+            sl = slice(c0, c0 + size)
+            scores[:, :, j, t_i] = phi[:, sl] @ mov[:, sl].T
+            wd_scores[:, j, t_i] = phi[:, sl] @ th0f[sl] * (-lr * lam)
+            c0 += size
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "updates": L, "peak_mb": _rss_mb(), "params": P, "rows": R, "load": _load()}
+
+
+def child_baseline_error(spec: dict[str, Any]) -> dict[str, Any]:
+    """Total max error of the published-style decomposition over all updates: its quadrature part exactly
+    (forward-mode dF/dt at its 100 midpoint nodes of every update), plus the float32-training rounding residual
+    our engine measured (the same rebuilt-vs-stored movement)."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from engine import outputs as _outputs
+    from engine.quadrature import dfdt_at, midpoint_nodes
+    from explaind_store.reader import open_run
+
+    run = open_run(spec["path"])
+    q = int(spec["queries"])
+    model = run.build_model().double().eval()
+    xq, _ = _query_set(run, q)
+    qf = _outputs.make_query_fn(model, xq, None, "log_softmax", dict(run.loss))
+    T = int(run.committed_updates)
+    blk = run.block(0, T)
+    names = list(run.tensor_names)
+    ts, ws = midpoint_nodes(100)
+    total = None
+    for s in range(1, T + 1):
+        th0 = {n: blk.params[n][s - 1].double() for n in names}
+        d = {n: blk.params[n][s].double() - th0[n] for n in names}
+        est = ws @ dfdt_at(qf, th0, d, ts)
+        total = est if total is None else total + est
+    saved = np.load(spec["rounding"])
+    O = saved["initial"].shape[1]
+    parts = saved["initial"] + total.numpy().reshape(q, O) - saved["rounding"]
+    f32 = _f32_final(run, q)
+    return {"total_error": float(np.abs(f32 - parts).max())}
+
+
+def child_idle(spec: dict[str, Any]) -> dict[str, Any]:
+    """What a child holds before any work: the interpreter with the engine's imports and the store opened."""
+    import dask  # noqa: F401
+    import torch  # noqa: F401
+    import xarray  # noqa: F401
+
+    import engine.api  # noqa: F401
+    from explaind_store.reader import open_run
+
+    open_run(spec["path"]).split("train")
+    return {"peak_mb": _rss_mb()}
+
+
+CHILDREN = {"ours": child_ours, "baseline": child_baseline, "baseline_error": child_baseline_error, "idle": child_idle}
+
+
+# ==============================================================================================================
+# tables
+# ==============================================================================================================
+def _fmt_s(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
+    steps, n_train = (10, 60) if args.quick else (100, 170)
+    cases = {"tiny": HEAD_TO_HEAD["tiny"]} if args.quick else HEAD_TO_HEAD
+    lines = [
+        (f"### Head-to-head ({steps} updates, {n_train} training pairs, {args.queries} queries x 23 log-softmax "
+         f"outputs, by=sample+step+tensor)"),
+        "",
+        ("| case | params | method | scheduler | time (s) | vs published-style | peak RSS (MB) | max quadrature "
+         "residual | total max error |"),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, model in cases.items():
+        path = work / f"{name}-{steps}"
+        _record(path, steps, n_train, 100, **model)
+        rounding = work / f"{name}-{steps}-rounding.npz"
+        runs = {"sync": _child({"kind": "ours", "path": str(path), "queries": args.queries, "save_rounding": str(rounding)})}
+        if not args.skip_cluster:
+            for w in (1, 2):
+                runs[f"{w} worker{'s' if w > 1 else ''}"] = _child(
+                    {"kind": "ours", "path": str(path), "queries": args.queries, "workers": w, "error": w == 2})
+        n_base = min(steps, args.baseline_updates if not args.quick else 2)
+        base = _child({"kind": "baseline", "path": str(path), "queries": args.queries, "updates": n_base})
+        base_err = _child({"kind": "baseline_error", "path": str(path), "queries": args.queries,
+                           "rounding": str(rounding)})
+        base_s = base["seconds"] * steps / n_base
+        P = base["params"]
+        lab = f"published-style, {n_base} of {steps} updates, time extrapolated x{steps / n_base:g}" if n_base < steps else "published-style"
+        lines.append(f"| {name} | {P} | {lab} | 1 process | {_fmt_s(base_s)} (extrap.) | 1.0x | {base['peak_mb']:.0f} | "
+                     f"(midpoint:100) | {base_err['total_error']:.1e} |")
+        for sched, r in runs.items():
+            err = f"{r['total_error']:.1e}" if "total_error" in r else "same"
+            start = f" (+{r['startup']:.1f} s cluster start)" if r.get("startup") else ""
+            lines.append(f"| {name} | {P} | ours (kink rule) | {sched}{start} | {_fmt_s(r['seconds'])} | "
+                         f"{base_s / r['seconds']:.0f}x | {r['peak_mb']:.0f} | {r['qres']:.1e} | {err} |")
+        if name in PUBLISHED and not args.quick:
+            s, gb, e = PUBLISHED[name]
+            lines.append(f"| {name} | | published implementation (issue text, other machine) | 1 thread | {s:.0f} | | "
+                         f"{gb * 1024:.0f} | | {e:.1e} |")
+        print(f"[bench] {name} done, load {_load()}", file=sys.stderr)
+    lines += ["", f"Load average (1/5/15 min) after the table: {_load()}.", ""]
+    return lines
+
+
+SCALE_BASE = {"p": 37, "d_model": 32, "d_mlp": 128, "n_train": 64, "steps": 16, "queries": 4}
+SCALE_PARAMS = {4: (64, 256), 16: (128, 512)}  # (d_model, MLP) for ~4x and ~14x the base's parameters
+
+
+def scaling(args: argparse.Namespace, work: Path) -> list[str]:
+    factors = (1, 4) if args.quick else (1, 4, 16)
+    base = dict(SCALE_BASE)
+    if args.quick:
+        base["steps"] = 4
+    configs: list[tuple[str, int, dict[str, Any]]] = []
+    for f in factors:
+        if f == 1:
+            configs.append(("base", 1, dict(base)))
+            continue
+        configs.append(("updates", f, dict(base, steps=base["steps"] * f)))
+        configs.append(("queries", f, dict(base, queries=base["queries"] * f)))
+        configs.append(("training samples", f, dict(base, n_train=base["n_train"] * f)))
+        dm = SCALE_PARAMS[f]
+        configs.append(("parameters", f, dict(base, d_model=dm[0], d_mlp=dm[1])))
+    lines = [
+        "### Scaling (synchronous scheduler, 1 thread, by=sample+tensor)",
+        "",
+        (f"Base: p={base['p']}, d_model {base['d_model']}, MLP {base['d_mlp']}, {base['n_train']} training pairs "
+         f"(full batch), {base['steps']} AdamW updates, {base['queries']} queries x {base['p']} outputs."),
+        "",
+        "| grows | factor | updates | queries | train samples | params | time (s) | time / base | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    t_base = None
+    for what, f, c in configs:
+        path = work / f"scale-{c['p']}-{c['d_model']}-{c['d_mlp']}-{c['n_train']}-{c['steps']}"
+        _record(path, c["steps"], c["n_train"], 64, p=c["p"], d_model=c["d_model"], d_mlp=c["d_mlp"])
+        r = _child({"kind": "ours", "path": str(path), "queries": c["queries"], "by": ["sample", "tensor"],
+                    "error": False, "warm": True})
+        P = _n_params(c)
+        t_base = r["seconds"] if what == "base" else t_base
+        assert t_base is not None
+        lines.append(f"| {what} | {f}x | {c['steps']} | {c['queries']} | {c['n_train']} | {P} | "
+                     f"{_fmt_s(r['seconds'])} | {r['seconds'] / t_base:.1f}x | {r['peak_mb']:.0f} |")
+        print(f"[bench] scaling {what} {f}x: {r['seconds']:.2f}s", file=sys.stderr)
+    # parallel speedup on the largest-updates config
+    big = next(c for what, f, c in configs if what == "updates" and f == factors[-1])
+    path = work / f"scale-{big['p']}-{big['d_model']}-{big['d_mlp']}-{big['n_train']}-{big['steps']}"
+    idle = _child({"kind": "idle", "path": str(path)})
+    one = _child({"kind": "ours", "path": str(path), "queries": big["queries"], "by": ["sample", "tensor"],
+                  "error": False, "workers": 1})
+    two = _child({"kind": "ours", "path": str(path), "queries": big["queries"], "by": ["sample", "tensor"],
+                  "error": False, "workers": 2})
+    lines += [
+        "",
+        (f"2-worker speedup ({big['steps']} updates config, warm LocalCluster): 1 worker "
+         f"{_fmt_s(one['seconds'])} s, 2 workers {_fmt_s(two['seconds'])} s: **{one['seconds'] / two['seconds']:.2f}x**."),
+        "",
+        (f"Peak RSS includes the interpreter with torch, dask and xarray imported and the store opened: "
+         f"{idle['peak_mb']:.0f} MB. Times are warm (after a 1-update call in the same process)."),
+        "",
+        f"Load average (1/5/15 min) after the table: {_load()}.",
+        "",
+    ]
+    return lines
+
+
+def _n_params(c: dict[str, Any]) -> int:
+    p, d, m = c["p"], c["d_model"], c["d_mlp"]
+    return (p + 1) * d + 4 * d * d + d * m + m + m * d + d + p * d
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("model name"):
+                    cpu = ln.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
+            f"torch {torch.__version__}; load average at start {_load()}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny case, few updates)")
+    ap.add_argument("--workdir", default=os.environ.get("EXPLAIND_BENCH_DIR", "/tmp/explaind-bench"),
+                    help="where the recorded runs are kept (reused between invocations)")
+    ap.add_argument("--queries", type=int, default=10)
+    ap.add_argument("--baseline-updates", type=int, default=4,
+                    help="updates the published-style baseline runs (its time is extrapolated to all)")
+    ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument("--skip-cluster", action="store_true", help="no LocalCluster runs (sync only)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(CHILDREN[spec["kind"]](spec)), flush=True)
+        return
+    work = Path(args.workdir) / ("quick" if args.quick else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    out = ["## Engine", "", f"Machine: {machine()}.", ""]
+    out += head_to_head(args, work)
+    if not args.skip_scaling:
+        out += scaling(args, work)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
