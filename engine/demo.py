@@ -276,6 +276,23 @@ def run_demo(
     """
     import torch
 
+    with _threads(torch, 1):
+        return _run_demo(out_dir, quick=quick, seed=seed, steps=steps, workers=workers, client=client, config=config,
+                         progress=progress, log=log)
+
+
+def _run_demo(
+    out_dir: str | Path,
+    *,
+    quick: bool,
+    seed: int | None,
+    steps: int | None,
+    workers: int | None,
+    client: Any,
+    config: DemoConfig | None,
+    progress: bool,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
     log = log or (lambda s: print(s, flush=True))
     cfg = config or (QUICK if quick else DEMO)
     if seed is not None:
@@ -318,9 +335,8 @@ def run_demo(
     else:
         st.start("curves")
         t0 = time.perf_counter()
-        with _threads(torch):
-            curves = rep.compute_curves(run, max_points=cfg.curve_points, progress=progress,
-                                        extra={"val_novel": (x_val[novel], y_val[novel])})
+        curves = rep.compute_curves(run, max_points=cfg.curve_points, progress=progress,
+                                    extra={"val_novel": (x_val[novel], y_val[novel])})
         np.savez(curves_path, **curves)
         ph = rep.find_phases(curves)
         st.done("curves", cur_params, time.perf_counter() - t0,
@@ -379,7 +395,7 @@ def run_demo(
         ("max residual", f"{max_res:.2e} (total over updates, largest query); per update <= {max_step_res:.1e}"),
     ]
     rep_params = {"record": rec_digest, "components": _digest(comp_params), "samples": _digest(samp_params),
-                  "curves": _digest(cur_params), "version": 1}
+                  "curves": _digest(cur_params), "version": 2}
     report_path = out / "report.html"
     marker = st.finished("report", rep_params, [report_path])
     if marker is not None:
@@ -407,7 +423,7 @@ def run_demo(
         rep.make_report(
             out, curves=curves, components=components, samples=samples, x_train=x_train,
             query_inputs=x_val[samp_q], p=cfg.p, summary=summary_rows, notes=notes,
-            component_what=f"validation loss ({len(comp_q)} points)",
+            component_what="validation loss",
         )
         st.done("report", rep_params, time.perf_counter() - t0)
 
@@ -427,12 +443,14 @@ def run_demo(
 
 
 class _threads:
-    """Use every core for torch inside the block (training, curves), restoring the thread count after."""
+    """Run torch with ``n`` threads inside the block, restoring the thread count after.
 
-    def __init__(self, torch: Any, n: int | None = None):
-        import os
+    The demo uses one thread in this process: its models are small, Dask parallelises the engine over processes,
+    and on a busy machine two OpenMP threads per tiny matmul were measured 5-10x slower than one.
+    """
 
-        self.torch, self.n = torch, n or (os.cpu_count() or 1)
+    def __init__(self, torch: Any, n: int):
+        self.torch, self.n = torch, n
 
     def __enter__(self) -> None:
         self.before = self.torch.get_num_threads()
@@ -444,7 +462,6 @@ class _threads:
 
 def _record(cfg: DemoConfig, run_path: Path, st: Stages, params: dict[str, Any], progress: bool,
             log: Callable[[str], None]) -> None:
-    import torch
 
     from explaind_store.examples import modadd
 
@@ -465,19 +482,51 @@ def _record(cfg: DemoConfig, run_path: Path, st: Stages, params: dict[str, Any],
             if resume:
                 log(f"resuming the recording at update {done + 1} of {cfg.steps}")
         if not resume:
-            log(f"{run_path} holds a different run: recording it again")
+            log(f"{run_path} holds a different or longer run than asked for: recording it again")
     need, free = check_disk(run_path.parent, cfg, have)
     log(f"recording {cfg.steps} updates of {cfg.n_params():,} parameters (params + 2 AdamW moments, {cfg.dtype}): "
         f"needs about {human_bytes(need)} of disk, {human_bytes(free)} free")
     started.write_text(json.dumps(_jsonable(params)))
     t0 = time.perf_counter()
-    with _threads(torch):
-        res = modadd.train(str(run_path), steps=cfg.steps, **cfg.train_kwargs(), resume=resume,
-                           overwrite=not resume, progress=progress, eval_every=0)
+    res = modadd.train(str(run_path), steps=cfg.steps, **cfg.train_kwargs(), resume=resume,
+                       overwrite=not resume, progress=progress, eval_every=0,
+                       callback=_watch(cfg, progress, log))
     secs = time.perf_counter() - t0
     n = res.updates_done - res.first_update + 1
     st.done("record", params, secs, {"updates": res.updates_done, "seconds_per_update": secs / max(n, 1),
                                      "resumed_from": res.first_update - 1 if resume else None})
+
+
+def _watch(cfg: DemoConfig, progress: bool, log: Callable[[str], None]) -> Callable[[int, float, Any], None]:
+    """A training callback that prints accuracies every ``max(10, steps // 16)`` updates, so one can watch the
+    model memorise and then generalise. ``evaluate`` is side-effect free: the recorded trajectory is unchanged."""
+    import torch
+
+    from explaind_store.examples import modadd
+    from explaind_store.examples.training import evaluate
+
+    data = modadd.make_data(cfg.p, cfg.n_train, cfg.n_val, cfg.seed)
+    (xt, _), (xv, yv) = data["train"], data["val"]
+    novel = torch.from_numpy(novel_mask(xt.numpy(), xv.numpy(), cfg.p))
+    sets = {**data, "novel": (xv[novel], yv[novel])}
+    every = max(10, cfg.steps // 16)
+
+    def say(line: str) -> None:
+        if progress:
+            from tqdm import tqdm
+
+            tqdm.write(line)
+        else:
+            log(line)
+
+    def callback(step: int, loss: float, model: Any) -> None:
+        if step % every and step != cfg.steps:
+            return
+        ev = evaluate(model, sets)
+        say(f"  update {step:5d}: train loss {ev['train_loss']:.3g}, accuracy train {ev['train_acc']:6.1%}  "
+            f"validation {ev['val_acc']:6.1%}  (mirror not trained: {ev['novel_acc']:6.1%})")
+
+    return callback
 
 
 def _sample_window(cfg: DemoConfig, phases: dict[str, Any], n_updates: int) -> list[int] | None:

@@ -513,6 +513,7 @@ class KinkSearch:
     f_grid: Tensor
     n_crossings: int
     n_evals: int
+    n_arg: int = 0  # crossings of "arg" units (a max / pool winner changed between grid points)
 
 
 def _stencil(ng: int, k: Tensor) -> Tensor:
@@ -698,7 +699,8 @@ def search_kinks(
     order = lexsort(interval, root)
     root, interval = root[order], interval[order]
     keep = merge_sorted(root, interval, lo, hi, merge)
-    return KinkSearch(root[keep], interval[keep], t_grid, f_grid, n_cross, n_evals)
+    n_arg = int(sum(int((rid == r).sum()) for r, kind in enumerate(rec.kinds) if kind == ARG))
+    return KinkSearch(root[keep], interval[keep], t_grid, f_grid, n_cross, n_evals, n_arg)
 
 
 def find_kinks(

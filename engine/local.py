@@ -11,13 +11,23 @@ import os
 
 import xarray as xr
 
-from engine.chunks import Problem, carries, context, pass1, pass2, result_meta
+from engine.chunks import (
+    LIGHT_BYTES,
+    Problem,
+    carries,
+    context,
+    pass1,
+    pass2,
+    result_meta,
+)
 from engine.result import assemble, combine
 from explaind_store.trajectory import Trajectory
 
 # keep_u=None keeps the u_s of as many chunks (L x R x P float64 each) as fit in this many bytes and recomputes the
-# path integrals of the others in pass 2 (twice the quadrature work there, O(R x P) memory).
-KEEP_U_BYTES = int(os.environ.get("EXPLAIND_KEEP_U_BYTES", str(2 << 30)))
+# path integrals of the others in pass 2 (twice the quadrature work there, O(R x P) memory). The window's first
+# chunk needs no kept u_s (its pass 1 skips the path integrals, engine.chunks.pass1), so keeping only pays for later
+# chunks: a small budget keeps memory flat in the number of updates.
+KEEP_U_BYTES = int(os.environ.get("EXPLAIND_KEEP_U_BYTES", str(256 << 20)))
 
 
 def chunk_bounds(window: tuple[int, int], chunk_updates: int) -> list[tuple[int, int]]:
@@ -29,17 +39,23 @@ def chunk_bounds(window: tuple[int, int], chunk_updates: int) -> list[tuple[int,
 
 
 def attribute_local(
-    traj: Trajectory, problem: Problem, chunk_updates: int = 16, *, keep_u: bool | None = None
+    traj: Trajectory, problem: Problem, chunk_updates: int | None = None, *, keep_u: bool | None = None
 ) -> xr.Dataset:
     """Decompose ``F(theta_b) - F(theta_a)`` sequentially in this process; returns the result Dataset.
 
-    ``keep_u``: True keeps every chunk's ``u_s`` from pass 1 for pass 2, False recomputes all path integrals in
-    pass 2, None (default) keeps as many chunks as fit in ``KEEP_U_BYTES`` ($EXPLAIND_KEEP_U_BYTES, 2 GiB).
-    Results agree to float64 rounding whichever is chosen.
+    ``chunk_updates``: updates per chunk; None (default) takes the whole window as one chunk when its rebuilt
+    momentum history fits ``engine.chunks.LIGHT_BYTES`` (then every update's path integral is computed once and
+    nothing ``L x R x P`` is kept), else the largest chunks that do. ``keep_u``: True keeps every chunk's ``u_s``
+    from pass 1 for pass 2, False recomputes the path integrals of later chunks in pass 2, None (default) keeps as
+    many chunks as fit in ``KEEP_U_BYTES`` ($EXPLAIND_KEEP_U_BYTES, 256 MiB). Results agree to float64 rounding
+    whichever is chosen.
     """
     ctx = context(traj, problem)
-    bounds = chunk_bounds(ctx.window, chunk_updates)
     n_params = sum(math.prod(s) for s in ctx.shapes.values())
+    if chunk_updates is None:
+        parts = 1 if ctx.terms.decoupled else 2
+        chunk_updates = max(1, LIGHT_BYTES // max(1, n_params * parts * 8))
+    bounds = chunk_bounds(ctx.window, chunk_updates)
     keep = []
     budget = KEEP_U_BYTES
     for lo, hi in bounds:

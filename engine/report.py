@@ -422,6 +422,53 @@ def identity_rows(ds: xr.Dataset) -> list[dict[str, float]]:
     return rows
 
 
+def findings(
+    phases: Mapping[str, Any] | None = None,
+    components: xr.Dataset | None = None,
+    samples: xr.Dataset | None = None,
+    x_train: np.ndarray | None = None,
+    query_inputs: np.ndarray | None = None,
+    p: int | None = None,
+) -> list[str]:
+    """A few sentences computed from the results (plain text): who moved the validation loss in which phase, and
+    whether the most helpful training samples share the query's answer."""
+    out: list[str] = []
+    if components is not None and "tensor" in components["movement"].dims:
+        ser = component_series(components)
+        steps = ser["step"]["step"]
+        d_tot = sum(float(v.sum()) for v in ser["data"].values())
+        w_tot = sum(float(v.sum()) for v in ser["weight_decay"].values())
+        out.append(f"Over updates {int(steps[0]) - 1}..{int(steps[-1])} the training gradients (data part) changed the "
+                   f"validation loss by {d_tot:+.3g} and weight decay by {w_tot:+.3g} (mean over the queries).")
+        for name, lo, hi in (phases or {}).get("phases", []):
+            m = (steps > lo) & (steps <= hi)
+            if not m.any():
+                continue
+            d = {c: float(v[m].sum()) for c, v in ser["data"].items()}
+            w = {c: float(v[m].sum()) for c, v in ser["weight_decay"].items()}
+            big = max(d, key=lambda c: abs(d[c]))
+            out.append(f"{name.capitalize()} (updates {lo}..{hi}): data {sum(d.values()):+.3g}, weight decay "
+                       f"{sum(w.values()):+.3g}; the largest data part came through the {big} ({d[big]:+.3g}).")
+    if samples is not None and x_train is not None and query_inputs is not None:
+        x_train = np.asarray(x_train)
+        qx = np.asarray(query_inputs)
+        p = int(p if p is not None else x_train[0, 2])
+        res_train = (x_train[:, 0] + x_train[:, 1]) % p
+        scores = _sample_scores(samples)
+        same_top, share = 0, []
+        for q in range(min(len(qx), len(scores))):
+            own = int((qx[q, 0] + qx[q, 1]) % p)
+            sc = scores[q]
+            same_top += int(res_train[int(np.argmax(sc))] == own)
+            pos = sc[sc > 0].sum()
+            share.append(float(sc[(res_train == own) & (sc > 0)].sum() / pos) if pos > 0 else 0.0)
+        n_q = min(len(qx), len(scores))
+        out.append(f"For {same_top} of {n_q} validation queries the most helpful training pair has the query's own "
+                   f"answer; pairs with that answer ({100 / p:.1f}% of the training set) hold {np.mean(share):.0%} of "
+                   "the positive contributions on average.")
+    return out
+
+
 # ==============================================================================================================
 # HTML
 # ==============================================================================================================
@@ -520,8 +567,8 @@ def make_report(
         q = components.sizes.get("query", 0)
         out_mode = components.attrs.get("output", "loss")
         add("components", fig_components(components, phases, what=component_what), TITLE_COMPONENTS,
-            f"The change of the {component_what} (the mean {html.escape(str(out_mode))} of {q} validation points; the "
-            "decomposition is linear, so the mean of their decompositions is the decomposition of their mean) "
+            f"The change of the {component_what} (here the mean {html.escape(str(out_mode))} of {q} validation points; "
+            "the decomposition is linear, so the mean of their decompositions is the decomposition of their mean) "
             "split exactly over updates and parameter tensors: for every update s, <code>&lt;phi_s, part_s&gt;</code> "
             "with phi_s the path integral of the gradient along the update and part_s the data part (momentum of "
             "the batch gradients) or the decoupled weight-decay part of the AdamW step. Negative = lowered the "
@@ -574,14 +621,18 @@ def make_report(
         add("residuals", fig_residuals(res_sets), TITLE_RESIDUAL,
             "The only approximation is the 1-D path integral of each update; its error (the <b>quadrature "
             "residual</b>) is known exactly from two forward passes. The <b>rounding residual</b> is the difference "
-            "between the recorded float32 update and the same update rebuilt in float64 from recomputed gradients "
-            "(it grows late in training, when the loss is tiny and Adam normalises float32 gradient noise). Both are "
+            "between the recorded update and the same update rebuilt in float64 from recomputed gradients (for a run "
+            "trained in float32 it grows when the loss is tiny and Adam normalises float32 gradient noise). Both are "
             "reported per update, next to the size of the update's change (grey). With them, "
             "<code>initial + data + weight_decay + momentum + residual = final</code> holds to float64 rounding:"
             + ident)
 
     summary_html = _table([(k, v) for k, v in summary], ["", ""]) if summary else ""
     notes_html = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+    found = findings(phases, components, samples, x_train, query_inputs, p)
+    if found:
+        notes_html = ("<h2>What this run shows</h2><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in found)
+                      + "</ul>" + notes_html)
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{CSS}</style></head><body>
@@ -613,6 +664,7 @@ __all__ = [
     "fig_top_samples",
     "fig_training",
     "find_phases",
+    "findings",
     "identity_rows",
     "make_report",
     "param_tensors",
