@@ -64,6 +64,12 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) this process used so far: robust to other load on the machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _record(path: Path, steps: int, n_train: int, n_val: int, **model: Any) -> None:
     from explaind_store.examples import modadd
 
@@ -137,17 +143,20 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
         startup = time.perf_counter() - t0
     if spec.get("warm") and not n_workers:
         attribute(path, queries=f"val[:{q}]", output="log_softmax", by=by, steps=(0, 1), client=client,
-                  progress=False)  # first-call costs (lazy imports, torch dispatch caches): not timed
+                  progress=False)  # first-call costs (lazy imports, torch dispatch caches, zarr): not timed
+    cpu0 = _cpu_s() + (sum(client.run(_cpu_s).values()) if n_workers else 0.0)
     t0 = time.perf_counter()
     ds = attribute(path, queries=f"val[:{q}]", output="log_softmax", by=by, client=client, progress=False,
                    quadrature=spec.get("quadrature"))
     seconds = time.perf_counter() - t0
+    cpu = _cpu_s() + (sum(client.run(_cpu_s).values()) if n_workers else 0.0) - cpu0
     rss = {"client": _rss_mb()}
     if n_workers:
         for addr, mb in client.run(_rss_mb).items():
             rss[addr] = mb
     out: dict[str, Any] = {
         "seconds": seconds,
+        "cpu": cpu,
         "startup": startup,
         "peak_mb": max(rss.values()),
         "peak_client_mb": rss["client"],
@@ -203,7 +212,7 @@ def child_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     scores = torch.zeros(R, N, L, len(names))  # per-sample, per-step, per-tensor
     wd_scores = torch.zeros(R, L, len(names))
     mid = (torch.arange(100, dtype=torch.float32) + 0.5) / 100
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_s()
     for j, s in enumerate(range(1, L + 1)):
         th0 = {n: blk.params[n][s - 1].float() for n in names}
         th1 = {n: blk.params[n][s].float() for n in names}
@@ -230,8 +239,9 @@ def child_baseline(spec: dict[str, Any]) -> dict[str, Any]:
             scores[:, :, j, t_i] = phi[:, sl] @ mov[:, sl].T
             wd_scores[:, j, t_i] = phi[:, sl] @ th0f[sl] * (-lr * lam)
             c0 += size
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "updates": L, "peak_mb": _rss_mb(), "params": P, "rows": R, "load": _load()}
+    seconds, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
+    return {"seconds": seconds, "cpu": cpu, "updates": L, "peak_mb": _rss_mb(), "params": P, "rows": R,
+            "load": _load()}
 
 
 def child_baseline_error(spec: dict[str, Any]) -> dict[str, Any]:
@@ -298,15 +308,20 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
         (f"### Head-to-head ({steps} updates, {n_train} training pairs, {args.queries} queries x 23 log-softmax "
          f"outputs, by=sample+step+tensor)"),
         "",
-        ("| case | params | method | scheduler | time (s) | vs published-style | peak RSS (MB) | max quadrature "
-         "residual | total max error |"),
-        "|---|---|---|---|---|---|---|---|---|",
+        ("| case | params | method | scheduler | time (s) | CPU (s) | vs published-style (time) | peak RSS (MB) | "
+         "max quadrature residual | total max error |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, model in cases.items():
         path = work / f"{name}-{steps}"
         _record(path, steps, n_train, 100, **model)
         rounding = work / f"{name}-{steps}-rounding.npz"
-        runs = {"sync": _child({"kind": "ours", "path": str(path), "queries": args.queries, "save_rounding": str(rounding)})}
+        runs = {
+            "sync (cold: fresh process)": _child(
+                {"kind": "ours", "path": str(path), "queries": args.queries, "save_rounding": str(rounding)}),
+            "sync (warm)": _child({"kind": "ours", "path": str(path), "queries": args.queries, "warm": True,
+                                   "error": False}),
+        }
         if not args.skip_cluster:
             for w in (1, 2):
                 runs[f"{w} worker{'s' if w > 1 else ''}"] = _child(
@@ -315,19 +330,22 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
         base = _child({"kind": "baseline", "path": str(path), "queries": args.queries, "updates": n_base})
         base_err = _child({"kind": "baseline_error", "path": str(path), "queries": args.queries,
                            "rounding": str(rounding)})
-        base_s = base["seconds"] * steps / n_base
+        x = steps / n_base
+        base_s, base_cpu = base["seconds"] * x, base["cpu"] * x
         P = base["params"]
-        lab = f"published-style, {n_base} of {steps} updates, time extrapolated x{steps / n_base:g}" if n_base < steps else "published-style"
-        lines.append(f"| {name} | {P} | {lab} | 1 process | {_fmt_s(base_s)} (extrap.) | 1.0x | {base['peak_mb']:.0f} | "
-                     f"(midpoint:100) | {base_err['total_error']:.1e} |")
+        lab = f"published-style, {n_base} of {steps} updates, extrapolated x{x:g}" if n_base < steps else "published-style"
+        ext = " (extrap.)" if n_base < steps else ""
+        lines.append(f"| {name} | {P} | {lab} | 1 process | {_fmt_s(base_s)}{ext} | {_fmt_s(base_cpu)}{ext} | 1.0x | "
+                     f"{base['peak_mb']:.0f} | (midpoint:100) | {base_err['total_error']:.1e} |")
         for sched, r in runs.items():
             err = f"{r['total_error']:.1e}" if "total_error" in r else "same"
             start = f" (+{r['startup']:.1f} s cluster start)" if r.get("startup") else ""
             lines.append(f"| {name} | {P} | ours (kink rule) | {sched}{start} | {_fmt_s(r['seconds'])} | "
-                         f"{base_s / r['seconds']:.0f}x | {r['peak_mb']:.0f} | {r['qres']:.1e} | {err} |")
+                         f"{_fmt_s(r['cpu'])} | {base_s / r['seconds']:.0f}x | {r['peak_mb']:.0f} | {r['qres']:.1e} | "
+                         f"{err} |")
         if name in PUBLISHED and not args.quick:
             s, gb, e = PUBLISHED[name]
-            lines.append(f"| {name} | | published implementation (issue text, other machine) | 1 thread | {s:.0f} | | "
+            lines.append(f"| {name} | | published implementation (issue text, other machine) | 1 thread | {s:.0f} | | | "
                          f"{gb * 1024:.0f} | | {e:.1e} |")
         print(f"[bench] {name} done, load {_load()}", file=sys.stderr)
     lines += ["", f"Load average (1/5/15 min) after the table: {_load()}.", ""]
@@ -359,8 +377,9 @@ def scaling(args: argparse.Namespace, work: Path) -> list[str]:
         (f"Base: p={base['p']}, d_model {base['d_model']}, MLP {base['d_mlp']}, {base['n_train']} training pairs "
          f"(full batch), {base['steps']} AdamW updates, {base['queries']} queries x {base['p']} outputs."),
         "",
-        "| grows | factor | updates | queries | train samples | params | time (s) | time / base | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        ("| grows | factor | updates | queries | train samples | params | time (s) | CPU (s) | CPU / base | "
+         "peak RSS (MB) |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     t_base = None
     for what, f, c in configs:
@@ -369,10 +388,10 @@ def scaling(args: argparse.Namespace, work: Path) -> list[str]:
         r = _child({"kind": "ours", "path": str(path), "queries": c["queries"], "by": ["sample", "tensor"],
                     "error": False, "warm": True})
         P = _n_params(c)
-        t_base = r["seconds"] if what == "base" else t_base
+        t_base = r["cpu"] if what == "base" else t_base
         assert t_base is not None
         lines.append(f"| {what} | {f}x | {c['steps']} | {c['queries']} | {c['n_train']} | {P} | "
-                     f"{_fmt_s(r['seconds'])} | {r['seconds'] / t_base:.1f}x | {r['peak_mb']:.0f} |")
+                     f"{_fmt_s(r['seconds'])} | {_fmt_s(r['cpu'])} | {r['cpu'] / t_base:.1f}x | {r['peak_mb']:.0f} |")
         print(f"[bench] scaling {what} {f}x: {r['seconds']:.2f}s", file=sys.stderr)
     # parallel speedup on the largest-updates config
     big = next(c for what, f, c in configs if what == "updates" and f == factors[-1])
@@ -385,7 +404,8 @@ def scaling(args: argparse.Namespace, work: Path) -> list[str]:
     lines += [
         "",
         (f"2-worker speedup ({big['steps']} updates config, warm LocalCluster): 1 worker "
-         f"{_fmt_s(one['seconds'])} s, 2 workers {_fmt_s(two['seconds'])} s: **{one['seconds'] / two['seconds']:.2f}x**."),
+         f"{_fmt_s(one['seconds'])} s ({_fmt_s(one['cpu'])} CPU-s), 2 workers {_fmt_s(two['seconds'])} s "
+         f"({_fmt_s(two['cpu'])} CPU-s): **{one['seconds'] / two['seconds']:.2f}x** wall clock."),
         "",
         (f"Peak RSS includes the interpreter with torch, dask and xarray imported and the store opened: "
          f"{idle['peak_mb']:.0f} MB. Times are warm (after a 1-update call in the same process)."),

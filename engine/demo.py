@@ -62,7 +62,7 @@ class DemoConfig:
     component_queries: int = 8
     component_output: str = "loss"
     component_rule: str = "adaptive:1e-8"
-    sample_queries: int = 6
+    sample_queries: int = 4
     sample_output: str = "target_logprob"
     sample_rule: str = "adaptive:1e-8"
     sample_method: str = "jvp"

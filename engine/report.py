@@ -285,7 +285,7 @@ def fig_top_samples(result: xr.Dataset, describe: Callable[[int], str], query_la
 
     tk = top_k(result, k, along="sample")
     n_q = tk.sizes["query"]
-    cols = min(3, n_q)
+    cols = 2 if n_q == 4 else min(3, n_q)
     rows = math.ceil(n_q / cols)
     fig, axes = _subplots(rows, cols, figsize=(5.2 * cols, 0.32 * 2 * k * rows + 1.2 * rows), squeeze=False)
     for q in range(n_q):
