@@ -5,7 +5,7 @@
 
 __version__ = "0.1.0"
 
-from .recorder import Recorder, RecorderError  # noqa: E402
-from .reader import Run, open_run  # noqa: E402
+from .reader import Run, open_run
+from .recorder import Recorder, RecorderError
 
-__all__ = ["Recorder", "RecorderError", "Run", "open_run", "__version__"]
+__all__ = ["Recorder", "RecorderError", "Run", "__version__", "open_run"]

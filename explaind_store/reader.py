@@ -61,7 +61,7 @@ class Run:
         """T: updates 1..T are committed; parameters exist for steps 0..T."""
         return int(self.attrs[schema.ATTR_COMMITTED])
 
-    def refresh(self) -> "Run":
+    def refresh(self) -> Run:
         """Re-read the commit point of a store that is still being written."""
         self.root = fmt.open_root(self.path) if isinstance(self._store, str) else _open_store_root(self._store, self.path)
         self.attrs = self.root.attrs.asdict()
@@ -300,7 +300,7 @@ class Run:
                     p.copy_(params[n])
         return model.eval()
 
-    def verify(self, **kwargs: Any) -> "Any":
+    def verify(self, **kwargs: Any) -> Any:
         """Check the record (see ``explaind_store.verify.verify``)."""
         from .verify import verify
 

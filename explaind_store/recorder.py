@@ -14,7 +14,6 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -570,10 +569,10 @@ class Recorder:
         """Time the background writer spent encoding and writing."""
         return self._writer.busy_seconds
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

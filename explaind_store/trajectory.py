@@ -31,7 +31,7 @@ class OptimizerSpec:
     groups: tuple[dict[str, Any], ...]
 
     @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> "OptimizerSpec":
+    def from_attrs(cls, attrs: dict[str, Any]) -> OptimizerSpec:
         return cls(type=attrs["type"], groups=tuple(dict(g) for g in attrs["groups"]))
 
     def to_attrs(self) -> dict[str, Any]:
@@ -126,7 +126,7 @@ class InMemoryTrajectory:
         model_factory: Callable[[], nn.Module],
         data: dict[str, tuple[torch.Tensor, torch.Tensor]],
         loss: dict[str, str],
-    ) -> "InMemoryTrajectory":
+    ) -> InMemoryTrajectory:
         """Begin recording: capture theta_0 and the (empty) initial optimizer state."""
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         id_to_name = {id(p): n for n, p in model.named_parameters()}

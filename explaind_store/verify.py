@@ -94,7 +94,7 @@ def _chunk_indices(arr: zarr.Array) -> list[tuple[int, ...]]:
     return list(itertools.product(*grid))
 
 
-def check_chunks(run: "Run", progress: bool = False) -> tuple[int, list[dict[str, Any]]]:
+def check_chunks(run: Run, progress: bool = False) -> tuple[int, list[dict[str, Any]]]:
     """Decode every chunk; return (number checked, bad chunks with array path, chunk index and error)."""
     bad: list[dict[str, Any]] = []
     arrays: list[tuple[str, zarr.Array]] = []
@@ -119,7 +119,7 @@ def check_chunks(run: "Run", progress: bool = False) -> tuple[int, list[dict[str
 
 
 def verify(
-    run: "Run",
+    run: Run,
     *,
     gradients: bool = True,
     chunks: bool = True,
@@ -227,7 +227,7 @@ def verify(
 
 def _batch_gradient(
     model: torch.nn.Module,
-    run: "Run",
+    run: Run,
     params: dict[str, torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,

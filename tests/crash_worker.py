@@ -5,10 +5,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import torch  # noqa: E402
-from store_helpers import train  # noqa: E402
+import torch
+from store_helpers import train
 
-import explaind_store.recorder as recorder_mod  # noqa: E402
+import explaind_store.recorder as recorder_mod
 
 if __name__ == "__main__":
     path, steps, resume, delay = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", float(sys.argv[4])
