@@ -42,9 +42,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# `python bench/engine.py` puts bench/ first on sys.path, where this file would shadow the `engine` package
+# `python bench/engine.py` puts bench/ first on sys.path, where this file would shadow the `engine` package; the repo
+# goes last, so an engine on PYTHONPATH (e.g. an older checkout, for --per-update) takes precedence
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(REPO)
+    del sys.path[0]
+    sys.path.append(str(REPO))
 HEAD_TO_HEAD = {
     "tiny": {"p": 23, "d_model": 32, "d_mlp": 128},
     "d64": {"p": 23, "d_model": 64, "d_mlp": 512},
@@ -278,6 +280,93 @@ def child_baseline_error(spec: dict[str, Any]) -> dict[str, Any]:
     return {"total_error": float(np.abs(f32 - parts).max())}
 
 
+def child_per_update(spec: dict[str, Any]) -> dict[str, Any]:
+    """CPU ms per update of pass 1 / pass 2 and their path integrals and per-sample dot products, on updates
+    ``lo+1 .. lo+L`` as a window's first chunk and as a later chunk (whatever ``engine`` is importable)."""
+    import torch
+
+    torch.set_num_threads(1)
+    import engine.chunks as C
+    from engine.chunks import Problem, carries, context, pass1, pass2
+    from explaind_store.reader import open_run
+
+    run = open_run(spec["path"])
+    lo, L, q = int(spec["lo"]), int(spec["updates"]), int(spec["queries"])
+    xq, yq = _query_set(run, q)
+    by = frozenset(BY)
+    acc: dict[str, float] = {}
+
+    def wrap(name: str, key: str) -> None:
+        f = getattr(C, name, None)
+        if f is None:
+            return
+
+        def g(*a: Any, **k: Any) -> Any:
+            t = time.process_time()
+            r = f(*a, **k)
+            acc[key] = acc.get(key, 0.0) + time.process_time() - t
+            return r
+
+        setattr(C, name, g)
+
+    for name, key in (("path_integral", "path integral"), ("phi_given", "path integral"), ("sample_dots", "dots")):
+        wrap(name, key)
+
+    def timed(fn: Any) -> dict[str, float]:
+        acc.clear()
+        t = time.process_time()
+        fn()
+        out = {"total": time.process_time() - t, **acc}
+        return {k: round(1000 * v / L, 1) for k, v in out.items()}
+
+    first = Problem(xq, yq, output="log_softmax", by=by, window=(lo, lo + L))
+    later = Problem(xq, yq, output="log_softmax", by=by, window=(lo - 1, lo + L))
+    warm = Problem(xq, yq, output="log_softmax", by=by, window=(lo, lo + 2))
+    pass2(run, warm, lo, lo + 2, carries(run, warm, [pass1(run, warm, lo, lo + 2).summary()])[0])
+    res: dict[str, Any] = {}
+    box: dict[str, Any] = {}
+    res["pass1 first"] = timed(lambda: box.__setitem__("p1", pass1(run, first, lo, lo + L, ctx=context(run, first))))
+    res["pass1 later"] = timed(lambda: box.__setitem__("p1l", pass1(run, later, lo, lo + L, ctx=context(run, later))))
+    c_first = carries(run, first, [box["p1"].summary()])[0]
+    head = pass1(run, later, lo - 1, lo, ctx=context(run, later))
+    c_later = carries(run, later, [head.summary(), box["p1l"].summary()])[1]
+    res["pass2 first"] = timed(lambda: pass2(run, first, lo, lo + L, c_first, ctx=context(run, first)))
+    res["pass2 later"] = timed(lambda: pass2(run, later, lo, lo + L, c_later, ctx=context(run, later)))
+    return res
+
+
+def per_update(args: argparse.Namespace, work: Path) -> list[str]:
+    cases = {"tiny": (HEAD_TO_HEAD["tiny"], 6), "d64": (HEAD_TO_HEAD["d64"], 3)}
+    lines = [
+        f"### Per-update cost (CPU ms per update, updates 41..41+L, engine from {_engine_origin()})",
+        "",
+        ("| case | L | pass 1, first chunk | pass 1, later chunk (path integral) | pass 2, first chunk (path "
+         "integral, sample dots) | pass 2, later chunk (path integral, sample dots) |"),
+        "|---|---|---|---|---|---|",
+    ]
+    for name, (model, L) in cases.items():
+        path = work / f"{name}-100"
+        _record(path, 100, 170, 100, **model)
+        r = _child({"kind": "per_update", "path": str(path), "lo": 40, "updates": L, "queries": args.queries})
+
+        def cell(k: str, r: dict[str, Any] = r) -> str:
+            d = r[k]
+            inner = ", ".join(f"{d[x]:g}" for x in ("path integral", "dots") if x in d)
+            return f"{d['total']:g}" + (f" ({inner})" if inner else "")
+
+        lines.append(f"| {name} | {L} | {cell('pass1 first')} | {cell('pass1 later')} | {cell('pass2 first')} | "
+                     f"{cell('pass2 later')} |")
+    lines += ["", f"Load average (1/5/15 min) after the table: {_load()}.", ""]
+    return lines
+
+
+def _engine_origin() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("engine")
+    return str(Path(spec.origin).parent) if spec and spec.origin else "?"
+
+
 def child_idle(spec: dict[str, Any]) -> dict[str, Any]:
     """What a child holds before any work: the interpreter with the engine's imports and the store opened."""
     import dask  # noqa: F401
@@ -291,7 +380,8 @@ def child_idle(spec: dict[str, Any]) -> dict[str, Any]:
     return {"peak_mb": _rss_mb()}
 
 
-CHILDREN = {"ours": child_ours, "baseline": child_baseline, "baseline_error": child_baseline_error, "idle": child_idle}
+CHILDREN = {"ours": child_ours, "baseline": child_baseline, "baseline_error": child_baseline_error, "idle": child_idle,
+            "per_update": child_per_update}
 
 
 # ==============================================================================================================
@@ -448,6 +538,9 @@ def main() -> None:
                     help="updates the published-style baseline runs (its time is extrapolated to all)")
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--skip-cluster", action="store_true", help="no LocalCluster runs (sync only)")
+    ap.add_argument("--per-update", action="store_true",
+                    help="only the per-update phase table (CPU ms); the engine is whatever `import engine` finds, so "
+                         "PYTHONPATH=<old checkout> measures an older engine on the same runs")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -456,6 +549,9 @@ def main() -> None:
         return
     work = Path(args.workdir) / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
+    if args.per_update:
+        print("\n".join(per_update(args, Path(args.workdir) / "full")))
+        return
     out = ["## Engine", "", f"Machine: {machine()}.", ""]
     out += head_to_head(args, work)
     if not args.skip_scaling:
