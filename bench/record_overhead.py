@@ -31,12 +31,13 @@ def _timed(fn) -> float:
 def bench_task(name: str, train, steps: int, repeats: int, tmp: Path, **kw) -> dict:
     plain, recorded = [], []
     info = None
+    train(None, steps=min(steps, 5), progress=False, eval_every=0, **kw)  # warm-up: imports, data, allocator
     for r in range(repeats):
         # interleave: noise on this machine hits both arms alike
         plain.append(_timed(lambda: train(None, steps=steps, progress=False, eval_every=0, **kw)))
         out = tmp / f"{name}-{r}"
         recorded.append(
-            _timed(lambda: train(str(out), steps=steps, progress=False, eval_every=0, overwrite=True, **kw))
+            _timed(lambda out=out: train(str(out), steps=steps, progress=False, eval_every=0, overwrite=True, **kw))
         )
         info = run_info(out)
         if r < repeats - 1:
