@@ -402,15 +402,25 @@ def attribute(
     runner = _sched.get_runner(client, n_tasks=n_tasks)
     try:
         runner.check_device(device)
+        # workers first take groups of queries (independent scans, no repeated work), then chunks of updates
+        groups = _graph.query_groups(meta.n_queries, runner.n_workers, per_query=problem.per_query)
+        rows = max(g.stop - g.start for g in groups) * meta.n_outputs
+        # a worker per group: chunks of updates in the reverse chain (every path integral once, chunks in
+        # sequence); spare workers: chunks in parallel (later chunks' path integrals twice, unless kept)
+        chain = runner.n_workers // len(groups) <= 1
         bounds = _graph.plan_chunks(window, store_chunk=store_chunk, chunk_updates=chunk_updates,
-                                    n_workers=runner.n_workers)
+                                    n_workers=max(1, runner.n_workers // len(groups)),
+                                    max_updates=_graph.chain_chunk_updates(meta, rows) if chain else None)
         n_params = sum(math.prod(s) for s in meta.tensor_shapes)
-        keep_u = (window[1] - window[0]) * meta.n_rows * n_params * 8 <= KEEP_U_BYTES
+        keep_u = not chain and (window[1] - window[0]) * rows * n_params * 8 <= KEEP_U_BYTES
         sync = isinstance(runner, _sched.SyncRunner)
-        job = _sched.make_job(traj, problem, by_reference=sync)
-        if sync and device == "cpu":
-            _sched.seed(job, traj, ctx)  # the tasks run here: reuse the driver's float64 context
-        ds = _graph.lazy_result(job, meta, bounds, keep_u=keep_u)
+        if len(groups) == 1:
+            jobs = [_sched.make_job(traj, problem, by_reference=sync)]
+            if sync and device == "cpu":
+                _sched.seed(jobs[0], traj, ctx)  # the tasks run here: reuse the driver's float64 context
+        else:
+            jobs = [_sched.make_job(traj, _graph.group_problem(problem, g), by_reference=sync) for g in groups]
+        ds = _graph.lazy_result(jobs, meta, bounds, keep_u=keep_u, chain=chain)
         if step_bins is not None:
             ds = _graph.bin_steps(ds, int(step_bins))
         ds.attrs.update(
@@ -420,21 +430,24 @@ def attribute(
             device=device,
             scheduler=runner.describe(),
             n_chunks=len(bounds),
+            query_groups=len(groups),
+            scan="reverse chain" if chain else "parallel chunks",
             chunk_updates=max(hi - lo for lo, hi in bounds),
         )
         if out_path is None:
             (result,) = runner.compute([ds], progress=progress, desc="attribute")
             return finalize_attrs(result)
-        return _write(ds, out_path, runner, bounds, progress)
+        # output step chunks: the store's (what readers of the run are used to), else the tasks'
+        return _write(ds, out_path, runner, store_chunk or max(hi - lo for lo, hi in bounds), progress)
     finally:
         runner.close()
 
 
-def _write(ds: xr.Dataset, path: Path, runner: _sched.Runner, bounds: list[tuple[int, int]], progress: bool) -> xr.Dataset:
+def _write(ds: xr.Dataset, path: Path, runner: _sched.Runner, step_chunk: int, progress: bool) -> xr.Dataset:
     """Stream the lazy result into a Zarr store (one write per output chunk) and return it opened."""
     import zarr
 
-    step_chunk = max(hi - lo for lo, hi in bounds) if "step_bins" not in ds.attrs else ds.sizes["step"]
+    step_chunk = step_chunk if "step_bins" not in ds.attrs else ds.sizes["step"]
     ds = _strings_as_objects(ds)
     chunked = ds.copy()
     for name, chunks in _graph.output_chunks(ds, step_chunk).items():

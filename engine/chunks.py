@@ -436,7 +436,15 @@ def _light(ctx: Context, lo: int, hi: int, keep_u: bool) -> bool:
 
 
 def pass1(
-    traj: Trajectory, problem: Problem, lo: int, hi: int, *, keep_u: bool = False, ctx: Context | None = None
+    traj: Trajectory,
+    problem: Problem,
+    lo: int,
+    hi: int,
+    *,
+    keep_u: bool = False,
+    light: bool | None = None,
+    momentum: bool = True,
+    ctx: Context | None = None,
 ) -> Pass1:
     """First pass over chunk ``(lo, hi]`` (see the module docstring).
 
@@ -450,12 +458,22 @@ def pass1(
     ``LIGHT_BYTES``) it only rebuilds the momentum, and its pass 2 computes the per-update scalars itself
     (``stats.deferred``): one path integral per update instead of two (2x less quadrature work for a
     single-chunk window).
+
+    ``light=True`` skips the path integrals of any chunk (its ``u_total`` is then left at zero): for the
+    reverse chain (:func:`pass2` with ``u_in``), where every chunk's pass 2 computes its own path integrals and
+    the accumulator comes from the next chunk's pass 2 instead of the carries. ``None``: the rule above.
+    ``momentum=False`` (with ``light``) also skips the rebuilt momentum, leaving ``a_total`` at zero: for the
+    window's last chunk, whose totals nothing reads (they only flow into later chunks).
     """
     ctx = ctx or context(traj, problem)
     _check_chunk(ctx, lo, hi)
     block = traj.block(lo, hi)
     terms, R, L, names, dev = ctx.terms, ctx.R, hi - lo, ctx.names, ctx.device
-    light = _light(ctx, lo, hi, keep_u)
+    if light and keep_u:
+        raise ValueError("pass1(light=True) computes no u_s to keep: use keep_u=False")
+    light = _light(ctx, lo, hi, keep_u) if light is None else bool(light)
+    if not momentum and not light:
+        raise ValueError("pass1(momentum=False) needs light=True: the path integrals need the rebuilt momentum")
     u_total = {n: torch.zeros((R, *ctx.shapes[n]), dtype=F64, device=dev) for n in names}
     parts = _PART_OF_COL[: _n_parts(ctx)]
     a_total = {p: {n: torch.zeros(ctx.shapes[n], dtype=F64, device=dev) for n in names} for p in parts}
@@ -467,7 +485,7 @@ def pass1(
     if keep_u and terms.decoupled and "param" in problem.by:
         wd_param = {n: torch.zeros((R, *ctx.shapes[n]), dtype=F64, device=dev) for n in names}
     theta_prev = ctx.params(block, lo)
-    for j, s in enumerate(block.updates):
+    for j, s in enumerate(block.updates if momentum else ()):
         theta_s = ctx.params(block, s)
         _, xb, yb = ctx.batch(block, s)
         g = batch_mean_grad(ctx.model, theta_prev, xb, yb, ctx.loss)
@@ -604,9 +622,14 @@ def pass2(
     carry: Carry,
     p1: Pass1 | None = None,
     *,
+    u_in: dict[str, torch.Tensor] | None = None,
     ctx: Context | None = None,
 ) -> ChunkResult:
     """Second pass over chunk ``(lo, hi]``: scores of every update's batch, walking backward from ``hi``.
+
+    ``u_in`` (the reverse chain): ``U_{hi+1}``, the accumulator the next chunk's pass 2 returned as its
+    ``u_out``, instead of ``carry.u_in`` (which needs every later chunk's path integrals in pass 1). The result's
+    ``u_out`` is ``U_{lo+1}``: the ``u_in`` of the previous chunk.
 
     Uses ``p1``'s kept ``u_s`` / ``g_s`` when present (``pass1(..., keep_u=True)``), else recomputes the path
     integrals on the nodes pass 1 used (no second kink search), or, for a chunk whose pass 1 skipped them
@@ -646,7 +669,8 @@ def pass2(
 
     # The reverse accumulator, rescaled: U_i = scale[n] * Ut[n], scale = beta^(hi+1-i) (renormalised before it
     # underflows), so each update costs one addcmul_ (U_i = u_i + beta U_{i+1}) and V_i = coef * Ut is never built.
-    Ut = {n: carry.u_in[n].to(device=dev, dtype=F64).clone() for n in names}
+    src = carry.u_in if u_in is None else u_in
+    Ut = {n: src[n].to(device=dev, dtype=F64).clone() for n in names}
     scale = dict.fromkeys(names, 1.0)
     s_a = None if carry.s_a is None else {n: v.to(dev) for n, v in carry.s_a.items()}
     a_in = {part: {n: v.to(dev) for n, v in d.items()} for part, d in carry.a_in.items()} if lo > a else {}
@@ -762,6 +786,7 @@ def pass2(
                         param[n][:, 2].addcmul_(x[n], _mul(v, kx[n]), value=c)  # type: ignore[index]
                 else:
                     mov[:, j, dest, t] += M[:, i] * c
+    u_out = {n: Ut[n].mul_(scale[n]) if scale[n] != 1.0 else Ut[n] for n in names}  # U_{lo+1}
     if terms.decoupled:
         wd.copy_(mov[:, :, 1])
     mov[:, :, 2] = mom
@@ -795,7 +820,7 @@ def pass2(
     if param is not None:
         for n in names:
             arrays[PARAM_PREFIX + n] = npy(param[n])
-    return ChunkResult(lo, hi, arrays)
+    return ChunkResult(lo, hi, arrays, u_out)
 
 
 __all__ = [

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import dask
@@ -31,8 +32,9 @@ import numpy as np
 import torch
 import xarray as xr
 
-from engine.chunks import Carry, Pass1, carries, pass1, pass2
+from engine.chunks import Carry, Pass1, Problem, carries, pass1, pass2
 from engine.result import (
+    QO,
     STEP,
     ResultMeta,
     assemble,
@@ -54,8 +56,13 @@ def plan_chunks(
     store_chunk: int | None,
     chunk_updates: int | None = None,
     n_workers: int = 1,
+    max_updates: int | None = None,
 ) -> list[tuple[int, int]]:
     """Chunks ``(lo, hi]`` tiling the window.
+
+    ``max_updates`` (the reverse chain, :func:`build_arrays`): the default chunk is then the largest multiple of
+    the store's chunk size within ``max_updates`` (at least one store chunk), since chunks there buy memory
+    bounds, not parallelism.
 
     With a store (``store_chunk`` = its ``chunk_updates``) boundaries sit on multiples of ``chunk_updates``, which
     must be a multiple of ``store_chunk`` (default: ``store_chunk``), so every task reads whole store chunks; only
@@ -77,12 +84,14 @@ def plan_chunks(
             )
     elif store_chunk:
         k = int(store_chunk)
+        if max_updates is not None:
+            k *= max(1, int(max_updates) // k)
         n_aligned = 1 + len(range((a // k + 1) * k, b, k))
         if n_workers > 1 and n_aligned < n_workers and length >= 2:
             step = math.ceil(length / min(n_workers, length))
             return [(lo, min(b, lo + step)) for lo in range(a, b, step)]
     else:
-        k = 16
+        k = 16 if max_updates is None else max(1, int(max_updates))
     if not store_chunk:
         return [(lo, min(b, lo + k)) for lo in range(a, b, k)]
     edges = [a, *range((a // k + 1) * k, b, k), b]
@@ -92,10 +101,12 @@ def plan_chunks(
 # ==============================================================================================================
 # Tasks (module-level functions: pickled by reference, never closing over data)
 # ==============================================================================================================
-def _pass1_task(job: Job, lo: int, hi: int, keep_u: bool) -> Pass1:
+def _pass1_task(
+    job: Job, lo: int, hi: int, keep_u: bool, light: bool | None = None, momentum: bool = True
+) -> Pass1:
     with MATH_LOCK:  # jvp is not thread-safe: one engine task at a time per process
         traj, ctx = task_env(job)
-        return pass1(traj, job.problem, lo, hi, keep_u=keep_u, ctx=ctx)
+        return pass1(traj, job.problem, lo, hi, keep_u=keep_u, light=light, momentum=momentum, ctx=ctx)
 
 
 def _summary_task(p1: Pass1) -> Pass1:
@@ -117,6 +128,16 @@ def _pass2_task(job: Job, lo: int, hi: int, carry: Carry, p1: Pass1 | None) -> d
     with MATH_LOCK:
         traj, ctx = task_env(job)
         return pass2(traj, job.problem, lo, hi, carry, p1, ctx=ctx).arrays
+
+
+def _pass2_chain_task(
+    job: Job, lo: int, hi: int, carry: Carry, u_next: dict[str, torch.Tensor] | None
+) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """Pass 2 of the reverse chain: ``u_next`` is the next chunk's ``u_out`` (None for the window's last chunk)."""
+    with MATH_LOCK:
+        traj, ctx = task_env(job)
+        res = pass2(traj, job.problem, lo, hi, carry, None, u_in=u_next, ctx=ctx)
+        return res.arrays, _to_cpu(res.u_out)
 
 
 def _get(arrays: dict[str, np.ndarray], key: str) -> np.ndarray:
@@ -141,26 +162,50 @@ def _to_cpu(obj: Any) -> Any:
 # ==============================================================================================================
 # The graph
 # ==============================================================================================================
-def build_arrays(job: Job, meta: ResultMeta, bounds: Sequence[tuple[int, int]], *, keep_u: bool) -> dict[str, Any]:
-    """Lazy whole-window arrays (``engine.result.combine``'s layout) for the chunks ``bounds`` of ``job``."""
+def build_arrays(
+    job: Job, meta: ResultMeta, bounds: Sequence[tuple[int, int]], *, keep_u: bool, chain: bool = False
+) -> dict[str, Any]:
+    """Lazy whole-window arrays (``engine.result.combine``'s layout) for the chunks ``bounds`` of ``job``.
+
+    ``chain=False``: pass 2 runs in parallel over chunks, so every chunk but the window's first computes its path
+    integrals twice (pass 1 for the carries, pass 2 for the scores) unless ``keep_u``. ``chain=True`` (the reverse
+    chain): pass 1 only rebuilds the momentum (cheap, parallel) and pass 2 runs from the last chunk back to the
+    first, each handing its accumulator ``U_{lo+1}`` to the previous one: every path integral once, chunks in
+    sequence. Parallelism then comes from query groups (:func:`query_groups`)."""
     if not bounds:
         raise ValueError("build_arrays needs at least one chunk")
+    if chain and keep_u:
+        raise ValueError("the reverse chain keeps no u_s: use keep_u=False")
     tok = job.token
     job_d = dask.delayed(job, name=f"explaind-job-{tok}", traverse=False)
     p1s, sums = [], []
     for c, (lo, hi) in enumerate(bounds):
-        p1 = dask.delayed(_pass1_task, pure=True)(job_d, lo, hi, keep_u, dask_key_name=f"explaind-pass1-{tok}-{c}")
+        last = c == len(bounds) - 1  # the chain's last chunk: its momentum totals flow nowhere
+        p1 = dask.delayed(_pass1_task, pure=True)(
+            job_d, lo, hi, keep_u, True if chain else None, not (chain and last),
+            dask_key_name=f"explaind-pass1-{tok}-{c}",
+        )
         p1s.append(p1)
         # carries only gets the small CPU summary (kept u_s stay with pass 1's result, on its worker, for pass 2)
         sums.append(dask.delayed(_summary_task, pure=True)(p1, dask_key_name=f"explaind-summary-{tok}-{c}"))
     cs = dask.delayed(_carries_task, pure=True)(job_d, *sums, dask_key_name=f"explaind-carries-{tok}")
     layout = chunk_layout(meta)
-    blocks: list[dict[str, da.Array]] = []
-    for c, (lo, hi) in enumerate(bounds):
+    blocks: list[dict[str, da.Array]] = [{} for _ in bounds]
+    u_next = None
+    order = range(len(bounds) - 1, -1, -1) if chain else range(len(bounds))
+    for c in order:
+        lo, hi = bounds[c]
         carry = dask.delayed(_pick, pure=True)(cs, c, dask_key_name=f"explaind-carry-{tok}-{c}")
-        p2 = dask.delayed(_pass2_task, pure=True)(
-            job_d, lo, hi, carry, p1s[c] if keep_u else None, dask_key_name=f"explaind-pass2-{tok}-{c}"
-        )
+        if chain:
+            out = dask.delayed(_pass2_chain_task, pure=True)(
+                job_d, lo, hi, carry, u_next, dask_key_name=f"explaind-chain-{tok}-{c}"
+            )
+            p2 = dask.delayed(_pick, pure=True)(out, 0, dask_key_name=f"explaind-pass2-{tok}-{c}")
+            u_next = dask.delayed(_pick, pure=True)(out, 1, dask_key_name=f"explaind-uout-{tok}-{c}")
+        else:
+            p2 = dask.delayed(_pass2_task, pure=True)(
+                job_d, lo, hi, carry, p1s[c] if keep_u else None, dask_key_name=f"explaind-pass2-{tok}-{c}"
+            )
         shapes = chunk_shapes(meta, lo, hi)
         arrs = {}
         for key in layout:
@@ -168,7 +213,7 @@ def build_arrays(job: Job, meta: ResultMeta, bounds: Sequence[tuple[int, int]], 
             value = dask.delayed(_get, pure=True)(p2, key, dask_key_name=f"explaind-get-{tok}-{c}-{key}")
             arrs[key] = da.from_delayed(value, shapes[key], dtype=dt, meta=np.empty((0,) * len(shapes[key]), dt),
                                         name=f"explaind-block-{tok}-{c}-{key}")
-        blocks.append(arrs)
+        blocks[c] = arrs
     return combine_lazy(blocks, meta)
 
 
@@ -191,9 +236,87 @@ def combine_lazy(blocks: Sequence[dict[str, da.Array]], meta: ResultMeta) -> dic
     return out
 
 
-def lazy_result(job: Job, meta: ResultMeta, bounds: Sequence[tuple[int, int]], *, keep_u: bool) -> xr.Dataset:
-    """The dask-backed result Dataset (``engine.result.assemble`` of :func:`build_arrays`)."""
-    return assemble(job.problem, meta, build_arrays(job, meta, bounds, keep_u=keep_u))
+def lazy_result(
+    job: Job | Sequence[Job],
+    meta: ResultMeta,
+    bounds: Sequence[tuple[int, int]],
+    *,
+    keep_u: bool,
+    chain: bool = False,
+) -> xr.Dataset:
+    """The dask-backed result Dataset (``engine.result.assemble`` of :func:`build_arrays`).
+
+    ``job`` may be a list of jobs whose problems hold consecutive groups of the queries (:func:`query_groups`):
+    each group runs its own scan and the groups' arrays are joined along the query axis."""
+    jobs = [job] if isinstance(job, Job) else list(job)
+    if len(jobs) == 1:
+        return assemble(jobs[0].problem, meta, build_arrays(jobs[0], meta, bounds, keep_u=keep_u, chain=chain))
+    parts = []
+    for j in jobs:
+        q = len(j.problem.x_query)
+        parts.append(build_arrays(j, replace(meta, n_queries=q), bounds, keep_u=keep_u, chain=chain))
+    return assemble(jobs[0].problem, meta, join_query_groups(parts, meta))
+
+
+# ==============================================================================================================
+# Query groups: parallelism without re-doing any path integral
+# ==============================================================================================================
+CHAIN_BLOCK_BYTES = 512 << 20  # reverse chain: a chunk's result block (and rebuilt momentum) stays below this
+
+
+def chain_chunk_updates(meta: ResultMeta, n_rows: int) -> int:
+    """Updates per chunk of the reverse chain: pass 2 keeps the chunk's rebuilt momentum (``L x P`` per part,
+    ``engine.chunks.LIGHT_BYTES``) and builds its result block (``n_rows`` query rows; with ``sample`` and
+    ``step`` that is ``R x N x L``), so both bound ``L``."""
+    from engine.chunks import LIGHT_BYTES
+
+    n_params = sum(math.prod(s) for s in meta.tensor_shapes)
+    parts = 1 if meta.optimizer == "AdamW" else 2
+    per_update = sum(
+        math.prod(shape) * chunk_dtype(key).itemsize
+        for key, shape in chunk_shapes(replace(meta, n_queries=max(1, n_rows // max(1, meta.n_outputs))), 0, 1).items()
+        if STEP in chunk_layout(meta)[key]
+    )
+    return max(1, min(LIGHT_BYTES // max(1, n_params * parts * 8), CHAIN_BLOCK_BYTES // max(1, per_update)))
+
+
+def query_groups(n_queries: int, n_workers: int, *, per_query: bool) -> list[slice]:
+    """Consecutive groups of the queries, one per worker (at most one query each).
+
+    Every query row has its own phi and reverse accumulator, so groups of queries are independent scans: unlike
+    chunks of updates, which parallelise the scan only by computing every later chunk's path integrals twice (once
+    for the carries, once for the scores), groups split the path integrals and the per-sample dot products without
+    repeating any; only the per-sample gradients of each batch are taken once per group. Needs queries that are
+    independent per sample (``Problem.per_query``); otherwise one group.
+    """
+    if not per_query or n_workers <= 1 or n_queries <= 1:
+        return [slice(0, n_queries)]
+    g = min(n_queries, n_workers)
+    edges = [round(i * n_queries / g) for i in range(g + 1)]
+    return [slice(a, b) for a, b in itertools.pairwise(edges)]
+
+
+def group_problem(problem: Problem, group: slice) -> Problem:
+    """``problem`` restricted to the queries of ``group``."""
+    y = None if problem.y_query is None else problem.y_query[group]
+    return replace(problem, x_query=problem.x_query[group], y_query=y)
+
+
+def join_query_groups(parts: Sequence[dict[str, da.Array]], meta: ResultMeta) -> dict[str, da.Array]:
+    """Join the whole-window arrays of consecutive query groups: arrays with the query-output axis are concatenated
+    along it; per-update node counts are padded to the largest group's (as within a group) and kink counts add."""
+    out: dict[str, da.Array] = {}
+    for key, dims in chunk_layout(meta).items():
+        arrs = [p[key] for p in parts]
+        if dims and dims[0] == QO:
+            out[key] = da.concatenate(arrs, axis=0)
+        elif key == "nodes":
+            out[key] = da.stack(arrs, axis=0).max(axis=0)
+        elif key == "kinks":
+            out[key] = da.stack(arrs, axis=0).sum(axis=0, dtype=arrs[0].dtype)
+        else:
+            raise AssertionError(f"no rule to join {key!r} over query groups")
+    return out
 
 
 # ==============================================================================================================
@@ -247,4 +370,14 @@ def output_chunks(ds: xr.Dataset, step_chunk: int) -> dict[str, dict[str, int]]:
     return out
 
 
-__all__ = ["bin_steps", "build_arrays", "combine_lazy", "lazy_result", "output_chunks", "plan_chunks"]
+__all__ = [
+    "bin_steps",
+    "build_arrays",
+    "combine_lazy",
+    "group_problem",
+    "join_query_groups",
+    "lazy_result",
+    "output_chunks",
+    "plan_chunks",
+    "query_groups",
+]

@@ -88,6 +88,7 @@ class ChunkResult:
     lo: int
     hi: int
     arrays: dict[str, np.ndarray]
+    u_out: dict[str, Any] | None = None  # U_{lo+1} (float64 tensors): the previous chunk's u_in in the reverse chain
 
 
 def param_var(name: str) -> str:

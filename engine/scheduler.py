@@ -203,10 +203,12 @@ class ClientRunner(Runner):
 
     kind = "distributed"
 
-    def __init__(self, client: Any, *, ephemeral: bool = False):
+    def __init__(self, client: Any, *, ephemeral: bool = False, same_host: bool = False):
         self.client = client
         self.ephemeral = ephemeral  # a client we opened for one call (from an address): closed by close()
         self.address = client.scheduler.address if client.scheduler is not None else None
+        # workers on this machine (our LocalCluster): large results come back through shared memory
+        self.same_host = same_host
 
     @property
     def n_workers(self) -> int:  # type: ignore[override]
@@ -216,6 +218,14 @@ class ClientRunner(Runner):
             return max(1, len(self.client.scheduler_info().get("workers", {})))
 
     def compute(self, collections: Sequence[Any], *, progress: bool, desc: str = "explaind") -> list[Any]:
+        import xarray as xr
+
+        from engine.handoff import compute_dataset, shm_root
+
+        root = shm_root() if self.same_host else None
+        if root is not None and len(collections) == 1 and isinstance(collections[0], xr.Dataset):
+            show = (lambda fs: _client_progress(fs, self.client.scheduler.address, desc)) if progress else None
+            return [compute_dataset(self.client, collections[0], root, show)]
         futures = self.client.compute(list(collections))
         if progress:
             _client_progress(futures, self.client.scheduler.address, desc)
@@ -402,7 +412,7 @@ def get_runner(client: Any = None, *, n_tasks: int | None = None) -> Runner:
     if isinstance(client, Runner):
         return client
     if client is None or (isinstance(client, str) and client.lower() in LOCAL_NAMES):
-        return ClientRunner(local_client(n_tasks))
+        return ClientRunner(local_client(n_tasks), same_host=True)
     if isinstance(client, str):
         name = client.strip()
         if name.lower() in SYNC_NAMES:
@@ -426,7 +436,7 @@ def get_runner(client: Any = None, *, n_tasks: int | None = None) -> Runner:
     from distributed import Client
 
     if isinstance(client, Client):
-        return ClientRunner(client)
+        return ClientRunner(client, same_host=client is _LOCAL.get("client"))
     if hasattr(client, "scheduler_address"):  # a cluster object (LocalCluster, SpecCluster, ...)
         return ClientRunner(Client(client, set_as_default=False), ephemeral=True)
     raise TypeError(

@@ -93,8 +93,13 @@ def test_attribute_on_external_scheduler_matches_sync(digits_store, scheduler_ad
     ds = engine.attribute(digits_store, queries="val[:2]", by="sample,step", steps=slice(2, 12),
                           client=scheduler_address, progress=True)
     assert ds.attrs["scheduler"] == f"{scheduler_address} (2 workers)"
-    assert ds.attrs["n_chunks"] == 5
+    assert ds.attrs["query_groups"] == 2 and ds.attrs["scan"] == "reverse chain"
     assert_results_close(ds, sync_result)
+    # one query: the two workers take chunks of updates in parallel instead
+    one = engine.attribute(digits_store, queries="val[:1]", by="sample,step", steps=slice(2, 12),
+                           client=scheduler_address, progress=False)
+    assert one.attrs["n_chunks"] == 5 and one.attrs["scan"] == "parallel chunks"
+    assert_results_close(one, sync_result.isel(query=[0]))
     assert identity_error(ds) <= 1e-10
 
 

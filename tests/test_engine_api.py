@@ -60,9 +60,15 @@ def test_windows_match_reference_and_carry_momentum(adamw_store):
     run = open_run(adamw_store)
     ref = reference(run, "val[2:5]", by=frozenset({"sample", "tensor"}), window=(3, 9), chunk_updates=3)
     ds = engine.attribute(run, queries="val[2:5]", by="sample,tensor", steps=slice(3, 9), client="sync",
-                          progress=False)
+                          chunk_updates=2, progress=False)
     assert ds.attrs["window"] == [3, 9] and ds.attrs["n_chunks"] == 4  # (3,4] (4,6] (6,8] (8,9]
+    assert ds.attrs["scan"] == "reverse chain"
     assert_results_close(ds, ref)
+    # by default the reverse chain takes the window in as few chunks as memory allows (here one)
+    one = engine.attribute(run, queries="val[2:5]", by="sample,tensor", steps=slice(3, 9), client="sync",
+                           progress=False)
+    assert one.attrs["n_chunks"] == 1
+    assert_results_close(one, ref)
     assert np.abs(np.asarray(ds["momentum"])).max() > 1e-6  # S_a != 0 for a > 0
     assert identity_error(ds) <= 1e-10
     # the window ends are the real model's outputs, evaluated directly
@@ -82,7 +88,14 @@ def test_local_cluster_matches_reference(digits_store, modadd_store, sgd_referen
     ds = engine.attribute(open_run(digits_store), queries="val[:2]", by=BY_ALL, client=cluster, chunk_updates=4,
                           progress=False)
     assert ds.attrs["n_chunks"] == 3 and "2 workers" in ds.attrs["scheduler"]
+    # two queries on two workers: a group of queries per worker, each a reverse chain over the 3 chunks
+    assert ds.attrs["query_groups"] == 2 and ds.attrs["scan"] == "reverse chain"
     assert_results_close(ds, sgd_reference)
+    # one query on two workers: no groups, so the chunks run in parallel (pass 1 computes the carries)
+    one = engine.attribute(open_run(digits_store), queries="val[1:2]", by=BY_ALL, client=cluster, chunk_updates=4,
+                           progress=False)
+    assert one.attrs["query_groups"] == 1 and one.attrs["scan"] == "parallel chunks" and one.attrs["n_chunks"] == 3
+    assert_results_close(one, sgd_reference.isel(query=[1]).assign_coords(query=[0]))
     # the default client (None) is the module's LocalCluster (the fixture's): the transformer, element-wise scores
     mrun = open_run(modadd_store)
     by = frozenset({"sample", "tensor", "param"})

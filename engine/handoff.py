@@ -1,0 +1,99 @@
+"""Handing large results from same-host workers to the client through shared memory instead of TCP.
+
+A worker of the default ``LocalCluster`` runs on this machine, yet ``client.gather`` pulls its result blocks through
+dask's TCP comm: measured on the 2-core box, 335 MB took 0.9-1.6 s (215-390 MB/s), as long as a third of the
+whole attribution of the modular-addition benchmark. Here each large block is instead written by its worker into a
+file in ``/dev/shm`` (a memory copy) and mapped by the client copy-on-write (no copy; the file is unlinked at once, so
+the memory is freed with the array). Blocks are only ever plain numpy arrays written with ``np.save`` and read
+with ``allow_pickle=False``: nothing is unpickled.
+
+Used only where the client knows the workers share its filesystem (the LocalCluster it started); an external
+scheduler keeps the normal gather.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import dask
+import numpy as np
+import xarray as xr
+
+MIN_BYTES = 8 << 20  # smaller variables go through the normal gather
+
+
+def shm_root() -> str | None:
+    """A directory backed by memory (``/dev/shm``) with room to spare, or None."""
+    root = "/dev/shm"
+    try:
+        if os.path.isdir(root) and os.access(root, os.W_OK) and shutil.disk_usage(root).free > (1 << 30):
+            return root
+    except OSError:
+        pass
+    return None
+
+
+def _spill(block: np.ndarray, path: str) -> tuple[str, tuple[int, ...], str]:
+    """Worker side: write one block to ``path`` (``.npy``); returns what the client needs to map it."""
+    arr = np.ascontiguousarray(block)
+    np.save(path, arr, allow_pickle=False)
+    return path, tuple(arr.shape), arr.dtype.str
+
+
+def _load(handle: tuple[str, tuple[int, ...], str]) -> np.ndarray:
+    path, shape, dtype = handle
+    try:
+        arr = np.load(path, mmap_mode="c", allow_pickle=False)  # copy-on-write: writable, private to this process
+    finally:
+        os.unlink(path)  # the mapping keeps the pages until the array is freed
+    if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+        raise RuntimeError(f"result block {path} came back as {arr.shape} {arr.dtype}, expected {shape} {dtype}")
+    return arr
+
+
+def compute_dataset(
+    client: Any, ds: xr.Dataset, root: str, on_futures: Callable[[list[Any]], None] | None = None
+) -> xr.Dataset:
+    """``client.compute(ds)`` gathered, with every dask variable of at least ``MIN_BYTES`` handed over through
+    files under ``root`` block by block. ``on_futures`` sees the futures first (a progress bar)."""
+    big = [k for k, v in ds.data_vars.items() if dask.is_dask_collection(v.data) and v.nbytes >= MIN_BYTES]
+    if not big:
+        futures = [client.compute(ds)]
+        if on_futures is not None:
+            on_futures(futures)
+        return client.gather(futures)[0]
+    tmp = tempfile.mkdtemp(prefix="explaind-", dir=root)
+    try:
+        spills: dict[str, Any] = {}
+        for name in big:
+            blocks = ds[name].data.to_delayed()
+            handles = np.empty(blocks.shape, dtype=object)
+            for idx, blk in np.ndenumerate(blocks):
+                path = os.path.join(tmp, f"{uuid.uuid4().hex}.npy")
+                handles[idx] = dask.delayed(_spill, pure=False)(blk, path)
+            spills[name] = handles
+        rest = ds.drop_vars(big)
+        flat = [h for hs in spills.values() for h in hs.flat]
+        futures = client.compute([rest, *flat])
+        if on_futures is not None:
+            on_futures(futures)
+        rest_done, *got = client.gather(futures)
+        it = iter(got)
+        out = rest_done.copy()
+        for name, hs in spills.items():
+            arrays = np.empty(hs.shape, dtype=object)
+            for idx in np.ndindex(hs.shape):
+                arrays[idx] = _load(next(it))
+            data = arrays.flat[0] if arrays.size == 1 else np.block(arrays.tolist())
+            out[name] = (ds[name].dims, data, ds[name].attrs)
+        return out[list(ds.data_vars)].assign_attrs(ds.attrs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["MIN_BYTES", "compute_dataset", "shm_root"]
