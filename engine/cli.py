@@ -148,7 +148,8 @@ def summarize(ds: xr.Dataset, top: int = 5, max_queries: int = 5) -> str:
         (f"window         updates ({a}, {b}]; output {attrs.get('output')}; {ds.sizes[QUERY]} queries x "
          f"{ds.sizes[OUTPUT]} outputs; by {','.join(attrs.get('by', [])) or '-'}; rule {attrs.get('rule')}"),
         (f"scheduler      {attrs.get('scheduler', '-')}; {attrs.get('n_chunks', '?')} chunks of <= "
-         f"{attrs.get('chunk_updates', '?')} updates; device {attrs.get('device', 'cpu')}"),
+         f"{attrs.get('chunk_updates', '?')} updates ({attrs.get('scan', '-')}, {attrs.get('query_groups', 1)} "
+         f"query groups); device {attrs.get('device', 'cpu')}"),
         (f"residual       max |residual| {attrs.get('max_abs_residual', float('nan')):.3e} (quadrature "
          f"{attrs.get('max_quadrature_residual', float('nan')):.2e}, rounding "
          f"{attrs.get('max_rounding_residual', float('nan')):.2e}) against max |final - initial| "
