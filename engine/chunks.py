@@ -548,6 +548,17 @@ def window_start_state(traj: Trajectory, problem: Problem, ctx: Context | None =
     return state
 
 
+def solo_carry(traj: Trajectory, problem: Problem, ctx: Context | None = None) -> Carry:
+    """The carry of a window taken as one chunk (no pass 1, no carries): nothing flows in from other chunks, and
+    :func:`pass2` computes every per-update scalar itself (``stats.deferred``)."""
+    ctx = ctx or context(traj, problem)
+    lo, hi = ctx.window
+    stats = StepStats.empty(ctx.R, hi - lo, len(ctx.names), ctx.device)
+    stats.deferred = True
+    u_in = {n: torch.zeros((ctx.R, *ctx.shapes[n]), dtype=F64, device=ctx.device) for n in ctx.names}
+    return Carry(lo, hi, u_in, {}, window_start_state(traj, problem, ctx), stats)
+
+
 def carries(traj: Trajectory, problem: Problem, pass1s: list[Pass1]) -> list[Carry]:
     """Sequential scans over the chunk totals (cheap: O(n_chunks x R x P) additions).
 
@@ -835,5 +846,6 @@ __all__ = [
     "pass1",
     "pass2",
     "result_meta",
+    "solo_carry",
     "window_start_state",
 ]

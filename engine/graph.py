@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from engine.chunks import Carry, Pass1, Problem, carries, pass1, pass2
+from engine.chunks import Carry, Pass1, Problem, carries, pass1, pass2, solo_carry
 from engine.result import (
     QO,
     STEP,
@@ -140,6 +140,14 @@ def _pass2_chain_task(
         return res.arrays, _to_cpu(res.u_out)
 
 
+def _solo_task(job: Job) -> dict[str, np.ndarray]:
+    """The whole window as one chunk of the reverse chain: one task, no pass 1 or carries."""
+    with MATH_LOCK:
+        traj, ctx = task_env(job)
+        lo, hi = ctx.window
+        return pass2(traj, job.problem, lo, hi, solo_carry(traj, job.problem, ctx), None, ctx=ctx).arrays
+
+
 def _get(arrays: dict[str, np.ndarray], key: str) -> np.ndarray:
     return arrays[key]
 
@@ -178,6 +186,10 @@ def build_arrays(
         raise ValueError("the reverse chain keeps no u_s: use keep_u=False")
     tok = job.token
     job_d = dask.delayed(job, name=f"explaind-job-{tok}", traverse=False)
+    layout = chunk_layout(meta)
+    if chain and len(bounds) == 1:
+        p2 = dask.delayed(_solo_task, pure=True)(job_d, dask_key_name=f"explaind-pass2-{tok}-0")
+        return combine_lazy([_blocks(p2, meta, layout, tok, 0, *bounds[0])], meta)
     p1s, sums = [], []
     for c, (lo, hi) in enumerate(bounds):
         last = c == len(bounds) - 1  # the chain's last chunk: its momentum totals flow nowhere
@@ -189,7 +201,6 @@ def build_arrays(
         # carries only gets the small CPU summary (kept u_s stay with pass 1's result, on its worker, for pass 2)
         sums.append(dask.delayed(_summary_task, pure=True)(p1, dask_key_name=f"explaind-summary-{tok}-{c}"))
     cs = dask.delayed(_carries_task, pure=True)(job_d, *sums, dask_key_name=f"explaind-carries-{tok}")
-    layout = chunk_layout(meta)
     blocks: list[dict[str, da.Array]] = [{} for _ in bounds]
     u_next = None
     order = range(len(bounds) - 1, -1, -1) if chain else range(len(bounds))
@@ -206,15 +217,20 @@ def build_arrays(
             p2 = dask.delayed(_pass2_task, pure=True)(
                 job_d, lo, hi, carry, p1s[c] if keep_u else None, dask_key_name=f"explaind-pass2-{tok}-{c}"
             )
-        shapes = chunk_shapes(meta, lo, hi)
-        arrs = {}
-        for key in layout:
-            dt = chunk_dtype(key)
-            value = dask.delayed(_get, pure=True)(p2, key, dask_key_name=f"explaind-get-{tok}-{c}-{key}")
-            arrs[key] = da.from_delayed(value, shapes[key], dtype=dt, meta=np.empty((0,) * len(shapes[key]), dt),
-                                        name=f"explaind-block-{tok}-{c}-{key}")
-        blocks[c] = arrs
+        blocks[c] = _blocks(p2, meta, layout, tok, c, lo, hi)
     return combine_lazy(blocks, meta)
+
+
+def _blocks(p2: Any, meta: ResultMeta, layout: dict[str, Any], tok: str, c: int, lo: int, hi: int) -> dict[str, da.Array]:
+    """The dask arrays of one chunk's pass-2 result (a delayed dict of numpy arrays)."""
+    shapes = chunk_shapes(meta, lo, hi)
+    arrs = {}
+    for key in layout:
+        dt = chunk_dtype(key)
+        value = dask.delayed(_get, pure=True)(p2, key, dask_key_name=f"explaind-get-{tok}-{c}-{key}")
+        arrs[key] = da.from_delayed(value, shapes[key], dtype=dt, meta=np.empty((0,) * len(shapes[key]), dt),
+                                    name=f"explaind-block-{tok}-{c}-{key}")
+    return arrs
 
 
 def combine_lazy(blocks: Sequence[dict[str, da.Array]], meta: ResultMeta) -> dict[str, da.Array]:
