@@ -125,7 +125,7 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(spec.get("threads", 1)))  # sync: this process's torch threads
     from engine.api import attribute
     from explaind_store.reader import open_run
 

@@ -403,23 +403,26 @@ def attribute(
     try:
         runner.check_device(device)
         # workers first take groups of queries (independent scans, no repeated work), then chunks of updates
-        groups = _graph.query_groups(meta.n_queries, runner.n_workers, per_query=problem.per_query)
+        n_groups, threads = _sched.plan_parallelism(runner, meta.n_queries, per_query=problem.per_query)
+        groups = _graph.query_groups(meta.n_queries, n_groups, per_query=problem.per_query)
         rows = max(g.stop - g.start for g in groups) * meta.n_outputs
-        # a worker per group: chunks of updates in the reverse chain (every path integral once, chunks in
-        # sequence); spare workers: chunks in parallel (later chunks' path integrals twice, unless kept)
-        chain = runner.n_workers // len(groups) <= 1
-        bounds = _graph.plan_chunks(window, store_chunk=store_chunk, chunk_updates=chunk_updates,
-                                    n_workers=max(1, runner.n_workers // len(groups)),
+        # workers (processes) left per group: none spare -> chunks of updates in the reverse chain (every path
+        # integral once, chunks in sequence); spare workers -> chunks in parallel (later chunks' path integrals
+        # twice, unless kept). With threads set, the cores are already spread over the groups.
+        spare = 1 if threads else runner.n_workers // len(groups)
+        chain = spare <= 1
+        bounds = _graph.plan_chunks(window, store_chunk=store_chunk, chunk_updates=chunk_updates, n_workers=spare,
                                     max_updates=_graph.chain_chunk_updates(meta, rows) if chain else None)
         n_params = sum(math.prod(s) for s in meta.tensor_shapes)
         keep_u = not chain and (window[1] - window[0]) * rows * n_params * 8 <= KEEP_U_BYTES
         sync = isinstance(runner, _sched.SyncRunner)
         if len(groups) == 1:
-            jobs = [_sched.make_job(traj, problem, by_reference=sync)]
+            jobs = [_sched.make_job(traj, problem, by_reference=sync, threads=threads)]
             if sync and device == "cpu":
                 _sched.seed(jobs[0], traj, ctx)  # the tasks run here: reuse the driver's float64 context
         else:
-            jobs = [_sched.make_job(traj, _graph.group_problem(problem, g), by_reference=sync) for g in groups]
+            jobs = [_sched.make_job(traj, _graph.group_problem(problem, g), by_reference=sync, threads=threads)
+                    for g in groups]
         ds = _graph.lazy_result(jobs, meta, bounds, keep_u=keep_u, chain=chain)
         if step_bins is not None:
             ds = _graph.bin_steps(ds, int(step_bins))
@@ -431,6 +434,7 @@ def attribute(
             scheduler=runner.describe(),
             n_chunks=len(bounds),
             query_groups=len(groups),
+            torch_threads=threads or 0,
             scan="reverse chain" if chain else "parallel chunks",
             chunk_updates=max(hi - lo for lo, hi in bounds),
         )

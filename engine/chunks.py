@@ -44,7 +44,7 @@ import torch
 
 from engine import outputs as _outputs
 from engine.optim_terms import OptimTerms
-from engine.persample import batch_mean_grad, choose_method, sample_dots
+from engine.persample import batch_mean_grad, batch_mean_grads, choose_method, sample_dots
 from engine.quadrature import parse_rule, path_integral, phi_given
 from engine.result import BY_KEYS, PARAM_PREFIX, PARTS, ChunkResult, ResultMeta
 from explaind_store.trajectory import Trajectory, TrajectoryBlock
@@ -144,6 +144,7 @@ def rule_string(rule: Any) -> str:
 # Context: the float64 model, data and coefficients (built once per process, cached)
 # ==============================================================================================================
 _HEAP_TUNED = False
+PREPASS_UPDATES = 16  # updates whose batch gradients pass 2's forward pre-pass takes in one vmap
 # pass 1 of a window's first chunk skips its path integrals when pass 2 can keep L x P floats per momentum part
 LIGHT_BYTES = int(os.environ.get("EXPLAIND_LIGHT_BYTES", str(512 << 20)))
 
@@ -691,12 +692,14 @@ def pass2(
     if deferred:  # pass 1 skipped the path integrals: the per-update scalars are made here
         st = StepStats.empty(R, L, T, dev)
         A = {p: {n: torch.zeros(ctx.shapes[n], dtype=F64, device=dev) for n in names} for p in _PART_OF_COL[: _n_parts(ctx)]}
-        theta_prev = ctx.params(block, lo)
-        for s in block.updates:  # forward: the in-chunk rebuilt momentum of every update (L x P per part)
-            _, xb, yb = ctx.batch(block, s)
-            g = batch_mean_grad(ctx.model, theta_prev, xb, yb, ctx.loss)
-            vec_hist.append(_advance(ctx, block, s, A, g, theta_prev))
-            theta_prev = ctx.params(block, s)
+        ups = list(block.updates)
+        for i in range(0, L, PREPASS_UPDATES):  # forward: the in-chunk rebuilt momentum (L x P per part)
+            part = ups[i : i + PREPASS_UPDATES]
+            thetas = {n: block.params[n][part[0] - lo - 1 : part[-1] - lo].to(device=dev, dtype=F64) for n in names}
+            batches = [ctx.batch(block, s) for s in part]
+            gs = batch_mean_grads(ctx.model, thetas, [b[1] for b in batches], [b[2] for b in batches], ctx.loss)
+            for k, (s, g) in enumerate(zip(part, gs)):
+                vec_hist.append(_advance(ctx, block, s, A, g, {n: thetas[n][k] for n in names}))
         del A
     mov[:, :, 0:2] = st.mov_local.to(dev)
     for s in reversed(block.updates):

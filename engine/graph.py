@@ -296,8 +296,9 @@ def chain_chunk_updates(meta: ResultMeta, n_rows: int) -> int:
     return max(1, min(LIGHT_BYTES // max(1, n_params * parts * 8), CHAIN_BLOCK_BYTES // max(1, per_update)))
 
 
-def query_groups(n_queries: int, n_workers: int, *, per_query: bool) -> list[slice]:
-    """Consecutive groups of the queries, one per worker (at most one query each).
+def query_groups(n_queries: int, n_groups: int, *, per_query: bool) -> list[slice]:
+    """Up to ``n_groups`` consecutive, nearly equal groups of the queries (:func:`engine.scheduler.plan_parallelism`
+    says how many run at once).
 
     Every query row has its own phi and reverse accumulator, so groups of queries are independent scans: unlike
     chunks of updates, which parallelise the scan only by computing every later chunk's path integrals twice (once
@@ -305,9 +306,9 @@ def query_groups(n_queries: int, n_workers: int, *, per_query: bool) -> list[sli
     repeating any; only the per-sample gradients of each batch are taken once per group. Needs queries that are
     independent per sample (``Problem.per_query``); otherwise one group.
     """
-    if not per_query or n_workers <= 1 or n_queries <= 1:
+    if not per_query or n_groups <= 1 or n_queries <= 1:
         return [slice(0, n_queries)]
-    g = min(n_queries, n_workers)
+    g = min(n_queries, n_groups)
     edges = [round(i * n_queries / g) for i in range(g + 1)]
     return [slice(a, b) for a, b in itertools.pairwise(edges)]
 

@@ -73,6 +73,39 @@ def batch_mean_grad(
     return grad(lambda p: losses(p).mean())(params)
 
 
+def batch_mean_grads(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    xs: list[torch.Tensor],
+    ys: list[torch.Tensor],
+    loss_spec: dict[str, str],
+    *,
+    max_rows: int = 4096,
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`batch_mean_grad` of several updates at once: ``params`` holds each tensor stacked over the updates
+    (``(L, *shape)``), ``xs`` / ``ys`` their batches. Batches of one size go through one ``vmap`` over updates in
+    groups of at most ``max_rows`` samples (measured: 1.1 vs ~4 ms per update on the small modular-addition
+    transformer, 3.3 vs ~9 on the d_model-64 one); otherwise one update at a time."""
+    n = len(xs)
+    if n == 0:
+        return []
+    same = all(x.shape == xs[0].shape for x in xs) and all(y.shape == ys[0].shape for y in ys)
+    if not same or n == 1:
+        return [batch_mean_grad(model, {k: v[i] for k, v in params.items()}, xs[i], ys[i], loss_spec) for i in range(n)]
+
+    def mean_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return per_sample_loss(loss_spec, functional_call(model, p, (x,)), y).mean()
+
+    step = max(1, max_rows // max(1, len(xs[0])))
+    g = vmap(grad(mean_loss))
+    out: list[dict[str, torch.Tensor]] = []
+    for i in range(0, n, step):
+        sl = slice(i, min(n, i + step))
+        got = g({k: v[sl] for k, v in params.items()}, torch.stack(xs[sl]), torch.stack(ys[sl]))
+        out.extend({k: got[k][j] for k in got} for j in range(sl.stop - sl.start))
+    return out
+
+
 def sample_dots(
     model: nn.Module,
     params: dict[str, torch.Tensor],
