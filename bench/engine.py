@@ -7,8 +7,8 @@ Prints Markdown tables (paste into docs/benchmarks.md, section "Engine"):
 (a) Head-to-head on the modular-addition transformer (p=23, 170 training pairs, 100 full-batch AdamW updates with
     lr 1e-3, betas (0.9, 0.98), weight decay 4.0; 10 validation queries, all 23 log-softmax outputs) with
     d_model 32 / MLP 128 ("tiny") and d_model 64 / MLP 512 ("d64"): ``engine.attribute(..., by=("sample",
-    "step", "tensor"))`` end to end from the store, on the synchronous scheduler and on a 1- and a 2-worker
-    ``LocalCluster``; its max quadrature residual; and the *total max error*, max over queries and outputs of
+    "step", "tensor"))`` end to end from the store, on the synchronous scheduler (1 torch thread, and one per
+    core) and on the default ``LocalCluster`` (one per core; the engine plans query groups and torch threads); its max quadrature residual; and the *total max error*, max over queries and outputs of
     ``|F(theta_T) of the real float32 model - (F(theta_0) + sum of all parts)|``, which includes the float32
     rounding of training itself.
 (b) A reimplementation of the published method's cost structure on the same recorded run ("published-style":
@@ -19,7 +19,7 @@ Prints Markdown tables (paste into docs/benchmarks.md, section "Engine"):
     float32-training rounding as ours.
 (c) Scaling: time and peak memory as updates, queries, training samples and parameters each grow 4x and 16x from a
     small base (synchronous scheduler, ``by=("sample", "tensor")`` so the output does not grow with the
-    updates), and the 2-worker speedup.
+    updates), and the speedup of the default LocalCluster over one thread.
 
 Every measured configuration runs in a fresh subprocess (``python bench/engine.py --child JSON``) and reports
 its own peak RSS (``ru_maxrss``; for clusters, the largest of the client and worker processes), so numbers are
@@ -53,6 +53,7 @@ HEAD_TO_HEAD = {
 }
 PUBLISHED = {"tiny": (177.0, 0.5, 2.8e-4), "d64": (900.0, 1.5, 2.0e-3)}  # seconds, GB, max error (issue text)
 BY = ("sample", "step", "tensor")
+CORES = os.cpu_count() or 1
 
 
 # ==============================================================================================================
@@ -165,6 +166,8 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
         "qres": float(ds.attrs["max_quadrature_residual"]),
         "residual": float(ds.attrs["max_abs_residual"]),
         "load": _load(),
+        "plan": f"{ds.attrs.get('query_groups', 1)} group(s) x {ds.attrs.get('torch_threads') or 1} thread(s), "
+                f"{ds.attrs.get('scan', '-')}",
     }
     if spec.get("error", True):
         run = open_run(path)
@@ -407,15 +410,17 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
         _record(path, steps, n_train, 100, **model)
         rounding = work / f"{name}-{steps}-rounding.npz"
         runs = {
-            "sync (cold: fresh process)": _child(
+            "sync, 1 torch thread (cold: fresh process)": _child(
                 {"kind": "ours", "path": str(path), "queries": args.queries, "save_rounding": str(rounding)}),
-            "sync (warm)": _child({"kind": "ours", "path": str(path), "queries": args.queries, "warm": True,
-                                   "error": False}),
+            "sync, 1 torch thread (warm)": _child(
+                {"kind": "ours", "path": str(path), "queries": args.queries, "warm": True, "error": False}),
+            f"sync, {CORES} torch threads (warm)": _child(
+                {"kind": "ours", "path": str(path), "queries": args.queries, "warm": True, "error": False,
+                 "threads": CORES}),
         }
         if not args.skip_cluster:
-            for w in (1, 2):
-                runs[f"{w} worker{'s' if w > 1 else ''}"] = _child(
-                    {"kind": "ours", "path": str(path), "queries": args.queries, "workers": w, "error": w == 2})
+            runs[f"default LocalCluster ({CORES} workers)"] = _child(
+                {"kind": "ours", "path": str(path), "queries": args.queries, "workers": CORES, "error": True})
         n_base = min(steps, args.baseline_updates if not args.quick else 2)
         base = _child({"kind": "baseline", "path": str(path), "queries": args.queries, "updates": n_base})
         base_err = _child({"kind": "baseline_error", "path": str(path), "queries": args.queries,
@@ -430,6 +435,7 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
         for sched, r in runs.items():
             err = f"{r['total_error']:.1e}" if "total_error" in r else "same"
             start = f" (+{r['startup']:.1f} s cluster start)" if r.get("startup") else ""
+            sched = f"{sched}: {r['plan']}" if "plan" in r else sched
             lines.append(f"| {name} | {P} | ours (kink rule) | {sched}{start} | {_fmt_s(r['seconds'])} | "
                          f"{_fmt_s(r['cpu'])} | {base_s / r['seconds']:.0f}x | {r['peak_mb']:.0f} | {r['qres']:.1e} | "
                          f"{err} |")
@@ -488,14 +494,14 @@ def scaling(args: argparse.Namespace, work: Path) -> list[str]:
     path = work / f"scale-{big['p']}-{big['d_model']}-{big['d_mlp']}-{big['n_train']}-{big['steps']}"
     idle = _child({"kind": "idle", "path": str(path)})
     one = _child({"kind": "ours", "path": str(path), "queries": big["queries"], "by": ["sample", "tensor"],
-                  "error": False, "workers": 1})
+                  "error": False, "warm": True})
     two = _child({"kind": "ours", "path": str(path), "queries": big["queries"], "by": ["sample", "tensor"],
-                  "error": False, "workers": 2})
+                  "error": False, "workers": CORES})
     lines += [
         "",
-        (f"2-worker speedup ({big['steps']} updates config, warm LocalCluster): 1 worker "
-         f"{_fmt_s(one['seconds'])} s ({_fmt_s(one['cpu'])} CPU-s), 2 workers {_fmt_s(two['seconds'])} s "
-         f"({_fmt_s(two['cpu'])} CPU-s): **{one['seconds'] / two['seconds']:.2f}x** wall clock."),
+        (f"Parallel speedup ({big['steps']} updates config): sync with 1 torch thread {_fmt_s(one['seconds'])} s, "
+         f"the default LocalCluster on {CORES} cores ({two['plan']}) {_fmt_s(two['seconds'])} s: "
+         f"**{one['seconds'] / two['seconds']:.2f}x** wall clock."),
         "",
         (f"Peak RSS includes the interpreter with torch, dask and xarray imported and the store opened: "
          f"{idle['peak_mb']:.0f} MB. Times are warm (after a 1-update call in the same process)."),

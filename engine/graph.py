@@ -1,21 +1,29 @@
-"""The Dask graph of one attribution: a two-pass chunked scan over the updates of the window.
+"""The Dask graph of one attribution: a chunked scan over the updates of the window, per group of queries.
 
-For chunks ``c = 0..C-1`` of updates ``(lo_c, hi_c]`` (aligned to the store's chunks so a task reads whole chunks)::
+For chunks ``c = 0..C-1`` of updates ``(lo_c, hi_c]`` (aligned to the store's chunks so a task reads whole chunks),
+either the **reverse chain** (the default when no worker would sit idle)::
 
-    job ──► pass1[c] ──► summary[c] ──┐                   (parallel over chunks)
+    job ──► pass1[c] (momentum only) ──► carries ──► carry[c]           (pass 1 parallel, carries tiny)
+    carry[C-1] ──► pass2[C-1] ──U──► pass2[C-2] ──U──► ... ──► pass2[0]  (each path integral once)
+
+(a one-chunk window is a single task), or **parallel chunks** (spare workers, e.g. one query on a big cluster)::
+
+    job ──► pass1[c] ──► summary[c] ──┐                   (parallel over chunks, with path integrals)
                                       ├─► carries ─► carry[c]   (one small sequential task; carry[c] = getitem)
     job ──► pass2[c] ◄── carry[c] (+ pass1[c] when u_s is kept)  (parallel over chunks)
-            pass2[c] ──► arrays of chunk c ──► from_delayed blocks
 
-Arrays with a ``step`` axis are concatenated from the per-chunk blocks (``dask.array.concatenate``: the step axis
-is never built in one task); every other array is a tree sum over chunks (``dask.array`` ``sum`` with
-``split_every``). ``job`` is one graph key holding the small :class:`~engine.scheduler.Job` (store path and
-``Problem``): tasks open the store and build the float64 model themselves, cached per worker
-(:func:`engine.scheduler.task_env`), so no large tensor is closed over or embedded in the graph.
+Then ``pass2[c] ──► arrays of chunk c ──► from_delayed blocks``. Arrays with a ``step`` axis are concatenated from
+the per-chunk blocks (``dask.array.concatenate``: the step axis is never built in one task); every other array is a
+tree sum over chunks (``dask.array`` ``sum`` with ``split_every``). Groups of queries (:func:`query_groups`) are
+independent scans joined along the query axis (:func:`join_query_groups`). ``job`` is one graph key holding the
+small :class:`~engine.scheduler.Job` (store path and ``Problem``): tasks open the store and build the float64 model
+themselves, cached per worker (:func:`engine.scheduler.task_env`), so no large tensor is closed over or embedded in
+the graph.
 
-Memory: a pass-1 / pass-2 task holds O(R x P) (R = query rows, P = parameters) plus its chunk's result blocks,
-never samples x parameters. With ``keep_u`` a chunk's pass-1 result also keeps its ``u_s`` (L x R x P) until its
-pass 2 ran; :func:`attribute` only keeps them when the whole window's fit in ``engine.local.KEEP_U_BYTES``.
+Memory: a pass-1 / pass-2 task holds O(R x P) (R = query rows of its group, P = parameters) plus its chunk's
+result blocks and rebuilt momentum (``chain_chunk_updates`` bounds both), never samples x parameters. With
+``keep_u`` a chunk's pass-1 result also keeps its ``u_s`` (L x R x P) until its pass 2 ran; :func:`attribute` only
+keeps them when the whole window's fit in ``engine.local.KEEP_U_BYTES``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from torch import nn
 
 import engine
 from engine import graph as engine_graph
+from engine import handoff as engine_handoff
 from engine import scheduler as engine_sched
 from engine.chunks import Problem
 from engine.local import attribute_local
@@ -48,7 +49,8 @@ def sgd_reference(digits_store) -> xr.Dataset:
 
 
 @pytest.mark.parametrize("chunk_updates", [2, 6])
-def test_sync_scheduler_matches_reference_for_chunk_sizes(digits_store, sgd_reference, chunk_updates):
+def test_sync_scheduler_matches_reference_for_chunk_sizes(digits_store, sgd_reference, chunk_updates, monkeypatch):
+    monkeypatch.setattr(engine_handoff, "MIN_BYTES", 0)  # every variable assembled from its blocks (no dask copy)
     ds = engine.attribute(open_run(digits_store), queries="val[:2]", by=BY_ALL, client="sync",
                           chunk_updates=chunk_updates, progress=False)
     assert ds.attrs["n_chunks"] == 12 // chunk_updates
@@ -96,12 +98,17 @@ def test_local_cluster_matches_reference(digits_store, modadd_store, sgd_referen
     assert ds.attrs["query_groups"] == groups and ds.attrs["torch_threads"] == max(1, cores // groups)
     assert ds.attrs["scan"] == "reverse chain"
     assert_results_close(ds, sgd_reference)
-    # one torch thread per group: a group per worker process
+    # one torch thread per group: a group per worker process; every result comes back through shared memory
     monkeypatch.setattr(engine_sched, "THREADS_PER_GROUP", 1)
+    monkeypatch.setattr(engine_handoff, "MIN_BYTES", 0)
+    before = set(os.listdir("/dev/shm")) if engine_handoff.shm_root() else set()
     two = engine.attribute(open_run(digits_store), queries="val[:2]", by=BY_ALL, client=cluster, chunk_updates=4,
                            progress=False)
     assert two.attrs["query_groups"] == min(2, cores) and two.attrs["scan"] == "reverse chain"
     assert_results_close(two, sgd_reference)
+    two["data"][...] = 0.0  # the mapped results are the caller's own (copy-on-write), writable
+    if engine_handoff.shm_root():
+        assert set(os.listdir("/dev/shm")) <= before  # nothing left behind
     # the default client (None) is the module's LocalCluster (the fixture's): the transformer, element-wise scores
     mrun = open_run(modadd_store)
     by = frozenset({"sample", "tensor", "param"})
@@ -176,6 +183,93 @@ def test_graph_is_a_two_pass_scan_without_embedded_data(digits_store):
     assert sizes[job_key] < 20_000
     big = {k: n for k, n in sizes.items() if k != job_key and n > 4_000}
     assert not big, f"tasks embedding data: {big}"
+
+
+def test_reverse_chain_graph_computes_each_path_integral_once(digits_store):
+    """The reverse chain: pass 1 without path integrals (none for the last chunk), pass 2 chained from the last
+    chunk to the first through the accumulator, same numbers as the parallel-chunk scan; one chunk = one task."""
+    import engine.chunks as C
+    from engine.chunks import Context, result_meta
+    from engine.scheduler import make_job
+
+    run = open_run(digits_store)
+    x, y = run.split("val")
+    problem = Problem(x[:2], y[:2], by=frozenset(BY_ALL), window=(0, 12))
+    meta = result_meta(run, problem, Context(run, problem))
+    bounds = engine_graph.plan_chunks((0, 12), store_chunk=run.chunk_updates, chunk_updates=4)
+    job = make_job(run, problem, by_reference=True)
+    chain = engine_graph.lazy_result(job, meta, bounds, keep_u=False, chain=True)
+    graph = dict(chain.__dask_graph__())
+    kinds = [str(k[0] if isinstance(k, tuple) else k).split("-")[1] for k in graph if "explaind-" in str(k)]
+    assert kinds.count("chain") == 3 and kinds.count("pass1") == 3 and kinds.count("carries") == 1
+    calls = []
+    real = C.path_integral
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    C.path_integral = counted
+    try:
+        got = chain.compute(scheduler="sync")
+    finally:
+        C.path_integral = real
+    assert len(calls) == 12  # once per update (the parallel scan needs 8 more for chunks 2 and 3)
+    par = engine_graph.lazy_result(make_job(run, problem, by_reference=True), meta, bounds, keep_u=False)
+    assert_results_close(got, par.compute(scheduler="sync"))
+    one = engine_graph.lazy_result(make_job(run, problem, by_reference=True), meta, [(0, 12)], keep_u=False,
+                                   chain=True)
+    names = [str(k) for k in dict(one.__dask_graph__()) if "explaind-pass" in str(k) or "explaind-carr" in str(k)]
+    assert len(names) == 1 and "pass2" in names[0]  # no pass 1, no carries
+    assert_results_close(one.compute(scheduler="sync"), got)
+
+
+def test_query_groups_and_parallelism_plan():
+    from engine.graph import query_groups
+    from engine.scheduler import ClientRunner, SyncRunner, plan_parallelism
+
+    assert query_groups(10, 1, per_query=True) == [slice(0, 10)]
+    assert query_groups(10, 3, per_query=True) == [slice(0, 3), slice(3, 7), slice(7, 10)]
+    assert query_groups(2, 8, per_query=True) == [slice(0, 1), slice(1, 2)]
+    assert query_groups(10, 4, per_query=False) == [slice(0, 10)]  # a query batch that mixes samples
+    assert plan_parallelism(SyncRunner(), 10, per_query=True) == (1, None)
+
+    class Fake(ClientRunner):  # n_workers without a scheduler
+        def __init__(self, n: int, same_host: bool) -> None:
+            self.same_host, self._n = same_host, n
+
+        @property
+        def n_workers(self) -> int:  # type: ignore[override]
+            return self._n
+
+    cores = os.cpu_count() or 1
+    groups, threads = plan_parallelism(Fake(cores, True), 10, per_query=True)
+    assert groups == max(1, cores // engine_sched.THREADS_PER_GROUP) and threads == max(1, cores // groups)
+    assert plan_parallelism(Fake(cores, True), 1, per_query=True) == (1, cores)  # one query: all cores as threads
+    assert plan_parallelism(Fake(3, False), 10, per_query=True) == (3, None)  # external workers: one group each
+    assert plan_parallelism(Fake(3, False), 2, per_query=False) == (1, None)
+
+
+def test_batch_mean_grads_match_one_at_a_time(modadd_store):
+    from engine.persample import batch_mean_grad, batch_mean_grads
+
+    run = open_run(modadd_store)
+    model = run.build_model().double()
+    blk = run.block(0, 5)
+    x, y = run.split("train")
+    names = list(run.tensor_names)
+    params = {n: blk.params[n][:5].double() for n in names}
+    xs = [x[b] for b in blk.batches]
+    ys = [y[b] for b in blk.batches]
+    got = batch_mean_grads(model, params, xs, ys, dict(run.loss), max_rows=2 * len(xs[0]))  # groups of 2 updates
+    for i in range(5):
+        ref = batch_mean_grad(model, {n: params[n][i] for n in names}, xs[i], ys[i], dict(run.loss))
+        for n in names:
+            torch.testing.assert_close(got[i][n], ref[n], rtol=1e-12, atol=1e-15)
+    # unequal batch sizes: one at a time, same numbers
+    mixed = batch_mean_grads(model, params, [xs[0], xs[1][:3]], [ys[0], ys[1][:3]], dict(run.loss))
+    ref = batch_mean_grad(model, {n: params[n][1] for n in names}, xs[1][:3], ys[1][:3], dict(run.loss))
+    torch.testing.assert_close(mixed[1][names[0]], ref[names[0]], rtol=1e-12, atol=1e-15)
 
 
 # ==============================================================================================================
