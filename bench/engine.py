@@ -8,7 +8,9 @@ Prints Markdown tables (paste into docs/benchmarks.md, section "Engine"):
     lr 1e-3, betas (0.9, 0.98), weight decay 4.0; 10 validation queries, all 23 log-softmax outputs) with
     d_model 32 / MLP 128 ("tiny") and d_model 64 / MLP 512 ("d64"): ``engine.attribute(..., by=("sample",
     "step", "tensor"))`` end to end from the store, on the synchronous scheduler (1 torch thread, and one per
-    core) and on the default ``LocalCluster`` (one per core; the engine plans query groups and torch threads); its max quadrature residual; and the *total max error*, max over queries and outputs of
+    core) and on the default ``LocalCluster`` (the engine plans query groups and torch threads), each repeated
+    ``--repeats`` times interleaved (median, min-max); its max quadrature residual; and the *total max error*, max
+    over queries and outputs of
     ``|F(theta_T) of the real float32 model - (F(theta_0) + sum of all parts)|``, which includes the float32
     rounding of training itself.
 (b) A reimplementation of the published method's cost structure on the same recorded run ("published-style":
@@ -394,6 +396,17 @@ def _fmt_s(x: float) -> str:
     return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
 
 
+def _median_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median time, with the min / max time of all and the first run's error fields."""
+    ordered = sorted(rs, key=lambda r: r["seconds"])
+    out = dict(ordered[len(ordered) // 2])
+    for key in ("total_error", "f64_vs_f32"):
+        if key in rs[0]:
+            out[key] = rs[0][key]
+    out.update(min=ordered[0]["seconds"], max=ordered[-1]["seconds"], n=len(rs))
+    return out
+
+
 def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
     steps, n_train = (10, 60) if args.quick else (100, 170)
     cases = {"tiny": HEAD_TO_HEAD["tiny"]} if args.quick else HEAD_TO_HEAD
@@ -401,7 +414,7 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
         (f"### Head-to-head ({steps} updates, {n_train} training pairs, {args.queries} queries x 23 log-softmax "
          f"outputs, by=sample+step+tensor)"),
         "",
-        ("| case | params | method | scheduler | time (s) | CPU (s) | vs published-style (time) | peak RSS (MB) | "
+        ("| case | params | method | scheduler | time (s), median (min-max) | CPU (s) | vs published-style (time) | peak RSS (MB) | "
          "max quadrature residual | total max error |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -409,18 +422,22 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
         path = work / f"{name}-{steps}"
         _record(path, steps, n_train, 100, **model)
         rounding = work / f"{name}-{steps}-rounding.npz"
-        runs = {
-            "sync, 1 torch thread (cold: fresh process)": _child(
-                {"kind": "ours", "path": str(path), "queries": args.queries, "save_rounding": str(rounding)}),
-            "sync, 1 torch thread (warm)": _child(
-                {"kind": "ours", "path": str(path), "queries": args.queries, "warm": True, "error": False}),
-            f"sync, {CORES} torch threads (warm)": _child(
-                {"kind": "ours", "path": str(path), "queries": args.queries, "warm": True, "error": False,
-                 "threads": CORES}),
+        specs = {
+            "sync, 1 torch thread (cold: fresh process)": {"save_rounding": str(rounding)},
+            "sync, 1 torch thread (warm)": {"warm": True, "error": False},
+            f"sync, {CORES} torch threads (warm)": {"warm": True, "error": False, "threads": CORES},
         }
         if not args.skip_cluster:
-            runs[f"default LocalCluster ({CORES} workers)"] = _child(
-                {"kind": "ours", "path": str(path), "queries": args.queries, "workers": CORES, "error": True})
+            specs[f"default LocalCluster ({CORES} workers)"] = {"workers": CORES, "error": False}
+        # interleaved repeats (this machine is noisy: the same run varies by up to 30%); the median is reported
+        reps: dict[str, list[dict[str, Any]]] = {k: [] for k in specs}
+        for rep in range(args.repeats):
+            for label, extra in specs.items():
+                spec = {"kind": "ours", "path": str(path), "queries": args.queries, **extra}
+                if rep and "save_rounding" in spec:
+                    spec = {k: v for k, v in spec.items() if k != "save_rounding"} | {"error": False}
+                reps[label].append(_child(spec))
+        runs = {label: _median_run(rs) for label, rs in reps.items()}
         n_base = min(steps, args.baseline_updates if not args.quick else 2)
         base = _child({"kind": "baseline", "path": str(path), "queries": args.queries, "updates": n_base})
         base_err = _child({"kind": "baseline_error", "path": str(path), "queries": args.queries,
@@ -436,7 +453,8 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
             err = f"{r['total_error']:.1e}" if "total_error" in r else "same"
             start = f" (+{r['startup']:.1f} s cluster start)" if r.get("startup") else ""
             sched = f"{sched}: {r['plan']}" if "plan" in r else sched
-            lines.append(f"| {name} | {P} | ours (kink rule) | {sched}{start} | {_fmt_s(r['seconds'])} | "
+            spread = f" ({_fmt_s(r['min'])}-{_fmt_s(r['max'])})" if r.get("n", 1) > 1 else ""
+            lines.append(f"| {name} | {P} | ours (kink rule) | {sched}{start} | {_fmt_s(r['seconds'])}{spread} | "
                          f"{_fmt_s(r['cpu'])} | {base_s / r['seconds']:.0f}x | {r['peak_mb']:.0f} | {r['qres']:.1e} | "
                          f"{err} |")
         if name in PUBLISHED and not args.quick:
@@ -540,6 +558,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=os.environ.get("EXPLAIND_BENCH_DIR", "/tmp/explaind-bench"),
                     help="where the recorded runs are kept (reused between invocations)")
     ap.add_argument("--queries", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of our runs (median reported)")
     ap.add_argument("--baseline-updates", type=int, default=4,
                     help="updates the published-style baseline runs (its time is extrapolated to all)")
     ap.add_argument("--skip-scaling", action="store_true")

@@ -434,7 +434,7 @@ def attribute(
             scheduler=runner.describe(),
             n_chunks=len(bounds),
             query_groups=len(groups),
-            torch_threads=threads or 0,
+            torch_threads=threads or (torch.get_num_threads() if sync else 0),  # 0: the workers' own setting
             scan="reverse chain" if chain else "parallel chunks",
             chunk_updates=max(hi - lo for lo, hi in bounds),
         )
