@@ -101,11 +101,11 @@ def _query_set(run: Any, n: int) -> tuple[Any, Any]:
     return xv[:n], yv[:n]
 
 
-def _f32_final(run: Any, n_queries: int) -> Any:
-    """F(theta_T) of the real model, in float32 (as trained), as float64 numbers: (Q, O)."""
+def _f32_final(run: Any, n_queries: int, dtype: str = "float32") -> Any:
+    """F(theta_T) of the real model, in the dtype it was trained in, as float64 numbers: (Q, O)."""
     import torch
 
-    model = run.model(int(run.committed_updates)).float().eval()
+    model = run.model(int(run.committed_updates)).to(getattr(torch, dtype)).eval()
     x, _ = _query_set(run, n_queries)
     with torch.no_grad():
         return torch.log_softmax(model(x), dim=-1).double().numpy()
@@ -173,8 +173,9 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     }
     if spec.get("error", True):
         run = open_run(path)
-        f32 = _f32_final(run, q)
+        f32 = _f32_final(run, q, spec.get("trained", "float32"))
         out["total_error"] = float(np.abs(f32 - _parts_total(ds)).max())
+        out["rounding"] = float(np.abs(ds["rounding_residual"].sum("step").values).max())
         out["f64_vs_f32"] = float(np.abs(f32 - ds["final"].values).max())
         if spec.get("save_rounding"):
             np.savez(spec["save_rounding"], rounding=ds["rounding_residual"].sum("step").values,
@@ -466,6 +467,24 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
     return lines
 
 
+def float64_trained(args: argparse.Namespace, work: Path) -> list[str]:
+    """The d64 case recorded in float64: the total max error without float32 training rounding."""
+    path = work / "d64-100-float64"
+    _record(path, 100, 170, 100, dtype="float64", **HEAD_TO_HEAD["d64"])
+    r = _child({"kind": "ours", "path": str(path), "queries": args.queries, "warm": True, "threads": CORES,
+                "trained": "float64"})
+    return [
+        "### The same d64 run trained in float64",
+        "",
+        "| case | scheduler | time (s) | max quadrature residual | max rounding residual (summed over updates) | "
+        "total max error |",
+        "|---|---|---|---|---|---|",
+        f"| d64, trained in float64 | sync, {CORES} torch threads (warm) | {_fmt_s(r['seconds'])} | {r['qres']:.1e} | "
+        f"{r['rounding']:.1e} | {r['total_error']:.1e} |",
+        "",
+    ]
+
+
 SCALE_BASE = {"p": 37, "d_model": 32, "d_mlp": 128, "n_train": 64, "steps": 16, "queries": 4}
 SCALE_PARAMS = {4: (64, 256), 16: (128, 512)}  # (d_model, MLP) for ~4x and ~14x the base's parameters
 
@@ -566,6 +585,7 @@ def main() -> None:
     ap.add_argument("--per-update", action="store_true",
                     help="only the per-update phase table (CPU ms); the engine is whatever `import engine` finds, so "
                          "PYTHONPATH=<old checkout> measures an older engine on the same runs")
+    ap.add_argument("--f64-only", action="store_true", help="only the d64 case recorded in float64 (total error)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -578,7 +598,12 @@ def main() -> None:
         print("\n".join(per_update(args, Path(args.workdir) / "full")))
         return
     out = ["## Engine", "", f"Machine: {machine()}.", ""]
+    if args.f64_only:
+        print("\n".join(float64_trained(args, work)))
+        return
     out += head_to_head(args, work)
+    if not args.quick:
+        out += float64_trained(args, work)
     if not args.skip_scaling:
         out += scaling(args, work)
     print("\n".join(out))
