@@ -95,6 +95,9 @@ def compute_dataset(
     """``client.compute(ds)`` gathered, with every dask variable of at least ``MIN_BYTES`` handed over through
     files under ``root`` block by block. ``on_futures`` sees the futures first (a progress bar)."""
     big = [k for k, v in ds.data_vars.items() if dask.is_dask_collection(v.data) and v.nbytes >= MIN_BYTES]
+    # a full tmpfs turns writes through a mapping into SIGBUS: only hand over what fits with room to spare
+    if big and sum(ds[k].nbytes for k in big) > shutil.disk_usage(root).free // 2:
+        big = []
     if not big:
         futures = [client.compute(ds)]
         if on_futures is not None:
