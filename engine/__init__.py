@@ -4,7 +4,8 @@
     ds = engine.attribute("run.zarr", queries="val[:10]", by=("sample", "step"), client="sync")
     best = engine.top_k(ds, 10)
 
-``attribute`` runs the chunked two-pass scan (``engine.chunks``) on Dask (``engine.graph``, ``engine.scheduler``);
+``attribute`` runs the chunked scan (``engine.chunks``; reverse chain or parallel chunks, per group of queries) on Dask
+(``engine.graph``, ``engine.scheduler``);
 ``attribute_local`` is the in-process reference it reproduces.
 
 The public names are imported on first use, so ``import engine.cli`` (done by every ``explaind`` command) does not

@@ -1,4 +1,4 @@
-"""The chunked two-pass algorithm: ``pass1`` -> ``carries`` -> ``pass2`` per chunk ``(lo, hi]`` of updates.
+"""The chunked scan: ``pass1`` -> ``carries`` -> ``pass2`` per chunk ``(lo, hi]`` of updates (or the reverse chain).
 
 Notation and formulas: docs/math.md and :mod:`engine.optim_terms`. For the window ``(a, b]`` and every update
 ``s``: ``phi_s`` is the path integral of the query Jacobian over the stored segment ``theta_{s-1} -> theta_s``,
@@ -23,6 +23,11 @@ Scan structure (a linear recurrence, parallel over chunks):
 - :func:`pass2` (independent per chunk) walks backward from ``hi`` to ``lo+1`` building ``U_i`` from the carry,
   takes the per-sample gradients of ``B_i`` at ``theta_{i-1}`` once for all query rows, and writes the scores.
   It uses the kept ``u_s`` of ``p1`` if given, else recomputes the path integrals.
+
+The **reverse chain** (the default schedule, :mod:`engine.graph`) uses the same functions without the second path
+integral: pass 1 with ``light=True`` only rebuilds the momentum (``momentum=False`` for the last chunk, whose totals
+nobody reads), and pass 2 runs from the last chunk back to the first, taking ``u_in`` from the next chunk's
+``u_out`` (``U_{lo+1}``) instead of the carry; a one-chunk window needs only :func:`solo_carry` and one pass 2.
 
 Everything is float64 and accumulated in place; memory per chunk is O(R x P) (R = query rows) plus the result
 arrays, never samples x parameters, never the number of updates (except ``keep_u``: ``L x R x P`` per chunk).

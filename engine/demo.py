@@ -551,7 +551,8 @@ def _engine_stages(todo: list[tuple[str, Path, dict[str, Any]]], run_path: Path,
     if own:
         import os
 
-        log(f"starting a local Dask process cluster ({workers or os.cpu_count() or 1} workers, one thread each)")
+        log(f"starting a local Dask process cluster ({workers or os.cpu_count() or 1} worker processes; torch threads "
+            "per query group)")
         client = engine.local_client(workers)
     try:
         for name, path, params in todo:

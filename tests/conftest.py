@@ -50,7 +50,7 @@ def modadd_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def cluster():
-    """The engine's default LocalCluster (2 processes x 1 thread), started once for the session (~3 s).
+    """The engine's default LocalCluster (2 worker processes), started once for the session (~3 s).
 
     ``attribute(client=None)`` reuses it, so tests of the default path do not start another one.
     """
