@@ -638,9 +638,13 @@ def search_kinks(
     # First guess: inverse cubic interpolation through the grid values around the cell (switch values are smooth
     # and nearly linear over one update, so this usually lands within ~1e-8 of the root: 2 iterations instead of 4)
     guess = torch.full_like(flo, float("nan"))
+    st_t = None
     if grid >= 3:
         k0 = _stencil(grid, cell - interval * grid)
-        guess = _inverse_interpolation(t_grid[interval[:, None], k0[:, None] + torch.arange(4)], sten)
+        st_t = t_grid[interval[:, None], k0[:, None] + torch.arange(4)]
+        guess = _inverse_interpolation(st_t, sten)
+    c_first = torch.full_like(flo, float("nan"))  # the first guess and its switch value (for the second step)
+    f_first = torch.full_like(flo, float("nan"))
     crow = None if rows is None else rows[interval]
     a = t_grid[:, :-1].reshape(-1)[cell].clone()
     b = t_grid[:, 1:].reshape(-1)[cell].clone()
@@ -661,6 +665,17 @@ def search_kinks(
         if it == 0:
             g0 = guess[idx]
             c = torch.where(torch.isfinite(g0) & (g0 > aa) & (g0 < bb), g0, c)
+        elif it == 1 and st_t is not None:
+            # Second step: inverse cubic through the first guess and the 3 stencil points nearest to it. The first
+            # guess is ~1e-8 off; this lands within float64 noise of the root, so most crossings converge here
+            # instead of after one or two more regula falsi steps (one batched forward each).
+            t5 = torch.cat([st_t[idx], c_first[idx, None]], 1)
+            s5 = torch.cat([sten[idx], f_first[idx, None]], 1)
+            far = (st_t[idx] - c_first[idx, None]).abs().argmax(1)
+            keep = torch.ones_like(t5, dtype=torch.bool)
+            keep[torch.arange(len(idx)), far] = False
+            g1 = _inverse_interpolation(t5[keep].reshape(-1, 4), s5[keep].reshape(-1, 4))
+            c = torch.where(torch.isfinite(g1) & (g1 > aa) & (g1 < bb), g1, c)
         bad = ~torch.isfinite(c) | (c <= aa) | (c >= bb)
         c = torch.where(bad, 0.5 * (aa + bb), c)
         n = idx.numel()
@@ -675,6 +690,8 @@ def search_kinks(
             vals = _switch_pass(seg, c[sl], r_sl, ia_m[sl], ib_m[sl], rec.kinds)
             fc_parts.append(vals.gather(1, rid[idx[sl]].unsqueeze(1)).squeeze(1).to(torch.float64))
         fc = torch.cat(fc_parts)
+        if it == 0:
+            c_first[idx], f_first[idx] = c, fc
         n_evals += n
         done = (fc.abs() <= ftol[idx]) | (fc == 0)
         same_b = (fc * fb_ > 0) & ~done
