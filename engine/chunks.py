@@ -473,7 +473,6 @@ def pass1(
     """
     ctx = ctx or context(traj, problem)
     _check_chunk(ctx, lo, hi)
-    block = traj.block(lo, hi)
     terms, R, L, names, dev = ctx.terms, ctx.R, hi - lo, ctx.names, ctx.device
     if light and keep_u:
         raise ValueError("pass1(light=True) computes no u_s to keep: use keep_u=False")
@@ -490,8 +489,11 @@ def pass1(
     wd_param = None
     if keep_u and terms.decoupled and "param" in problem.by:
         wd_param = {n: torch.zeros((R, *ctx.shapes[n]), dtype=F64, device=dev) for n in names}
+    if not momentum:  # nothing to read: the totals stay zero
+        return Pass1(lo, hi, u_total, a_total, stats, kept_u, kept_g, wd_param)
+    block = traj.block(lo, hi)
     theta_prev = ctx.params(block, lo)
-    for j, s in enumerate(block.updates if momentum else ()):
+    for j, s in enumerate(block.updates):
         theta_s = ctx.params(block, s)
         _, xb, yb = ctx.batch(block, s)
         g = batch_mean_grad(ctx.model, theta_prev, xb, yb, ctx.loss)

@@ -68,25 +68,47 @@ def _load(handle: tuple[str, tuple[int, ...], str]) -> np.ndarray:
     return arr
 
 
+def _big_vars(ds: xr.Dataset) -> list[str]:
+    """The lazy data variables worth assembling from their blocks (at least ``MIN_BYTES``)."""
+    return [k for k, v in ds.data_vars.items() if dask.is_dask_collection(v.data) and v.nbytes >= MIN_BYTES]
+
+
+def _per_var(blocks: dict[str, np.ndarray], results: list[Any]) -> dict[str, np.ndarray]:
+    """Split the flat results of all variables' blocks back into one object array of blocks per variable."""
+    it = iter(results)
+    out = {}
+    for name, bs in blocks.items():
+        arr = np.empty(bs.shape, dtype=object)
+        for idx in np.ndindex(bs.shape):
+            arr[idx] = next(it)
+        out[name] = arr
+    return out
+
+
+def _joined(arrays: np.ndarray) -> np.ndarray:
+    """One array from an object array of numpy blocks (no copy for a single block)."""
+    return arrays.flat[0] if arrays.size == 1 else np.block(arrays.tolist())
+
+
+def _with(ds: xr.Dataset, rest: xr.Dataset, data: dict[str, np.ndarray]) -> xr.Dataset:
+    """``rest`` (``ds`` without the big variables, computed) with the big variables' numpy data put back."""
+    out = rest.copy()
+    for name, values in data.items():
+        out[name] = (ds[name].dims, values, ds[name].attrs)
+    return out[list(ds.data_vars)].assign_attrs(ds.attrs)
+
+
 def compute_inline(ds: xr.Dataset, compute: Callable[[list[Any]], list[Any]]) -> xr.Dataset:
     """``ds`` computed in this process by ``compute`` (e.g. dask's synchronous scheduler), with the large
     variables assembled from their blocks here: dask's ``finalize`` deep-copies a single-block result (0.7-0.8 s
     of the 6.5 s modular-addition benchmark for its 313 MB ``data``), but these blocks are fresh arrays that the
     pass-2 task made for this result alone."""
-    big = [k for k, v in ds.data_vars.items() if dask.is_dask_collection(v.data) and v.nbytes >= MIN_BYTES]
+    big = _big_vars(ds)
     if not big:
         return compute([ds])[0]
     blocks = {name: ds[name].data.to_delayed(optimize_graph=False) for name in big}
     rest, *got = compute([ds.drop_vars(big), *(b for bs in blocks.values() for b in bs.flat)])
-    it = iter(got)
-    out = rest.copy()
-    for name, bs in blocks.items():
-        arrays = np.empty(bs.shape, dtype=object)
-        for idx in np.ndindex(bs.shape):
-            arrays[idx] = np.asarray(next(it))
-        data = arrays.flat[0] if arrays.size == 1 else np.block(arrays.tolist())
-        out[name] = (ds[name].dims, data, ds[name].attrs)
-    return out[list(ds.data_vars)].assign_attrs(ds.attrs)
+    return _with(ds, rest, {name: _joined(bs) for name, bs in _per_var(blocks, got).items()})
 
 
 def compute_dataset(
@@ -94,7 +116,7 @@ def compute_dataset(
 ) -> xr.Dataset:
     """``client.compute(ds)`` gathered, with every dask variable of at least ``MIN_BYTES`` handed over through
     files under ``root`` block by block. ``on_futures`` sees the futures first (a progress bar)."""
-    big = [k for k, v in ds.data_vars.items() if dask.is_dask_collection(v.data) and v.nbytes >= MIN_BYTES]
+    big = _big_vars(ds)
     # a full tmpfs turns writes through a mapping into SIGBUS: only hand over what fits with room to spare
     if big and sum(ds[k].nbytes for k in big) > shutil.disk_usage(root).free // 2:
         big = []
@@ -105,46 +127,36 @@ def compute_dataset(
         return client.gather(futures)[0]
     tmp = tempfile.mkdtemp(prefix="explaind-", dir=root)
     try:
-        spills: dict[str, Any] = {}
+        spills: dict[str, np.ndarray] = {}
         whole: dict[str, str] = {}  # variables written in place into one file
         for name in big:
             arr = ds[name].data
             blocks = arr.to_delayed(optimize_graph=False)  # keep the shared task keys
             handles = np.empty(blocks.shape, dtype=object)
             if all(len(c) == 1 for c in arr.chunks[1:]):
-                path = os.path.join(tmp, f"{uuid.uuid4().hex}.npy")
+                path = whole[name] = os.path.join(tmp, f"{uuid.uuid4().hex}.npy")
                 np.lib.format.open_memmap(path, mode="w+", dtype=arr.dtype, shape=arr.shape)  # sparse until written
                 starts = np.cumsum((0, *arr.chunks[0][:-1]))
                 for idx, blk in np.ndenumerate(blocks):
                     handles[idx] = dask.delayed(_write_rows, pure=False)(blk, path, int(starts[idx[0]]))
-                whole[name] = path
             else:
                 for idx, blk in np.ndenumerate(blocks):
-                    path = os.path.join(tmp, f"{uuid.uuid4().hex}.npy")
-                    handles[idx] = dask.delayed(_spill, pure=False)(blk, path)
+                    handles[idx] = dask.delayed(_spill, pure=False)(blk, os.path.join(tmp, f"{uuid.uuid4().hex}.npy"))
             spills[name] = handles
-        rest = ds.drop_vars(big)
-        flat = [h for hs in spills.values() for h in hs.flat]
-        futures = client.compute([rest, *flat])
+        futures = client.compute([ds.drop_vars(big), *(h for hs in spills.values() for h in hs.flat)])
         if on_futures is not None:
             on_futures(futures)
-        rest_done, *got = client.gather(futures)
-        it = iter(got)
-        out = rest_done.copy()
-        for name, hs in spills.items():
-            if name in whole:
-                for _ in range(hs.size):
-                    next(it)
-                arr = ds[name].data
-                data = _load((whole[name], arr.shape, arr.dtype.str))
-                out[name] = (ds[name].dims, data, ds[name].attrs)
-                continue
-            arrays = np.empty(hs.shape, dtype=object)
-            for idx in np.ndindex(hs.shape):
-                arrays[idx] = _load(next(it))
-            data = arrays.flat[0] if arrays.size == 1 else np.block(arrays.tolist())
-            out[name] = (ds[name].dims, data, ds[name].attrs)
-        return out[list(ds.data_vars)].assign_attrs(ds.attrs)
+        rest, *got = client.gather(futures)
+        data = {}
+        for name, handles in _per_var(spills, got).items():
+            if name in whole:  # the workers wrote their rows into one file: map it once
+                data[name] = _load((whole[name], ds[name].shape, ds[name].dtype.str))
+            else:
+                loaded = np.empty(handles.shape, dtype=object)
+                for idx in np.ndindex(handles.shape):
+                    loaded[idx] = _load(handles[idx])
+                data[name] = _joined(loaded)
+        return _with(ds, rest, data)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -46,6 +46,7 @@ class Run:
         self._store = store if store is not None else str(self.path)
         self.attrs: dict[str, Any] = self.root.attrs.asdict()
         self.model_factory = model_factory
+        self._arrays: dict[str, Any] = {}  # opened zarr arrays (their metadata: shapes), dropped by refresh()
         self._attached: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for split, (x, y) in (data or {}).items():
             self.attach_data(split, x, y)
@@ -65,6 +66,7 @@ class Run:
         """Re-read the commit point of a store that is still being written."""
         self.root = fmt.open_root(self.path) if isinstance(self._store, str) else _open_store_root(self._store, self.path)
         self.attrs = self.root.attrs.asdict()
+        self._arrays = {}  # their shapes have grown with the new commits
         self.__dict__.pop("params", None)
         self.__dict__.pop("updates", None)
         self._state_cache: dict[str, xr.Dataset] = {}
@@ -196,11 +198,10 @@ class Run:
             ) from exc
 
     def _array(self, path: str) -> Any:
-        """The opened zarr array at ``path`` (cached: opening reads its metadata)."""
-        cache = self.__dict__.setdefault("_arrays", {})
-        arr = cache.get(path)
+        """The opened zarr array at ``path`` (cached until :meth:`refresh`: opening reads its metadata)."""
+        arr = self._arrays.get(path)
         if arr is None:
-            arr = cache[path] = self.root[path]
+            arr = self._arrays[path] = self.root[path]
         return arr
 
     def _read_many(self, reqs: list[tuple[str, Any]]) -> list[np.ndarray]:

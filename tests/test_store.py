@@ -305,3 +305,21 @@ def test_kill_9_at_any_moment_then_resume_is_bit_identical(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_refresh_sees_updates_committed_after_a_block_was_read(tmp_path):
+    """``Run.block`` caches opened arrays (their shapes); ``refresh()`` must drop them, or the updates committed
+    since would read as missing."""
+    path = tmp_path / "grow.zarr"
+    train(path, 4, chunk_updates=2)
+    run = open_run(path)
+    first = run.block(0, 4)
+    train(path, 8, resume=True, chunk_updates=2)
+    assert run.committed_updates == 4  # not yet refreshed
+    run.refresh()
+    assert run.committed_updates == 8
+    blk = run.block(2, 8)
+    assert len(blk.batches) == 6 and all(len(b) > 0 for b in blk.batches)
+    name = run.tensor_names[0]
+    assert blk.params[name].shape[0] == 7 and np.isfinite(blk.params[name].numpy()).all()
+    torch.testing.assert_close(blk.params[name][:3], first.params[name][2:5], rtol=0, atol=0)
