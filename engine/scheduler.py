@@ -92,7 +92,19 @@ def make_job(traj: Trajectory, problem: Problem, *, by_reference: bool, threads:
 
 
 # torch threads per query group on our own LocalCluster (see plan_parallelism)
-THREADS_PER_GROUP = int(os.environ.get("EXPLAIND_THREADS_PER_GROUP", "2"))
+def _threads_per_group() -> int:
+    raw = os.environ.get("EXPLAIND_THREADS_PER_GROUP", "2")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"EXPLAIND_THREADS_PER_GROUP={raw!r}: set it to a positive integer (torch threads per query "
+                         "group on the default LocalCluster), or unset it for the default 2")
+    return n
+
+
+THREADS_PER_GROUP = _threads_per_group()
 
 
 def plan_parallelism(runner: Runner, n_queries: int, *, per_query: bool) -> tuple[int, int | None]:
