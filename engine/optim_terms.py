@@ -26,18 +26,43 @@ plain SGD   a_s                           1                   0      1        0 
 ``D_s = sqrt(v_s / (1 - b2^n_s)) + eps`` from the stored ``exp_avg_sq`` at ``s``; ``n_s`` is torch's own step counter
 (``TrajectoryBlock.opt_step``). AdamW's decay is decoupled and local: ``wd_s = -a_s lam_s theta_{s-1}``, not part of
 the recursion. Adam and SGD add ``lam_s theta_{s-1}`` to the gradient, so their decay runs through ``V``.
+
+The coefficients are the ones torch *applied*: a Python scalar such as AdamW's decay factor ``1 - a_s lam_s`` or the
+step size ``a_s / (1 - b1^n_s)`` enters a float32 kernel rounded to float32, and ``D_s`` is computed by the same
+tensor ops in the state's own dtype. For a run trained in float32 this matters: the decay factor 0.996 rounded to
+float32 is off by 8e-9 relative, the same way at every update and for every element, so taking the float64 value
+left a systematic rounding residual that grew with the run (3.3e-5 of 3.4e-5 on the d64 benchmark; 1.6e-6 with the
+applied factor). In float64 every coefficient is unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from explaind_store import schema
 from explaind_store.trajectory import OptimizerSpec, TrajectoryBlock
 
 KINDS = ("AdamW", "Adam", "SGD")
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision torch computes an elementwise op in for tensors of ``dtype`` (its ``opmath_type``)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def applied_scalar(x: float, dtype: torch.dtype) -> float:
+    """``x`` as a float kernel for ``dtype`` tensors sees it: rounded to float32 unless the tensors are float64."""
+    return x if opmath_dtype(dtype) == torch.float64 else float(np.float32(x))
+
+
+def applied_decay(lr: float, lam: float, dtype: torch.dtype) -> float:
+    """AdamW's decoupled decay as applied to ``dtype`` parameters: ``1 - c`` for the factor ``c`` of
+    ``param.mul_(1 - lr * lam)``, i.e. ``1 - lr * lam`` rounded to float32 for a float32 run (also in torch's foreach
+    and fused kernels). Exact in float64: ``1 - c`` is representable for ``c`` in [0.5, 2]."""
+    return 1.0 - applied_scalar(1.0 - lr * lam, dtype)
 
 
 @dataclass(frozen=True)
@@ -120,20 +145,28 @@ class OptimTerms:
     def k(self, block: TrajectoryBlock, s: int, name: str, device: torch.device | str = "cpu") -> float | torch.Tensor:
         """``u_s = k_s * phi_s``: a float (SGD) or a float64 tensor of the parameter's shape (Adam)."""
         a = self.lr(block, s, name)
+        dtype = block.params[name].dtype
         if not self.adam:
-            return a
+            return applied_scalar(a, dtype)  # torch: param.add_(d_p, alpha=-lr)
         t = self.terms[name]
         n = self.n(block, s)
-        v = block.state[schema.EXP_AVG_SQ][name][s - block.lo].to(device=device, dtype=torch.float64)
+        v = block.state[schema.EXP_AVG_SQ][name][s - block.lo].to(device=device)
         bc1 = 1.0 - t.beta**n
         bc2_sqrt = (1.0 - t.beta2**n) ** 0.5
-        denom = (v.sqrt() / bc2_sqrt).add_(t.eps)  # torch: (exp_avg_sq.sqrt() / sqrt(bc2)).add_(eps)
-        return denom.reciprocal_().mul_(a / bc1)
+        # torch's own ops in the state's dtype: (exp_avg_sq.sqrt() / sqrt(bc2)).add_(eps), then addcdiv_ with
+        # value=-lr/bc1; only then float64
+        denom = (v.sqrt() / bc2_sqrt).add_(t.eps).to(torch.float64)
+        return denom.reciprocal_().mul_(applied_scalar(a / bc1, dtype))
 
     def coupled_decay(self, block: TrajectoryBlock, s: int, name: str) -> float:
         """``lam_s`` if the decay enters the gradient (Adam, SGD), else 0 (AdamW: use :meth:`decoupled_decay`)."""
         return 0.0 if self.decoupled else self.lam(block, s, name)
 
     def decoupled_decay(self, block: TrajectoryBlock, s: int, name: str) -> float:
-        """``a_s * lam_s`` for AdamW (``wd_s = -a_s lam_s theta_{s-1}``), else 0."""
-        return self.lr(block, s, name) * self.lam(block, s, name) if self.decoupled else 0.0
+        """``a_s * lam_s`` for AdamW (``wd_s = -a_s lam_s theta_{s-1}``), else 0.
+
+        Precisely ``1 - c`` for the factor ``c`` torch multiplied the parameters by: ``param.mul_(1 - lr * wd)``
+        rounds ``1 - lr * wd`` to float32 for a float32 run (also in the foreach and fused kernels)."""
+        if not self.decoupled:
+            return 0.0
+        return applied_decay(self.lr(block, s, name), self.lam(block, s, name), block.params[name].dtype)
