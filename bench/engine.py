@@ -410,7 +410,11 @@ def _median_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
     steps, n_train = (10, 60) if args.quick else (100, 170)
-    cases = {"tiny": HEAD_TO_HEAD["tiny"]} if args.quick else HEAD_TO_HEAD
+    names = ["tiny"] if args.quick else [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in names if c not in HEAD_TO_HEAD]
+    if unknown:
+        raise SystemExit(f"--cases: unknown case(s) {unknown}; choose from {', '.join(HEAD_TO_HEAD)}")
+    cases = {c: HEAD_TO_HEAD[c] for c in names}
     lines = [
         (f"### Head-to-head ({steps} updates, {n_train} training pairs, {args.queries} queries x 23 log-softmax "
          f"outputs, by=sample+step+tensor)"),
@@ -580,6 +584,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of our runs (median reported)")
     ap.add_argument("--baseline-updates", type=int, default=4,
                     help="updates the published-style baseline runs (its time is extrapolated to all)")
+    ap.add_argument("--cases", default=",".join(HEAD_TO_HEAD), help="head-to-head cases, e.g. tiny or tiny,d64")
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--skip-cluster", action="store_true", help="no LocalCluster runs (sync only)")
     ap.add_argument("--per-update", action="store_true",
