@@ -136,6 +136,11 @@ def _chosen_outputs(ds: xr.Dataset, how: str) -> list[list[int]]:
     return [[labels.index(how)]] * n_q
 
 
+def _count(n: object, noun: str) -> str:
+    """``1 chunk``, ``3 chunks``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def summarize(ds: xr.Dataset, top: int = 5, max_queries: int = 5) -> str:
     """A few lines: window, residuals, the total of each part, and the top training samples of the first queries."""
     from engine.topk import top_k
@@ -147,9 +152,9 @@ def summarize(ds: xr.Dataset, top: int = 5, max_queries: int = 5) -> str:
     lines = [
         (f"window         updates ({a}, {b}]; output {attrs.get('output')}; {ds.sizes[QUERY]} queries x "
          f"{ds.sizes[OUTPUT]} outputs; by {','.join(attrs.get('by', [])) or '-'}; rule {attrs.get('rule')}"),
-        (f"scheduler      {attrs.get('scheduler', '-')}; {attrs.get('n_chunks', '?')} chunks of <= "
-         f"{attrs.get('chunk_updates', '?')} updates ({attrs.get('scan', '-')}, {attrs.get('query_groups', 1)} "
-         f"query groups); device {attrs.get('device', 'cpu')}"),
+        (f"scheduler      {attrs.get('scheduler', '-')}; {_count(attrs.get('n_chunks', '?'), 'chunk')} of <= "
+         f"{attrs.get('chunk_updates', '?')} updates ({attrs.get('scan', '-')}, "
+         f"{_count(attrs.get('query_groups', 1), 'query group')}); device {attrs.get('device', 'cpu')}"),
         (f"residual       max |residual| {attrs.get('max_abs_residual', float('nan')):.3e} (quadrature "
          f"{attrs.get('max_quadrature_residual', float('nan')):.2e}, rounding "
          f"{attrs.get('max_rounding_residual', float('nan')):.2e}) against max |final - initial| "
