@@ -87,6 +87,17 @@ def optimizer_attrs(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> 
     return {"type": kind, "torch_class": type(optimizer).__name__, "groups": group_hyperparams(optimizer, kind, names)}
 
 
+_ALL_STATIC = tuple(sorted({k for ks in STATIC_KEYS.values() for k in ks}))
+
+
+def static_fingerprint(optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
+    """What must not change during a run (static hyperparameters and each group's tensors), cheap enough to compare
+    at every step; :func:`static_mismatch` explains a difference."""
+    return tuple(
+        (tuple(_scalar(g.get(k)) for k in _ALL_STATIC), tuple(map(id, g["params"]))) for g in optimizer.param_groups
+    )
+
+
 def static_mismatch(recorded: dict[str, Any], optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[str]:
     """Differences between a store's optimizer attribute and a live optimizer (empty when compatible)."""
     try:

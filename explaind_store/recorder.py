@@ -27,7 +27,7 @@ from . import format as fmt
 from . import optim as optim_mod
 from . import schema
 from .specs import normalize_loss
-from .writer import ChunkWriter, Row
+from .writer import ChunkWriter, Row, Segment
 
 
 class RecorderError(RuntimeError):
@@ -64,10 +64,17 @@ def _remove_partials(path: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _json_state(scheduler: Any) -> dict[str, Any] | None:
+def _scheduler_state(scheduler: Any) -> dict[str, Any] | None:
+    """The scheduler's state as of now, cheaply: JSON encoding waits for the writer (only committed rows need it).
+    Lists and dicts one level down are copied, so a scheduler that updates them in place cannot change the past."""
     if scheduler is None:
         return None
-    state = scheduler.state_dict()
+    return {k: (v.copy() if isinstance(v, (list, dict)) else v) for k, v in scheduler.state_dict().items()}
+
+
+def _json_state(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    if state is None:
+        return None
     try:
         return json.loads(json.dumps(state, default=_tensor_default))
     except TypeError as exc:
@@ -76,6 +83,13 @@ def _json_state(scheduler: Any) -> dict[str, Any] | None:
             "Use a module-level function (not a lambda closure over objects) in LambdaLR, or pass scheduler=None "
             "and restore the scheduler yourself after resume."
         ) from None
+
+
+def _encode_commit_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Writer side: the scheduler state of the committing row, as JSON."""
+    if schema.ATTR_SCHEDULER_STATE in attrs:
+        attrs = {**attrs, schema.ATTR_SCHEDULER_STATE: _json_state(attrs[schema.ATTR_SCHEDULER_STATE])}
+    return attrs
 
 
 def _tensor_default(o: Any) -> Any:
@@ -148,8 +162,12 @@ class Recorder:
             self._release_lock()
             raise
         self._opt_attrs = self.root.attrs[schema.ATTR_OPTIMIZER]
+        self._static_fp = optim_mod.static_fingerprint(optimizer)
+        self._scheduler_checked = False
+        self._packs = self._pack_layout()
         self._writer = ChunkWriter(
-            self.root, self._arrays, self._batch_array, self.chunk_updates, queue_size=queue_chunks
+            self.root, self._arrays, self._batch_array, self.chunk_updates, queue_size=queue_chunks,
+            packs={g: segs for g, (segs, _) in self._packs.items()}, encode_attrs=_encode_commit_attrs,
         )
         if self.committed_at_open < 0:
             self._writer.put(self._row(0, self._initial_updates_row()))
@@ -433,13 +451,19 @@ class Recorder:
             )
         lrs = [float(optim_mod._scalar(g["lr"])) for g in optimizer.param_groups]
         wds = [float(optim_mod._scalar(g.get("weight_decay", 0.0))) for g in optimizer.param_groups]
-        problems = optim_mod.static_mismatch(self._opt_attrs, optimizer, self._id_to_name)
-        if problems:
-            raise RecorderError(
-                "optimizer hyperparameters changed during the run (only lr and weight_decay may change): "
-                + "; ".join(problems)
-            )
-        self._pending = {"lr": lrs, "wd": wds, "scheduler": _json_state(self.scheduler)}
+        if optim_mod.static_fingerprint(optimizer) != self._static_fp:  # cheap; the full comparison says what
+            problems = optim_mod.static_mismatch(self._opt_attrs, optimizer, self._id_to_name)
+            if problems:
+                raise RecorderError(
+                    "optimizer hyperparameters changed during the run (only lr and weight_decay may change): "
+                    + "; ".join(problems)
+                )
+            self._static_fp = optim_mod.static_fingerprint(optimizer)
+        sched = _scheduler_state(self.scheduler)
+        if not self._scheduler_checked:  # fail at the first step, not later in the writer
+            _json_state(sched)
+            self._scheduler_checked = True
+        self._pending = {"lr": lrs, "wd": wds, "scheduler": sched}
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._steps_since_record += 1
@@ -520,16 +544,43 @@ class Recorder:
             schema.OPT_STEP: np.int64(opt0),
         }
 
+    def _pack_layout(self) -> dict[str, tuple[list[Segment], torch.dtype]]:
+        """Groups (params, each optimizer state) whose tensors share one dtype are copied as one packed row per
+        step (one ``torch.cat`` instead of a copy per tensor); the writer unpacks whole chunks."""
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1 or len({p.device for p in self.params}) != 1:
+            return {}
+        layout: dict[str, tuple[list[Segment], torch.dtype]] = {}
+        for g in (schema.PARAMS, *self.state_names):
+            segs, start = [], 0
+            for n, p in zip(self.names, self.params):
+                segs.append(Segment(f"{g}/{n}", start, start + p.numel(), tuple(p.shape)))
+                start += p.numel()
+            layout[g] = (segs, next(iter(dtypes)))
+        return layout
+
+    def _tensors(self, group: str) -> list[torch.Tensor]:
+        """The live tensors of ``group`` (params or an optimizer state), zeros where the state does not exist yet."""
+        if group == schema.PARAMS:
+            return [p.detach() for p in self.params]
+        out = []
+        for p in self.params:
+            val = self.optimizer.state.get(p, {}).get(group)
+            out.append(val.detach() if val is not None else torch.zeros(p.shape, dtype=p.dtype, device=p.device))
+        return out
+
     def _row(self, index: int, updates: dict[str, Any]) -> Row:
         arrays: dict[str, Any] = {}
+        packed: dict[str, Any] = {}
         ready = None
         any_cuda = any(p.is_cuda for p in self.params)
-        for n, p in zip(self.names, self.params):
-            arrays[f"{schema.PARAMS}/{n}"] = _snapshot(p)
-            st = self.optimizer.state.get(p, {})
-            for s in self.state_names:
-                val = st.get(s)
-                arrays[f"{s}/{n}"] = _snapshot(val) if val is not None else torch.zeros(p.shape, dtype=p.dtype)
+        for g in (schema.PARAMS, *self.state_names):
+            tensors = self._tensors(g)
+            if g in self._packs and all(t.dtype == self._packs[g][1] for t in tensors):
+                packed[g] = _snapshot(torch.cat([t.reshape(-1) for t in tensors]), copy=False)
+            else:
+                for n, t in zip(self.names, tensors):
+                    arrays[f"{g}/{n}"] = _snapshot(t)
         for g in (schema.PARAMS, *self.state_names, schema.UPDATES):
             arrays[f"{g}/{schema.STEP}"] = np.int64(index)
         for k, v in updates.items():
@@ -537,7 +588,7 @@ class Recorder:
         if any_cuda:
             ready = torch.cuda.Event()
             ready.record()
-        return Row(index=index, arrays=arrays, ready=ready)
+        return Row(index=index, arrays=arrays, ready=ready, packed=packed)
 
     def flush(self) -> None:
         """Write and commit everything recorded so far (also happens automatically every chunk)."""
@@ -576,11 +627,12 @@ class Recorder:
         self.close()
 
 
-def _snapshot(t: torch.Tensor) -> torch.Tensor:
-    """Copy a tensor off the training device without stalling it (pinned buffer + async copy on CUDA)."""
+def _snapshot(t: torch.Tensor, copy: bool = True) -> torch.Tensor:
+    """Copy a tensor off the training device without stalling it (pinned buffer + async copy on CUDA).
+    ``copy=False``: ``t`` is already a fresh tensor (e.g. from ``torch.cat``), so a CPU tensor is kept as is."""
     t = t.detach()
     if t.is_cuda:
         out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         out.copy_(t, non_blocking=True)
         return out
-    return t.clone()
+    return t.clone() if copy else t

@@ -1,5 +1,11 @@
-"""Background writer: rows of one step go through a bounded queue to a thread that buffers whole chunks of steps,
-writes them, and only then advances the committed update count (so a crash never exposes a half-written step).
+"""Background writer: rows of one step are staged by the training thread and handed over a chunk at a time through a
+bounded queue to a thread that writes them and only then advances the committed update count (so a crash never
+exposes a half-written step).
+
+The training thread does as little as possible per step: one packed copy per array group (params, each optimizer
+state) instead of one per tensor, no queue operation except at chunk ends, and the JSON encoding of the commit
+attributes deferred to the writer. Measured on the digits CNN (8 tensors, SGD with momentum): 300-340 -> 160 us
+per step in the training thread.
 """
 
 from __future__ import annotations
@@ -33,6 +39,17 @@ class Row:
     batch: np.ndarray | None = None  # int64 sample indices (per-update rows only)
     ready: Any = None  # torch.cuda.Event to wait for before reading device copies
     commit_attrs: dict[str, Any] = field(default_factory=dict)  # root attributes valid once this row is committed
+    packed: dict[str, Any] = field(default_factory=dict)  # pack name -> 1-D tensor laid out by ChunkWriter.packs
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Where one array's values sit in a packed row: ``flat[start:stop].reshape(shape)``."""
+
+    path: str
+    start: int
+    stop: int
+    shape: tuple[int, ...]
 
 
 _FLUSH = object()
@@ -62,6 +79,8 @@ class ChunkWriter:
         queue_size: int = 4,
         on_commit: Callable[[int], None] | None = None,
         check_finite: bool = True,
+        packs: dict[str, list[Segment]] | None = None,
+        encode_attrs: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         self.root = root
         self.arrays = arrays
@@ -69,8 +88,11 @@ class ChunkWriter:
         self.k = chunk_updates
         self.on_commit = on_commit
         self.check_finite = check_finite
+        self.packs = packs or {}
+        self.encode_attrs = encode_attrs
         # Queue holds at most `queue_size` chunks of rows: training waits instead of growing memory without bound.
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(2, queue_size * chunk_updates))
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(2, queue_size))
+        self._staged: list[Row] = []  # rows of the current chunk, still with the training thread
         self._buffer: list[Row] = []
         self._error: BaseException | None = None
         self._flushed = threading.Event()
@@ -83,11 +105,19 @@ class ChunkWriter:
     # --- producer side (training thread) ---------------------------------------------------------------------
     def put(self, row: Row) -> None:
         self.raise_if_failed()
-        self._queue.put(row)
+        self._staged.append(row)
+        if (row.index + 1) % self.k == 0:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._staged:
+            rows, self._staged = self._staged, []
+            self._queue.put(rows)
 
     def flush(self) -> None:
         """Block until everything queued so far is written and committed."""
         self.raise_if_failed()
+        self._hand_over()
         self._flushed.clear()
         self._queue.put(_FLUSH)
         while not self._flushed.wait(0.1):
@@ -97,6 +127,8 @@ class ChunkWriter:
 
     def close(self) -> None:
         if self._thread.is_alive():
+            if self._error is None:
+                self._hand_over()
             self._queue.put(_STOP)
             self._thread.join()
         self.raise_if_failed()
@@ -120,8 +152,8 @@ class ChunkWriter:
                     self._write_buffer()
                     self._flushed.set()
                     continue
-                self._buffer.append(item)
-                if (item.index + 1) % self.k == 0:
+                self._buffer.extend(item)
+                if (item[-1].index + 1) % self.k == 0:
                     self._write_buffer()
         except BaseException as exc:  # noqa: BLE001 - reported to the training thread
             self._error = exc
@@ -139,9 +171,10 @@ class ChunkWriter:
             if r.ready is not None:
                 r.ready.synchronize()
         n = i1 + 1
+        blocks = self._unpacked(rows)
         jobs: list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]] = []
         for path, arr in self.arrays.items():
-            block = np.stack([_to_numpy(r.arrays[path]) for r in rows])
+            block = blocks[path] if path in blocks else np.stack([_to_numpy(r.arrays[path]) for r in rows])
             jobs.append((arr, (slice(i0, n),), block))
             self.bytes_written += block.nbytes
             if self.check_finite and block.dtype.kind == "f" and path.startswith(schema.PARAMS + "/"):
@@ -153,6 +186,8 @@ class ChunkWriter:
         # All arrays at once: zarr's per-call synchronisation dominated when arrays were written one by one.
         sync(_grow_and_write(jobs, n))
         attrs = dict(rows[-1].commit_attrs)
+        if self.encode_attrs is not None:
+            attrs = self.encode_attrs(attrs)
         attrs[schema.ATTR_NONFINITE] = sorted(self.nonfinite)
         attrs[schema.ATTR_COMMITTED] = i1
         # The commit point: only now do readers see updates i0..i1.
@@ -160,6 +195,17 @@ class ChunkWriter:
         self.busy_seconds += time.perf_counter() - t0
         if self.on_commit is not None:
             self.on_commit(i1)
+
+    def _unpacked(self, rows: list[Row]) -> dict[str, np.ndarray]:
+        """path -> ``(len(rows), *shape)`` block, from the rows' packed copies: one stack per pack for the chunk."""
+        out: dict[str, np.ndarray] = {}
+        for name, segments in self.packs.items():
+            if not all(name in r.packed for r in rows):
+                continue
+            flat = np.stack([_to_numpy(r.packed[name]) for r in rows])
+            for seg in segments:
+                out[seg.path] = flat[:, seg.start : seg.stop].reshape(len(rows), *seg.shape)
+        return out
 
     def _batch_job(self, rows: list[Row], i0: int, n: int) -> tuple[zarr.Array, tuple[slice, ...], np.ndarray]:
         arr = self.batch_array

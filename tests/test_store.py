@@ -227,6 +227,75 @@ def test_bad_usage_gets_clear_errors_and_loses_nothing(tmp_path):
         open_run(tmp_path / "a").sel(step=slice(0, 7))
 
 
+class _Opaque:
+    """An lr-lambda object whose state (its ``__dict__``) is not JSON."""
+
+    def __init__(self) -> None:
+        self.handle = object()
+
+    def __call__(self, epoch: int) -> float:
+        return 1.0
+
+
+def test_changed_hyperparameters_and_opaque_scheduler_are_refused_at_the_step(tmp_path):
+    """Both checks run in the step hook (cheaply, every step): the error comes from the offending optimizer.step()
+    itself, and what was committed before stays."""
+    x, y = digits()
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with Recorder(tmp_path / "a", model, opt, data=(x, y), chunk_updates=2) as rec:
+        for s in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+            opt.step()
+            rec.record(list(range(8)))
+        opt.param_groups[0]["momentum"] = 0.5
+        with pytest.raises(RecorderError, match="group 0 momentum: now 0.5, in the store 0.9"):
+            opt.step()
+        opt.param_groups[0]["momentum"] = 0.9  # put back: recording goes on
+        opt.step()
+        rec.record(list(range(8)))
+    assert open_run(tmp_path / "a").committed_updates == 4
+
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _Opaque())
+    with Recorder(tmp_path / "b", model, opt, data=(x, y), scheduler=sched) as rec:
+        nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+        with pytest.raises(RecorderError, match="not JSON-serialisable"):
+            opt.step()
+
+
+def test_mixed_dtype_parameters_are_recorded_exactly(tmp_path):
+    """Tensors of one dtype are copied as one packed row per step; a model mixing dtypes falls back to a copy per
+    tensor. Both paths give the exact values."""
+    x, y = digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 6), nn.Tanh(), nn.Linear(6, 10))
+    model[2].double()
+
+    def forward(xb: torch.Tensor) -> torch.Tensor:
+        return model[2](model[1](model[0](xb)).double())
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    snaps = []
+    with Recorder(tmp_path / "m", model, opt, data=(x, y), chunk_updates=3) as rec:
+        snaps.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        for s in range(5):
+            opt.zero_grad()
+            nn.functional.cross_entropy(forward(x[:16]), y[:16]).backward()
+            opt.step()
+            rec.record(list(range(16)))
+            snaps.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    run = open_run(tmp_path / "m")
+    for step, snap in enumerate(snaps):
+        got = run.load_params(step)
+        for k, v in snap.items():
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), (step, k)
+    m = run.state(schema.EXP_AVG)["2.weight"].sel(step=5).values
+    assert np.array_equal(m, opt.state[model[2].weight]["exp_avg"].numpy())
+
+
 def test_model_factories_are_only_imported_when_trusted(tmp_path, monkeypatch):
     spec = {"factory": "os:system", "kwargs": {"command": "echo pwned"}}
     train(tmp_path / "r", 2, kind="sgd", model_spec=spec)
