@@ -318,7 +318,7 @@ class Recorder:
             arr = _np(t)
             fmt.write_static(g, n, arr, schema.tensor_dims(n, arr.ndim) or ("scalar",))
 
-    def _make_arrays(self, root: zarr.Group, *, create: bool, clevel: int = 1, lossy_keepbits: int | None = None) -> None:
+    def _make_arrays(self, root: zarr.Group, *, create: bool, clevel: int = fmt.DEFAULT_CLEVEL, lossy_keepbits: int | None = None) -> None:
         k = self.chunk_updates
         arrays: dict[str, zarr.Array] = {}
         filters = fmt.float_filters(lossy_keepbits)
