@@ -200,7 +200,11 @@ class ChunkWriter:
         """path -> ``(len(rows), *shape)`` block, from the rows' packed copies: one stack per pack for the chunk."""
         out: dict[str, np.ndarray] = {}
         for name, segments in self.packs.items():
-            if not all(name in r.packed for r in rows):
+            if not all(name in r.packed for r in rows):  # some rows were copied per tensor: unpack row by row
+                for r in rows:
+                    if name in r.packed:
+                        one = _to_numpy(r.packed.pop(name))
+                        r.arrays.update({seg.path: one[seg.start : seg.stop].reshape(seg.shape) for seg in segments})
                 continue
             flat = np.stack([_to_numpy(r.packed[name]) for r in rows])
             for seg in segments:

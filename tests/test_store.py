@@ -296,6 +296,30 @@ def test_mixed_dtype_parameters_are_recorded_exactly(tmp_path):
     assert np.array_equal(m, opt.state[model[2].weight]["exp_avg"].numpy())
 
 
+def test_a_chunk_mixing_packed_and_per_tensor_rows_is_written_exactly(tmp_path):
+    """The writer unpacks whatever mix of packed and per-tensor rows a chunk holds (here: packing switched off
+    mid-chunk)."""
+    x, y = digits()
+    torch.manual_seed(0)
+    model = make_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    snaps = []
+    with Recorder(tmp_path / "p", model, opt, data=(x, y), chunk_updates=4) as rec:
+        snaps.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        for s in range(6):
+            if s == 2:
+                rec._packs = {}  # rows 3.. are copied tensor by tensor
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
+            opt.step()
+            rec.record(list(range(16)))
+            snaps.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    run = open_run(tmp_path / "p")
+    for step, snap in enumerate(snaps):
+        got = run.load_params(step)
+        assert all(torch.equal(got[k], v) for k, v in snap.items()), step
+
+
 def test_model_factories_are_only_imported_when_trusted(tmp_path, monkeypatch):
     spec = {"factory": "os:system", "kwargs": {"command": "echo pwned"}}
     train(tmp_path / "r", 2, kind="sgd", model_spec=spec)
