@@ -545,10 +545,12 @@ class Recorder:
         }
 
     def _pack_layout(self) -> dict[str, tuple[list[Segment], torch.dtype]]:
-        """Groups (params, each optimizer state) whose tensors share one dtype are copied as one packed row per
+        """Groups (params, each optimizer state) of CPU tensors sharing one dtype are copied as one packed row per
         step (one ``torch.cat`` instead of a copy per tensor); the writer unpacks whole chunks."""
         dtypes = {p.dtype for p in self.params}
-        if len(dtypes) != 1 or len({p.device for p in self.params}) != 1:
+        # CPU only: on a GPU the per-tensor copies go straight to pinned host memory, while a packed copy would
+        # first allocate a second copy of the model on the device
+        if len(dtypes) != 1 or any(p.device.type != "cpu" for p in self.params):
             return {}
         layout: dict[str, tuple[list[Segment], torch.dtype]] = {}
         for g in (schema.PARAMS, *self.state_names):
