@@ -42,6 +42,7 @@ import os
 import sys
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -49,7 +50,12 @@ import torch
 
 from engine import outputs as _outputs
 from engine.optim_terms import OptimTerms
-from engine.persample import batch_mean_grad, batch_mean_grads, choose_method, sample_dots
+from engine.persample import (
+    batch_mean_grad,
+    batch_mean_grads,
+    choose_method,
+    sample_dots,
+)
 from engine.quadrature import parse_rule, path_integral, phi_given
 from engine.result import BY_KEYS, PARAM_PREFIX, PARTS, ChunkResult, ResultMeta
 from explaind_store.trajectory import Trajectory, TrajectoryBlock
@@ -383,6 +389,23 @@ def _advance(
     return out
 
 
+
+def _momentum_scan(
+    ctx: Context, block: TrajectoryBlock, A: dict[str, dict[str, torch.Tensor]]
+) -> Iterator[tuple[int, dict[str, list[tuple[int, torch.Tensor]]]]]:
+    """:func:`_advance` over every update of ``block`` in order, with the batch gradients taken
+    ``PREPASS_UPDATES`` updates per ``vmap`` (:func:`~engine.persample.batch_mean_grads`); yields
+    ``(s, vecs)``."""
+    lo, ups = block.lo, list(block.updates)
+    for i in range(0, len(ups), PREPASS_UPDATES):
+        part = ups[i : i + PREPASS_UPDATES]
+        thetas = {n: block.params[n][part[0] - lo - 1 : part[-1] - lo].to(device=ctx.device, dtype=F64)
+                  for n in ctx.names}
+        batches = [ctx.batch(block, s) for s in part]
+        gs = batch_mean_grads(ctx.model, thetas, [b[1] for b in batches], [b[2] for b in batches], ctx.loss)
+        for k, (s, g) in enumerate(zip(part, gs)):
+            yield s, _advance(ctx, block, s, A, g, {n: thetas[n][k] for n in ctx.names})
+
 def _step_stats(
     ctx: Context,
     block: TrajectoryBlock,
@@ -492,15 +515,16 @@ def pass1(
     if not momentum:  # nothing to read: the totals stay zero
         return Pass1(lo, hi, u_total, a_total, stats, kept_u, kept_g, wd_param)
     block = traj.block(lo, hi)
+    if light:  # only the rebuilt momentum: batch gradients several updates per vmap
+        for _ in _momentum_scan(ctx, block, a_total):
+            pass
+        return Pass1(lo, hi, u_total, a_total, stats, kept_u, kept_g, wd_param)
     theta_prev = ctx.params(block, lo)
     for j, s in enumerate(block.updates):
         theta_s = ctx.params(block, s)
         _, xb, yb = ctx.batch(block, s)
         g = batch_mean_grad(ctx.model, theta_prev, xb, yb, ctx.loss)
         vecs = _advance(ctx, block, s, a_total, g, theta_prev)
-        if light:
-            theta_prev = theta_s
-            continue
         phi, pi = _phi(ctx, theta_prev, theta_s)
         k = {n: terms.k(block, s, n, dev) for n in names}
         _step_stats(ctx, block, s, j, phi, k, theta_prev, theta_s, vecs, pi, stats)
@@ -699,14 +723,8 @@ def pass2(
     if deferred:  # pass 1 skipped the path integrals: the per-update scalars are made here
         st = StepStats.empty(R, L, T, dev)
         A = {p: {n: torch.zeros(ctx.shapes[n], dtype=F64, device=dev) for n in names} for p in _PART_OF_COL[: _n_parts(ctx)]}
-        ups = list(block.updates)
-        for i in range(0, L, PREPASS_UPDATES):  # forward: the in-chunk rebuilt momentum (L x P per part)
-            part = ups[i : i + PREPASS_UPDATES]
-            thetas = {n: block.params[n][part[0] - lo - 1 : part[-1] - lo].to(device=dev, dtype=F64) for n in names}
-            batches = [ctx.batch(block, s) for s in part]
-            gs = batch_mean_grads(ctx.model, thetas, [b[1] for b in batches], [b[2] for b in batches], ctx.loss)
-            for k, (s, g) in enumerate(zip(part, gs)):
-                vec_hist.append(_advance(ctx, block, s, A, g, {n: thetas[n][k] for n in names}))
+        # forward: the in-chunk rebuilt momentum (L x P per part)
+        vec_hist.extend(vecs for _, vecs in _momentum_scan(ctx, block, A))
         del A
     mov[:, :, 0:2] = st.mov_local.to(dev)
     for s in reversed(block.updates):
