@@ -159,8 +159,9 @@ class OptimTerms:
         return denom.reciprocal_().mul_(applied_scalar(a / bc1, dtype))
 
     def coupled_decay(self, block: TrajectoryBlock, s: int, name: str) -> float:
-        """``lam_s`` if the decay enters the gradient (Adam, SGD), else 0 (AdamW: use :meth:`decoupled_decay`)."""
-        return 0.0 if self.decoupled else self.lam(block, s, name)
+        """``lam_s`` if the decay enters the gradient (Adam, SGD), else 0 (AdamW: use :meth:`decoupled_decay`).
+        As applied: torch's ``grad.add(param, alpha=weight_decay)`` rounds it to float32 for a float32 run."""
+        return 0.0 if self.decoupled else applied_scalar(self.lam(block, s, name), block.params[name].dtype)
 
     def decoupled_decay(self, block: TrajectoryBlock, s: int, name: str) -> float:
         """``a_s * lam_s`` for AdamW (``wd_s = -a_s lam_s theta_{s-1}``), else 0.
