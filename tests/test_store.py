@@ -266,6 +266,31 @@ def test_changed_hyperparameters_and_opaque_scheduler_are_refused_at_the_step(tm
             opt.step()
 
 
+def _params_now(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def _record_steps(rec, model, opt, forward, x, y, steps: int, before_step=None) -> list[dict[str, torch.Tensor]]:
+    """``steps`` recorded updates on the first 16 samples; the parameters at every step (0 included)."""
+    snaps = [_params_now(model)]
+    for s in range(steps):
+        if before_step is not None:
+            before_step(s)
+        opt.zero_grad()
+        nn.functional.cross_entropy(forward(x[:16]), y[:16]).backward()
+        opt.step()
+        rec.record(list(range(16)))
+        snaps.append(_params_now(model))
+    return snaps
+
+
+def _assert_params_are(run, snaps: list[dict[str, torch.Tensor]]) -> None:
+    for step, snap in enumerate(snaps):
+        got = run.load_params(step)
+        for k, v in snap.items():
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), (step, k)
+
+
 def test_mixed_dtype_parameters_are_recorded_exactly(tmp_path):
     """Tensors of one dtype are copied as one packed row per step; a model mixing dtypes falls back to a copy per
     tensor. Both paths give the exact values."""
@@ -278,20 +303,10 @@ def test_mixed_dtype_parameters_are_recorded_exactly(tmp_path):
         return model[2](model[1](model[0](xb)).double())
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    snaps = []
     with Recorder(tmp_path / "m", model, opt, data=(x, y), chunk_updates=3) as rec:
-        snaps.append({k: v.detach().clone() for k, v in model.named_parameters()})
-        for s in range(5):
-            opt.zero_grad()
-            nn.functional.cross_entropy(forward(x[:16]), y[:16]).backward()
-            opt.step()
-            rec.record(list(range(16)))
-            snaps.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        snaps = _record_steps(rec, model, opt, forward, x, y, 5)
     run = open_run(tmp_path / "m")
-    for step, snap in enumerate(snaps):
-        got = run.load_params(step)
-        for k, v in snap.items():
-            assert got[k].dtype == v.dtype and torch.equal(got[k], v), (step, k)
+    _assert_params_are(run, snaps)
     m = run.state(schema.EXP_AVG)["2.weight"].sel(step=5).values
     assert np.array_equal(m, opt.state[model[2].weight]["exp_avg"].numpy())
 
@@ -303,21 +318,14 @@ def test_a_chunk_mixing_packed_and_per_tensor_rows_is_written_exactly(tmp_path):
     torch.manual_seed(0)
     model = make_mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    snaps = []
+
+    def pack_off_after_two(step: int) -> None:
+        if step == 2:
+            rec._packs = {}  # rows 3.. are copied tensor by tensor
+
     with Recorder(tmp_path / "p", model, opt, data=(x, y), chunk_updates=4) as rec:
-        snaps.append({k: v.detach().clone() for k, v in model.named_parameters()})
-        for s in range(6):
-            if s == 2:
-                rec._packs = {}  # rows 3.. are copied tensor by tensor
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
-            opt.step()
-            rec.record(list(range(16)))
-            snaps.append({k: v.detach().clone() for k, v in model.named_parameters()})
-    run = open_run(tmp_path / "p")
-    for step, snap in enumerate(snaps):
-        got = run.load_params(step)
-        assert all(torch.equal(got[k], v) for k, v in snap.items()), step
+        snaps = _record_steps(rec, model, opt, model, x, y, 6, before_step=pack_off_after_two)
+    _assert_params_are(open_run(tmp_path / "p"), snaps)
 
 
 def test_model_factories_are_only_imported_when_trusted(tmp_path, monkeypatch):
