@@ -54,8 +54,11 @@ from engine.persample import (
     batch_mean_grad,
     batch_mean_grads,
     choose_method,
+    grad_dots,
     sample_dots,
+    sample_grads,
 )
+from engine.pipeline import pipeline_threads, run_two_stage
 from engine.quadrature import parse_rule, path_integral, phi_given
 from engine.result import BY_KEYS, PARAM_PREFIX, PARTS, ChunkResult, ResultMeta
 from explaind_store.trajectory import Trajectory, TrajectoryBlock
@@ -657,6 +660,37 @@ def _extra_vectors(
     return out
 
 
+# per-sample gradients of one update that pass 2's producer thread may take ahead (float64 bytes; the queue holds
+# one such update, the consumer another)
+GRADS_AHEAD_BYTES = int(os.environ.get("EXPLAIND_GRADS_AHEAD_BYTES", str(256 << 20)))
+
+
+def _grads_ahead(ctx: Context, block: TrajectoryBlock) -> bool:
+    """Whether every update of ``block`` takes its dot products from per-sample gradients (method ``"grad"``)
+    small enough to be taken one update ahead."""
+    sizes = {int(b.numel()) for b in block.batches}
+    p = sum(math.prod(sh) for sh in ctx.shapes.values())
+    methods = {choose_method(ctx.problem.method, ctx.R, nb, ctx.per_tensor) for nb in sizes}
+    return methods == {"grad"} and max(sizes, default=0) * p * 8 <= GRADS_AHEAD_BYTES
+
+
+@dataclass
+class _UpdateInputs:
+    """What pass 2's producer hands its consumer for one update."""
+
+    j: int
+    theta_prev: dict[str, torch.Tensor]
+    theta_s: dict[str, torch.Tensor] | None = None
+    x: dict[str, torch.Tensor] | None = None  # phi_s (or the kept u_s)
+    kx: dict[str, float | torch.Tensor] | None = None  # u_s = kx * x
+    pi: Any = None  # the PathIntegral when pass 2 made it (its scalars)
+    g: dict[str, torch.Tensor] | None = None  # batch-mean gradient, when taken
+    idx: torch.Tensor | None = None
+    xb: torch.Tensor | None = None
+    yb: torch.Tensor | None = None
+    grads: list[tuple[slice, dict[str, torch.Tensor]]] | None = None  # per-sample gradients, taken ahead
+
+
 def pass2(
     traj: Trajectory,
     problem: Problem,
@@ -727,24 +761,42 @@ def pass2(
         vec_hist.extend(vecs for _, vecs in _momentum_scan(ctx, block, A))
         del A
     mov[:, :, 0:2] = st.mov_local.to(dev)
-    for s in reversed(block.updates):
+    threads = pipeline_threads(dev)
+    # per-sample gradients taken by the producer (then the consumer needs no torch.func): "grad" dots whose whole
+    # batch fits the budget; else the consumer takes them itself, and the updates run in one thread
+    pre_grads = threads is not None and (not by_sample or _grads_ahead(ctx, block))
+    if not pre_grads:
+        threads = None
+
+    def produce(s: int) -> _UpdateInputs:
+        """The update's torch.func work: phi_s (unless kept), and the batch's gradients."""
         j = s - lo - 1
-        theta_prev = ctx.params(block, s - 1)
-        kx: dict[str, float | torch.Tensor]
+        w = _UpdateInputs(j=j, theta_prev=ctx.params(block, s - 1))
+        if kept:
+            w.x, w.g = p1.u[j], p1.g[j]  # type: ignore[union-attr,index]  # u_s itself
+            w.kx = dict.fromkeys(names, 1.0)
+        else:
+            w.theta_s = ctx.params(block, s)
+            nodes = None if deferred or st.t_nodes is None or st.w_nodes is None else (st.t_nodes[j], st.w_nodes[j])
+            w.x, w.pi = _phi(ctx, w.theta_prev, w.theta_s, nodes)  # phi_s; u_s = kx * phi_s
+            w.kx = {n: terms.k(block, s, n, dev) for n in names}
+        w.idx, w.xb, w.yb = ctx.batch(block, s)
+        if by_sample and pre_grads:
+            w.grads = list(sample_grads(ctx.model, w.theta_prev, w.xb, w.yb, ctx.loss,
+                                        sample_chunk=int(problem.sample_chunk)))
+        elif w.g is None and not by_sample:
+            w.g = batch_mean_grad(ctx.model, w.theta_prev, w.xb, w.yb, ctx.loss)
+        return w
+
+    def consume(s: int, w: _UpdateInputs) -> None:
+        """Everything that chains the updates (plain tensor ops when the producer took the gradients)."""
+        j, x, kx, g, theta_prev = w.j, w.x, w.kx, w.g, w.theta_prev
         inner: dict[str, torch.Tensor] | None = None  # <x, kx * v> for the extra vectors v below
         extra = _extra_vectors(ctx, s, a, lo, s_a, a_in)
-        if kept:
-            x, g = p1.u[j], p1.g[j]  # type: ignore[union-attr,index]  # u_s itself
-            kx = dict.fromkeys(names, 1.0)
-        else:
-            theta_s = ctx.params(block, s)
-            nodes = None if deferred or st.t_nodes is None or st.w_nodes is None else (st.t_nodes[j], st.w_nodes[j])
-            x, pi = _phi(ctx, theta_prev, theta_s, nodes)  # phi_s; u_s = kx * phi_s
-            g = None
-            kx = {n: terms.k(block, s, n, dev) for n in names}
+        if not kept:
             if deferred:
                 ex = {n: [_mul(v, kx[n]) for _, _, v in extra[n]] for n in names}
-                inner = _step_stats(ctx, block, s, j, x, kx, theta_prev, theta_s, vec_hist[j], pi, st, ex)
+                inner = _step_stats(ctx, block, s, j, x, kx, theta_prev, w.theta_s, vec_hist[j], w.pi, st, ex)
                 mov[:, j, 0:2] = st.mov_local[:, j]
                 vec_hist[j] = {}
             if wd_param is not None:
@@ -775,30 +827,32 @@ def pass2(
                 coef[n] = 1.0
             else:
                 Vt[n], coef[n] = Ut[n], c
-        idx, xb, yb = ctx.batch(block, s)
+        idx = w.idx
         nb = len(idx)
         # --- data: -gs/|B| <V, grad l_k> per sample, or -gs <V, g> for the batch
         if by_sample:
-            method = choose_method(problem.method, R, nb, per_tensor)
             want_g = g is None and by_param
-            dots, g_mean = sample_dots(
-                ctx.model, theta_prev, xb, yb, ctx.loss, Vt, per_tensor=per_tensor, method=method,
-                sample_chunk=int(problem.sample_chunk), want_mean_grad=want_g, scale=coef,
-            )
+            k_dot = {n: coef[n] * (-gs / nb) for n in names}  # folded into the matmuls' scaling
+            if w.grads is not None:
+                dots, g_mean = grad_dots(w.grads, Vt, nb, per_tensor=per_tensor, want_mean_grad=want_g, scale=k_dot)
+                w.grads = None
+            else:
+                method = choose_method(problem.method, R, nb, per_tensor)
+                dots, g_mean = sample_dots(
+                    ctx.model, theta_prev, w.xb, w.yb, ctx.loss, Vt, per_tensor=per_tensor, method=method,
+                    sample_chunk=int(problem.sample_chunk), want_mean_grad=want_g, scale=k_dot,
+                )
             if g is None:
                 g = g_mean
-            dots.mul_(-gs / nb)
             target = data[:, :, j] if by_step else data  # (R, N, Td)
             target.index_add_(1, idx, dots.reshape(R, nb, Td))
         else:
-            if g is None:
-                g = batch_mean_grad(ctx.model, theta_prev, xb, yb, ctx.loss)
+            assert g is not None
             target = data[:, j] if by_step else data  # (R, T)
             for t, n in enumerate(names):
                 target[:, t] += (Vt[n].reshape(R, -1) @ g[n].reshape(-1)).mul_(-gs * coef[n])
         if by_param:
-            if g is None:
-                g = batch_mean_grad(ctx.model, theta_prev, xb, yb, ctx.loss)
+            assert g is not None
             for n in names:
                 param[n][:, 0].addcmul_(Vt[n], g[n], value=-gs * coef[n])  # type: ignore[index]
         # --- coupled weight decay (Adam, SGD): -<V, lam theta_{s-1}>
@@ -825,6 +879,8 @@ def pass2(
                         param[n][:, 2].addcmul_(x[n], _mul(v, kx[n]), value=c)  # type: ignore[index]
                 else:
                     mov[:, j, dest, t] += M[:, i] * c
+
+    run_two_stage(reversed(block.updates), produce, consume, threads)
     u_out = {n: Ut[n].mul_(scale[n]) if scale[n] != 1.0 else Ut[n] for n in names}  # U_{lo+1}
     if terms.decoupled:
         wd.copy_(mov[:, :, 1])

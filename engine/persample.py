@@ -15,7 +15,7 @@ optimizer's gradient is the batch mean of these (``reduction="mean"``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -106,6 +106,67 @@ def batch_mean_grads(
     return out
 
 
+def sample_grads(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_spec: dict[str, str],
+    *,
+    sample_chunk: int = 512,
+) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
+    """Per-sample gradients ``grad l_k(params)`` of the batch, ``sample_chunk`` samples at a time: yields
+    ``(slice of the batch, name -> (chunk, *shape))``. Lazy, so a consumer holds one chunk at a time."""
+    psg = vmap(grad(_sample_loss_fn(model, loss_spec)), in_dims=(None, 0, 0))
+    B = x.shape[0]
+    for c0 in range(0, B, sample_chunk):
+        sl = slice(c0, min(B, c0 + sample_chunk))
+        yield sl, psg(params, x[sl], y[sl])
+
+
+def grad_dots(
+    grads: Iterable[tuple[slice, dict[str, torch.Tensor]]],
+    V: dict[str, torch.Tensor],
+    batch_size: int,
+    *,
+    per_tensor: bool,
+    want_mean_grad: bool = False,
+    scale: dict[str, float] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """:func:`sample_dots` from per-sample gradients already taken (:func:`sample_grads`' chunks): plain matmuls,
+    no ``torch.func`` transform, so it may run in another thread than the one that took the gradients."""
+    names = list(V)
+    R = next(iter(V.values())).shape[0]
+    B = batch_size
+    dev = next(iter(V.values())).device
+    # per tensor every element is written below; the sum over tensors accumulates into zeros
+    out = (torch.empty if per_tensor else torch.zeros)((R, B, len(names)) if per_tensor else (R, B), dtype=torch.float64,
+                                                        device=dev)
+    Vf = {n: V[n].reshape(R, -1) for n in names}
+    sc = {n: 1.0 if scale is None else float(scale.get(n, 1.0)) for n in names}
+    mean: dict[str, torch.Tensor] | None = None
+    for sl, G in grads:
+        C = sl.stop - sl.start
+        if want_mean_grad and mean is None:
+            mean = {n: torch.zeros(G[n].shape[1:], dtype=G[n].dtype, device=G[n].device) for n in names}
+        if per_tensor:
+            for t, n in enumerate(names):
+                d = Vf[n] @ G[n].reshape(C, -1).T
+                out[:, sl, t] = d if sc[n] == 1.0 else d.mul_(sc[n])
+        else:
+            acc = out[:, sl]
+            for n in names:
+                acc.addmm_(Vf[n], G[n].reshape(C, -1).T, alpha=sc[n])
+        if mean is not None:
+            for n in names:
+                mean[n].add_(G[n].sum(0))
+        del G
+    if mean is not None:
+        for n in names:
+            mean[n].div_(B)
+    return out, mean
+
+
 def sample_dots(
     model: nn.Module,
     params: dict[str, torch.Tensor],
@@ -127,40 +188,18 @@ def sample_dots(
     ``V``'s tensor order; ``mean_grad`` is the batch-mean gradient when ``want_mean_grad`` (free with ``"grad"``, one
     extra reverse pass with ``"jvp"``), else None.
     """
-    names = list(V)
-    R = next(iter(V.values())).shape[0]
     B = x.shape[0]
-    dev = next(iter(V.values())).device
-    out = torch.zeros((R, B, len(names)) if per_tensor else (R, B), dtype=torch.float64, device=dev)
-    Vf = {n: V[n].reshape(R, -1) for n in names}
-    sc = {n: 1.0 if scale is None else float(scale.get(n, 1.0)) for n in names}
-    mean: dict[str, torch.Tensor] | None = None
     if method == "grad":
-        psg = vmap(grad(_sample_loss_fn(model, loss_spec)), in_dims=(None, 0, 0))
-        if want_mean_grad:
-            mean = {n: torch.zeros_like(params[n]) for n in names}
-        for c0 in range(0, B, sample_chunk):
-            sl = slice(c0, min(B, c0 + sample_chunk))
-            G = psg(params, x[sl], y[sl])
-            C = sl.stop - sl.start
-            if per_tensor:
-                for t, n in enumerate(names):
-                    d = Vf[n] @ G[n].reshape(C, -1).T
-                    out[:, sl, t] = d if sc[n] == 1.0 else d.mul_(sc[n])
-            else:
-                acc = out[:, sl]
-                for n in names:
-                    acc.addmm_(Vf[n], G[n].reshape(C, -1).T, alpha=sc[n])
-            if mean is not None:
-                for n in names:
-                    mean[n].add_(G[n].sum(0))
-            del G
-        if mean is not None:
-            for n in names:
-                mean[n].div_(B)
-        return out, mean
+        return grad_dots(sample_grads(model, params, x, y, loss_spec, sample_chunk=sample_chunk), V, B,
+                         per_tensor=per_tensor, want_mean_grad=want_mean_grad, scale=scale)
     if method != "jvp":
         raise ValueError(f"unknown method {method!r}; use 'grad' or 'jvp'")
+    names = list(V)
+    R = next(iter(V.values())).shape[0]
+    dev = next(iter(V.values())).device
+    out = torch.zeros((R, B, len(names)) if per_tensor else (R, B), dtype=torch.float64, device=dev)
+    sc = {n: 1.0 if scale is None else float(scale.get(n, 1.0)) for n in names}
+    mean: dict[str, torch.Tensor] | None = None
     rows = max(1, JVP_BATCH // max(1, min(B, sample_chunk)))
     for c0 in range(0, B, sample_chunk):
         sl = slice(c0, min(B, c0 + sample_chunk))

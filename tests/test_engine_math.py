@@ -305,6 +305,45 @@ def test_grad_and_jvp_agree(by):
     assert choose_method("auto", 1, 20, per_tensor=True) == "grad"
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward-AD init
+@pytest.mark.parametrize(
+    "model,opt,by,method",
+    [
+        ("mlp", "adamw", ALL_BY, "auto"),
+        ("transformer", "sgd_nesterov", ALL_BY, "auto"),
+        ("mlp", "adam_wd", frozenset({"param", "step"}), "auto"),  # no per-sample dots: the producer takes g
+        ("transformer", "adam_wd", frozenset({"sample", "step"}), "jvp"),  # jvp dots: one thread after all
+    ],
+)
+def test_pipelined_pass2_matches_oracle(model, opt, by, method, monkeypatch):
+    """With two torch threads pass 2 takes the path integrals and per-sample gradients one update ahead in a
+    producer thread (engine.pipeline); the scores still match the oracle and the one-thread run."""
+    from engine import chunks
+
+    seen: list[object] = []
+    real = chunks.run_two_stage
+
+    def spy(items, produce, consume, threads, **kw):
+        seen.append(threads)
+        return real(items, produce, consume, threads, **kw)
+
+    monkeypatch.setattr(chunks, "run_two_stage", spy)
+    run = run_of(model, opt)
+    torch.set_num_threads(2)
+    try:  # nothing kept: the producer also recomputes the path integrals (or, first chunk, makes them)
+        ds = engine(run, by=by, method=method, keep_u=False)
+    finally:
+        torch.set_num_threads(1)
+    assert seen and all(t == ((1, 1) if method != "jvp" else None) for t in seen), seen
+    seen.clear()
+    ref = engine(run, by=by, method=method)
+    assert seen and all(t is None for t in seen), seen  # one torch thread: no pipeline
+    same(ds, ref, what="pipelined, recomputed u vs one thread, kept u")
+    if by == ALL_BY:
+        compare(ds, oracle_of(model, opt), what=run.name)
+    check_identities(ds)
+
+
 def test_relu_kink_rule_matches_exact_reference():
     """ReLU MLP: the default kink rule equals the oracle's exact piecewise integral (kinks solved in closed form);
     a fixed 100-node midpoint rule misses by orders of magnitude (so this test can fail)."""

@@ -1,0 +1,77 @@
+"""engine.pipeline: pass 2's two-thread producer/consumer driver (its numbers are checked in test_engine_math)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from engine.pipeline import PIPELINE_ENV, pipeline_threads, run_two_stage
+
+
+def _producer_alive() -> bool:
+    return any(t.name == "explaind-pipeline-producer" and t.is_alive() for t in threading.enumerate())
+
+
+def test_runs_ahead_in_a_second_thread_in_order():
+    before = torch.get_num_threads()
+    log: list[tuple[str, int, str, int]] = []
+
+    def produce(i: int) -> int:
+        log.append(("p", i, threading.current_thread().name, torch.get_num_threads()))
+        return i * i
+
+    def consume(i: int, v: int) -> None:
+        assert v == i * i
+        log.append(("c", i, threading.current_thread().name, torch.get_num_threads()))
+
+    run_two_stage(range(6), produce, consume, (1, 1))
+    assert [i for k, i, *_ in log if k == "c"] == list(range(6))
+    assert {(name, n) for k, _, name, n in log if k == "p"} == {("explaind-pipeline-producer", 1)}
+    assert {(name, n) for k, _, name, n in log if k == "c"} == {(threading.current_thread().name, 1)}
+    assert torch.get_num_threads() == before  # the caller's thread count is restored
+    assert not _producer_alive()
+
+
+def test_without_threads_everything_runs_here():
+    names = []
+    run_two_stage(range(3), lambda i: names.append(threading.current_thread().name) or i, lambda i, v: None, None)
+    assert names == [threading.current_thread().name] * 3
+
+
+def test_a_producer_error_reaches_the_caller():
+    consumed = []
+
+    def produce(i: int) -> int:
+        if i == 3:
+            raise ValueError("bad update 3")
+        return i
+
+    with pytest.raises(ValueError, match="bad update 3"):
+        run_two_stage(range(10), produce, lambda i, v: consumed.append(i), (1, 1))
+    assert consumed == [0, 1, 2]
+    assert not _producer_alive()
+
+
+def test_a_consumer_error_stops_the_producer():
+    produced = []
+
+    def consume(i: int, v: int) -> None:
+        if i == 2:
+            raise RuntimeError("consumer failed")
+
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        run_two_stage(range(1000), lambda i: produced.append(i) or i, consume, (1, 1), depth=1)
+    assert not _producer_alive()
+    assert len(produced) <= 5  # stopped right away, not run to the end
+
+
+def test_pipeline_threads(monkeypatch):
+    monkeypatch.delenv(PIPELINE_ENV, raising=False)
+    assert pipeline_threads("cpu", 1) is None
+    assert pipeline_threads("cpu", 2) == (1, 1)
+    assert pipeline_threads("cpu", 5) == (3, 2)
+    assert pipeline_threads("cuda", 4) is None
+    monkeypatch.setenv(PIPELINE_ENV, "0")
+    assert pipeline_threads("cpu", 4) is None
