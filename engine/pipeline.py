@@ -55,36 +55,33 @@ def run_two_stage(
     consume: Callable[[T, W], Any],
     threads: tuple[int, int] | None,
     *,
-    depth: int = 1,
+    ahead: int = 1,
 ) -> None:
     """``consume(item, produce(item))`` for every item in order; with ``threads`` (producer, consumer torch
-    threads), ``produce`` runs ahead in a second thread, at most ``depth`` items ahead (each produced item holds
-    memory until consumed). An exception on either side stops both and is raised here."""
+    threads), ``produce`` runs in a second thread, at most ``ahead`` items ahead of the one being consumed (so at
+    most ``ahead + 1`` produced items hold memory at once). An exception on either side stops both and is raised
+    here."""
     if threads is None:
         for it in items:
             consume(it, produce(it))
         return
-    q: queue.Queue[tuple[Any, Any]] = queue.Queue(maxsize=max(1, depth))
+    q: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
+    slots = threading.Semaphore(max(1, ahead) + 1)
     stop = threading.Event()
-
-    def put(entry: tuple[Any, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(entry, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
 
     def work() -> None:
         torch.set_num_threads(threads[0])
         try:
             for it in items:
-                if stop.is_set() or not put((it, produce(it))):
+                while not slots.acquire(timeout=_POLL_S):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
                     return
-            put((_DONE, None))
+                q.put((it, produce(it)))
+            q.put((_DONE, None))
         except BaseException as e:  # noqa: BLE001  # handed to the consumer, which raises it
-            put((_DONE, e))
+            q.put((_DONE, e))
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads[1])
@@ -98,6 +95,8 @@ def run_two_stage(
                     raise value
                 return
             consume(it, value)
+            del it, value  # before the producer may start another item
+            slots.release()
     finally:
         stop.set()
         producer.join()

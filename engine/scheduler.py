@@ -56,7 +56,20 @@ QUIET_CLUSTER_CONFIG = {
     "distributed.worker.memory.monitor-interval": "500ms",
 }
 
+# set in a worker's environment before the nanny spawns it, so glibc reads it before the first allocation: one malloc
+# arena for all of a worker's threads (see engine.chunks.keep_heap: pass 2's producer thread would keep its own)
+PRE_SPAWN_ENV = {"MALLOC_ARENA_MAX": "1"}
+
 MATH_LOCK = threading.Lock()
+
+
+def _cluster_config() -> dict[str, Any]:
+    """:data:`QUIET_CLUSTER_CONFIG` plus :data:`PRE_SPAWN_ENV` on top of the nanny's own pre-spawn environment."""
+    import dask
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    environ.update(PRE_SPAWN_ENV)
+    return {**QUIET_CLUSTER_CONFIG, "distributed.nanny.pre-spawn-environ": environ}
 
 
 # ==============================================================================================================
@@ -412,7 +425,7 @@ def local_client(n_workers: int | None = None) -> Any:
             if n > len(cluster.workers):  # a later, bigger job: grow to min(cores, tasks)
                 import dask
 
-                with _own_environ(), dask.config.set(QUIET_CLUSTER_CONFIG):
+                with _own_environ(), dask.config.set(_cluster_config()):
                     cluster.scale(n)
                     client.wait_for_workers(n, timeout=120)
                 client.run(warm_worker, wait=False)
@@ -420,7 +433,7 @@ def local_client(n_workers: int | None = None) -> Any:
         import dask
         from distributed import Client, LocalCluster
 
-        with _own_environ(), dask.config.set(QUIET_CLUSTER_CONFIG):
+        with _own_environ(), dask.config.set(_cluster_config()):
             cluster = LocalCluster(
                 n_workers=n,
                 threads_per_worker=1,

@@ -146,6 +146,8 @@ def test_local_cluster_is_quiet(cluster):
     for worker_settings in got.values():
         assert worker_settings == QUIET_CLUSTER_CONFIG
     assert cluster.run_on_scheduler(lambda dask_scheduler: dask_scheduler._tick_interval) == 1.0
+    # and one malloc arena from their first allocation on (set before the nanny spawned them)
+    assert set(cluster.run(lambda: __import__("os").environ.get("MALLOC_ARENA_MAX")).values()) == {"1"}
 
 
 def test_workers_inherit_trusted_modules(tmp_path, cluster, monkeypatch):

@@ -62,9 +62,9 @@ def test_a_consumer_error_stops_the_producer():
             raise RuntimeError("consumer failed")
 
     with pytest.raises(RuntimeError, match="consumer failed"):
-        run_two_stage(range(1000), lambda i: produced.append(i) or i, consume, (1, 1), depth=1)
+        run_two_stage(range(1000), lambda i: produced.append(i) or i, consume, (1, 1), ahead=1)
     assert not _producer_alive()
-    assert len(produced) <= 5  # stopped right away, not run to the end
+    assert len(produced) <= 4  # stopped right away, not run to the end
 
 
 def test_pipeline_threads(monkeypatch):
@@ -75,3 +75,22 @@ def test_pipeline_threads(monkeypatch):
     assert pipeline_threads("cuda", 4) is None
     monkeypatch.setenv(PIPELINE_ENV, "0")
     assert pipeline_threads("cpu", 4) is None
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_produces_at_most_ahead_items_in_advance(ahead):
+    import time
+
+    done = [0]  # items fully consumed
+    lead = []
+
+    def produce(i: int) -> int:
+        lead.append(i - done[0])
+        return i
+
+    def consume(i: int, v: int) -> None:
+        time.sleep(0.002)  # a slow consumer: the producer has to wait for it
+        done[0] += 1
+
+    run_two_stage(range(30), produce, consume, (1, 1), ahead=ahead)
+    assert max(lead) == ahead  # it did run ahead, and never further (bounded memory)
