@@ -719,6 +719,10 @@ def pass2(
     integrals on the nodes pass 1 used (no second kink search), or, for a chunk whose pass 1 skipped them
     (``carry.stats.deferred``), computes them and the per-update scalars here. Returns numpy arrays laid out as
     :func:`engine.result.chunk_layout` says.
+
+    With two or more torch threads on the CPU the updates run as a two-stage pipeline (:mod:`engine.pipeline`):
+    ``produce`` (path integral, per-sample gradients: every ``torch.func`` transform) one update ahead in a second
+    thread, ``consume`` (the accumulator, dot products, scalars: plain tensor ops) here.
     """
     ctx = ctx or context(traj, problem)
     _check_chunk(ctx, lo, hi)
