@@ -26,12 +26,13 @@ from engine.local import KEEP_U_BYTES
 from engine.outputs import NEEDS_TARGETS, OUTPUT_MODES
 from engine.quadrature import parse_rule
 from engine.result import BY_KEYS, finalize_attrs
+from engine.settings import env_int
 from explaind_store import schema
 from explaind_store.format import StoreError
 from explaind_store.trajectory import Trajectory
 
 # updates the up-front replay check reads (evenly spaced; all of them for short runs)
-VERIFY_UPDATES = int(os.environ.get("EXPLAIND_VERIFY_UPDATES", "16"))
+VERIFY_UPDATES = env_int("EXPLAIND_VERIFY_UPDATES", 16, "updates the pre-flight store check replays")
 RESULT_KIND = "explaind-attribution"
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import ctypes
 import itertools
 import math
-import os
 import sys
 import weakref
 from collections import OrderedDict
@@ -61,6 +60,7 @@ from engine.persample import (
 from engine.pipeline import pipeline_threads, run_two_stage
 from engine.quadrature import parse_rule, path_integral, phi_given
 from engine.result import BY_KEYS, PARAM_PREFIX, PARTS, ChunkResult, ResultMeta
+from engine.settings import env_flag, env_int
 from explaind_store.trajectory import Trajectory, TrajectoryBlock
 
 F64 = torch.float64
@@ -160,7 +160,8 @@ def rule_string(rule: Any) -> str:
 _HEAP_TUNED = False
 PREPASS_UPDATES = 16  # updates whose batch gradients pass 2's forward pre-pass takes in one vmap
 # pass 1 of a window's first chunk skips its path integrals when pass 2 can keep L x P floats per momentum part
-LIGHT_BYTES = int(os.environ.get("EXPLAIND_LIGHT_BYTES", str(512 << 20)))
+LIGHT_BYTES = env_int("EXPLAIND_LIGHT_BYTES", 512 << 20, "bytes of rebuilt momentum pass 2 may keep per chunk",
+                      minimum=0)
 
 
 def keep_heap() -> bool:
@@ -175,7 +176,7 @@ def keep_heap() -> bool:
     Once per process; ``EXPLAIND_MALLOPT=0`` turns it off.
     """
     global _HEAP_TUNED
-    if _HEAP_TUNED or not sys.platform.startswith("linux") or os.environ.get("EXPLAIND_MALLOPT", "1") == "0":
+    if _HEAP_TUNED or not sys.platform.startswith("linux") or not env_flag("EXPLAIND_MALLOPT"):
         return _HEAP_TUNED
     _HEAP_TUNED = True
     try:
@@ -669,7 +670,8 @@ def _extra_vectors(
 
 # per-sample gradients of one update that pass 2's producer thread may take ahead (float64 bytes; the queue holds
 # one such update, the consumer another)
-GRADS_AHEAD_BYTES = int(os.environ.get("EXPLAIND_GRADS_AHEAD_BYTES", str(256 << 20)))
+GRADS_AHEAD_BYTES = env_int("EXPLAIND_GRADS_AHEAD_BYTES", 256 << 20,
+                            "bytes of per-sample gradients pass 2 may take one update ahead", minimum=0)
 
 
 def _grads_ahead(ctx: Context, block: TrajectoryBlock) -> bool:

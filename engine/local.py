@@ -7,7 +7,6 @@ no scheduler. See :mod:`engine.chunks` for the algorithm and :mod:`engine.result
 from __future__ import annotations
 
 import math
-import os
 
 import xarray as xr
 
@@ -21,13 +20,15 @@ from engine.chunks import (
     result_meta,
 )
 from engine.result import assemble, combine
+from engine.settings import env_int
 from explaind_store.trajectory import Trajectory
 
 # keep_u=None keeps the u_s of as many chunks (L x R x P float64 each) as fit in this many bytes and recomputes the
 # path integrals of the others in pass 2 (twice the quadrature work there, O(R x P) memory). The window's first
 # chunk needs no kept u_s (its pass 1 skips the path integrals, engine.chunks.pass1), so keeping only pays for later
 # chunks: a small budget keeps memory flat in the number of updates.
-KEEP_U_BYTES = int(os.environ.get("EXPLAIND_KEEP_U_BYTES", str(256 << 20)))
+KEEP_U_BYTES = env_int("EXPLAIND_KEEP_U_BYTES", 256 << 20, "bytes of path integrals pass 1 may keep for pass 2",
+                       minimum=0)
 
 
 def chunk_bounds(window: tuple[int, int], chunk_updates: int) -> list[tuple[int, int]]:

@@ -17,7 +17,6 @@ longer touches. ``torch.set_num_threads`` is per thread (OpenMP), so each side g
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterable
@@ -25,10 +24,12 @@ from typing import Any, TypeVar
 
 import torch
 
+from engine.settings import env_flag
+
 T = TypeVar("T")
 W = TypeVar("W")
 
-PIPELINE_ENV = "EXPLAIND_PIPELINE"  # "0": never pipeline; anything else: pipeline when there are >= 2 torch threads
+PIPELINE_ENV = "EXPLAIND_PIPELINE"  # 0/false/off/no: never pipeline; else: pipeline when there are >= 2 torch threads
 _POLL_S = 0.1
 
 
@@ -37,7 +38,7 @@ def pipeline_threads(device: str, threads: int | None = None) -> tuple[int, int]
     thread count) are split over a two-stage pipeline; None when it should run in one thread (fewer than 2 torch
     threads, a GPU device, or ``EXPLAIND_PIPELINE=0``)."""
     n = torch.get_num_threads() if threads is None else int(threads)
-    if os.environ.get(PIPELINE_ENV, "1").strip() == "0" or device != "cpu" or n < 2:
+    if not env_flag(PIPELINE_ENV) or device != "cpu" or n < 2:
         return None
     return n - n // 2, n // 2
 

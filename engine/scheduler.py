@@ -34,6 +34,7 @@ from typing import Any, Self
 import torch
 
 from engine.chunks import Context, Problem
+from engine.settings import env_int
 from explaind_store.specs import TRUSTED_ENV
 from explaind_store.trajectory import Trajectory
 
@@ -118,15 +119,7 @@ def make_job(traj: Trajectory, problem: Problem, *, by_reference: bool, threads:
 
 # torch threads per query group on our own LocalCluster (see plan_parallelism)
 def _threads_per_group() -> int:
-    raw = os.environ.get("EXPLAIND_THREADS_PER_GROUP", "2")
-    try:
-        n = int(raw)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"EXPLAIND_THREADS_PER_GROUP={raw!r}: set it to a positive integer (torch threads per query "
-                         "group on the default LocalCluster), or unset it for the default 2")
-    return n
+    return env_int("EXPLAIND_THREADS_PER_GROUP", 2, "torch threads per query group on the default LocalCluster")
 
 
 THREADS_PER_GROUP = _threads_per_group()
@@ -203,7 +196,7 @@ def task_env(job: Job) -> tuple[Trajectory, Context]:
     if not _THREADS_SET and not job.threads and _in_worker():
         # one torch thread per worker process: dask parallelises over processes, and oversubscribed BLAS threads
         # only slow every worker down
-        torch.set_num_threads(int(os.environ.get(WORKER_THREADS_ENV, "1")))
+        torch.set_num_threads(env_int(WORKER_THREADS_ENV, 1, "torch threads per dask worker process"))
         _THREADS_SET = True
     with trusted_modules(job.trusted):
         traj = job.open()

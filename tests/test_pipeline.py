@@ -94,3 +94,26 @@ def test_produces_at_most_ahead_items_in_advance(ahead):
 
     run_two_stage(range(30), produce, consume, (1, 1), ahead=ahead)
     assert max(lead) == ahead  # it did run ahead, and never further (bounded memory)
+
+
+def test_env_settings_explain_bad_values(monkeypatch):
+    from engine.scheduler import _threads_per_group
+    from engine.settings import env_flag, env_int
+
+    monkeypatch.setenv("EXPLAIND_THREADS_PER_GROUP", "two")
+    with pytest.raises(ValueError, match=r"EXPLAIND_THREADS_PER_GROUP='two': set it to an integer >= 1 \(torch threads"):
+        _threads_per_group()
+    monkeypatch.setenv("EXPLAIND_THREADS_PER_GROUP", "3")
+    assert _threads_per_group() == 3
+    monkeypatch.setenv("EXPLAIND_X", "-1")
+    with pytest.raises(ValueError, match="or unset it for the default 5"):
+        env_int("EXPLAIND_X", 5, "something", minimum=0)
+    monkeypatch.setenv("EXPLAIND_X", "")
+    assert env_int("EXPLAIND_X", 5, "something") == 5
+    for off in ("0", "off", "False", " no "):
+        monkeypatch.setenv("EXPLAIND_X", off)
+        assert env_flag("EXPLAIND_X") is False
+    monkeypatch.setenv("EXPLAIND_X", "1")
+    assert env_flag("EXPLAIND_X") is True
+    monkeypatch.delenv("EXPLAIND_X")
+    assert env_flag("EXPLAIND_X", default=False) is False
