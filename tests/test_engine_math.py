@@ -307,15 +307,16 @@ def test_grad_and_jvp_agree(by):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward-AD init
 @pytest.mark.parametrize(
-    "model,opt,by,method",
+    "model,opt,by,method,window",
     [
-        ("mlp", "adamw", ALL_BY, "auto"),
-        ("transformer", "sgd_nesterov", ALL_BY, "auto"),
-        ("mlp", "adam_wd", frozenset({"param", "step"}), "auto"),  # no per-sample dots: the producer takes g
-        ("transformer", "adam_wd", frozenset({"sample", "step"}), "jvp"),  # jvp dots: one thread after all
+        ("mlp", "adamw", ALL_BY, "auto", None),
+        ("transformer", "sgd_nesterov", ALL_BY, "auto", None),
+        ("mlp", "sgd_momentum", ALL_BY, "auto", (3, 10)),  # carried-in momentum and rebuilt movement
+        ("mlp", "adam_wd", frozenset({"param", "step"}), "auto", None),  # no per-sample dots: the producer takes g
+        ("transformer", "adam_wd", frozenset({"sample", "step"}), "jvp", None),  # jvp dots: one thread after all
     ],
 )
-def test_pipelined_pass2_matches_oracle(model, opt, by, method, monkeypatch):
+def test_pipelined_pass2_matches_oracle(model, opt, by, method, window, monkeypatch):
     """With two torch threads pass 2 takes the path integrals and per-sample gradients one update ahead in a
     producer thread (engine.pipeline); the scores still match the oracle and the one-thread run."""
     from engine import chunks
@@ -331,16 +332,16 @@ def test_pipelined_pass2_matches_oracle(model, opt, by, method, monkeypatch):
     run = run_of(model, opt)
     torch.set_num_threads(2)
     try:  # nothing kept: the producer also recomputes the path integrals (or, first chunk, makes them)
-        ds = engine(run, by=by, method=method, keep_u=False)
+        ds = engine(run, by=by, method=method, keep_u=False, window=window)
     finally:
         torch.set_num_threads(1)
     assert seen and all(t == ((1, 1) if method != "jvp" else None) for t in seen), seen
     seen.clear()
-    ref = engine(run, by=by, method=method)
+    ref = engine(run, by=by, method=method, window=window)
     assert seen and all(t is None for t in seen), seen  # one torch thread: no pipeline
     same(ds, ref, what="pipelined, recomputed u vs one thread, kept u")
     if by == ALL_BY:
-        compare(ds, oracle_of(model, opt), what=run.name)
+        compare(ds, oracle_of(model, opt, window=window), what=run.name)
     check_identities(ds)
 
 
