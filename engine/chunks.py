@@ -219,6 +219,7 @@ class Context:
         if missing:
             raise ValueError(f"the model built for this run has no parameters {missing}")
         self.shapes = {n: tuple(own[n].shape) for n in self.names}
+        self.n_params = sum(math.prod(sh) for sh in self.shapes.values())
         x_train, y_train = traj.split()
         self.x_train = _cast(x_train, self.device)
         self.y_train = _cast(y_train, self.device)
@@ -471,8 +472,7 @@ def _light(ctx: Context, lo: int, hi: int, keep_u: bool) -> bool:
     """Whether pass 1 of chunk ``(lo, hi]`` can skip the path integrals (see :func:`pass1`)."""
     if keep_u or lo != ctx.window[0]:
         return False
-    n_params = sum(math.prod(s) for s in ctx.shapes.values())
-    return (hi - lo) * n_params * _n_parts(ctx) * 8 <= LIGHT_BYTES
+    return (hi - lo) * ctx.n_params * _n_parts(ctx) * 8 <= LIGHT_BYTES
 
 
 def pass1(
@@ -678,9 +678,8 @@ def _grads_ahead(ctx: Context, block: TrajectoryBlock) -> bool:
     """Whether every update of ``block`` takes its dot products from per-sample gradients (method ``"grad"``)
     small enough to be taken one update ahead."""
     sizes = {int(b.numel()) for b in block.batches}
-    p = sum(math.prod(sh) for sh in ctx.shapes.values())
     methods = {choose_method(ctx.problem.method, ctx.R, nb, ctx.per_tensor) for nb in sizes}
-    return methods == {"grad"} and max(sizes, default=0) * p * 8 <= GRADS_AHEAD_BYTES
+    return methods == {"grad"} and max(sizes, default=0) * ctx.n_params * 8 <= GRADS_AHEAD_BYTES
 
 
 @dataclass
@@ -775,11 +774,9 @@ def pass2(
         del A
     mov[:, :, 0:2] = st.mov_local.to(dev)
     threads = pipeline_threads(dev)
-    # per-sample gradients taken by the producer (then the consumer needs no torch.func): "grad" dots whose whole
-    # batch fits the budget; else the consumer takes them itself, and the updates run in one thread
-    pre_grads = threads is not None and (not by_sample or _grads_ahead(ctx, block))
-    if not pre_grads:
-        threads = None
+    if threads is not None and by_sample and not _grads_ahead(ctx, block):
+        threads = None  # the consumer would have to take the per-sample gradients (torch.func): one thread
+    pre_grads = threads is not None  # the producer takes them, so the consumer needs no torch.func
 
     def produce(s: int) -> _UpdateInputs:
         """The update's torch.func work: phi_s (unless kept), and the batch's gradients."""
