@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import optim as optim_mod
 from . import schema
-from .specs import batch_loss
+from .specs import FactorySpecError, UntrustedFactoryError, batch_loss
 
 if TYPE_CHECKING:
     from .reader import Run
@@ -156,6 +156,13 @@ def verify(
             model = run.build_model().double()
             x, y = run.split(schema.TRAIN_SPLIT)
             rep.gradient_checked = True
+        except (UntrustedFactoryError, FactorySpecError) as exc:
+            # a refused factory is an error, never a quiet skip: the store names code the user has not trusted
+            rep.problems.append(
+                f"the model could not be rebuilt for the batch-gradient check: {exc} (or skip that check with "
+                "--no-gradients / gradients=False)"
+            )
+            rep.gradient_checked = False
         except Exception as exc:  # noqa: BLE001 - report why the gradient check could not run
             rep.warnings.append(f"batch-gradient check skipped: {exc}")
             rep.gradient_checked = False
