@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, replace
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ class QuerySpec:
                     raise ValueError(
                         f"queries={self.text!r}: index {v} is outside split {self.split!r}, which has {n} samples"
                     )
-            idx = np.arange(n)[sel]
+            idx = np.ascontiguousarray(np.arange(n)[sel])  # a negative step gives a view torch cannot take
         else:
             bad = [i for i in sel if not -n <= i < n]
             if bad:
@@ -126,11 +127,15 @@ def parse_steps(steps: Any, n_updates: int) -> tuple[int, int]:
             a, b = steps
         else:
             raise ValueError(f"steps must be None, slice(a, b), (a, b) or 'a:b', not {steps!r}")
-        try:
-            a = 0 if a is None else int(a)
-            b = n_updates if b is None else int(b)
-        except (TypeError, ValueError):
-            raise ValueError(f"steps={steps!r}: the window ends must be integers") from None
+        bad = [v for v in (a, b) if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, Integral))]
+        if bad:
+            # int() would truncate 2.7 to 2 and quietly decompose another window
+            raise ValueError(
+                f"steps={_fmt_steps(given)}: the window ends must be integers (update counts), got "
+                f"{', '.join(repr(v) for v in bad)}; e.g. steps=slice(2, 5) decomposes F(theta_5) - F(theta_2)"
+            )
+        a = 0 if a is None else int(a)
+        b = n_updates if b is None else int(b)
         a = a + n_updates if a < 0 else a
         b = b + n_updates if b < 0 else b
     if not 0 <= a < b <= n_updates:

@@ -53,7 +53,8 @@ class Run:
         if self.committed_updates < 0:
             raise fmt.StoreError(
                 f"{self.path} has no committed step yet (the recorder was interrupted before writing theta_0). "
-                "Record it again with overwrite=True or resume=True."
+                "Record it again with resume=True (`--resume` on the command line: it starts over at update 1) or "
+                "overwrite=True (`--overwrite`)."
             )
 
     # --- metadata ------------------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ class Run:
 
     def refresh(self) -> Run:
         """Re-read the commit point of a store that is still being written."""
-        self.root = fmt.open_root(self.path) if isinstance(self._store, str) else _open_store_root(self._store, self.path)
+        self.root = fmt.open_root(self.path, check=False) if isinstance(self._store, str) else _open_store_root(self._store, self.path)
         self.attrs = self.root.attrs.asdict()
         self._arrays = {}  # their shapes have grown with the new commits
         self.__dict__.pop("params", None)
