@@ -65,7 +65,10 @@ class Run:
 
     def refresh(self) -> Run:
         """Re-read the commit point of a store that is still being written."""
-        self.root = fmt.open_root(self.path, check=False) if isinstance(self._store, str) else _open_store_root(self._store, self.path)
+        if isinstance(self._store, str):
+            self.root = fmt.open_root(self.path, check=False)  # polled while recording: metadata was checked on open
+        else:
+            self.root = _open_store_root(self._store, self.path)
         self.attrs = self.root.attrs.asdict()
         self._arrays = {}  # their shapes have grown with the new commits
         self.__dict__.pop("params", None)

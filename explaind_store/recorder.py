@@ -233,7 +233,8 @@ class Recorder:
             fmt.open_root(self.path, check=False)  # a store whose array metadata is damaged may be replaced
         except fmt.StoreError:
             raise RecorderError(
-                f"{self.path} exists and is not an explaind store; refusing to delete it even with overwrite=True (`--overwrite`)"
+                f"{self.path} exists and is not an explaind store; refusing to delete it even with overwrite=True "
+                "(`--overwrite`)"
             ) from None
         fd = _acquire_lock(self.path)  # never delete a store another process is writing
         os.close(fd)

@@ -141,8 +141,8 @@ def trusted_modules() -> list[str]:
         why = trust_entry_problem(entry)
         if why is not None:
             raise UntrustedFactoryError(
-                f"{TRUSTED_ENV} lists {safe_text(entry)}, which cannot be trusted: {why}. List only the modules of your "
-                f"own project that define model factories (e.g. {TRUSTED_ENV}=mypkg.models)."
+                f"{TRUSTED_ENV} lists {safe_text(entry)}, which cannot be trusted: {why}. List only the modules of "
+                f"your own project that define model factories (e.g. {TRUSTED_ENV}=mypkg.models)."
             )
     return extra
 

@@ -45,7 +45,7 @@ def hostile_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A folder on sys.path holding modules that leave a marker file when imported or called."""
     marker = tmp_path / "PWNED"
     (tmp_path / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef make(**kw):\n    return None\n")
-    (tmp_path / "mymodels_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef make(**kw):\n    return None\n")
+    (tmp_path / "mymodels_evil.py").write_text((tmp_path / "evilmod.py").read_text())
     (tmp_path / "mymodels.py").write_text(textwrap.dedent(f"""
         import os
         import json
