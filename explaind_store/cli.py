@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         args.steps = 1000 if args.task == "modadd" else 300
     try:
         return int(args.func(args) or 0)
-    except (fmt.StoreError, KeyError, ValueError, PermissionError, RuntimeError, IndexError, TypeError) as exc:
+    except (fmt.StoreError, KeyError, ValueError, PermissionError, RuntimeError, IndexError, TypeError,
+            FloatingPointError) as exc:
         print(f"explaind: error: {exc}", file=sys.stderr)
         return 2
 
