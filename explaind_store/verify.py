@@ -193,8 +193,8 @@ def verify(
     worst_g = 0.0
     k = run.chunk_updates
     todo = set(updates)
-    for lo in tqdm(range(0, t, k), desc="verify", disable=not progress, leave=False):
-        hi = min(lo + k, t)
+    for lo in tqdm(range(a, b, k), desc="verify", disable=not progress, leave=False):
+        hi = min(lo + k, b)  # inside the window only: damage outside it is not read
         if not todo.intersection(range(lo + 1, hi + 1)):
             continue
         blk = run.block(lo, hi)
