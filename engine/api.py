@@ -26,7 +26,7 @@ from engine.chunks import Context, Problem, result_meta
 from engine.local import KEEP_U_BYTES
 from engine.outputs import NEEDS_TARGETS, OUTPUT_MODES
 from engine.quadrature import parse_rule
-from engine.result import BY_KEYS, finalize_attrs
+from engine.result import BY_KEYS, check_finite, finalize_attrs
 from engine.settings import env_int
 from explaind_store import schema
 from explaind_store.format import StoreError
@@ -280,7 +280,10 @@ def check_store(traj: Trajectory, window: tuple[int, int]) -> None:
         )
     if nonfinite:  # the replay of diverged updates (outside the window) would fail for the wrong reason
         return
-    rep = traj.verify(gradients=False, chunks=False, max_updates=VERIFY_UPDATES)  # type: ignore[attr-defined]
+    # steps=window: damage outside the window (e.g. a missing chunk) does not stop decomposing inside it
+    rep = traj.verify(  # type: ignore[attr-defined]
+        gradients=False, chunks=False, max_updates=VERIFY_UPDATES, steps=window
+    )
     if not rep.ok:
         raise StoreError(
             f"the store fails its verify check, so a decomposition would not be exact: {'; '.join(rep.problems)} "
@@ -446,9 +449,10 @@ def attribute(
         )
         if out_path is None:
             (result,) = runner.compute([ds], progress=progress, desc="attribute")
-            return finalize_attrs(result)
+            return check_finite(finalize_attrs(result))
         # output step chunks: the store's (what readers of the run are used to), else the tasks'
-        return _write(ds, out_path, runner, store_chunk or max(hi - lo for lo, hi in bounds), progress)
+        written = _write(ds, out_path, runner, store_chunk or max(hi - lo for lo, hi in bounds), progress)
+        return check_finite(written, where=str(out_path))
     finally:
         runner.close()
 

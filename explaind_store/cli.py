@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(_interrupted(args), file=sys.stderr)
         return 130
-    except (fmt.StoreError, KeyError, ValueError, PermissionError, RuntimeError, IndexError, TypeError) as exc:
+    except (fmt.StoreError, KeyError, ValueError, PermissionError, RuntimeError, IndexError, TypeError,
+            FloatingPointError) as exc:
         print(f"explaind: error: {exc}", file=sys.stderr)
         return 2
 

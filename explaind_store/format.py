@@ -26,6 +26,9 @@ TARGET_CHUNK_BYTES = 4 * 2**20  # aim for 1-8 MB chunks
 # on one core), which keeps the writer thread's share of the training machine small (bench/record_overhead.py).
 DEFAULT_CNAME = "lz4"
 DEFAULT_CLEVEL = 5
+# zarr skips writing chunks equal to the fill value by default; then a deleted chunk file and a legitimately
+# all-fill chunk look the same. Every writer of the store uses this so a missing chunk always means damage.
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 
 class StoreError(Exception):
@@ -105,6 +108,7 @@ def create_stepped(
         compressors=compressors(clevel),
         filters=filters,
         dimension_names=dims,
+        config=WRITE_EVERY_CHUNK,
     )
 
 
@@ -123,9 +127,15 @@ def write_static(group: zarr.Group, name: str, values: np.ndarray, dims: tuple[s
         dtype=values.dtype,
         compressors=compressors(),
         dimension_names=dims,
+        config=WRITE_EVERY_CHUNK,
     )
     arr[...] = values
     return arr
+
+
+def writable(arr: zarr.Array) -> zarr.Array:
+    """An opened array set to write every chunk (the runtime setting is not stored, so reopened arrays need it)."""
+    return arr.with_config(WRITE_EVERY_CHUNK)
 
 
 def fingerprint(*arrays: np.ndarray) -> str:

@@ -302,6 +302,7 @@ class Recorder:
                 schema.ATTR_CREATED: fmt.now_iso(),
                 schema.ATTR_SCHEDULER_STATE: None,
                 schema.ATTR_NONFINITE: [],
+                schema.ATTR_EVERY_CHUNK: True,
             }
         )
         self._make_arrays(root, create=True, clevel=clevel, lossy_keepbits=lossy_keepbits)
@@ -334,10 +335,10 @@ class Recorder:
                         fill_value=np.nan, clevel=clevel, filters=filters,
                     )
                 else:
-                    arrays[key] = g[n]
+                    arrays[key] = fmt.writable(g[n])
             arrays[f"{gname}/{schema.STEP}"] = (
                 fmt.create_stepped(g, schema.STEP, (), np.int64, (schema.STEP,), k, fill_value=-1)
-                if create else g[schema.STEP]
+                if create else fmt.writable(g[schema.STEP])
             )
         u = root.require_group(schema.UPDATES) if create else root[schema.UPDATES]
         specs: list[tuple[str, tuple[int, ...], Any, tuple[str, ...], Any]] = [
@@ -351,16 +352,17 @@ class Recorder:
         ]
         for name, shape, dtype, dims, fill in specs:
             arrays[f"{schema.UPDATES}/{name}"] = (
-                fmt.create_stepped(u, name, shape, dtype, dims, k, fill_value=fill) if create else u[name]
+                fmt.create_stepped(u, name, shape, dtype, dims, k, fill_value=fill) if create
+                else fmt.writable(u[name])
             )
         if create:
             width = 1
             self._batch_array = u.create_array(
                 schema.BATCH, shape=(0, width), chunks=(k, 1024), dtype=np.int64, fill_value=schema.BATCH_PAD,
-                compressors=fmt.compressors(), dimension_names=(schema.STEP, schema.SLOT),
+                compressors=fmt.compressors(), dimension_names=(schema.STEP, schema.SLOT), config=fmt.WRITE_EVERY_CHUNK,
             )
         else:
-            self._batch_array = u[schema.BATCH]
+            self._batch_array = fmt.writable(u[schema.BATCH])
         self._arrays = arrays
 
     def _open_for_resume(self, loss: str | dict[str, str], model_spec: dict[str, Any] | None) -> None:
