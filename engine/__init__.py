@@ -19,6 +19,7 @@ from typing import Any
 
 _EXPORTS = {
     "attribute": "engine.api",
+    "InexactRecordError": "engine.guard",
     "parse_queries": "engine.api",
     "parse_steps": "engine.api",
     "Problem": "engine.chunks",
@@ -34,6 +35,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "InexactRecordError",
     "Problem",
     "QuadratureRule",
     "attribute",

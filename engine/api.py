@@ -22,6 +22,7 @@ import xarray as xr
 from engine import graph as _graph
 from engine import scheduler as _sched
 from engine.chunks import Context, Problem, result_meta
+from engine.guard import DEFAULT_RESIDUAL_TOL, check_exactness, check_residual_tol
 from engine.local import KEEP_U_BYTES
 from engine.outputs import NEEDS_TARGETS, OUTPUT_MODES
 from engine.quadrature import parse_rule
@@ -333,6 +334,7 @@ def attribute(
     method: str = "auto",
     progress: bool = True,
     step_bins: int | None = None,
+    residual_tol: float | None = DEFAULT_RESIDUAL_TOL,
 ) -> xr.Dataset:
     """Decompose ``F(theta_b) - F(theta_a)`` for query outputs of a recorded run into training samples, updates,
     tensors / parameters, weight decay and carried-over momentum (ExPLAIND; see docs/math.md).
@@ -355,6 +357,8 @@ def attribute(
         method: per-sample dot products by "grad", "jvp" or "auto".
         progress: show a progress bar.
         step_bins: sum the step axis into this many contiguous bins.
+        residual_tol: the exactness guard (engine/guard.py): raise ``InexactRecordError`` naming the first update
+            whose residual exceeds this fraction of its change (plus a float-rounding floor). None turns it off.
 
     Returns:
         An ``xarray.Dataset`` (dims ``query``, ``output``, and ``sample`` / ``step`` / ``tensor`` as asked) with
@@ -372,6 +376,7 @@ def attribute(
         parse_rule(quadrature)  # validates the rule string now
     if step_bins is not None and (not isinstance(step_bins, (int, np.integer)) or step_bins < 1):
         raise ValueError(f"step_bins must be a positive integer, got {step_bins!r}")
+    tol = check_residual_tol(residual_tol)
     x_q, y_q, qdesc = resolve_queries(traj, inputs, targets, queries)
     if output in NEEDS_TARGETS and y_q is None:
         raise ValueError(
@@ -441,11 +446,14 @@ def attribute(
         )
         if out_path is None:
             (result,) = runner.compute([ds], progress=progress, desc="attribute")
-            return finalize_attrs(result)
-        # output step chunks: the store's (what readers of the run are used to), else the tasks'
-        return _write(ds, out_path, runner, store_chunk or max(hi - lo for lo, hi in bounds), progress)
+            result = finalize_attrs(result)
+        else:
+            # output step chunks: the store's (what readers of the run are used to), else the tasks'
+            result = _write(ds, out_path, runner, store_chunk or max(hi - lo for lo, hi in bounds), progress)
     finally:
         runner.close()
+    check_exactness(result, traj, tol)  # the per-update residual arrays are small (query x output x step)
+    return result
 
 
 def _write(ds: xr.Dataset, path: Path, runner: _sched.Runner, step_chunk: int, progress: bool) -> xr.Dataset:

@@ -65,6 +65,7 @@ ATTR_VERSIONS = "versions"
 ATTR_CREATED = "created"
 ATTR_SCHEDULER_STATE = "scheduler_state"  # JSON state of an lr scheduler at the committed update (for resume)
 ATTR_NONFINITE = "nonfinite_updates"  # updates whose parameters or state held NaN/inf (first few)
+ATTR_TRAIN_MODE = "train_mode"  # {"training": bool, "differ": [module names]}: the mode the model trained in
 
 
 
