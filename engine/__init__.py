@@ -20,6 +20,7 @@ from typing import Any
 _EXPORTS = {
     "attribute": "engine.api",
     "InexactRecordError": "engine.guard",
+    "InexactWarning": "engine.guard",
     "parse_queries": "engine.api",
     "parse_steps": "engine.api",
     "Problem": "engine.chunks",
@@ -36,6 +37,7 @@ _EXPORTS = {
 
 __all__ = [
     "InexactRecordError",
+    "InexactWarning",
     "Problem",
     "QuadratureRule",
     "attribute",

@@ -112,9 +112,9 @@ def apply_modes(model: nn.Module, value: Any) -> nn.Module:
 class BufferWatch:
     """Notices buffers that change during training (they are stored once, so ``run.model(s)`` would be wrong).
 
-    ``check(full=False)`` compares each buffer's identity and version counter (free); ``check(full=True)`` also
-    compares the values with a copy taken at creation (a kernel such as batch_norm updates running statistics
-    without bumping the version counter). Returns the names of changed buffers.
+    ``check(full=False)`` compares the version counters of the buffers seen at creation (free); ``check(full=True)``
+    also finds buffers replaced or added and compares the values with a copy taken at creation (a kernel such as
+    batch_norm updates running statistics without bumping the version counter). Returns the changed buffers' names.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -126,13 +126,13 @@ class BufferWatch:
     def check(self, full: bool = False) -> list[str]:
         if not self._buffers:
             return []
+        if not full:  # the version counters of the tensors seen at creation: no walk over the modules
+            return [n for n, b in self._buffers.items() if b._version != self._ids[n][1]]
         live = dict(self._model.named_buffers())
         changed = sorted(set(live) ^ set(self._buffers))
         for n, b in live.items():
             if n not in self._buffers:
                 continue
-            if (id(b), b._version) != self._ids[n]:
-                changed.append(n)
-            elif full and not torch.equal(b.detach(), self._copies[n]):
+            if (id(b), b._version) != self._ids[n] or not torch.equal(b.detach(), self._copies[n]):
                 changed.append(n)
         return changed

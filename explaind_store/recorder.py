@@ -116,6 +116,10 @@ class Recorder:
         chunk_updates: steps per chunk (the flush interval); by default ~4 MB chunks for the largest tensor.
         lossy_keepbits: opt-in lossy BitRound of float mantissas (relative error <= 2^-(keepbits+1)).
         store_data: store the data arrays (default) or only a fingerprint to check them on use.
+
+    The training forward must be reproducible from the store: dropout (p > 0) and BatchNorm in train mode, and
+    buffers that change during training, are refused with a RecorderError (see ``explaind_store.modes``); the mode
+    each module trains in is recorded (``train_mode``) and used to rebuild the model.
     """
 
     def __init__(
@@ -526,7 +530,9 @@ class Recorder:
         }
         row = self._row(s, upd)
         row.batch = batch.astype(np.int64)
-        row.commit_attrs = {schema.ATTR_SCHEDULER_STATE: self._pending["scheduler"], schema.ATTR_TRAIN_MODE: self._modes}
+        row.commit_attrs = {
+            schema.ATTR_SCHEDULER_STATE: self._pending["scheduler"], schema.ATTR_TRAIN_MODE: self._modes,
+        }
         self._writer.put(row)
         self.updates_done = s
         self._steps_since_record = 0

@@ -244,7 +244,8 @@ class GradientMatch:
                 "rebuilt model instead: BatchNorm running statistics or other buffers that changed during training, "
                 "a module trained in another mode, or a model factory that builds a different model."
             )
-        head = f"At update {s} the optimizer used {self.scale:.3g} x the recomputed batch gradient (cosine {self.cosine:.3f})"
+        head = (f"At update {s} the optimizer used {self.scale:.3g} x the recomputed batch gradient "
+                f"(cosine {self.cosine:.3f})")
         if self.cosine > 0.999 and self.scale < 1:
             return (f"{head}: the gradient was scaled down, as gradient clipping does; pass the clipping factor "
                     "to rec.record(batch, grad_scale=min(1, max_norm / norm)).")
