@@ -1,15 +1,19 @@
 """The exactness guard of ``attribute``: every decomposed update must add up, or the call fails instead of returning.
 
-Per update ``s`` the decomposition explains ``delta_s = F(theta_s) - F(theta_{s-1})`` and leaves ``residual_s``
-unexplained. On an exact record the residual is float rounding (relative ~1e-7..1e-5 in float32 runs); an inexact
-record (dropout, clipping not passed to ``record``, wrong batch indices, a sum-reduced loss, BatchNorm statistics)
-leaves residuals as large as the change itself. Update ``s`` fails when, for its worst query output,
+Per update ``s`` the decomposition explains ``delta_s = F(theta_s) - F(theta_{s-1})``; its ``rounding_residual_s``
+is the part of ``delta_s`` that the movement rebuilt from the recorded batches (recomputed gradients, recorded
+``grad_scale``, loss and optimizer) does not reproduce. On an exact record it is float rounding (relative
+~1e-7..1e-5 in float32 runs); an inexact record (dropout, clipping not passed to ``record``, wrong batch indices, a
+sum-reduced loss, BatchNorm statistics) leaves residuals as large as the change itself. Update ``s`` fails when, for
+its worst query output,
 
-    max |residual_s|  >  residual_tol * max |delta_s|  +  floor
+    max |rounding_residual_s|  >  residual_tol * max |delta_s|  +  floor
 
 with maxima over the query outputs and ``floor = FLOOR_ULPS * eps(training dtype) * max(|initial|, |final|)``: the
 rounding of the stored parameters alone moves ``F`` by a few ulps of its size, whatever the size of the update, so
-tiny late updates do not trip the check. With ``step_bins`` the check runs per bin.
+tiny late updates do not trip the check. With ``step_bins`` the check runs per bin. The quadrature residual is not
+judged here: it measures the path integral, which the ``quadrature`` rule the caller chose controls (the default
+"kink" rule is exact to float64 rounding), not the record.
 
 A float32 run can also leave large residuals legitimately: late in training, with a near-zero loss, each batch
 gradient is a cancellation of much larger terms and float32 computes it tens of percent off the exact (float64)
@@ -82,7 +86,7 @@ def check_exactness(ds: xr.Dataset, traj: Any, tol: float | None) -> None:
     if tol is None:
         return
     steps = np.asarray(ds[schema.STEP].values)
-    residual = np.abs(np.asarray(ds["residual"].values, dtype=np.float64)).reshape(-1, len(steps))
+    residual = np.abs(np.asarray(ds["rounding_residual"].values, dtype=np.float64)).reshape(-1, len(steps))
     delta = np.abs(np.asarray(ds["delta"].values, dtype=np.float64)).reshape(-1, len(steps))
     size = np.maximum(np.abs(np.asarray(ds["initial"].values)), np.abs(np.asarray(ds["final"].values)))
     floor = FLOOR_ULPS * training_eps(traj) * float(np.nanmax(size, initial=0.0))
@@ -113,8 +117,9 @@ def check_exactness(ds: xr.Dataset, traj: Any, tol: float | None) -> None:
     if diagnosis is None and why_not:
         diagnosis = f"(The cause could not be narrowed down: {why_not}.)"
     raise InexactRecordError(
-        f"the record is not exact at {where}: its decomposition leaves a residual of {worst_res[i]:.3g} against a "
-        f"change of {worst_delta[i]:.3g} (ratio {ratio:.3g}; residual_tol={tol:g}); {len(bad)} of {len(steps)} "
+        f"the record is not exact at {where}: the movement rebuilt from the recorded batch misses the stored one "
+        f"by {worst_res[i]:.3g} in the explained output (rounding_residual), against a change of "
+        f"{worst_delta[i]:.3g} (ratio {ratio:.3g}; residual_tol={tol:g}); {len(bad)} of {len(steps)} "
         f"{'bins' if binned else 'updates'} exceed it. The stored run is not the one that was trained, so the "
         "attribution would not add up."
         + (f"\n{diagnosis}" if diagnosis else "")
@@ -142,7 +147,8 @@ def _checker(traj: Any) -> tuple[Any, str | None]:
 def _warn_rounding(steps: np.ndarray, bad: np.ndarray, res: np.ndarray, delta: np.ndarray, tol: float) -> None:
     i = int(bad[np.argmax(res[bad] / np.maximum(delta[bad], 1e-300))])
     warnings.warn(
-        f"{len(bad)} of {len(steps)} updates (first {int(steps[bad[0]])}) leave residuals above residual_tol={tol:g} "
+        f"{len(bad)} of {len(steps)} updates (first {int(steps[bad[0]])}) leave rounding residuals above "
+        f"residual_tol={tol:g} "
         f"of their change (worst: update {int(steps[i])}, residual {res[i]:.3g} against a change of {delta[i]:.3g}), "
         "but their batch gradients match what the optimizer used within the rounding of the training dtype: the "
         "record is right, and the residual is the float rounding of the training's own gradients (large late in "

@@ -180,7 +180,7 @@ def test_guard_passes_clean_runs_with_margin(digits_store: Path, adamw_store: Pa
     """Clean float32 runs stay far below the default tolerance (the adamw store clips, recorded)."""
     for path in (digits_store, adamw_store, modadd_store):
         ds = engine.attribute(path, queries="val[:3]", client="sync", progress=False)
-        res = np.abs(ds["residual"].values).reshape(-1, ds.sizes["step"]).max(0)
+        res = np.abs(ds["rounding_residual"].values).reshape(-1, ds.sizes["step"]).max(0)
         delta = np.abs(ds["delta"].values).reshape(-1, ds.sizes["step"]).max(0)
         size = max(np.abs(ds["initial"].values).max(), np.abs(ds["final"].values).max())
         floor = FLOOR_ULPS * training_eps(open_run(path)) * size
