@@ -358,7 +358,9 @@ def attribute(
         progress: show a progress bar.
         step_bins: sum the step axis into this many contiguous bins.
         residual_tol: the exactness guard (engine/guard.py): raise ``InexactRecordError`` naming the first update
-            whose residual exceeds this fraction of its change (plus a float-rounding floor). None turns it off.
+            whose ``rounding_residual`` (what the recorded batches do not reproduce) exceeds this fraction of its
+            change plus a float-rounding floor, with the likely cause from the batch-gradient check (an
+            ``InexactWarning`` instead when that check traces it to float rounding). None turns it off.
 
     Returns:
         An ``xarray.Dataset`` (dims ``query``, ``output``, and ``sample`` / ``step`` / ``tensor`` as asked) with

@@ -58,8 +58,8 @@ def add_commands(subparsers: Any) -> None:
     att.add_argument("--method", default="auto", choices=["auto", "grad", "jvp"], help="per-sample dot products")
     att.add_argument("--step-bins", type=_positive, default=None, help="sum the step axis into N bins")
     att.add_argument("--residual-tol", type=float, default=None,
-                     help="exactness guard: fail when an update's residual exceeds this fraction of its change "
-                          "(default 1e-3; inf turns the check off)")
+                     help="exactness guard: fail when an update's rounding residual exceeds this fraction of its "
+                          "change (default 1e-3; inf turns the check off)")
     att.add_argument("--top", type=_positive, default=5, help="top samples to print per query (default 5)")
     att.add_argument("--quiet", action="store_true", help="no progress bar")
     att.set_defaults(func=_cmd_attribute)
