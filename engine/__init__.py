@@ -19,6 +19,8 @@ from typing import Any
 
 _EXPORTS = {
     "attribute": "engine.api",
+    "InexactRecordError": "engine.guard",
+    "InexactWarning": "engine.guard",
     "parse_queries": "engine.api",
     "parse_steps": "engine.api",
     "Problem": "engine.chunks",
@@ -34,6 +36,8 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "InexactRecordError",
+    "InexactWarning",
     "Problem",
     "QuadratureRule",
     "attribute",

@@ -23,6 +23,7 @@ import xarray as xr
 from engine import graph as _graph
 from engine import scheduler as _sched
 from engine.chunks import Context, Problem, result_meta
+from engine.guard import DEFAULT_RESIDUAL_TOL, check_exactness, check_residual_tol
 from engine.local import KEEP_U_BYTES
 from engine.outputs import NEEDS_TARGETS, OUTPUT_MODES
 from engine.quadrature import parse_rule
@@ -341,6 +342,7 @@ def attribute(
     method: str = "auto",
     progress: bool = True,
     step_bins: int | None = None,
+    residual_tol: float | None = DEFAULT_RESIDUAL_TOL,
 ) -> xr.Dataset:
     """Decompose ``F(theta_b) - F(theta_a)`` for query outputs of a recorded run into training samples, updates,
     tensors / parameters, weight decay and carried-over momentum (ExPLAIND; see docs/math.md).
@@ -363,6 +365,10 @@ def attribute(
         method: per-sample dot products by "grad", "jvp" or "auto".
         progress: show a progress bar.
         step_bins: sum the step axis into this many contiguous bins.
+        residual_tol: the exactness guard (engine/guard.py): raise ``InexactRecordError`` naming the first update
+            whose ``rounding_residual`` (what the recorded batches do not reproduce) exceeds this fraction of its
+            change plus a float-rounding floor, with the likely cause from the batch-gradient check (an
+            ``InexactWarning`` instead when that check traces it to float rounding). None turns it off.
 
     Returns:
         An ``xarray.Dataset`` (dims ``query``, ``output``, and ``sample`` / ``step`` / ``tensor`` as asked) with
@@ -380,6 +386,7 @@ def attribute(
         parse_rule(quadrature)  # validates the rule string now
     if step_bins is not None and (not isinstance(step_bins, (int, np.integer)) or step_bins < 1):
         raise ValueError(f"step_bins must be a positive integer, got {step_bins!r}")
+    tol = check_residual_tol(residual_tol)
     x_q, y_q, qdesc = resolve_queries(traj, inputs, targets, queries)
     if output in NEEDS_TARGETS and y_q is None:
         raise ValueError(
@@ -449,12 +456,15 @@ def attribute(
         )
         if out_path is None:
             (result,) = runner.compute([ds], progress=progress, desc="attribute")
-            return check_finite(finalize_attrs(result))
-        # output step chunks: the store's (what readers of the run are used to), else the tasks'
-        written = _write(ds, out_path, runner, store_chunk or max(hi - lo for lo, hi in bounds), progress)
-        return check_finite(written, where=str(out_path))
+            result = check_finite(finalize_attrs(result))
+        else:
+            # output step chunks: the store's (what readers of the run are used to), else the tasks'
+            written = _write(ds, out_path, runner, store_chunk or max(hi - lo for lo, hi in bounds), progress)
+            result = check_finite(written, where=str(out_path))
     finally:
         runner.close()
+    check_exactness(result, traj, tol)  # the per-update residual arrays are small (query x output x step)
+    return result
 
 
 def _write(ds: xr.Dataset, path: Path, runner: _sched.Runner, step_chunk: int, progress: bool) -> xr.Dataset:

@@ -61,6 +61,8 @@ from engine.pipeline import pipeline_threads, run_two_stage
 from engine.quadrature import parse_rule, path_integral, phi_given
 from engine.result import BY_KEYS, PARAM_PREFIX, PARTS, ChunkResult, ResultMeta
 from engine.settings import env_flag, env_int
+from explaind_store import schema
+from explaind_store.modes import apply_modes
 from explaind_store.trajectory import Trajectory, TrajectoryBlock
 
 F64 = torch.float64
@@ -199,7 +201,7 @@ def _cast(x: torch.Tensor, device: str) -> torch.Tensor:
 
 
 class Context:
-    """Per-process state for one (trajectory, problem): model in float64 eval mode, data, query function."""
+    """Per-process state for one (trajectory, problem): model in float64 (in its training mode), data, queries."""
 
     def __init__(self, traj: Trajectory, problem: Problem):
         keep_heap()
@@ -210,7 +212,9 @@ class Context:
         self.names = list(traj.tensor_names)
         self.terms = OptimTerms(traj.optimizer_spec, self.names)
         self.loss = dict(traj.loss)
-        model = traj.build_model().to(device=self.device, dtype=F64).eval()
+        # the mode each module trained in (stores before that was recorded: eval), as verify rebuilds it too
+        model = apply_modes(traj.build_model(), getattr(traj, "attrs", {}).get(schema.ATTR_TRAIN_MODE))
+        model = model.to(device=self.device, dtype=F64)
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model

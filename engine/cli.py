@@ -57,6 +57,9 @@ def add_commands(subparsers: Any) -> None:
                      help="updates per task (a multiple of the store's chunk size)")
     att.add_argument("--method", default="auto", choices=["auto", "grad", "jvp"], help="per-sample dot products")
     att.add_argument("--step-bins", type=_positive, default=None, help="sum the step axis into N bins")
+    att.add_argument("--residual-tol", type=float, default=None,
+                     help="exactness guard: fail when an update's rounding residual exceeds this fraction of its "
+                          "change (default 1e-3; inf turns the check off)")
     att.add_argument("--top", type=_positive, default=5, help="top samples to print per query (default 5)")
     att.add_argument("--quiet", action="store_true", help="no progress bar")
     att.set_defaults(func=_cmd_attribute)
@@ -92,6 +95,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
             args.run, queries=args.queries, output=args.output, by=_by(args.by), steps=args.steps,
             quadrature=args.quadrature, client=client, device=args.device, out=args.out,
             chunk_updates=args.chunk_updates, method=args.method, progress=not args.quiet, step_bins=args.step_bins,
+            **({} if args.residual_tol is None else {"residual_tol": args.residual_tol}),
         )
         print(summarize(ds, top=args.top))
         if args.out:
