@@ -125,12 +125,14 @@ def test_recorder_refuses_buffers_that_change(tmp_path: Path) -> None:
         _train(tmp_path / "run.zarr", model=_mlp(extra=_Counting()), spec=None)
 
 
+def dropout_mlp() -> nn.Module:
+    """A model factory (top level: a store can only name those) with a dropout module."""
+    return _mlp(extra=nn.Dropout(0.5))
+
+
 def test_dropout_in_eval_mode_records_verifies_and_attributes(tmp_path: Path) -> None:
     """Dropout modules kept in eval mode: the recorded mode is used to rebuild the model (verify used train)."""
-
-    def factory() -> nn.Module:
-        return _mlp(extra=nn.Dropout(0.5))
-
+    factory = dropout_mlp
     path = _train(tmp_path / "run.zarr", model=factory().eval(), spec=model_spec(factory))
     run = open_run(path, model_factory=factory)
     assert run.attrs["train_mode"] == {"training": False, "differ": []}
