@@ -19,6 +19,7 @@ from typing import Any
 
 _EXPORTS = {
     "attribute": "engine.api",
+    "ResultTooLargeError": "engine.api",
     "parse_queries": "engine.api",
     "parse_steps": "engine.api",
     "Problem": "engine.chunks",
@@ -36,6 +37,7 @@ _EXPORTS = {
 __all__ = [
     "Problem",
     "QuadratureRule",
+    "ResultTooLargeError",
     "attribute",
     "attribute_local",
     "close_local_client",

@@ -65,22 +65,27 @@ def plan_chunks(
     chunk_updates: int | None = None,
     n_workers: int = 1,
     max_updates: int | None = None,
+    fill: bool | None = None,
 ) -> list[tuple[int, int]]:
-    """Chunks ``(lo, hi]`` tiling the window.
+    """Chunks ``(lo, hi]`` tiling the window, none longer than ``max_updates``.
 
-    ``max_updates`` (the reverse chain, :func:`build_arrays`): the default chunk is then the largest multiple of
-    the store's chunk size within ``max_updates`` (at least one store chunk), since chunks there buy memory
-    bounds, not parallelism.
+    ``max_updates`` is the memory budget of one task (:func:`task_updates`: its result block, and in the reverse
+    chain its rebuilt momentum). It caps every chunk, even below the store's chunk length: a task may then read a
+    sub-range of a store chunk (``Trajectory.block(lo, hi)`` takes any range), so a task's memory never depends on
+    how the store was chunked. With ``fill`` (the reverse chain; default: True when ``max_updates`` is given)
+    the default chunk is the largest multiple of the store's chunk size within ``max_updates``, since chunks there
+    buy memory bounds, not parallelism.
 
     With a store (``store_chunk`` = its ``chunk_updates``) boundaries sit on multiples of ``chunk_updates``, which
-    must be a multiple of ``store_chunk`` (default: ``store_chunk``), so every task reads whole store chunks; only
-    the first / last chunk of a window that does not start / end on a boundary is shorter. When the store's
-    chunks are so long that the window would give fewer tasks than ``n_workers``, the default splits the window
-    evenly instead (tasks then re-read parts of one store chunk: cheap next to the math). Without a store
-    (in-memory trajectories) chunks of ``chunk_updates`` (default 16) start at the window start.
+    must be a multiple of ``store_chunk`` (default: ``store_chunk``), so every task reads whole store chunks unless
+    the budget splits them; only the first / last chunk of a window that does not start / end on a boundary is
+    shorter. When the store's chunks are so long that the window would give fewer tasks than ``n_workers``, the
+    default splits the window evenly instead (tasks then re-read parts of one store chunk: cheap next to the math).
+    Without a store (in-memory trajectories) chunks of ``chunk_updates`` (default 16) start at the window start.
     """
     a, b = window
     length = b - a
+    cap = None if max_updates is None else max(1, int(max_updates))
     if chunk_updates is not None:
         k = int(chunk_updates)
         if k < 1:
@@ -92,18 +97,25 @@ def plan_chunks(
             )
     elif store_chunk:
         k = int(store_chunk)
-        if max_updates is not None:
-            k *= max(1, int(max_updates) // k)
+        if cap is not None and (fill is None or fill):
+            k *= max(1, cap // k)
         n_aligned = 1 + len(range((a // k + 1) * k, b, k))
         if n_workers > 1 and n_aligned < n_workers and length >= 2:
             step = math.ceil(length / min(n_workers, length))
-            return [(lo, min(b, lo + step)) for lo in range(a, b, step)]
+            return _capped([(lo, min(b, lo + step)) for lo in range(a, b, step)], cap)
     else:
-        k = 16 if max_updates is None else max(1, int(max_updates))
+        k = 16 if cap is None or fill is False else cap
     if not store_chunk:
-        return [(lo, min(b, lo + k)) for lo in range(a, b, k)]
+        return _capped([(lo, min(b, lo + k)) for lo in range(a, b, k)], cap)
     edges = [a, *range((a // k + 1) * k, b, k), b]
-    return list(itertools.pairwise(edges))
+    return _capped(list(itertools.pairwise(edges)), cap)
+
+
+def _capped(bounds: list[tuple[int, int]], cap: int | None) -> list[tuple[int, int]]:
+    """``bounds`` with every chunk longer than ``cap`` split into consecutive pieces of ``cap`` (the last shorter)."""
+    if cap is None:
+        return bounds
+    return [(s, min(hi, s + cap)) for lo, hi in bounds for s in range(lo, hi, cap)]
 
 
 # ==============================================================================================================
@@ -139,13 +151,24 @@ def _pass2_task(job: Job, lo: int, hi: int, carry: Carry, p1: Pass1 | None) -> d
 
 
 def _pass2_chain_task(
-    job: Job, lo: int, hi: int, carry: Carry, u_next: dict[str, torch.Tensor] | None
+    job: Job, lo: int, hi: int, carry: Carry, u_next: dict[str, torch.Tensor] | None,
+    sums_next: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
-    """Pass 2 of the reverse chain: ``u_next`` is the next chunk's ``u_out`` (None for the window's last chunk)."""
+    """Pass 2 of the reverse chain: ``u_next`` is the next chunk's ``u_out`` (None for the window's last chunk),
+    ``sums_next`` the next chunk's running sums (:func:`_sums`), added in place to this chunk's arrays, so the
+    window's first chunk ends up holding the totals over the window and no chunk's copy outlives the next task."""
     with MATH_LOCK:
         traj, ctx = task_env(job)
         res = pass2(traj, job.problem, lo, hi, carry, None, u_in=u_next, ctx=ctx)
-        return res.arrays, _to_cpu(res.u_out)
+        arrays = res.arrays
+        for key, total in (sums_next or {}).items():
+            np.add(arrays[key], total, out=arrays[key])
+        return arrays, _to_cpu(res.u_out)
+
+
+def _sums(arrays: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays summed over chunks (no ``step`` axis): what the chain hands to the previous chunk."""
+    return {k: arrays[k] for k in keys}
 
 
 def _solo_task(job: Job) -> dict[str, np.ndarray]:
@@ -210,23 +233,25 @@ def build_arrays(
         sums.append(dask.delayed(_summary_task, pure=True)(p1, dask_key_name=f"explaind-summary-{tok}-{c}"))
     cs = dask.delayed(_carries_task, pure=True)(job_d, *sums, dask_key_name=f"explaind-carries-{tok}")
     blocks: list[dict[str, da.Array]] = [{} for _ in bounds]
-    u_next = None
+    u_next = sums_next = None
+    summed = tuple(k for k, dims in layout.items() if STEP not in dims and k not in ("f_start", "f_end"))
     order = range(len(bounds) - 1, -1, -1) if chain else range(len(bounds))
     for c in order:
         lo, hi = bounds[c]
         carry = dask.delayed(_pick, pure=True)(cs, c, dask_key_name=f"explaind-carry-{tok}-{c}")
         if chain:
             out = dask.delayed(_pass2_chain_task, pure=True)(
-                job_d, lo, hi, carry, u_next, dask_key_name=f"explaind-chain-{tok}-{c}"
+                job_d, lo, hi, carry, u_next, sums_next, dask_key_name=f"explaind-chain-{tok}-{c}"
             )
             p2 = dask.delayed(_pick, pure=True)(out, 0, dask_key_name=f"explaind-pass2-{tok}-{c}")
             u_next = dask.delayed(_pick, pure=True)(out, 1, dask_key_name=f"explaind-uout-{tok}-{c}")
+            sums_next = dask.delayed(_sums, pure=True)(p2, summed, dask_key_name=f"explaind-sums-{tok}-{c}")
         else:
             p2 = dask.delayed(_pass2_task, pure=True)(
                 job_d, lo, hi, carry, p1s[c] if keep_u else None, dask_key_name=f"explaind-pass2-{tok}-{c}"
             )
         blocks[c] = _blocks(p2, meta, layout, tok, c, lo, hi)
-    return combine_lazy(blocks, meta)
+    return combine_lazy(blocks, meta, accumulated=chain)
 
 
 def _blocks(p2: Any, meta: ResultMeta, layout: dict[str, Any], tok: str, c: int, lo: int, hi: int) -> dict[str, da.Array]:
@@ -241,9 +266,13 @@ def _blocks(p2: Any, meta: ResultMeta, layout: dict[str, Any], tok: str, c: int,
     return arrs
 
 
-def combine_lazy(blocks: Sequence[dict[str, da.Array]], meta: ResultMeta) -> dict[str, da.Array]:
+def combine_lazy(
+    blocks: Sequence[dict[str, da.Array]], meta: ResultMeta, *, accumulated: bool = False
+) -> dict[str, da.Array]:
     """``engine.result.combine`` for dask blocks, with tree sums: step arrays are concatenated along ``step``,
-    ``f_start`` / ``f_end`` come from the first / last chunk, the rest is summed over chunks in a tree."""
+    ``f_start`` / ``f_end`` come from the first / last chunk, the rest is summed over chunks in a tree, or, with
+    ``accumulated`` (the reverse chain, which passes running sums down to the first chunk), taken from the first
+    chunk: a tree sum would keep up to ``SPLIT_EVERY`` chunks' copies (each as large as the whole array) alive."""
     out: dict[str, da.Array] = {}
     for key, dims in chunk_layout(meta).items():
         parts = [b[key] for b in blocks]
@@ -251,7 +280,7 @@ def combine_lazy(blocks: Sequence[dict[str, da.Array]], meta: ResultMeta) -> dic
             out[key] = parts[0]
         elif key == "f_end":
             out[key] = parts[-1]
-        elif len(parts) == 1:
+        elif len(parts) == 1 or (accumulated and STEP not in dims):
             out[key] = parts[0]
         elif STEP in dims:
             out[key] = da.concatenate(parts, axis=dims.index(STEP))
@@ -285,23 +314,45 @@ def lazy_result(
 # ==============================================================================================================
 # Query groups: parallelism without re-doing any path integral
 # ==============================================================================================================
-CHAIN_BLOCK_BYTES = 512 << 20  # reverse chain: a chunk's result block (and rebuilt momentum) stays below this
+CHAIN_BLOCK_BYTES = 512 << 20  # default per-task budget: a chunk's result block (and rebuilt momentum) stays below this
+BLOCK_BYTES_ENV = "EXPLAIND_BLOCK_BYTES"
 
 
-def chain_chunk_updates(meta: ResultMeta, n_rows: int) -> int:
-    """Updates per chunk of the reverse chain: pass 2 keeps the chunk's rebuilt momentum (``L x P`` per part,
-    ``engine.chunks.LIGHT_BYTES``) and builds its result block (``n_rows`` query rows; with ``sample`` and
-    ``step`` that is ``R x N x L``), so both bound ``L``."""
-    from engine.chunks import LIGHT_BYTES
+def block_bytes() -> int:
+    """The per-task memory budget: ``$EXPLAIND_BLOCK_BYTES`` (e.g. ``256MB``), else ``CHAIN_BLOCK_BYTES``; read at
+    each call so a process can change it between attributions."""
+    from engine.settings import env_bytes
 
-    n_params = sum(math.prod(s) for s in meta.tensor_shapes)
-    parts = 1 if meta.optimizer == "AdamW" else 2
-    per_update = sum(
+    return env_bytes(BLOCK_BYTES_ENV, "the bytes of result block one task may hold") or CHAIN_BLOCK_BYTES
+
+
+def step_bytes(meta: ResultMeta, n_rows: int) -> int:
+    """Bytes one update adds to a task's result block (its arrays with a ``step`` axis) for ``n_rows`` query rows."""
+    return sum(
         math.prod(shape) * chunk_dtype(key).itemsize
         for key, shape in chunk_shapes(replace(meta, n_queries=max(1, n_rows // max(1, meta.n_outputs))), 0, 1).items()
         if STEP in chunk_layout(meta)[key]
     )
-    return max(1, min(LIGHT_BYTES // max(1, n_params * parts * 8), CHAIN_BLOCK_BYTES // max(1, per_update)))
+
+
+def task_updates(meta: ResultMeta, n_rows: int, *, chain: bool) -> int:
+    """Most updates one task may cover within :func:`block_bytes`: its result block (``n_rows`` query rows; with
+    ``sample`` and ``step`` that is ``R x N x L``) and, in the reverse chain, the chunk's rebuilt momentum
+    (``L x P`` per part, ``engine.chunks.LIGHT_BYTES``). At least 1, whatever the store's chunk length."""
+    if chain:
+        return chain_chunk_updates(meta, n_rows)
+    return max(1, block_bytes() // max(1, step_bytes(meta, n_rows)))
+
+
+def chain_chunk_updates(meta: ResultMeta, n_rows: int) -> int:
+    """Updates per chunk of the reverse chain that keep its rebuilt momentum (``L x P`` per part) within
+    ``engine.chunks.LIGHT_BYTES`` and its result block within :func:`block_bytes`."""
+    from engine.chunks import LIGHT_BYTES
+
+    n_params = sum(math.prod(s) for s in meta.tensor_shapes)
+    parts = 1 if meta.optimizer == "AdamW" else 2
+    per_update = step_bytes(meta, n_rows)
+    return max(1, min(LIGHT_BYTES // max(1, n_params * parts * 8), block_bytes() // max(1, per_update)))
 
 
 def query_groups(n_queries: int, n_groups: int, *, per_query: bool) -> list[slice]:
@@ -405,4 +456,5 @@ __all__ = [
     "output_chunks",
     "plan_chunks",
     "query_groups",
+    "task_updates",
 ]
