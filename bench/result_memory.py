@@ -8,8 +8,8 @@ chunks of ``--store-chunk`` updates (default: the whole run in one chunk, on pur
 least one store chunk). Each size then runs
 ``attribute(run, queries="train[:Q]", output="logits", by=("sample", "step"), out=...)`` on the default
 LocalCluster in a fresh subprocess, with Q chosen so the result (``Q x 10 x N x updates`` float64 scores plus
-small per-update arrays; N = ``--samples``) reaches the size; a thread samples the RSS of that process and of its workers (psutil)
-every 50 ms. The output store is deleted after each size.
+small per-update arrays; N = ``--samples``) reaches the size; a thread samples the RSS of that process and of its
+workers (psutil) every 50 ms. The output store is deleted after each size.
 
 Prints a Markdown table (docs/benchmarks.md, section "Result size and streaming to disk") with the load average.
 """

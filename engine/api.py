@@ -409,7 +409,8 @@ def attribute(
             ("tcp://host:8786") or a ``distributed.Client``.
         device: "cpu" or "cuda" (the per-update math on the workers' GPU).
         out: a Zarr path; results stream there chunk by chunk and the opened (lazy) Dataset is returned.
-        chunk_updates: updates per task (default: the store's chunk size; must be a multiple of it).
+        chunk_updates: updates per task (default: the store's chunk size; must be a multiple of it); tasks are
+            split further when their result block would exceed the per-task budget ($EXPLAIND_BLOCK_BYTES).
         method: per-sample dot products by "grad", "jvp" or "auto".
         progress: show a progress bar.
         step_bins: sum the step axis into this many contiguous bins.
@@ -529,7 +530,7 @@ def _write(ds: xr.Dataset, path: Path, runner: _sched.Runner, step_chunk: int, p
         # consolidated metadata is a zarr-python extension in v3; it lets xarray.open_zarr(path) open quietly
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         store = chunked.to_zarr(path, mode="w", compute=False, consolidated=True)
-        runner.compute([store], progress=progress, desc="attribute")
+        runner.compute([_graph.gate_writes(store)], progress=progress, desc="attribute")
         opened = xr.open_zarr(path)
         attrs = finalize_attrs(opened).attrs
         group = zarr.open_group(path, mode="r+")

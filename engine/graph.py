@@ -1,7 +1,8 @@
 """The Dask graph of one attribution: a chunked scan over the updates of the window, per group of queries.
 
-For chunks ``c = 0..C-1`` of updates ``(lo_c, hi_c]`` (aligned to the store's chunks so a task reads whole chunks),
-either the **reverse chain** (the default when no worker would sit idle)::
+For chunks ``c = 0..C-1`` of updates ``(lo_c, hi_c]`` (aligned to the store's chunks so a task reads whole chunks,
+and split below them when a chunk's result block would exceed the per-task budget, :func:`task_updates`), either
+the **reverse chain** (the default when no worker would sit idle)::
 
     job ──► pass1[c] (momentum only) ──► carries ──► carry[c]           (pass 1 parallel, carries tiny)
     carry[C-1] ──► pass2[C-1] ──U──► pass2[C-2] ──U──► ... ──► pass2[0]  (each path integral once)
@@ -14,7 +15,8 @@ either the **reverse chain** (the default when no worker would sit idle)::
 
 Then ``pass2[c] ──► arrays of chunk c ──► from_delayed blocks``. Arrays with a ``step`` axis are concatenated from
 the per-chunk blocks (``dask.array.concatenate``: the step axis is never built in one task); every other array is a
-tree sum over chunks (``dask.array`` ``sum`` with ``split_every``). Groups of queries (:func:`query_groups`) are
+tree sum over chunks (``dask.array`` ``sum`` with ``split_every``), or in the reverse chain a running sum handed
+down the chain with ``U`` (one copy alive at a time). Groups of queries (:func:`query_groups`) are
 independent scans joined along the query axis (:func:`join_query_groups`). ``job`` is one graph key holding the
 small :class:`~engine.scheduler.Job` (store path and ``Problem``): tasks open the store and build the float64 model
 themselves, cached per worker (:func:`engine.scheduler.task_env`), so no large tensor is closed over or embedded in
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -312,6 +315,68 @@ def lazy_result(
 
 
 # ==============================================================================================================
+# Streaming writes: the reverse chain waits for its blocks to be written
+# ==============================================================================================================
+_PASS2_KEY = re.compile(r"^explaind-pass2-([0-9a-f]+)-(\d+)$")
+
+
+def _gate(value: Any, *written: Any) -> Any:
+    """``value``, once the writes it was made to wait for are done (their results, None, are dropped)."""
+    del written
+    return value
+
+
+def gate_writes(collection: Any) -> Any:
+    """A Delayed computing ``collection`` (a write graph, e.g. ``to_zarr(compute=False)`` of a lazy result) in which
+    the reverse chain's task for chunk ``c - 1`` starts only after every task that needs only chunks ``>= c + 1``
+    and is next to a later step (the writes of chunk ``c + 1``) finished.
+
+    Without it the scheduler may run the chain (its critical path) ahead of the writes and keep every chunk's block
+    in memory; with it a query group holds at most three chunks' blocks (one being written, one done, one being
+    computed), whatever the result size. Graphs without a chain are returned unchanged (as a Delayed)."""
+    from dask._task_spec import Task, TaskRef, convert_legacy_graph
+    from dask.core import toposort
+    from dask.delayed import Delayed
+
+    (final,) = collection.__dask_keys__() if isinstance(collection, Delayed) else (None,)
+    if final is None:
+        return collection
+    graph = convert_legacy_graph(dict(collection.__dask_graph__()))
+    deps = {k: set(v.dependencies) for k, v in graph.items()}
+    # lowest chunk index per query group (token) that each task needs: chunk c's pass 2 seeds c
+    low: dict[Any, dict[str, int]] = {}
+    for key in toposort(graph, dependencies=deps):
+        acc: dict[str, int] = {}
+        m = _PASS2_KEY.match(key) if isinstance(key, str) else None
+        if m:
+            acc[m.group(1)] = int(m.group(2))
+        for d in deps[key]:
+            for tok, c in low.get(d, {}).items():
+                acc[tok] = min(c, acc.get(tok, c))
+        if acc:
+            low[key] = acc
+    dependents: dict[Any, set[Any]] = {k: set() for k in graph}
+    for k, ds in deps.items():
+        for d in ds:
+            dependents[d].add(k)
+    frontier: dict[tuple[str, int], list[Any]] = {}
+    for key, acc in low.items():
+        if len(acc) != 1:
+            continue  # needs several query groups' chunks (small arrays joined over groups): never a gate
+        ((tok, c),) = acc.items()
+        if key == final or any(low.get(k) != acc for k in dependents[key]):
+            frontier.setdefault((tok, c), []).append(key)
+    for (tok, c), written in frontier.items():
+        chain_key, uout_key = f"explaind-chain-{tok}-{c - 2}", f"explaind-uout-{tok}-{c - 1}"
+        if c < 2 or chain_key not in graph or uout_key not in deps.get(chain_key, ()):
+            continue
+        gate_key = f"explaind-gate-{tok}-{c - 2}"
+        graph[gate_key] = Task(gate_key, _gate, TaskRef(uout_key), *(TaskRef(k) for k in written))
+        graph[chain_key] = graph[chain_key].substitute({uout_key: gate_key})
+    return Delayed(final, graph)
+
+
+# ==============================================================================================================
 # Query groups: parallelism without re-doing any path integral
 # ==============================================================================================================
 CHAIN_BLOCK_BYTES = 512 << 20  # default per-task budget: a chunk's result block (and rebuilt momentum) stays below this
@@ -450,6 +515,7 @@ __all__ = [
     "bin_steps",
     "build_arrays",
     "combine_lazy",
+    "gate_writes",
     "group_problem",
     "join_query_groups",
     "lazy_result",

@@ -46,7 +46,8 @@ def parse_bytes(text: str | int) -> int:
 
 
 def format_bytes(n: int) -> str:
-    """``n`` bytes for people: ``"16.10 GB"``, ``"230.4 MB"``, ``"12.0 kB"`` (decimal units, as ``parse_bytes`` reads)."""
+    """``n`` bytes for people: ``"16.10 GB"``, ``"230.4 MB"``, ``"12.0 kB"`` (decimal units, as ``parse_bytes``
+    reads them)."""
     for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if n >= size:
             return f"{n / size:.2f} {unit}" if unit in ("TB", "GB") else f"{n / size:.1f} {unit}"

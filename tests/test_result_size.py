@@ -49,7 +49,8 @@ def test_a_result_over_the_limit_refuses_without_out_and_streams_with_it(digits_
         engine.attribute(digits_store, queries="val[:2]", by=BY, client="sync", progress=False,
                          max_result_bytes=size // 2)
     msg = str(err.value)
-    assert f"take {format_bytes(size)} in memory" in msg and format_bytes(size // 2) in msg and "out=" in msg and "max_result_bytes" in msg and "step_bins" in msg
+    assert f"take {format_bytes(size)} in memory" in msg and format_bytes(size // 2) in msg
+    assert "out=" in msg and "max_result_bytes" in msg and "step_bins" in msg
     assert isinstance(err.value, ValueError)  # the CLI prints it as one line and exits 2
     ref = engine.attribute(digits_store, queries="val[:2]", by=BY, client="sync", progress=False)
     got = engine.attribute(digits_store, queries="val[:2]", by=BY, client="sync", progress=False,
@@ -114,3 +115,28 @@ def test_cli_max_result_bytes(digits_store, tmp_path, capsys):
         cli_main([*base, "--max-result-bytes", "4XB"])
     assert bad.value.code == 2
     assert "4GB" in capsys.readouterr().err  # says which forms it accepts
+
+
+def test_the_chain_waits_for_the_writes_of_its_blocks(long_chunk_store, tmp_path):
+    """In the write graph, the chain's task for chunk c starts after the writes of chunk c + 2: a query group never
+    holds more than three chunks' blocks, however far the chain could run ahead of the writes."""
+    import dask
+    from dask.core import get_dependencies
+
+    from engine.scheduler import make_job
+
+    run = open_run(long_chunk_store)
+    x, y = run.split("val")
+    problem = Problem(x[:1], y[:1], by=frozenset(BY), window=(0, 16))
+    meta = result_meta(run, problem, Context(run, problem))
+    bounds = engine_graph.plan_chunks((0, 16), store_chunk=8, max_updates=2)
+    job = make_job(run, problem, by_reference=True)
+    ds = engine_graph.lazy_result(job, meta, bounds, keep_u=False, chain=True)
+    store = ds.to_zarr(tmp_path / "r.zarr", mode="w", compute=False)
+    graph = dict(engine_graph.gate_writes(store).__dask_graph__())
+    for c in range(len(bounds) - 2):
+        gate = f"explaind-gate-{job.token}-{c}"
+        assert gate in get_dependencies(graph, f"explaind-chain-{job.token}-{c}")
+        writes = [k for k in get_dependencies(graph, gate) if not str(k).startswith("explaind-")]
+        assert writes, f"chunk {c} waits for no write"
+    dask.compute(engine_graph.gate_writes(store), scheduler="synchronous")  # no cycle
