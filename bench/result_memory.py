@@ -1,6 +1,7 @@
 """Result-size benchmark: peak memory of ``attribute(..., out=)`` as the result grows (1, 4, 16 GB by default).
 
-    python bench/result_memory.py [--sizes 1,4,16] [--workdir DIR] [--updates 2048] [--store-chunk 512]
+    python bench/result_memory.py [--sizes 1,4,16] [--workdir DIR] [--updates 256] [--store-chunk 256]
+                                  [--samples 16384] [--in-memory]
 
 Builds one store for it: the scikit-learn digits (64 features) tiled to ``--samples`` samples with a little noise,
 a Tanh MLP 64-16-10 trained with SGD + momentum for ``--updates`` updates (batches of 32) and recorded in store
@@ -9,7 +10,11 @@ least one store chunk). Each size then runs
 ``attribute(run, queries="train[:Q]", output="logits", by=("sample", "step"), out=...)`` on the default
 LocalCluster in a fresh subprocess, with Q chosen so the result (``Q x 10 x N x updates`` float64 scores plus
 small per-update arrays; N = ``--samples``) reaches the size; a thread samples the RSS of that process and of its
-workers (psutil) every 50 ms. The output store is deleted after each size.
+workers (psutil) every 50 ms. RSS counts pages shared between processes (the /dev/shm hand-off of in-memory
+results) in every process that maps them, so "memory used" adds up each page once: the private pages of all the
+processes (RSS - shared) plus the growth of the machine's shared memory (``Shmem``; other jobs' /dev/shm use
+would show here too). The output store is deleted after each size. ``--in-memory`` keeps the result in memory
+instead (no ``out=``, the size limit lifted) for comparison.
 
 Prints a Markdown table (docs/benchmarks.md, section "Result size and streaming to disk") with the load average.
 """
@@ -72,6 +77,15 @@ def result_gb(n_queries: int, n_samples: int, updates: int) -> float:
     return n_queries * N_OUTPUTS * n_samples * updates * 8 / 1e9
 
 
+def _shmem() -> int:
+    """Bytes of shared memory (tmpfs such as /dev/shm) in use on the machine (/proc/meminfo ``Shmem``)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class Sampler:
     """Peak RSS of this process and of each of its descendants (the LocalCluster's nanny and worker processes)."""
 
@@ -83,6 +97,8 @@ class Sampler:
         self.peak_self = 0
         self.peak_child: dict[int, int] = {}
         self.peak_total = 0
+        self.peak_private = 0  # private pages of all processes + shared-memory growth: each page counted once
+        self.shm0 = _shmem()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -91,17 +107,20 @@ class Sampler:
 
         while not self._stop.is_set():
             try:
-                own = self.me.memory_info().rss
+                info = self.me.memory_info()
+                own, private = info.rss, info.rss - info.shared
                 total = own
                 for p in self.me.children(recursive=True):
                     try:
-                        rss = p.memory_info().rss
+                        full = p.memory_info()
                     except psutil.Error:
                         continue
-                    self.peak_child[p.pid] = max(self.peak_child.get(p.pid, 0), rss)
-                    total += rss
+                    self.peak_child[p.pid] = max(self.peak_child.get(p.pid, 0), full.rss)
+                    total += full.rss
+                    private += full.rss - full.shared
                 self.peak_self = max(self.peak_self, own)
                 self.peak_total = max(self.peak_total, total)
+                self.peak_private = max(self.peak_private, private + max(0, _shmem() - self.shm0))
             except psutil.Error:
                 pass
             self._stop.wait(self.interval)
@@ -118,17 +137,18 @@ class Sampler:
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     import engine
 
-    out = Path(spec["out"])
+    out = None if spec["in_memory"] else Path(spec["out"])
     with Sampler() as s:
         t0 = time.perf_counter()
         ds = engine.attribute(spec["store"], queries=f"train[:{spec['queries']}]", output="logits",
-                              by=("sample", "step"), out=str(out), progress=False)
+                              by=("sample", "step"), out=out, progress=False, max_result_bytes="1TB")
         seconds = time.perf_counter() - t0
-    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    written = 0 if out is None else sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     n_bytes = int(sum(v.nbytes for v in ds.data_vars.values()))
     engine.close_local_client()
     workers = sorted(s.peak_child.values(), reverse=True)
     return {"result_bytes": n_bytes, "peak_parent": s.peak_self, "peak_workers": workers, "peak_total": s.peak_total,
+            "peak_private": s.peak_private,
             "seconds": seconds, "written": written, "n_chunks": ds.attrs["n_chunks"],
             "chunk_updates": ds.attrs["chunk_updates"], "scan": ds.attrs["scan"]}
 
@@ -140,6 +160,7 @@ def main() -> None:
     ap.add_argument("--store-chunk", type=int, default=256, help="updates per store chunk (default: the whole run)")
     ap.add_argument("--samples", type=int, default=16384, help="training samples (default 16384)")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--in-memory", action="store_true", help="keep the result in memory instead (no out=)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -159,7 +180,7 @@ def main() -> None:
         q = max(1, round(gb * 1e9 / (N_OUTPUTS * n_samples * args.updates * 8)))
         out = work / f"result-{gb:g}.zarr"
         shutil.rmtree(out, ignore_errors=True)
-        spec = {"store": str(store), "queries": q, "out": str(out)}
+        spec = {"store": str(store), "queries": q, "out": str(out), "in_memory": args.in_memory}
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                               text=True, check=False)
         shutil.rmtree(out, ignore_errors=True)
@@ -169,16 +190,18 @@ def main() -> None:
         r.update(gb=gb, queries=q, load=os.getloadavg())
         rows.append(r)
         print(json.dumps(r), file=sys.stderr)
-    print(f"\nstore: digits MLP 64-{HIDDEN}-10, {n_samples} samples, {args.updates} updates in store chunks of "
-          f"{args.store_chunk}; by=(sample, step), output=logits, default LocalCluster, "
+    where = "in memory (no out=)" if args.in_memory else "out="
+    print(f"\n{where}; store: digits MLP 64-{HIDDEN}-10, {n_samples} samples, {args.updates} updates in store "
+          f"chunks of {args.store_chunk}; by=(sample, step), output=logits, default LocalCluster, "
           f"EXPLAIND_BLOCK_BYTES={os.environ.get('EXPLAIND_BLOCK_BYTES', 'default (512 MiB)')}\n")
     print("| result | queries | tasks (updates each) | peak RSS parent | peak RSS per worker process | peak RSS all | "
-          "time | written | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "peak memory used | time | written | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         workers = " / ".join(f"{w / 2**20:.0f}" for w in r["peak_workers"][:4])
         print(f"| {r['result_bytes'] / 1e9:.2f} GB | {r['queries']} | {r['n_chunks']} ({r['chunk_updates']}) | "
               f"{r['peak_parent'] / 2**20:.0f} MiB | {workers} MiB | {r['peak_total'] / 2**20:.0f} MiB | "
+              f"{r['peak_private'] / 2**20:.0f} MiB | "
               f"{r['seconds']:.0f} s | {r['written'] / 1e9:.2f} GB | {r['load'][0]:.1f} |")
 
 

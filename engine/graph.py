@@ -379,7 +379,7 @@ def gate_writes(collection: Any) -> Any:
 # ==============================================================================================================
 # Query groups: parallelism without re-doing any path integral
 # ==============================================================================================================
-CHAIN_BLOCK_BYTES = 512 << 20  # default per-task budget: a chunk's result block (and rebuilt momentum) stays below this
+CHAIN_BLOCK_BYTES = 512 << 20  # default per-task budget: a chunk's result block (and rebuilt momentum) below it
 BLOCK_BYTES_ENV = "EXPLAIND_BLOCK_BYTES"
 
 
