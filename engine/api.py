@@ -27,8 +27,8 @@ from engine.guard import DEFAULT_RESIDUAL_TOL, check_exactness, check_residual_t
 from engine.local import KEEP_U_BYTES
 from engine.outputs import NEEDS_TARGETS, OUTPUT_MODES
 from engine.quadrature import parse_rule
-from engine.result import BY_KEYS, check_finite, finalize_attrs
-from engine.settings import env_int
+from engine.result import BY_KEYS, check_finite, finalize_attrs, result_bytes
+from engine.settings import env_bytes, env_int, format_bytes, parse_bytes
 from explaind_store import schema
 from explaind_store.format import StoreError
 from explaind_store.trajectory import Trajectory
@@ -36,6 +36,14 @@ from explaind_store.trajectory import Trajectory
 # updates the up-front replay check reads (evenly spaced; all of them for short runs)
 VERIFY_UPDATES = env_int("EXPLAIND_VERIFY_UPDATES", 16, "updates the pre-flight store check replays")
 RESULT_KIND = "explaind-attribution"
+# results larger than this stay on disk only (out=): $EXPLAIND_MAX_RESULT_BYTES, else this share of the memory
+# available when the call starts (the computation needs room besides the result: workers, blocks in flight)
+MAX_RESULT_ENV = "EXPLAIND_MAX_RESULT_BYTES"
+MAX_RESULT_FRACTION = 0.25
+
+
+class ResultTooLargeError(ValueError, MemoryError):
+    """The result asked for would not fit the in-memory limit (``max_result_bytes``) and no ``out=`` was given."""
 
 
 # ==============================================================================================================
@@ -322,6 +330,55 @@ def check_device(device: Any) -> str:
     return device
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new work now (``MemAvailable`` of /proc/meminfo, else free pages), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def max_result_limit(max_result_bytes: int | str | None = None) -> int:
+    """The in-memory result limit in bytes: ``max_result_bytes`` (an int or "4GB"), else
+    ``$EXPLAIND_MAX_RESULT_BYTES``, else ``MAX_RESULT_FRACTION`` of the available memory (8 GB if unknown)."""
+    if max_result_bytes is not None:
+        try:
+            return parse_bytes(max_result_bytes)
+        except ValueError as exc:
+            raise ValueError(f"max_result_bytes: {exc}") from None
+    env = env_bytes(MAX_RESULT_ENV, "the largest result attribute keeps in memory")
+    if env is not None:
+        return env
+    avail = available_memory()
+    return int(avail * MAX_RESULT_FRACTION) if avail else 8 * 10**9
+
+
+def check_result_size(size: int, limit: int, by: frozenset[str], n_queries: int, n_steps: int) -> None:
+    """Refuse a result of ``size`` bytes above ``limit`` (kept in memory) with what to change instead."""
+    if size <= limit:
+        return
+    ways = ["pass out='result.zarr' (CLI: --out result.zarr) to stream it to disk in bounded memory",
+            f"explain fewer queries (now {n_queries})"]
+    if "sample" in by and "step" in by:
+        ways.append("drop 'sample' or 'step' from by=")
+    if "step" in by or n_steps > 1:
+        ways.append(f"sum the {n_steps} steps into bins with step_bins=")
+    if "param" in by:
+        ways.append("drop 'param' from by=")
+    ways.append(f"or raise the limit with max_result_bytes= (CLI: --max-result-bytes; env {MAX_RESULT_ENV})")
+    raise ResultTooLargeError(
+        f"the result would take {format_bytes(size)} in memory, more than the limit of {format_bytes(limit)} "
+        f"(by={sorted(by)}): " + "; ".join(ways)
+    )
+
+
 # ==============================================================================================================
 # attribute
 # ==============================================================================================================
@@ -343,6 +400,7 @@ def attribute(
     progress: bool = True,
     step_bins: int | None = None,
     residual_tol: float | None = DEFAULT_RESIDUAL_TOL,
+    max_result_bytes: int | str | None = None,
 ) -> xr.Dataset:
     """Decompose ``F(theta_b) - F(theta_a)`` for query outputs of a recorded run into training samples, updates,
     tensors / parameters, weight decay and carried-over momentum (ExPLAIND; see docs/math.md).
@@ -361,7 +419,8 @@ def attribute(
             ("tcp://host:8786") or a ``distributed.Client``.
         device: "cpu" or "cuda" (the per-update math on the workers' GPU).
         out: a Zarr path; results stream there chunk by chunk and the opened (lazy) Dataset is returned.
-        chunk_updates: updates per task (default: the store's chunk size; must be a multiple of it).
+        chunk_updates: updates per task (default: the store's chunk size; must be a multiple of it); tasks are
+            split further when their result block would exceed the per-task budget ($EXPLAIND_BLOCK_BYTES).
         method: per-sample dot products by "grad", "jvp" or "auto".
         progress: show a progress bar.
         step_bins: sum the step axis into this many contiguous bins.
@@ -369,6 +428,10 @@ def attribute(
             whose ``rounding_residual`` (what the recorded batches do not reproduce) exceeds this fraction of its
             change plus a float-rounding floor, with the likely cause from the batch-gradient check (an
             ``InexactWarning`` instead when that check traces it to float rounding). None turns it off.
+        max_result_bytes: the largest result kept in memory (bytes, or "4GB"); a larger one raises
+            ``ResultTooLargeError`` before any task runs unless ``out=`` is given (default: $EXPLAIND_MAX_RESULT_BYTES,
+            else a quarter of the available memory). With ``out=`` every task's memory stays within the per-task
+            budget ($EXPLAIND_BLOCK_BYTES, 512 MiB) whatever the result size and the store's chunk length.
 
     Returns:
         An ``xarray.Dataset`` (dims ``query``, ``output``, and ``sample`` / ``step`` / ``tensor`` as asked) with
@@ -407,6 +470,9 @@ def attribute(
     cpu_problem = problem if device == "cpu" else replace(problem, device="cpu")
     ctx = Context(traj, cpu_problem)
     meta = result_meta(traj, cpu_problem, ctx)
+    limit = max_result_limit(max_result_bytes)
+    if out_path is None:
+        check_result_size(result_bytes(meta, step_bins), limit, by_set, meta.n_queries, window[1] - window[0])
 
     # --- scheduler, graph, compute --------------------------------------------------------------------------
     local = client is None or (isinstance(client, str) and client.strip().lower() in _sched.LOCAL_NAMES)
@@ -427,8 +493,9 @@ def attribute(
         # twice, unless kept). With threads set, the cores are already spread over the groups.
         spare = 1 if threads else runner.n_workers // len(groups)
         chain = spare <= 1
+        # every task within the per-task memory budget, even below the store's chunk length
         bounds = _graph.plan_chunks(window, store_chunk=store_chunk, chunk_updates=chunk_updates, n_workers=spare,
-                                    max_updates=_graph.chain_chunk_updates(meta, rows) if chain else None)
+                                    max_updates=_graph.task_updates(meta, rows, chain=chain), fill=chain)
         n_params = sum(math.prod(s) for s in meta.tensor_shapes)
         keep_u = not chain and (window[1] - window[0]) * rows * n_params * 8 <= KEEP_U_BYTES
         sync = isinstance(runner, _sched.SyncRunner)
@@ -461,6 +528,11 @@ def attribute(
             # output step chunks: the store's (what readers of the run are used to), else the tasks'
             written = _write(ds, out_path, runner, store_chunk or max(hi - lo for lo, hi in bounds), progress)
             result = check_finite(written, where=str(out_path))
+            return finalize_attrs(result)
+        # output step chunks: the store's (what readers of the run are used to) unless the tasks are shorter, so
+        # an output chunk never waits on more than two tasks' blocks (memory independent of the store's chunks)
+        task_len = max(hi - lo for lo, hi in bounds)
+        return _write(ds, out_path, runner, min(store_chunk or task_len, task_len), progress)
     finally:
         runner.close()
     check_exactness(result, traj, tol)  # the per-update residual arrays are small (query x output x step)
@@ -480,7 +552,7 @@ def _write(ds: xr.Dataset, path: Path, runner: _sched.Runner, step_chunk: int, p
         # consolidated metadata is a zarr-python extension in v3; it lets xarray.open_zarr(path) open quietly
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         store = chunked.to_zarr(path, mode="w", compute=False, consolidated=True)
-        runner.compute([store], progress=progress, desc="attribute")
+        runner.compute([_graph.gate_writes(store)], progress=progress, desc="attribute")
         opened = xr.open_zarr(path)
         attrs = finalize_attrs(opened).attrs
         group = zarr.open_group(path, mode="r+")
@@ -495,4 +567,5 @@ def _strings_as_objects(ds: xr.Dataset) -> xr.Dataset:
     return ds.assign_coords(fix) if fix else ds
 
 
-__all__ = ["QuerySpec", "UnknownSplitError", "attribute", "check_store", "open_trajectory", "parse_by", "parse_queries", "parse_steps"]
+__all__ = ["QuerySpec", "ResultTooLargeError", "UnknownSplitError", "attribute", "available_memory",
+           "max_result_limit", "check_store", "open_trajectory", "parse_by", "parse_queries", "parse_steps"]
