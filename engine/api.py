@@ -525,14 +525,11 @@ def attribute(
             (result,) = runner.compute([ds], progress=progress, desc="attribute")
             result = check_finite(finalize_attrs(result))
         else:
-            # output step chunks: the store's (what readers of the run are used to), else the tasks'
-            written = _write(ds, out_path, runner, store_chunk or max(hi - lo for lo, hi in bounds), progress)
+            # output step chunks: the store's (what readers of the run are used to) unless the tasks are shorter, so
+            # an output chunk never waits on more than two tasks' blocks (memory independent of the store's chunks)
+            task_len = max(hi - lo for lo, hi in bounds)
+            written = _write(ds, out_path, runner, min(store_chunk or task_len, task_len), progress)
             result = check_finite(written, where=str(out_path))
-            return finalize_attrs(result)
-        # output step chunks: the store's (what readers of the run are used to) unless the tasks are shorter, so
-        # an output chunk never waits on more than two tasks' blocks (memory independent of the store's chunks)
-        task_len = max(hi - lo for lo, hi in bounds)
-        return _write(ds, out_path, runner, min(store_chunk or task_len, task_len), progress)
     finally:
         runner.close()
     check_exactness(result, traj, tol)  # the per-update residual arrays are small (query x output x step)
