@@ -1,4 +1,6 @@
-"""``explaind attribute`` and ``explaind top`` (registered into ``explaind_store.cli`` by :func:`add_commands`).
+"""The ``explaind`` entry point, assembled from the top: the store's parser (``record``, ``info``, ``verify``,
+:func:`explaind_store.cli.build_parser`) plus the engine's ``attribute`` and ``top``, ``demo`` and ``settings``
+(:func:`add_commands`).
 
 Errors raise ``ValueError`` / ``KeyError`` / ``StoreError``; ``explaind_store.cli.main`` prints them as one line and
 exits 2.
@@ -71,14 +73,18 @@ def add_commands(subparsers: Any) -> None:
     top.add_argument("--part", default="data", help="result variable (default data)")
     top.set_defaults(func=_cmd_top)
 
-    from engine.demo import add_demo_command
+    from explaind_app.demo import add_demo_command
 
     add_demo_command(subparsers)
+
+    st = subparsers.add_parser("settings", help="list the EXPLAIND_* settings: meaning, default, current value")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_settings)
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
     from engine.api import attribute
-    from engine.scheduler import close_local_client, local_client
+    from engine.cluster.runners import close_local_client, local_client
 
     client: Any = None
     if args.sync:
@@ -195,4 +201,52 @@ def format_top(
     return "\n".join(lines)
 
 
-__all__ = ["add_commands", "format_top", "summarize"]
+# the store's own settings (explaind_store never imports the engine's table, so they are listed here)
+STORE_SETTINGS = (
+    ("EXPLAIND_TRUSTED_MODULES", "str", "", "store", "comma-separated modules whose model factories a store may "
+     "name (besides the built-in examples); the engine hands the caller's list to its workers with every job"),
+)
+
+
+def settings_rows() -> list[dict[str, Any]]:
+    """Every ``EXPLAIND_*`` setting: the store's and the engine's table (:mod:`engine.settings`)."""
+    import os
+
+    from engine import settings
+    from explaind_store.specs import TRUSTED_ENV
+
+    rows = [{"env": env, "name": env.removeprefix("EXPLAIND_").lower(), "type": typ, "default": default,
+             "value": os.environ.get(env, default), "scope": scope, "meaning": meaning}
+            for env, typ, default, scope, meaning in STORE_SETTINGS]
+    assert rows[0]["env"] == TRUSTED_ENV
+    return rows + settings.rows()
+
+
+def _cmd_settings(args: argparse.Namespace) -> int:
+    import json
+
+    rows = settings_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["env"]) for r in rows)
+    for r in rows:
+        print(f"{r['env']:<{width}}  {r['type']:<4}  default {r['default']!r:<11}  now {r['value']!r:<11}  "
+              f"({r['scope']}) {r['meaning']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``explaind`` console script: the store's commands plus the engine's and the application's."""
+    from explaind_store.cli import main as store_main
+
+    return store_main(argv, extensions=(add_commands,))
+
+
+__all__ = ["add_commands", "format_top", "main", "settings_rows", "summarize"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    sys.exit(main())

@@ -326,7 +326,7 @@ def _run_demo(
     novel = novel_mask(x_train, x_val, cfg.p)
 
     # --- 2. curves -------------------------------------------------------------------------------------------
-    from engine import report as rep
+    from explaind_app import report as rep
 
     cur_params = {"run": rec_digest, "points": cfg.curve_points}
     marker = st.finished("curves", cur_params, [curves_path])
@@ -580,7 +580,7 @@ def _engine_stages(todo: list[tuple[str, Path, dict[str, Any]]], run_path: Path,
 
 
 def _run_info(run_path: Path) -> dict[str, Any]:
-    from explaind_store.cli import run_info
+    from explaind_store.info import run_info
 
     return run_info(run_path)
 

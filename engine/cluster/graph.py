@@ -1,4 +1,5 @@
-"""The Dask graph of one attribution: a chunked scan over the updates of the window, per group of queries.
+"""The Dask graph of one attribution: the scan (:mod:`engine.scan`) as tasks over chunks of updates, per group of
+queries.
 
 For chunks ``c = 0..C-1`` of updates ``(lo_c, hi_c]`` (aligned to the store's chunks so a task reads whole chunks),
 either the **reverse chain** (the default when no worker would sit idle)::
@@ -14,21 +15,21 @@ either the **reverse chain** (the default when no worker would sit idle)::
 
 Then ``pass2[c] ──► arrays of chunk c ──► from_delayed blocks``. Arrays with a ``step`` axis are concatenated from
 the per-chunk blocks (``dask.array.concatenate``: the step axis is never built in one task); every other array is a
-tree sum over chunks (``dask.array`` ``sum`` with ``split_every``). Groups of queries (:func:`query_groups`) are
+tree sum over chunks (``dask.array`` ``sum`` with ``split_every``). Groups of queries (:func:`engine.plan.query_groups`) are
 independent scans joined along the query axis (:func:`join_query_groups`). ``job`` is one graph key holding the
-small :class:`~engine.scheduler.Job` (store path and ``Problem``): tasks open the store and build the float64 model
-themselves, cached per worker (:func:`engine.scheduler.task_env`), so no large tensor is closed over or embedded in
+small :class:`~engine.cluster.worker.Job` (store path, ``Problem``, settings): tasks open the store and build the
+float64 model themselves, cached per worker (:func:`engine.cluster.worker.task_env`), so no large tensor is closed over or embedded in
 the graph.
 
 Memory: a pass-1 / pass-2 task holds O(R x P) (R = query rows of its group, P = parameters) plus its chunk's
-result blocks and rebuilt momentum (``chain_chunk_updates`` bounds both), never samples x parameters. With
+result blocks and rebuilt momentum (:func:`engine.plan.chain_chunk_updates` bounds both), never samples x parameters. With
 ``keep_u`` a chunk's pass-1 result also keeps its ``u_s`` (L x R x P) until its pass 2 ran; :func:`attribute` only
-keeps them when the whole window's fit in ``engine.local.KEEP_U_BYTES``.
+keeps them when the whole window's fit in the ``keep_u_bytes`` setting. Chunk bounds, query groups and the
+schedule are planned by :mod:`engine.plan`.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import replace
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from engine.chunks import Carry, Pass1, Problem, carries, pass1, pass2, solo_carry
+from engine.cluster.worker import Job, running
 from engine.result import (
     QO,
     STEP,
@@ -50,60 +51,9 @@ from engine.result import (
     chunk_layout,
     chunk_shapes,
 )
-from engine.scheduler import MATH_LOCK, Job, task_env
+from engine.scan import Carry, Pass1, Problem, carries, pass1, pass2, solo_carry
 
 SPLIT_EVERY = 8  # fan-in of the tree sums over chunks
-
-
-# ==============================================================================================================
-# Chunk plan
-# ==============================================================================================================
-def plan_chunks(
-    window: tuple[int, int],
-    *,
-    store_chunk: int | None,
-    chunk_updates: int | None = None,
-    n_workers: int = 1,
-    max_updates: int | None = None,
-) -> list[tuple[int, int]]:
-    """Chunks ``(lo, hi]`` tiling the window.
-
-    ``max_updates`` (the reverse chain, :func:`build_arrays`): the default chunk is then the largest multiple of
-    the store's chunk size within ``max_updates`` (at least one store chunk), since chunks there buy memory
-    bounds, not parallelism.
-
-    With a store (``store_chunk`` = its ``chunk_updates``) boundaries sit on multiples of ``chunk_updates``, which
-    must be a multiple of ``store_chunk`` (default: ``store_chunk``), so every task reads whole store chunks; only
-    the first / last chunk of a window that does not start / end on a boundary is shorter. When the store's
-    chunks are so long that the window would give fewer tasks than ``n_workers``, the default splits the window
-    evenly instead (tasks then re-read parts of one store chunk: cheap next to the math). Without a store
-    (in-memory trajectories) chunks of ``chunk_updates`` (default 16) start at the window start.
-    """
-    a, b = window
-    length = b - a
-    if chunk_updates is not None:
-        k = int(chunk_updates)
-        if k < 1:
-            raise ValueError(f"chunk_updates must be >= 1, got {chunk_updates}")
-        if store_chunk and k % store_chunk:
-            raise ValueError(
-                f"chunk_updates={k} is not a multiple of the store's chunk size ({store_chunk} updates): tasks "
-                f"must read whole chunks; use {store_chunk * max(1, round(k / store_chunk))} or another multiple"
-            )
-    elif store_chunk:
-        k = int(store_chunk)
-        if max_updates is not None:
-            k *= max(1, int(max_updates) // k)
-        n_aligned = 1 + len(range((a // k + 1) * k, b, k))
-        if n_workers > 1 and n_aligned < n_workers and length >= 2:
-            step = math.ceil(length / min(n_workers, length))
-            return [(lo, min(b, lo + step)) for lo in range(a, b, step)]
-    else:
-        k = 16 if max_updates is None else max(1, int(max_updates))
-    if not store_chunk:
-        return [(lo, min(b, lo + k)) for lo in range(a, b, k)]
-    edges = [a, *range((a // k + 1) * k, b, k), b]
-    return list(itertools.pairwise(edges))
 
 
 # ==============================================================================================================
@@ -112,8 +62,7 @@ def plan_chunks(
 def _pass1_task(
     job: Job, lo: int, hi: int, keep_u: bool, light: bool | None = None, momentum: bool = True
 ) -> Pass1:
-    with MATH_LOCK:  # jvp is not thread-safe: one engine task at a time per process
-        traj, ctx = task_env(job)
+    with running(job) as (traj, ctx):  # one engine task at a time per process, under the caller's settings
         return pass1(traj, job.problem, lo, hi, keep_u=keep_u, light=light, momentum=momentum, ctx=ctx)
 
 
@@ -123,8 +72,7 @@ def _summary_task(p1: Pass1) -> Pass1:
 
 
 def _carries_task(job: Job, *summaries: Pass1) -> list[Carry]:
-    with MATH_LOCK:
-        traj, _ = task_env(job)
+    with running(job) as (traj, _):
         return carries(traj, job.problem, list(summaries))
 
 
@@ -133,8 +81,7 @@ def _pick(items: Sequence[Any], i: int) -> Any:
 
 
 def _pass2_task(job: Job, lo: int, hi: int, carry: Carry, p1: Pass1 | None) -> dict[str, np.ndarray]:
-    with MATH_LOCK:
-        traj, ctx = task_env(job)
+    with running(job) as (traj, ctx):
         return pass2(traj, job.problem, lo, hi, carry, p1, ctx=ctx).arrays
 
 
@@ -142,16 +89,14 @@ def _pass2_chain_task(
     job: Job, lo: int, hi: int, carry: Carry, u_next: dict[str, torch.Tensor] | None
 ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
     """Pass 2 of the reverse chain: ``u_next`` is the next chunk's ``u_out`` (None for the window's last chunk)."""
-    with MATH_LOCK:
-        traj, ctx = task_env(job)
+    with running(job) as (traj, ctx):
         res = pass2(traj, job.problem, lo, hi, carry, None, u_in=u_next, ctx=ctx)
         return res.arrays, _to_cpu(res.u_out)
 
 
 def _solo_task(job: Job) -> dict[str, np.ndarray]:
     """The whole window as one chunk of the reverse chain: one task, no pass 1 or carries."""
-    with MATH_LOCK:
-        traj, ctx = task_env(job)
+    with running(job) as (traj, ctx):
         lo, hi = ctx.window
         return pass2(traj, job.problem, lo, hi, solo_carry(traj, job.problem, ctx), None, ctx=ctx).arrays
 
@@ -187,7 +132,7 @@ def build_arrays(
     integrals twice (pass 1 for the carries, pass 2 for the scores) unless ``keep_u``. ``chain=True`` (the reverse
     chain): pass 1 only rebuilds the momentum (cheap, parallel) and pass 2 runs from the last chunk back to the
     first, each handing its accumulator ``U_{lo+1}`` to the previous one: every path integral once, chunks in
-    sequence. Parallelism then comes from query groups (:func:`query_groups`)."""
+    sequence. Parallelism then comes from query groups (:func:`engine.plan.query_groups`)."""
     if not bounds:
         raise ValueError("build_arrays needs at least one chunk")
     if chain and keep_u:
@@ -270,7 +215,7 @@ def lazy_result(
 ) -> xr.Dataset:
     """The dask-backed result Dataset (``engine.result.assemble`` of :func:`build_arrays`).
 
-    ``job`` may be a list of jobs whose problems hold consecutive groups of the queries (:func:`query_groups`):
+    ``job`` may be a list of jobs whose problems hold consecutive groups of the queries (:func:`group_problem`):
     each group runs its own scan and the groups' arrays are joined along the query axis."""
     jobs = [job] if isinstance(job, Job) else list(job)
     if len(jobs) == 1:
@@ -283,44 +228,8 @@ def lazy_result(
 
 
 # ==============================================================================================================
-# Query groups: parallelism without re-doing any path integral
+# Query groups: independent scans joined along the query axis
 # ==============================================================================================================
-CHAIN_BLOCK_BYTES = 512 << 20  # reverse chain: a chunk's result block (and rebuilt momentum) stays below this
-
-
-def chain_chunk_updates(meta: ResultMeta, n_rows: int) -> int:
-    """Updates per chunk of the reverse chain: pass 2 keeps the chunk's rebuilt momentum (``L x P`` per part,
-    ``engine.chunks.LIGHT_BYTES``) and builds its result block (``n_rows`` query rows; with ``sample`` and
-    ``step`` that is ``R x N x L``), so both bound ``L``."""
-    from engine.chunks import LIGHT_BYTES
-
-    n_params = sum(math.prod(s) for s in meta.tensor_shapes)
-    parts = 1 if meta.optimizer == "AdamW" else 2
-    per_update = sum(
-        math.prod(shape) * chunk_dtype(key).itemsize
-        for key, shape in chunk_shapes(replace(meta, n_queries=max(1, n_rows // max(1, meta.n_outputs))), 0, 1).items()
-        if STEP in chunk_layout(meta)[key]
-    )
-    return max(1, min(LIGHT_BYTES // max(1, n_params * parts * 8), CHAIN_BLOCK_BYTES // max(1, per_update)))
-
-
-def query_groups(n_queries: int, n_groups: int, *, per_query: bool) -> list[slice]:
-    """Up to ``n_groups`` consecutive, nearly equal groups of the queries (:func:`engine.scheduler.plan_parallelism`
-    says how many run at once).
-
-    Every query row has its own phi and reverse accumulator, so groups of queries are independent scans: unlike
-    chunks of updates, which parallelise the scan only by computing every later chunk's path integrals twice (once
-    for the carries, once for the scores), groups split the path integrals and the per-sample dot products without
-    repeating any; only the per-sample gradients of each batch are taken once per group. Needs queries that are
-    independent per sample (``Problem.per_query``); otherwise one group.
-    """
-    if not per_query or n_groups <= 1 or n_queries <= 1:
-        return [slice(0, n_queries)]
-    g = min(n_queries, n_groups)
-    edges = [round(i * n_queries / g) for i in range(g + 1)]
-    return [slice(a, b) for a, b in itertools.pairwise(edges)]
-
-
 def group_problem(problem: Problem, group: slice) -> Problem:
     """``problem`` restricted to the queries of ``group``."""
     y = None if problem.y_query is None else problem.y_query[group]
@@ -403,6 +312,4 @@ __all__ = [
     "join_query_groups",
     "lazy_result",
     "output_chunks",
-    "plan_chunks",
-    "query_groups",
 ]

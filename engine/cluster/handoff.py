@@ -1,12 +1,12 @@
 """Handing large results from same-host workers to the client through shared memory instead of TCP.
 
 A worker of the default ``LocalCluster`` runs on this machine, yet ``client.gather`` pulls its result blocks through
-dask's TCP comm: measured on the 2-core box, 335 MB took 0.9-1.6 s (215-390 MB/s), as long as a third of the
-whole attribution of the modular-addition benchmark. Here each large block is instead written by its worker into a
+dask's TCP comm, which for the benchmark's largest results takes as long as a sizeable part of the whole attribution
+(docs/benchmarks.md). Here each large block is instead written by its worker into a
 file in ``/dev/shm`` (a memory copy) and mapped by the client copy-on-write (no copy; the file is unlinked at once, so
 the memory is freed with the array). Arrays split only along their first axis (query groups) are written in place
-into one file laid out by the client, so they need no concatenation either (``np.block`` of two 156 MB blocks
-read back from the mappings took 0.54 s). Blocks are only ever plain numpy arrays written with ``np.save`` and read
+into one file laid out by the client, so they need no concatenation either (``np.block`` of the mapped blocks
+would copy them all once more). Blocks are only ever plain numpy arrays written with ``np.save`` and read
 with ``allow_pickle=False``: nothing is unpickled.
 
 Used only where the client knows the workers share its filesystem (the LocalCluster it started); an external
@@ -26,7 +26,7 @@ import dask
 import numpy as np
 import xarray as xr
 
-MIN_BYTES = 8 << 20  # smaller variables go through the normal gather
+from engine import settings
 
 
 def shm_root() -> str | None:
@@ -51,7 +51,7 @@ def _write_rows(block: np.ndarray, path: str, start: int) -> tuple[str, tuple[in
     """Worker side: write one block into rows ``start:`` of the ``.npy`` file the client laid out for the whole
     array (blocks split only along the first axis are contiguous there: no concatenation on the client).
 
-    Written with ``pwrite``, not through a mapping: 313 MB took 0.12 s instead of 0.30 s (no page faults)."""
+    Written with ``pwrite``, not through a mapping: no page faults on the fresh file."""
     arr = np.ascontiguousarray(block)
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
@@ -84,8 +84,10 @@ def _load(handle: tuple[str, tuple[int, ...], str]) -> np.ndarray:
 
 
 def _big_vars(ds: xr.Dataset) -> list[str]:
-    """The lazy data variables worth assembling from their blocks (at least ``MIN_BYTES``)."""
-    return [k for k, v in ds.data_vars.items() if dask.is_dask_collection(v.data) and v.nbytes >= MIN_BYTES]
+    """The lazy data variables worth assembling from their blocks (at least the ``handoff_min_bytes`` setting;
+    smaller ones go through the normal gather)."""
+    min_bytes = settings.get("handoff_min_bytes")
+    return [k for k, v in ds.data_vars.items() if dask.is_dask_collection(v.data) and v.nbytes >= min_bytes]
 
 
 def _per_var(blocks: dict[str, np.ndarray], results: list[Any]) -> dict[str, np.ndarray]:
@@ -115,8 +117,8 @@ def _with(ds: xr.Dataset, rest: xr.Dataset, data: dict[str, np.ndarray]) -> xr.D
 
 def compute_inline(ds: xr.Dataset, compute: Callable[[list[Any]], list[Any]]) -> xr.Dataset:
     """``ds`` computed in this process by ``compute`` (e.g. dask's synchronous scheduler), with the large
-    variables assembled from their blocks here: dask's ``finalize`` deep-copies a single-block result (0.7-0.8 s
-    of the 6.5 s modular-addition benchmark for its 313 MB ``data``), but these blocks are fresh arrays that the
+    variables assembled from their blocks here: dask's ``finalize`` deep-copies a single-block result (a
+    noticeable part of the benchmark for its large ``data``), but these blocks are fresh arrays that the
     pass-2 task made for this result alone."""
     big = _big_vars(ds)
     if not big:
@@ -129,7 +131,7 @@ def compute_inline(ds: xr.Dataset, compute: Callable[[list[Any]], list[Any]]) ->
 def compute_dataset(
     client: Any, ds: xr.Dataset, root: str, on_futures: Callable[[list[Any]], None] | None = None
 ) -> xr.Dataset:
-    """``client.compute(ds)`` gathered, with every dask variable of at least ``MIN_BYTES`` handed over through
+    """``client.compute(ds)`` gathered, with every dask variable of at least ``handoff_min_bytes`` handed over through
     files under ``root`` block by block. ``on_futures`` sees the futures first (a progress bar)."""
     big = _big_vars(ds)
     # a full tmpfs turns writes through a mapping into SIGBUS: only hand over what fits with room to spare
@@ -176,4 +178,4 @@ def compute_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["MIN_BYTES", "compute_dataset", "compute_inline", "shm_root"]
+__all__ = ["compute_dataset", "compute_inline", "shm_root"]

@@ -1,4 +1,4 @@
-"""Where the chunk tasks run, and what a worker keeps between them.
+"""Where the chunk tasks run: the runners (client selection, progress bars) and the default LocalCluster.
 
 Client selection (:func:`get_runner`):
 
@@ -8,12 +8,8 @@ Client selection (:func:`get_runner`):
 - an address (``"tcp://host:8786"``), a ``distributed.Client`` or a cluster object: an existing scheduler.
 
 Dask's threads scheduler is never used: ``torch.func.jvp`` (forward-mode AD) is not thread-safe. Workers that run
-several threads anyway (an external ``dask worker --nthreads 4``) are made safe by :data:`MATH_LOCK`, which lets
-one engine task at a time do math in a process.
-
-Worker side (:func:`task_env`): a task receives a small :class:`Job` (store path or pickled in-memory trajectory,
-the :class:`~engine.chunks.Problem`, the caller's trusted-module list) and looks up, per process, the opened
-``Run`` and the float64 model context for it, building them on first use.
+several threads anyway (an external ``dask worker --nthreads 4``) are made safe by
+:data:`engine.cluster.worker.MATH_LOCK`. What a worker keeps between tasks: :mod:`engine.cluster.worker`.
 """
 
 from __future__ import annotations
@@ -24,32 +20,21 @@ import logging
 import multiprocessing
 import os
 import threading
-import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Self
 
 import torch
 
-from engine.chunks import Context, Problem
-from engine.settings import env_int
-from explaind_store.specs import TRUSTED_ENV
-from explaind_store.trajectory import Trajectory
-
 SYNC_NAMES = ("sync", "synchronous", "single-threaded")
 LOCAL_NAMES = ("local", "processes", "localcluster")
-# threads per torch process inside dask workers (dask parallelises over processes instead)
-WORKER_THREADS_ENV = "EXPLAIND_WORKER_THREADS"
 # environment the default LocalCluster's workers get on top of the parent's (they inherit EXPLAIND_TRUSTED_MODULES)
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 # Dask config for our own LocalCluster (its scheduler and its workers, which receive the parent's config). The
-# defaults wake every process many times a second: the statistical profiler every 10 ms, the event-loop health check
-# every 20 ms, the nanny's memory check every 100 ms. Measured on the 2-core box: an idle 2-worker cluster used 10-11%
-# of a core, 3% with these settings, and the tiny modadd benchmark went from 6.5 s to 5.9 s (median of 6), because
-# 2 torch threads on 2 cores wait for each other whenever one of them is preempted. The profiler only feeds the
-# dashboard, which this cluster does not start.
+# defaults wake every process many times a second (the statistical profiler, the event-loop health check, the
+# nanny's memory check); on a machine with few cores those wake-ups preempt the torch threads, which then wait for
+# each other (docs/benchmarks.md has the numbers). The profiler only feeds the dashboard, which this cluster does
+# not start.
 QUIET_CLUSTER_CONFIG = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "1s",
@@ -58,11 +43,8 @@ QUIET_CLUSTER_CONFIG = {
 }
 
 # set in a worker's environment before the nanny spawns it, so glibc reads it before the first allocation: one malloc
-# arena for all of a worker's threads (see engine.chunks.keep_heap: pass 2's producer thread would keep its own)
+# arena for all of a worker's threads (see engine.scan.heap.keep_heap: pass 2's producer thread would keep its own)
 PRE_SPAWN_ENV = {"MALLOC_ARENA_MAX": "1"}
-
-MATH_LOCK = threading.Lock()
-
 
 def _cluster_config() -> dict[str, Any]:
     """:data:`QUIET_CLUSTER_CONFIG` plus :data:`PRE_SPAWN_ENV` on top of the nanny's own pre-spawn environment."""
@@ -71,153 +53,6 @@ def _cluster_config() -> dict[str, Any]:
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     environ.update(PRE_SPAWN_ENV)
     return {**QUIET_CLUSTER_CONFIG, "distributed.nanny.pre-spawn-environ": environ}
-
-
-# ==============================================================================================================
-# The job a task receives
-# ==============================================================================================================
-@dataclass(eq=False)
-class Job:
-    """What every chunk task needs to find its trajectory and problem (small, picklable, one graph key).
-
-    Exactly one of ``path`` (a store: opened inside the task, with the caller's ``model_factory`` and attached
-    by-reference splits) or ``traj`` (an in-memory trajectory: shipped pickled, or shared by reference under the
-    synchronous scheduler) is set. ``trusted`` is the caller's ``EXPLAIND_TRUSTED_MODULES``: workers started
-    before the caller set it (or on other machines) would otherwise refuse the store's model factory.
-    """
-
-    problem: Problem
-    path: str | None = None
-    traj: Trajectory | None = None
-    model_factory: Callable[..., torch.nn.Module] | None = None
-    attached: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    trusted: str | None = None
-    token: str = field(default_factory=lambda: uuid.uuid4().hex)
-    threads: int | None = None  # torch intra-op threads for this job's tasks (None: the worker's setting)
-
-    def open(self) -> Trajectory:
-        if self.traj is not None:
-            return self.traj
-        from explaind_store.reader import open_run
-
-        assert self.path is not None
-        return open_run(self.path, model_factory=self.model_factory, data=self.attached or None)
-
-
-def make_job(traj: Trajectory, problem: Problem, *, by_reference: bool, threads: int | None = None) -> Job:
-    """The job for ``traj``. ``by_reference``: the tasks run in this process (sync), so share ``traj`` itself.
-    ``threads``: torch threads its tasks use (see :func:`plan_parallelism`)."""
-    from explaind_store.reader import Run
-
-    trusted = os.environ.get(TRUSTED_ENV)
-    if by_reference or not isinstance(traj, Run):
-        return Job(problem=problem, traj=traj, trusted=trusted, threads=threads)
-    attached = dict(getattr(traj, "_attached", {}) or {})
-    return Job(problem=problem, path=str(traj.path), model_factory=traj.model_factory, attached=attached,
-               trusted=trusted, threads=threads)
-
-
-# torch threads per query group on our own LocalCluster (see plan_parallelism)
-def _threads_per_group() -> int:
-    return env_int("EXPLAIND_THREADS_PER_GROUP", 2, "torch threads per query group on the default LocalCluster")
-
-
-THREADS_PER_GROUP = _threads_per_group()
-
-
-def plan_parallelism(runner: Runner, n_queries: int, *, per_query: bool) -> tuple[int, int | None]:
-    """How many query groups to run at once, and the torch threads each uses (None: leave the workers' setting).
-
-    Two ways to use the cores of one machine: query groups in separate processes (each repeats the per-sample
-    gradients of every batch and holds its own model) or torch threads inside one process (the large matmuls
-    split, the Python-side work does not). Measured on the 2-core box, modular-addition transformer, 10 queries x
-    23 outputs, ms per update: tiny (14k params) 1 thread 93, 2 threads 60.5, two 1-thread groups of 5 queries
-    61.5 each in parallel; d_model 64 (86k params) 2 threads 257, two groups 270 each plus 8% memory contention. So
-    on our own LocalCluster each group gets ``THREADS_PER_GROUP`` (2) threads and there are
-    ``cores // THREADS_PER_GROUP`` groups at most (fewer with fewer queries, the threads then spread over the
-    cores). Elsewhere (an external cluster, whose workers' threads belong to their owner) one group per worker.
-    """
-    if isinstance(runner, SyncRunner):
-        return 1, None
-    cores = os.cpu_count() or 1
-    if getattr(runner, "same_host", False):
-        slots = max(1, min(runner.n_workers, cores // max(1, THREADS_PER_GROUP)))
-        groups = 1 if not per_query else max(1, min(n_queries, slots))
-        return groups, max(1, cores // groups)
-    return (max(1, min(n_queries, runner.n_workers)) if per_query else 1), None
-
-
-# ==============================================================================================================
-# Worker-side caches
-# ==============================================================================================================
-_ENVS: OrderedDict[str, tuple[Trajectory, Context]] = OrderedDict()
-_ENVS_MAX = 2  # a context holds the float64 model and training data: keep only the latest jobs
-_THREADS_SET = False
-
-
-@contextmanager
-def trusted_modules(extra: str | None) -> Iterator[None]:
-    """Temporarily add the caller's trusted modules to this process's ``EXPLAIND_TRUSTED_MODULES``."""
-    if not extra:
-        yield
-        return
-    old = os.environ.get(TRUSTED_ENV)
-    mods = [m for m in (old or "").split(",") if m.strip()]
-    mods += [m for m in extra.split(",") if m.strip() and m not in mods]
-    os.environ[TRUSTED_ENV] = ",".join(mods)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(TRUSTED_ENV, None)
-        else:
-            os.environ[TRUSTED_ENV] = old
-
-
-def _in_worker() -> bool:
-    try:
-        from distributed import get_worker
-
-        get_worker()
-    except (ImportError, ValueError):
-        return False
-    return True
-
-
-def task_env(job: Job) -> tuple[Trajectory, Context]:
-    """This process's (trajectory, float64 context) for ``job``, opened / built on first use."""
-    global _THREADS_SET
-    if job.threads and torch.get_num_threads() != job.threads:
-        torch.set_num_threads(job.threads)
-    hit = _ENVS.get(job.token)
-    if hit is not None:
-        _ENVS.move_to_end(job.token)
-        return hit
-    if not _THREADS_SET and not job.threads and _in_worker():
-        # one torch thread per worker process: dask parallelises over processes, and oversubscribed BLAS threads
-        # only slow every worker down
-        torch.set_num_threads(env_int(WORKER_THREADS_ENV, 1, "torch threads per dask worker process"))
-        _THREADS_SET = True
-    with trusted_modules(job.trusted):
-        traj = job.open()
-        ctx = Context(traj, job.problem)
-    _ENVS[job.token] = (traj, ctx)
-    while len(_ENVS) > _ENVS_MAX:
-        _ENVS.popitem(last=False)
-    return traj, ctx
-
-
-def seed(job: Job, traj: Trajectory, ctx: Context) -> None:
-    """Register an already built context for ``job`` in this process (the synchronous scheduler reuses the
-    driver's)."""
-    _ENVS[job.token] = (traj, ctx)
-    while len(_ENVS) > _ENVS_MAX:
-        _ENVS.popitem(last=False)
-
-
-def clear_caches() -> None:
-    """Forget every cached run and context in this process (e.g. after rewriting a store in place)."""
-    _ENVS.clear()
 
 
 # ==============================================================================================================
@@ -253,7 +88,7 @@ class SyncRunner(Runner):
         import dask
         import xarray as xr
 
-        from engine.handoff import compute_inline
+        from engine.cluster.handoff import compute_inline
 
         def run(colls: list[Any]) -> list[Any]:
             if not progress:
@@ -288,7 +123,7 @@ class ClientRunner(Runner):
     def compute(self, collections: Sequence[Any], *, progress: bool, desc: str = "explaind") -> list[Any]:
         import xarray as xr
 
-        from engine.handoff import compute_dataset, shm_root
+        from engine.cluster.handoff import compute_dataset, shm_root
 
         root = shm_root() if self.same_host else None
         if root is not None and len(collections) == 1 and isinstance(collections[0], xr.Dataset):
@@ -455,7 +290,7 @@ def _own_environ() -> Iterator[None]:
 
 
 def _warm_worker() -> None:
-    import engine.graph  # noqa: F401 - imports torch, torch.func and the chunk math
+    import engine.cluster.graph  # noqa: F401 - imports torch, torch.func and the scan
 
 
 async def warm_worker() -> None:
@@ -516,17 +351,11 @@ def get_runner(client: Any = None, *, n_tasks: int | None = None) -> Runner:
 
 
 __all__ = [
-    "MATH_LOCK",
     "ClientRunner",
-    "Job",
     "Runner",
     "SyncRunner",
-    "clear_caches",
+    "check_local_device",
     "close_local_client",
     "get_runner",
     "local_client",
-    "make_job",
-    "plan_parallelism",
-    "seed",
-    "task_env",
 ]

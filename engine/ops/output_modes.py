@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from engine.quadrature import SampleQuery
+from engine.ops.quadrature import SampleQuery
 from explaind_store.specs import per_sample_loss
 
 OUTPUT_MODES = ("log_softmax", "logits", "loss", "target_logprob", "margin")
@@ -93,7 +93,7 @@ def make_sample_query(
     loss_spec: dict[str, str],
     sample_chunk: int = 32,
 ) -> SampleQuery:
-    """The same ``F`` as :func:`make_query_fn` as a :class:`~engine.quadrature.SampleQuery`: query ``q``'s outputs
+    """The same ``F`` as :func:`make_query_fn` as a :class:`~engine.ops.quadrature.SampleQuery`: query ``q``'s outputs
     depend only on ``x_query[q]`` (and ``y_query[q]``), so each query is integrated with its own kinks and its own
     reverse pass (no cross-query work). Valid for models whose eval-mode outputs are per-sample (no batch
     statistics, no mixing across the batch): every model the examples build."""

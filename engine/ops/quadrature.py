@@ -11,7 +11,7 @@ rows of one vjp). No per-node Jacobian is built.
 Rules (``parse_rule``):
 
 * ``"kink[:nodes[:grid]]"`` (default, nodes=3, grid=8): find where piecewise-linear units switch along the segment
-  (``engine.kinks``), split ``[0, 1]`` there and put ``nodes`` Gauss-Legendre nodes on each smooth piece (one fewer,
+  (``engine.ops.kinks``), split ``[0, 1]`` there and put ``nodes`` Gauss-Legendre nodes on each smooth piece (one fewer,
   but at least 2, on pieces shorter than ``1/grid``: see ``_capped``). Without piecewise-linear units this is plain
   Gauss-Legendre with ``nodes`` nodes. When "arg" units (max, max-pool: a winner index) switch, the pieces are also
   verified and refined like the adaptive rule (tolerance ``KINK_ARG_TOL``), because a winner that changes twice
@@ -34,7 +34,7 @@ modadd transformer and the digits CNN with 32-64 queries). ``fn`` must then be v
 
 Caveats: the adaptive rule uses forward-mode AD (``jvp``), which is not thread-safe: run it in processes or the
 synchronous scheduler. Kinks that are not in ``F`` (e.g. ``x - x.max()`` in a hand-written stable softmax) are still
-found and cost extra pieces, not accuracy. See ``engine.kinks`` for what is intercepted and what can be missed.
+found and cost extra pieces, not accuracy. See ``engine.ops.kinks`` for what is intercepted and what can be missed.
 """
 
 from __future__ import annotations
@@ -359,7 +359,7 @@ def _phi_rows(
     """Per-sample phi: ``ts``/``ws`` are ``(S, M)``; returns name -> ``(S*K, *shape)``, sample-major.
 
     Samples go through ``vmap`` (over samples) of ``jacrev`` (over their K outputs) of the node-weighted sum of
-    the outputs at their nodes (``vmap`` over nodes, parameters shared via :class:`~engine.kinks.ParamLine`).
+    the outputs at their nodes (``vmap`` over nodes, parameters shared via :class:`~engine.ops.kinks.ParamLine`).
     Samples are batched by node count (:func:`_plan_batches`), so little work goes into zero-weight padding.
     """
     n_rows = ts.shape[0]

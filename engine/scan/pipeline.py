@@ -6,9 +6,8 @@ per-sample gradients, which depend only on the stored parameters) and the plain 
 for update ``s-1`` in a producer thread while the calling thread does the second kind for update ``s``.
 
 Why threads rather than more torch threads: on small models the transforms are bound by Python and dispatch
-overhead, which a second intra-op thread does not split. Measured on the 2-core box, modular-addition transformer
-(14k parameters, 10 queries x 23 outputs): a path integral and the dot-product matmul of one update took 38-51 ms
-one after the other with 2 torch threads, 32-35 ms side by side with one thread each.
+overhead, which a second intra-op thread does not split, so two one-thread stages side by side beat one stage
+with two torch threads (numbers: docs/benchmarks.md).
 
 Safety: every ``torch.func`` transform runs in the producer thread only (torch keeps the transform stack per
 thread, but forward-mode AD is not thread-safe); the consumer runs plain tensor ops on tensors the producer no
@@ -24,21 +23,20 @@ from typing import Any, TypeVar
 
 import torch
 
-from engine.settings import env_flag
+from engine import settings
 
 T = TypeVar("T")
 W = TypeVar("W")
 
-PIPELINE_ENV = "EXPLAIND_PIPELINE"  # 0/false/off/no: never pipeline; else: pipeline when there are >= 2 torch threads
 _POLL_S = 0.1
 
 
 def pipeline_threads(device: str, threads: int | None = None) -> tuple[int, int] | None:
     """Torch threads for (producer, consumer) when the calling thread's ``threads`` (default: its current torch
     thread count) are split over a two-stage pipeline; None when it should run in one thread (fewer than 2 torch
-    threads, a GPU device, or ``EXPLAIND_PIPELINE=0``)."""
+    threads, a GPU device, or the ``pipeline`` setting off: ``EXPLAIND_PIPELINE=0``)."""
     n = torch.get_num_threads() if threads is None else int(threads)
-    if not env_flag(PIPELINE_ENV) or device != "cpu" or n < 2:
+    if not settings.get("pipeline") or device != "cpu" or n < 2:
         return None
     return n - n // 2, n // 2
 
@@ -104,4 +102,4 @@ def run_two_stage(
         torch.set_num_threads(before)
 
 
-__all__ = ["PIPELINE_ENV", "pipeline_threads", "run_two_stage"]
+__all__ = ["pipeline_threads", "run_two_stage"]

@@ -3,6 +3,7 @@ the decomposition identity, query parsing, windows, Zarr output, top_k, input ch
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -13,20 +14,21 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from conftest import MLP_SPEC, assert_results_close, identity_error
+from tests.support.compare import MLP_SPEC, assert_results_close, identity_error
 from torch import nn
 
 import engine
-from engine import graph as engine_graph
-from engine import handoff as engine_handoff
-from engine import scheduler as engine_sched
-from engine.chunks import Problem
-from engine.local import attribute_local
+from engine import plan, settings
+from engine.cluster import graph as engine_graph
+from engine.cluster.handoff import shm_root
+from engine.cluster.runners import SyncRunner
+from engine.cluster.worker import make_job
+from engine.scan import Context, Problem, attribute_local, result_meta
 from explaind_store import Recorder, open_run
 from explaind_store.format import StoreError
 from explaind_store.specs import UntrustedFactoryError, model_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def reference(run, queries: str, *, chunk_updates: int = 4, **kw) -> xr.Dataset:
@@ -50,7 +52,7 @@ def sgd_reference(digits_store) -> xr.Dataset:
 
 @pytest.mark.parametrize("chunk_updates", [2, 6])
 def test_sync_scheduler_matches_reference_for_chunk_sizes(digits_store, sgd_reference, chunk_updates, monkeypatch):
-    monkeypatch.setattr(engine_handoff, "MIN_BYTES", 0)  # every variable assembled from its blocks (no dask copy)
+    monkeypatch.setenv("EXPLAIND_HANDOFF_MIN_BYTES", "0")  # every variable assembled from its blocks (no dask copy)
     ds = engine.attribute(open_run(digits_store), queries="val[:2]", by=BY_ALL, client="sync",
                           chunk_updates=chunk_updates, progress=False)
     assert ds.attrs["n_chunks"] == 12 // chunk_updates
@@ -99,15 +101,15 @@ def test_local_cluster_matches_reference(digits_store, modadd_store, sgd_referen
     assert ds.attrs["scan"] == "reverse chain"
     assert_results_close(ds, sgd_reference)
     # one torch thread per group: a group per worker process; every result comes back through shared memory
-    monkeypatch.setattr(engine_sched, "THREADS_PER_GROUP", 1)
-    monkeypatch.setattr(engine_handoff, "MIN_BYTES", 0)
-    before = set(os.listdir("/dev/shm")) if engine_handoff.shm_root() else set()
+    monkeypatch.setenv("EXPLAIND_THREADS_PER_GROUP", "1")
+    monkeypatch.setenv("EXPLAIND_HANDOFF_MIN_BYTES", "0")
+    before = set(os.listdir("/dev/shm")) if shm_root() else set()
     two = engine.attribute(open_run(digits_store), queries="val[:2]", by=BY_ALL, client=cluster, chunk_updates=4,
                            progress=False)
     assert two.attrs["query_groups"] == min(2, cores) and two.attrs["scan"] == "reverse chain"
     assert_results_close(two, sgd_reference)
     two["data"][...] = 0.0  # the mapped results are the caller's own (copy-on-write), writable
-    if engine_handoff.shm_root():
+    if shm_root():
         assert set(os.listdir("/dev/shm")) <= before  # nothing left behind
     # the default client (None) is the module's LocalCluster (the fixture's): the transformer, element-wise scores
     mrun = open_run(modadd_store)
@@ -122,7 +124,7 @@ def test_local_cluster_matches_reference(digits_store, modadd_store, sgd_referen
 
 def test_in_memory_trajectory_runs_on_workers(cluster):
     """An InMemoryTrajectory (no store) is pickled to the workers once (one graph key)."""
-    from oracle import train
+    from tests.support.oracle import train
 
     tr = train("mlp", "adamw", n_updates=5, batch_size=6)
     ref = attribute_local(tr.traj, Problem(tr.xq, tr.yq, by=frozenset({"sample"})), chunk_updates=2)
@@ -134,7 +136,7 @@ def test_in_memory_trajectory_runs_on_workers(cluster):
 def test_local_cluster_is_quiet(cluster):
     """Our LocalCluster's scheduler and workers run with the quiet dask settings (no 10 ms profiler, 1 s event-loop
     checks): 2 torch threads on 2 cores lose ~10% whenever an idle worker wakes up."""
-    from engine.scheduler import QUIET_CLUSTER_CONFIG
+    from engine.cluster.runners import QUIET_CLUSTER_CONFIG
 
     def settings() -> dict:
         import dask
@@ -152,29 +154,29 @@ def test_local_cluster_is_quiet(cluster):
 
 def test_workers_inherit_trusted_modules(tmp_path, cluster, monkeypatch):
     """A store whose factory is trusted only through EXPLAIND_TRUSTED_MODULES, set after the workers started."""
-    from store_helpers import train
+    from tests.support.store_helpers import train
 
     path = tmp_path / "trusted.zarr"
-    train(path, 4, kind="sgd", chunk_updates=2, model_spec=model_spec("store_helpers:make_mlp", hidden=6))
+    train(path, 4, kind="sgd", chunk_updates=2, model_spec=model_spec("tests.support.store_helpers:make_mlp", hidden=6))
     with pytest.raises(UntrustedFactoryError, match="EXPLAIND_TRUSTED_MODULES"):
         engine.attribute(path, queries="val[:1]", client=cluster, progress=False)
-    monkeypatch.setenv("EXPLAIND_TRUSTED_MODULES", "store_helpers")
+    monkeypatch.setenv("EXPLAIND_TRUSTED_MODULES", "tests.support.store_helpers")
     ds = engine.attribute(path, queries="val[:1]", client=cluster, progress=False)
     ref = engine.attribute(path, queries="val[:1]", client="sync", progress=False)
     assert_results_close(ds, ref)
 
 
 def test_plan_chunks_reads_whole_store_chunks():
-    plan = engine_graph.plan_chunks
-    assert plan((0, 12), store_chunk=2) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12)]
-    assert plan((3, 9), store_chunk=2) == [(3, 4), (4, 6), (6, 8), (8, 9)]
-    assert plan((3, 11), store_chunk=2, chunk_updates=4) == [(3, 4), (4, 8), (8, 11)]
+    chunks = plan.plan_chunks
+    assert chunks((0, 12), store_chunk=2) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12)]
+    assert chunks((3, 9), store_chunk=2) == [(3, 4), (4, 6), (6, 8), (8, 9)]
+    assert chunks((3, 11), store_chunk=2, chunk_updates=4) == [(3, 4), (4, 8), (8, 11)]
     # store chunks longer than the window: split evenly so every worker gets a task
-    assert plan((0, 10), store_chunk=1000, n_workers=4) == [(0, 3), (3, 6), (6, 9), (9, 10)]
-    assert plan((0, 10), store_chunk=1000, n_workers=1) == [(0, 10)]
-    assert plan((0, 5), store_chunk=None, chunk_updates=2) == [(0, 2), (2, 4), (4, 5)]
+    assert chunks((0, 10), store_chunk=1000, n_workers=4) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert chunks((0, 10), store_chunk=1000, n_workers=1) == [(0, 10)]
+    assert chunks((0, 5), store_chunk=None, chunk_updates=2) == [(0, 2), (2, 4), (4, 5)]
     with pytest.raises(ValueError, match="not a multiple of the store's chunk size"):
-        plan((0, 12), store_chunk=4, chunk_updates=6)
+        chunks((0, 12), store_chunk=4, chunk_updates=6)
 
 
 def test_graph_is_a_two_pass_scan_without_embedded_data(digits_store):
@@ -182,16 +184,13 @@ def test_graph_is_a_two_pass_scan_without_embedded_data(digits_store):
     key (store path + small Problem) is more than a few bytes: tasks load everything else from the store."""
     import cloudpickle
 
-    from engine.chunks import Context, result_meta
-    from engine.scheduler import make_job
-
     run = open_run(digits_store)
     x, y = run.split("val")
     problem = Problem(x[:2], y[:2], by=frozenset(BY_ALL), window=(0, 12))
     meta = result_meta(run, problem, Context(run, problem))
     job = make_job(run, problem, by_reference=False)
     assert job.path == str(digits_store) and job.traj is None
-    bounds = engine_graph.plan_chunks((0, 12), store_chunk=run.chunk_updates)
+    bounds = plan.plan_chunks((0, 12), store_chunk=run.chunk_updates)
     ds = engine_graph.lazy_result(job, meta, bounds, keep_u=False)
     assert ds["data"].data.chunks[3] == (2,) * 6  # step axis: one block per task, concatenated
     graph = dict(ds.__dask_graph__())
@@ -207,32 +206,30 @@ def test_graph_is_a_two_pass_scan_without_embedded_data(digits_store):
 def test_reverse_chain_graph_computes_each_path_integral_once(digits_store):
     """The reverse chain: pass 1 without path integrals (none for the last chunk), pass 2 chained from the last
     chunk to the first through the accumulator, same numbers as the parallel-chunk scan; one chunk = one task."""
-    import engine.chunks as C
-    from engine.chunks import Context, result_meta
-    from engine.scheduler import make_job
+    import engine.scan.forward as P1  # where the scan looks up the path integral
 
     run = open_run(digits_store)
     x, y = run.split("val")
     problem = Problem(x[:2], y[:2], by=frozenset(BY_ALL), window=(0, 12))
     meta = result_meta(run, problem, Context(run, problem))
-    bounds = engine_graph.plan_chunks((0, 12), store_chunk=run.chunk_updates, chunk_updates=4)
+    bounds = plan.plan_chunks((0, 12), store_chunk=run.chunk_updates, chunk_updates=4)
     job = make_job(run, problem, by_reference=True)
     chain = engine_graph.lazy_result(job, meta, bounds, keep_u=False, chain=True)
     graph = dict(chain.__dask_graph__())
     kinds = [str(k[0] if isinstance(k, tuple) else k).split("-")[1] for k in graph if "explaind-" in str(k)]
     assert kinds.count("chain") == 3 and kinds.count("pass1") == 3 and kinds.count("carries") == 1
     calls = []
-    real = C.path_integral
+    real = P1.path_integral
 
     def counted(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    C.path_integral = counted
+    P1.path_integral = counted
     try:
         got = chain.compute(scheduler="sync")
     finally:
-        C.path_integral = real
+        P1.path_integral = real
     assert len(calls) == 12  # once per update (the parallel scan needs 8 more for chunks 2 and 3)
     par = engine_graph.lazy_result(make_job(run, problem, by_reference=True), meta, bounds, keep_u=False)
     assert_results_close(got, par.compute(scheduler="sync"))
@@ -244,33 +241,30 @@ def test_reverse_chain_graph_computes_each_path_integral_once(digits_store):
 
 
 def test_query_groups_and_parallelism_plan():
-    from engine.graph import query_groups
-    from engine.scheduler import ClientRunner, SyncRunner, plan_parallelism
+    from engine.plan import plan_parallelism, query_groups
 
     assert query_groups(10, 1, per_query=True) == [slice(0, 10)]
     assert query_groups(10, 3, per_query=True) == [slice(0, 3), slice(3, 7), slice(7, 10)]
     assert query_groups(2, 8, per_query=True) == [slice(0, 1), slice(1, 2)]
     assert query_groups(10, 4, per_query=False) == [slice(0, 10)]  # a query batch that mixes samples
-    assert plan_parallelism(SyncRunner(), 10, per_query=True) == (1, None)
+    assert plan_parallelism(10, per_query=True, sync=True, same_host=True, n_workers=1) == (1, None)
 
-    class Fake(ClientRunner):  # n_workers without a scheduler
-        def __init__(self, n: int, same_host: bool) -> None:
-            self.same_host, self._n = same_host, n
-
-        @property
-        def n_workers(self) -> int:  # type: ignore[override]
-            return self._n
+    def ours(n_queries: int, n_workers: int) -> tuple[int, int | None]:  # our LocalCluster: same host
+        return plan_parallelism(n_queries, per_query=True, sync=False, same_host=True, n_workers=n_workers)
 
     cores = os.cpu_count() or 1
-    groups, threads = plan_parallelism(Fake(cores, True), 10, per_query=True)
-    assert groups == max(1, cores // engine_sched.THREADS_PER_GROUP) and threads == max(1, cores // groups)
-    assert plan_parallelism(Fake(cores, True), 1, per_query=True) == (1, cores)  # one query: all cores as threads
-    assert plan_parallelism(Fake(3, False), 10, per_query=True) == (3, None)  # external workers: one group each
-    assert plan_parallelism(Fake(3, False), 2, per_query=False) == (1, None)
+    groups, threads = ours(10, cores)
+    assert groups == max(1, cores // settings.get("threads_per_group")) and threads == max(1, cores // groups)
+    with settings.override(threads_per_group=1):
+        assert ours(10, cores) == (min(10, cores), 1)
+    assert ours(1, cores) == (1, cores)  # one query: all cores as threads
+    external = functools.partial(plan_parallelism, sync=False, same_host=False, n_workers=3)
+    assert external(10, per_query=True) == (3, None)  # external workers: one group each
+    assert external(2, per_query=False) == (1, None)
 
 
 def test_batch_mean_grads_match_one_at_a_time(modadd_store):
-    from engine.persample import batch_mean_grad, batch_mean_grads
+    from engine.ops.persample import batch_mean_grad, batch_mean_grads
 
     run = open_run(modadd_store)
     model = run.build_model().double()
@@ -399,21 +393,17 @@ def _rewrite(ds: xr.Dataset, tmp_path: Path) -> Path:
 # ==============================================================================================================
 # Bad input: clear errors before any heavy work
 # ==============================================================================================================
-@pytest.fixture()
-def no_heavy_work(monkeypatch):
-    """Make building the task graph fail loudly: errors must come from the checks, before it."""
+class NoHeavyWork(SyncRunner):
+    """A runner (``client=``) that fails loudly when asked to compute: errors must come from the checks, before."""
 
-    def boom(*a, **k):
+    def compute(self, collections, *, progress, desc="explaind"):
         raise AssertionError("heavy work started before the input was rejected")
-
-    monkeypatch.setattr(engine_graph, "lazy_result", boom)
-    monkeypatch.setattr(engine_graph, "build_arrays", boom)
 
 
 @pytest.fixture(scope="module")
 def nan_store(tmp_path_factory) -> Path:
     """SGD that diverges at update 4 (a NaN gradient): parameters are non-finite after updates 4 and 5."""
-    from store_helpers import batch_for, digits, make_mlp
+    from tests.support.store_helpers import batch_for, digits, make_mlp
 
     torch.manual_seed(0)
     x, y = digits()
@@ -437,7 +427,7 @@ def nan_store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tampered_store(tmp_path_factory) -> Path:
     """A store whose parameters after update 3 were edited: the optimizer replay no longer matches."""
-    from store_helpers import train
+    from tests.support.store_helpers import train
 
     path = tmp_path_factory.mktemp("bad") / "tampered.zarr"
     train(path, 6, kind="adamw", chunk_updates=2, model_spec=MLP_SPEC)
@@ -446,7 +436,7 @@ def tampered_store(tmp_path_factory) -> Path:
     return path
 
 
-def test_bad_input_is_rejected_before_heavy_work(digits_store, nan_store, tampered_store, no_heavy_work):
+def test_bad_input_is_rejected_before_heavy_work(digits_store, nan_store, tampered_store):
     run = open_run(digits_store)
     x, y = run.split("val")
     cases = [
@@ -473,7 +463,7 @@ def test_bad_input_is_rejected_before_heavy_work(digits_store, nan_store, tamper
     if not torch.cuda.is_available():
         cases.append(({"queries": "val[:2]", "device": "cuda"}, ValueError, "CUDA is not available"))
     for kwargs, exc, msg in cases:
-        kwargs = {"client": "sync", **kwargs}
+        kwargs = {"client": NoHeavyWork(), **kwargs}
         with pytest.raises(exc, match=msg):
             engine.attribute(run, progress=False, **kwargs)
     with pytest.raises(StoreError, match="no store at"):
@@ -482,7 +472,7 @@ def test_bad_input_is_rejected_before_heavy_work(digits_store, nan_store, tamper
     with pytest.raises(StoreError, match=r"NaN/inf after update\(s\) \[4, 5\].*steps=slice\(0, 3\)"):
         engine.attribute(nan_store, queries="val[:2]", client="sync")
     with pytest.raises(AssertionError, match="heavy work started"):
-        engine.attribute(nan_store, queries="val[:2]", steps=slice(0, 3), client="sync")
+        engine.attribute(nan_store, queries="val[:2]", steps=slice(0, 3), client=NoHeavyWork())
     # a store whose parameters and optimizer state disagree fails the up-front verify
     with pytest.raises(StoreError, match="fails its verify check.*explaind verify"):
         engine.attribute(tampered_store, queries="val[:2]", client="sync")
@@ -497,7 +487,7 @@ def test_bad_input_is_rejected_before_heavy_work(digits_store, nan_store, tamper
 # CLI
 # ==============================================================================================================
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "explaind_store.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "explaind_app.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=180, check=False)
 
 
@@ -517,7 +507,7 @@ def test_cli_attribute_and_top(digits_store, tmp_path, capsys):
     best = engine.top_k(out, 4)["top_label"].values[1, 0]
     assert f"top [{best[0]}: " in r.stdout
     # errors: one clear line on stderr, exit status 2 (in-process: the same main() the script runs)
-    from explaind_store.cli import main
+    from explaind_app.cli import main
 
     assert main(["attribute", str(digits_store), "--queries", "val[:2]", "--steps", "0:99", "--sync"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

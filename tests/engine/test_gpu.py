@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_results_close, identity_error
+from tests.support.compare import assert_results_close, identity_error
 
 import engine
 

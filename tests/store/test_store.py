@@ -16,7 +16,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from store_helpers import arrays_of, batch_for, digits, make_mlp, make_optimizer, train
+from tests.support.store_helpers import arrays_of, batch_for, digits, make_mlp, make_optimizer, train
 from torch import nn
 
 from explaind_store import Recorder, RecorderError, open_run, schema
@@ -26,6 +26,7 @@ from explaind_store.reader import CorruptChunkError
 from explaind_store.specs import UntrustedFactoryError, model_spec
 
 HERE = Path(__file__).parent
+SUPPORT = HERE.parent / "support"
 
 
 def test_round_trip_is_exact_and_lazy_views_have_named_dims(tmp_path):
@@ -335,10 +336,10 @@ def test_model_factories_are_only_imported_when_trusted(tmp_path, monkeypatch):
     with pytest.raises(UntrustedFactoryError, match="not trusted"):
         run.model(1)
     # the caller can vouch for a factory explicitly
-    train(tmp_path / "m", 2, kind="sgd", model_spec=model_spec("store_helpers:make_mlp", hidden=6), overwrite=True)
+    train(tmp_path / "m", 2, kind="sgd", model_spec=model_spec("tests.support.store_helpers:make_mlp", hidden=6), overwrite=True)
     with pytest.raises(UntrustedFactoryError, match="EXPLAIND_TRUSTED_MODULES"):
         open_run(tmp_path / "m").model(2)
-    monkeypatch.setenv("EXPLAIND_TRUSTED_MODULES", "some.other,store_helpers")
+    monkeypatch.setenv("EXPLAIND_TRUSTED_MODULES", "some.other,tests.support.store_helpers")
     m = open_run(tmp_path / "m").model(2)
     assert isinstance(m, nn.Module) and not m.training
     snaps: list = []
@@ -372,10 +373,10 @@ def test_kill_9_at_any_moment_then_resume_is_bit_identical(tmp_path):
     steps = 30
     ref = tmp_path / "ref"
     # the reference runs in the same kind of process (same torch thread count) without interruption
-    subprocess.run([sys.executable, str(HERE / "crash_worker.py"), str(ref), str(steps), "0", "0"], check=True)
+    subprocess.run([sys.executable, str(SUPPORT / "crash_worker.py"), str(ref), str(steps), "0", "0"], check=True)
     path = tmp_path / "crash"
     rng = random.Random(1)
-    worker = [sys.executable, str(HERE / "crash_worker.py"), str(path), str(steps)]
+    worker = [sys.executable, str(SUPPORT / "crash_worker.py"), str(path), str(steps)]
     kills = 0
     for attempt in range(8):
         before = _committed(path)

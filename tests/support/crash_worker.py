@@ -4,9 +4,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: `tests` is a package
 import torch
-from store_helpers import train
+from tests.support.store_helpers import train
 
 import explaind_store.recorder as recorder_mod
 

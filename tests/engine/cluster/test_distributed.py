@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import xarray as xr
-from conftest import assert_results_close, identity_error
+from tests.support.compare import assert_results_close, identity_error
 
 import engine
 
 pytestmark = pytest.mark.distributed
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = HERE.parents[2]  # the repository root (workers import `tests.support` from it)
 DASK = Path(sys.executable).parent / "dask"
 
 
@@ -52,7 +52,7 @@ def scheduler_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     d = tmp_path_factory.mktemp("dask-cluster")
     sfile = d / "scheduler.json"
     log = open(d / "cluster.log", "w")  # noqa: SIM115 - closed in the finally below
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen] = []
 
     def start(*args: str) -> None:
@@ -73,7 +73,7 @@ def scheduler_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
             client.wait_for_workers(2, timeout=120)
             address = client.scheduler.address
             # let the workers import torch and the engine while this process computes the sync reference
-            from engine.scheduler import warm_worker
+            from engine.cluster.runners import warm_worker
 
             client.run(warm_worker, wait=False)
         yield address
@@ -106,7 +106,7 @@ def test_attribute_on_external_scheduler_matches_sync(digits_store, scheduler_ad
 def test_cli_on_external_scheduler_streams_to_zarr(digits_store, scheduler_address, sync_result, tmp_path):
     out = tmp_path / "dist.zarr"
     r = subprocess.run(
-        [sys.executable, "-m", "explaind_store.cli", "attribute", str(digits_store), "--queries", "val[:2]",
+        [sys.executable, "-m", "explaind_app.cli", "attribute", str(digits_store), "--queries", "val[:2]",
          "--by", "sample,step", "--steps", "2:12", "--scheduler", scheduler_address, "--out", str(out), "--quiet"],
         capture_output=True, text=True, cwd=ROOT, timeout=180, check=False,
     )

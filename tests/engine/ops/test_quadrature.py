@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
-from engine.kinks import find_kinks, switch_gap
-from engine.quadrature import (
+from engine.ops.kinks import find_kinks, switch_gap
+from engine.ops.quadrature import (
     PathIntegral,
     QuadratureRule,
     SampleQuery,

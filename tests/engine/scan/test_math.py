@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from oracle import (
+from tests.support.oracle import (
     margin_breakpoints,
     oracle,
     query_values,
@@ -24,10 +24,10 @@ from oracle import (
 )
 from torch.func import functional_call
 
-from engine.chunks import Problem, carries, context, pass1, pass2, result_meta
-from engine.local import attribute_local, chunk_bounds
-from engine.optim_terms import applied_decay, applied_scalar
-from engine.persample import choose_method
+from engine.scan import Problem, attribute_local, carries, context, pass1, pass2, result_meta
+from engine.plan import chunk_bounds
+from engine.ops.optim_terms import applied_decay, applied_scalar
+from engine.ops.persample import choose_method
 from engine.result import assemble, chunk_shapes, combine, finalize_attrs, param_var
 
 ALL_BY = frozenset({"sample", "step", "tensor", "param"})
@@ -318,17 +318,17 @@ def test_grad_and_jvp_agree(by):
 )
 def test_pipelined_pass2_matches_oracle(model, opt, by, method, window, monkeypatch):
     """With two torch threads pass 2 takes the path integrals and per-sample gradients one update ahead in a
-    producer thread (engine.pipeline); the scores still match the oracle and the one-thread run."""
-    from engine import chunks
+    producer thread (engine.scan.pipeline); the scores still match the oracle and the one-thread run."""
+    from engine.scan import pipeline
 
     seen: list[object] = []
-    real = chunks.run_two_stage
+    real = pipeline.run_two_stage
 
     def spy(items, produce, consume, threads, **kw):
         seen.append(threads)
         return real(items, produce, consume, threads, **kw)
 
-    monkeypatch.setattr(chunks, "run_two_stage", spy)
+    monkeypatch.setattr(pipeline, "run_two_stage", spy)
     run = run_of(model, opt)
     torch.set_num_threads(2)
     try:  # nothing kept: the producer also recomputes the path integrals (or, first chunk, makes them)

@@ -1,4 +1,5 @@
-"""engine.pipeline: pass 2's two-thread producer/consumer driver (its numbers are checked in test_engine_math)."""
+"""engine.scan.pipeline: pass 2's two-thread producer/consumer driver (its numbers are checked in test_math), and
+the settings table it reads."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import threading
 import pytest
 import torch
 
-from engine.pipeline import PIPELINE_ENV, pipeline_threads, run_two_stage
+from engine import settings
+from engine.scan.pipeline import pipeline_threads, run_two_stage
 
 
 def _producer_alive() -> bool:
@@ -68,12 +70,15 @@ def test_a_consumer_error_stops_the_producer():
 
 
 def test_pipeline_threads(monkeypatch):
-    monkeypatch.delenv(PIPELINE_ENV, raising=False)
+    monkeypatch.delenv("EXPLAIND_PIPELINE", raising=False)
     assert pipeline_threads("cpu", 1) is None
     assert pipeline_threads("cpu", 2) == (1, 1)
     assert pipeline_threads("cpu", 5) == (3, 2)
     assert pipeline_threads("cuda", 4) is None
-    monkeypatch.setenv(PIPELINE_ENV, "0")
+    monkeypatch.setenv("EXPLAIND_PIPELINE", "0")
+    assert pipeline_threads("cpu", 4) is None
+    with settings.override(pipeline=True):  # an override beats the environment
+        assert pipeline_threads("cpu", 4) == (2, 2)
     assert pipeline_threads("cpu", 4) is None
 
 
@@ -97,14 +102,13 @@ def test_produces_at_most_ahead_items_in_advance(ahead):
 
 
 def test_env_settings_explain_bad_values(monkeypatch):
-    from engine.scheduler import _threads_per_group
     from engine.settings import env_flag, env_int
 
     monkeypatch.setenv("EXPLAIND_THREADS_PER_GROUP", "two")
     with pytest.raises(ValueError, match=r"EXPLAIND_THREADS_PER_GROUP='two': set it to an integer >= 1 \(torch threads"):
-        _threads_per_group()
+        settings.get("threads_per_group")
     monkeypatch.setenv("EXPLAIND_THREADS_PER_GROUP", "3")
-    assert _threads_per_group() == 3
+    assert settings.get("threads_per_group") == 3
     monkeypatch.setenv("EXPLAIND_X", "-1")
     with pytest.raises(ValueError, match="or unset it for the default 5"):
         env_int("EXPLAIND_X", 5, "something", minimum=0)
@@ -117,3 +121,27 @@ def test_env_settings_explain_bad_values(monkeypatch):
     assert env_flag("EXPLAIND_X") is True
     monkeypatch.delenv("EXPLAIND_X")
     assert env_flag("EXPLAIND_X", default=False) is False
+
+
+def test_settings_table_override_and_snapshot(monkeypatch):
+    """One table, read when used: an override beats the environment, nests, checks its values and names, and a
+    snapshot holds the job-scope settings a job carries to its workers (not the per-process ones)."""
+    monkeypatch.setenv("EXPLAIND_KEEP_U_BYTES", "1000")
+    assert settings.get("keep_u_bytes") == 1000  # read at use, not at import
+    with settings.override(keep_u_bytes=5, pipeline=False):
+        assert settings.get("keep_u_bytes") == 5 and settings.get("pipeline") is False
+        with settings.override(keep_u_bytes=7):
+            assert settings.get("keep_u_bytes") == 7
+        snap = settings.snapshot()
+        assert snap["keep_u_bytes"] == 5 and snap["pipeline"] is False
+        assert "worker_threads" not in snap and "mallopt" not in snap  # each process reads its own
+    assert settings.get("keep_u_bytes") == 1000
+    with settings.applied(snap):
+        assert settings.get("keep_u_bytes") == 5
+    with pytest.raises(KeyError, match="no engine setting 'keep_bytes'; the settings are light_bytes"):
+        settings.get("keep_bytes")
+    with pytest.raises(ValueError, match=r"threads_per_group=0: set it to an integer >= 1 \(torch threads"):
+        with settings.override(threads_per_group=0):
+            pass
+    names = [r["env"] for r in settings.rows()]
+    assert len(names) == len(set(names)) and all(n.startswith("EXPLAIND_") for n in names)
