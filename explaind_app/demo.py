@@ -86,7 +86,7 @@ class DemoConfig:
         return (p + 1) * d + 4 * d * d + (d * m + m) + (m * d + d) + d * p
 
 
-# The default, chosen for the 10-minute budget on 2 cores (measured on this machine, 1 torch thread):
+# The default, chosen so the demo fits a 10-minute budget on a 2-core machine (timings: docs/benchmarks.md):
 # - p = 59, 30% of the table for training (1,044 pairs), the rest (2,437) for validation; the paper's one-layer
 #   architecture with d_model 64, 4 heads and a 256-wide MLP (57k parameters); full-batch AdamW lr 1e-2, betas
 #   (0.9, 0.98), weight decay 2.0. Training accuracy reaches 99% after 80-100 updates in every seed, while the
@@ -97,10 +97,10 @@ class DemoConfig:
 # - float64, so the decomposition closes to float64 rounding: trained in float32, the rounding residual (recorded
 #   float32 update versus its float64 rebuild) reached 1e-3 per update, far above the quadrature residual.
 # - Seed 1 groks at ~570-620 updates, so 800 updates show memorisation, circuit formation, cleanup and the tail.
-# - The paper configuration (p = 113, 4,000 pairs, MLP 512, lr 1e-3, wd 4) needs 25 ms per update and its grokking
-#   delay was 2,000+ updates with 3,000 pairs (lr 3e-3: memorised at 800, 95% at 2,600-2,950; with 4,000 pairs the
+# - The paper configuration (p = 113, 4,000 pairs, MLP 512, lr 1e-3, wd 4) trains several times slower per update
+#   and its grokking delay was 2,000+ updates with 3,000 pairs (lr 3e-3: memorised at 800, 95% at 2,600-2,950; with 4,000 pairs the
 #   validation accuracy rose together with the training accuracy, no delay). Decomposing that many full-batch
-#   updates of 3,000-4,000 samples in float64 costs well over 10 minutes on 2 cores, so the demo uses the smaller
+#   updates of 3,000-4,000 samples in float64 is far beyond that budget, so the demo uses the smaller
 #   table; pass a DemoConfig to run_demo for the paper's.
 DEMO = DemoConfig()
 
@@ -446,7 +446,7 @@ class _threads:
     """Run torch with ``n`` threads inside the block, restoring the thread count after.
 
     The demo uses one thread in this process: its models are small, Dask parallelises the engine over processes,
-    and on a busy machine two OpenMP threads per tiny matmul were measured 5-10x slower than one.
+    and on a busy machine two OpenMP threads per tiny matmul are slower than one (they wait for each other).
     """
 
     def __init__(self, torch: Any, n: int):

@@ -320,7 +320,7 @@ class ParamLine(TorchFunctionMode):
     mul, embedding and indexing; shape ops of a parameter give a derived parameter, tracked lazily). ``t`` is a scalar, typically batched by
     ``vmap`` over the quadrature nodes: the nodes are then a batch axis of the activations while the weights stay
     shared, so a reverse pass sums the nodes' weight gradients inside one matmul instead of materialising one
-    gradient per node (10x faster phi on the modadd transformer). Any other op that touches a parameter gets the
+    gradient per node (much faster phi; docs/benchmarks.md). Any other op that touches a parameter gets the
     materialised ``W0 + t * dW`` (always correct, only slower).
     """
 
@@ -602,6 +602,85 @@ def merge_sorted(t: Tensor, group: Tensor, lo: Tensor, hi: Tensor, merge: float)
     return keep
 
 
+@dataclass
+class _Brackets:
+    """Illinois regula falsi per crossing: the bracket ``[a, b]`` and its switch values, the tolerance, the root
+    (NaN until found), the end kept last (-1 / +1), which are still active, and the first guess with its value
+    (for the second step). Updated in place."""
+
+    a: Tensor
+    b: Tensor
+    fa: Tensor
+    fb: Tensor
+    ftol: Tensor
+    root: Tensor
+    side: Tensor
+    active: Tensor
+    c_first: Tensor
+    f_first: Tensor
+
+
+def _refine(
+    seg: Segment, rec: Any, br: _Brackets, idx: Tensor, it: int, guess: Tensor, st_t: Tensor | None, sten: Tensor,
+    rid: Tensor, ia: Tensor, ib: Tensor, crow: Tensor | None, chunk: int,
+) -> int:
+    """One step for the active crossings ``idx`` (batched switch passes of ``chunk`` points); returns the
+    evaluations spent."""
+    a, b, fa, fb, ftol, root, side, active = br.a, br.b, br.fa, br.fb, br.ftol, br.root, br.side, br.active
+    c_first, f_first, nrec = br.c_first, br.f_first, len(rec.kinds)
+    aa, bb, fa_, fb_ = a[idx], b[idx], fa[idx], fb[idx]
+    c = (aa * fb_ - bb * fa_) / (fb_ - fa_)
+    if it == 0:
+        g0 = guess[idx]
+        c = torch.where(torch.isfinite(g0) & (g0 > aa) & (g0 < bb), g0, c)
+    elif it == 1 and st_t is not None:
+        # Second step: inverse cubic through the first guess and the 3 stencil points nearest to it. The first
+        # guess is ~1e-8 off; this lands within float64 noise of the root, so most crossings converge here
+        # instead of after one or two more regula falsi steps (one batched forward each).
+        t5 = torch.cat([st_t[idx], c_first[idx, None]], 1)
+        s5 = torch.cat([sten[idx], f_first[idx, None]], 1)
+        far = (st_t[idx] - c_first[idx, None]).abs().argmax(1)
+        keep = torch.ones_like(t5, dtype=torch.bool)
+        keep[torch.arange(len(idx)), far] = False
+        g1 = _inverse_interpolation(t5[keep].reshape(-1, 4), s5[keep].reshape(-1, 4))
+        c = torch.where(torch.isfinite(g1) & (g1 > aa) & (g1 < bb), g1, c)
+    bad = ~torch.isfinite(c) | (c <= aa) | (c >= bb)
+    c = torch.where(bad, 0.5 * (aa + bb), c)
+    n = idx.numel()
+    ia_m = torch.zeros(n, nrec, dtype=torch.int64)
+    ib_m = torch.zeros(n, nrec, dtype=torch.int64)
+    ia_m[torch.arange(n), rid[idx]] = ia[idx]
+    ib_m[torch.arange(n), rid[idx]] = ib[idx]
+    fc_parts = []
+    for s in range(0, n, chunk):
+        sl = slice(s, s + chunk)
+        r_sl = None if crow is None else crow[idx[sl]]
+        vals = _switch_pass(seg, c[sl], r_sl, ia_m[sl], ib_m[sl], rec.kinds)
+        fc_parts.append(vals.gather(1, rid[idx[sl]].unsqueeze(1)).squeeze(1).to(torch.float64))
+    fc = torch.cat(fc_parts)
+    if it == 0:
+        c_first[idx], f_first[idx] = c, fc
+    done = (fc.abs() <= ftol[idx]) | (fc == 0)
+    same_b = (fc * fb_ > 0) & ~done
+    same_a = (fc * fa_ > 0) & ~done
+    # Illinois: halve the value kept at an end that survives twice in a row, so the bracket shrinks from both
+    # sides and convergence stays superlinear instead of stalling like plain regula falsi.
+    sd = side[idx]
+    new_fa = torch.where(same_b & (sd == -1), fa_ * 0.5, fa_)
+    new_fb = torch.where(same_a & (sd == 1), fb_ * 0.5, fb_)
+    new_b = torch.where(same_b, c, bb)
+    new_fb = torch.where(same_b, fc, new_fb)
+    new_a = torch.where(same_a, c, aa)
+    new_fa = torch.where(same_a, fc, new_fa)
+    side[idx] = torch.where(same_b, -1.0, torch.where(same_a, 1.0, sd))
+    a[idx], b[idx], fa[idx], fb[idx] = new_a, new_b, new_fa, new_fb
+    narrow = (new_b - new_a) <= 1e-15
+    fin = done | narrow | ~(same_a | same_b)
+    root[idx] = torch.where(fin, torch.where(done, c, 0.5 * (new_a + new_b)), root[idx])
+    active[idx] = ~fin
+    return n
+
+
 def search_kinks(
     seg: Segment,
     lo: Tensor,
@@ -653,64 +732,14 @@ def search_kinks(
     root = torch.where(fa == 0, a, torch.where(fb == 0, b, torch.full_like(a, float("nan"))))
     side = torch.zeros_like(a)
     active = torch.isnan(root)
-    nrec = len(rec.kinds)
     per_t = sum(x[0][0].numel() for x in rec.tensors) or 1
     chunk = max(8, _RECORD_BUDGET // per_t)
+    br = _Brackets(a, b, fa, fb, ftol, root, side, active, c_first, f_first)
     for it in range(max_iter):
         idx = torch.nonzero(active).flatten()
         if idx.numel() == 0:
             break
-        aa, bb, fa_, fb_ = a[idx], b[idx], fa[idx], fb[idx]
-        c = (aa * fb_ - bb * fa_) / (fb_ - fa_)
-        if it == 0:
-            g0 = guess[idx]
-            c = torch.where(torch.isfinite(g0) & (g0 > aa) & (g0 < bb), g0, c)
-        elif it == 1 and st_t is not None:
-            # Second step: inverse cubic through the first guess and the 3 stencil points nearest to it. The first
-            # guess is ~1e-8 off; this lands within float64 noise of the root, so most crossings converge here
-            # instead of after one or two more regula falsi steps (one batched forward each).
-            t5 = torch.cat([st_t[idx], c_first[idx, None]], 1)
-            s5 = torch.cat([sten[idx], f_first[idx, None]], 1)
-            far = (st_t[idx] - c_first[idx, None]).abs().argmax(1)
-            keep = torch.ones_like(t5, dtype=torch.bool)
-            keep[torch.arange(len(idx)), far] = False
-            g1 = _inverse_interpolation(t5[keep].reshape(-1, 4), s5[keep].reshape(-1, 4))
-            c = torch.where(torch.isfinite(g1) & (g1 > aa) & (g1 < bb), g1, c)
-        bad = ~torch.isfinite(c) | (c <= aa) | (c >= bb)
-        c = torch.where(bad, 0.5 * (aa + bb), c)
-        n = idx.numel()
-        ia_m = torch.zeros(n, nrec, dtype=torch.int64)
-        ib_m = torch.zeros(n, nrec, dtype=torch.int64)
-        ia_m[torch.arange(n), rid[idx]] = ia[idx]
-        ib_m[torch.arange(n), rid[idx]] = ib[idx]
-        fc_parts = []
-        for s in range(0, n, chunk):
-            sl = slice(s, s + chunk)
-            r_sl = None if crow is None else crow[idx[sl]]
-            vals = _switch_pass(seg, c[sl], r_sl, ia_m[sl], ib_m[sl], rec.kinds)
-            fc_parts.append(vals.gather(1, rid[idx[sl]].unsqueeze(1)).squeeze(1).to(torch.float64))
-        fc = torch.cat(fc_parts)
-        if it == 0:
-            c_first[idx], f_first[idx] = c, fc
-        n_evals += n
-        done = (fc.abs() <= ftol[idx]) | (fc == 0)
-        same_b = (fc * fb_ > 0) & ~done
-        same_a = (fc * fa_ > 0) & ~done
-        # Illinois: halve the value kept at an end that survives twice in a row, so the bracket shrinks from both
-        # sides and convergence stays superlinear instead of stalling like plain regula falsi.
-        sd = side[idx]
-        new_fa = torch.where(same_b & (sd == -1), fa_ * 0.5, fa_)
-        new_fb = torch.where(same_a & (sd == 1), fb_ * 0.5, fb_)
-        new_b = torch.where(same_b, c, bb)
-        new_fb = torch.where(same_b, fc, new_fb)
-        new_a = torch.where(same_a, c, aa)
-        new_fa = torch.where(same_a, fc, new_fa)
-        side[idx] = torch.where(same_b, -1.0, torch.where(same_a, 1.0, sd))
-        a[idx], b[idx], fa[idx], fb[idx] = new_a, new_b, new_fa, new_fb
-        narrow = (new_b - new_a) <= 1e-15
-        fin = done | narrow | ~(same_a | same_b)
-        root[idx] = torch.where(fin, torch.where(done, c, 0.5 * (new_a + new_b)), root[idx])
-        active[idx] = ~fin
+        n_evals += _refine(seg, rec, br, idx, it, guess, st_t, sten, rid, ia, ib, crow, chunk)
     if active.any():  # iteration cap: the bracket midpoint is the best estimate
         root[active] = 0.5 * (a[active] + b[active])
     order = lexsort(interval, root)

@@ -36,10 +36,10 @@ def choose_method(method: str, n_rows: int, batch_size: int, per_tensor: bool) -
 
     ``grad`` costs one backward per sample plus writing the ``|B| x P`` per-sample gradients plus ``R x |B| x P``
     flops; ``jvp`` costs ``R`` forward-mode passes per sample (times the number of tensors for a per-tensor split).
-    The batch size cancels out, so the choice depends on R. Measured on 1 CPU thread (float64, |B| = 170..256):
-    the modular-addition transformer (14k parameters) crosses over at R ~ 8 (R=4: jvp 5.8 ms vs grad 7.7 ms;
-    R=16: 19 vs 9 ms); a 784-128-128-10 MLP (117k parameters) at R ~ 64 (R=1: 8 vs 118 ms). So ``auto`` uses
-    ``jvp`` for R <= 8 rows without a per-tensor split, else ``grad``.
+    The batch size cancels out, so the choice depends on R: forward mode wins for a few rows, per-sample gradients
+    for many, with the crossover near 8 rows on the benchmark transformer and later on wide MLPs (measurements:
+    docs/benchmarks.md, "Measurements behind choices in the code"). So ``auto`` uses ``jvp`` for R <= 8 rows
+    without a per-tensor split, else ``grad``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
@@ -84,8 +84,8 @@ def batch_mean_grads(
 ) -> list[dict[str, torch.Tensor]]:
     """:func:`batch_mean_grad` of several updates at once: ``params`` holds each tensor stacked over the updates
     (``(L, *shape)``), ``xs`` / ``ys`` their batches. Batches of one size go through one ``vmap`` over updates in
-    groups of at most ``max_rows`` samples (measured: 1.1 vs ~4 ms per update on the small modular-addition
-    transformer, 3.3 vs ~9 on the d_model-64 one); otherwise one update at a time."""
+    groups of at most ``max_rows`` samples (one call's fixed overhead shared by several updates; docs/benchmarks.md);
+    otherwise one update at a time."""
     n = len(xs)
     if n == 0:
         return []

@@ -28,8 +28,8 @@ Per-sample queries (``SampleQuery``): a plain ``query_fn`` is opaque, so ``jacre
 through the forward of *all* query samples (cost ~ Q x batch) and every sample shares the union of all samples'
 kinks. When the outputs of each sample depend only on that sample's inputs (eval mode, no batch statistics), wrap
 the query as ``SampleQuery(fn, inputs)``: phi is then computed per sample (``vmap`` over samples of the node-batched
-reverse pass) with each sample's own kinks, which removes the batch factor from the cost (10-50x measured on the
-modadd transformer and the digits CNN with 32-64 queries). ``fn`` must then be vmappable over samples (no
+reverse pass) with each sample's own kinks, which removes the batch factor from the cost (docs/benchmarks.md has the
+speed-ups on the benchmark models). ``fn`` must then be vmappable over samples (no
 ``.item()``, no ``F.one_hot`` on a batched label).
 
 Caveats: the adaptive rule uses forward-mode AD (``jvp``), which is not thread-safe: run it in processes or the
@@ -306,10 +306,11 @@ def _phi_single(seg: Segment, ts: Tensor, ws: Tensor, chunk: int | None, node_ch
 
 
 # Cost model for batching samples in _phi_rows, in units of one sample-node (one sample evaluated at one node with
-# its reverse pass over all K outputs): a vmapped reverse pass costs ~6 ms of fixed overhead (functorch, Python),
-# and a sample-node ~4e-10 s per parameter and output (1 CPU thread; modadd transformers, 14k and 85k params).
+# its reverse pass over all K outputs): a vmapped reverse pass has a fixed overhead (functorch, Python), a
+# sample-node costs in proportion to parameters x outputs. Only the ratio of the two constants matters (it decides
+# how many samples share one call); they were calibrated on one CPU thread (docs/benchmarks.md).
 _CALL_SECONDS = 6e-3
-_COPY_NODES = 2.5  # copying one sample's (K, P) Jacobian into place, in sample-nodes (~0.4 ms / 0.16 ms at K=23)
+_COPY_NODES = 2.5  # copying one sample's (K, P) Jacobian into place, in sample-nodes
 _NODE_SECONDS_PER_PARAM_OUTPUT = 4e-10
 
 
@@ -600,44 +601,10 @@ def _adaptive(
             k_t, k_own = sub.kinks, srch[sub.interval]
         has = torch.zeros(pieces.lo.numel(), dtype=torch.bool)
         has[k_own] = True
-        n_i = pieces.n[idx]
-        smooth_ok = (prev[idx] >= 8 * score[idx]) & (2 * n_i <= rule.max_nodes)
-        wide = (pieces.hi[idx] - pieces.lo[idx]) > 1e-10
-        split = idx[has[idx]]
-        pref = idx[~has[idx] & smooth_ok]
-        bis = idx[~has[idx] & ~smooth_ok & wide]
-        # Children: (lo, hi, n, prev, searched, owner).
-        pts = torch.cat([pieces.lo[split], k_t])
-        own = torch.cat([split, k_own])
-        o = lexsort(own, pts)
-        pts, own = pts[o], own[o]
-        last = torch.ones_like(own, dtype=torch.bool)
-        last[:-1] = own[1:] != own[:-1]
-        mid = 0.5 * (pieces.lo[bis] + pieces.hi[bis])
-        c_lo = torch.cat([pts, pieces.lo[pref], pieces.lo[bis], mid])
-        c_hi = torch.cat([torch.where(last, pieces.hi[own], torch.cat([pts[1:], pts[:1]])), pieces.hi[pref], mid,
-                          pieces.hi[bis]])
-        c_own = torch.cat([own, pref, bis, bis])
-        c_n = torch.cat([torch.full_like(own, rule.nodes), 2 * pieces.n[pref], pieces.n[bis], pieces.n[bis]])
-        c_prev = torch.cat([torch.full_like(pts, inf), score[pref], score[bis], score[bis]])
-        c_searched = torch.cat([torch.zeros_like(own, dtype=torch.bool), torch.ones_like(pref, dtype=torch.bool),
-                                torch.zeros(2 * bis.numel(), dtype=torch.bool)])
-        # Budget: best-scored refinements first, per row, while the nodes they add fit.
-        parents = torch.cat([split, pref, bis])
-        added = torch.zeros(pieces.lo.numel(), dtype=torch.int64).index_add_(0, c_own, c_n)[parents] - pieces.n[
-            parents]
-        o = lexsort(pieces.row[parents], -score[parents])
-        parents, added = parents[o], added[o]
-        prow = pieces.row[parents]
-        row_added = torch.zeros(n_rows, dtype=torch.int64).index_add_(0, prow, added)
-        cum = torch.cumsum(added, 0) - (torch.cumsum(row_added, 0) - row_added)[prow]
-        take_p = cum <= room[prow]
-        # A row none of whose refinements fits (or that has none left) is finished.
-        any_taken = torch.zeros(n_rows, dtype=torch.bool)
-        any_taken[prow[take_p]] = True
-        live &= any_taken
-        taken = torch.zeros(pieces.lo.numel(), dtype=torch.bool)
-        taken[parents[take_p]] = True
+        split, pref, bis = _refinements(pieces, idx, has, prev, score, rule)
+        c_lo, c_hi, c_own, c_n, c_prev, c_searched = _children(pieces, split, pref, bis, k_t, k_own, score, rule)
+        taken, any_taken = _within_budget(pieces, torch.cat([split, pref, bis]), c_own, c_n, score, room, n_rows)
+        live &= any_taken  # a row none of whose refinements fits (or that has none left) is finished
         if not bool(taken.any()):
             break
         ct = taken[c_own]
@@ -662,3 +629,60 @@ def _adaptive(
     ones = torch.ones(n_rows, **_F64)
     m = merge_sorted(kinks, krow, 0 * ones, ones, 1e-12)
     return pieces, kinks[m], krow[m], n_evals
+
+
+def _refinements(
+    pieces: _Pieces, idx: Tensor, has: Tensor, prev: Tensor, score: Tensor, rule: QuadratureRule
+) -> tuple[Tensor, Tensor, Tensor]:
+    """How each picked piece is refined: split at the kinks found in it, a doubled order (smooth: the error fell
+    by >= 8x at the last refinement), or bisected (wide enough)."""
+    n_i = pieces.n[idx]
+    smooth_ok = (prev[idx] >= 8 * score[idx]) & (2 * n_i <= rule.max_nodes)
+    wide = (pieces.hi[idx] - pieces.lo[idx]) > 1e-10
+    split = idx[has[idx]]
+    pref = idx[~has[idx] & smooth_ok]
+    bis = idx[~has[idx] & ~smooth_ok & wide]
+    return split, pref, bis
+
+
+def _children(
+    pieces: _Pieces, split: Tensor, pref: Tensor, bis: Tensor, k_t: Tensor, k_own: Tensor, score: Tensor,
+    rule: QuadratureRule,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The candidate child pieces: (lo, hi, owner, n, prev, searched)."""
+    inf = float("inf")
+    pts = torch.cat([pieces.lo[split], k_t])
+    own = torch.cat([split, k_own])
+    o = lexsort(own, pts)
+    pts, own = pts[o], own[o]
+    last = torch.ones_like(own, dtype=torch.bool)
+    last[:-1] = own[1:] != own[:-1]
+    mid = 0.5 * (pieces.lo[bis] + pieces.hi[bis])
+    c_lo = torch.cat([pts, pieces.lo[pref], pieces.lo[bis], mid])
+    c_hi = torch.cat([torch.where(last, pieces.hi[own], torch.cat([pts[1:], pts[:1]])), pieces.hi[pref], mid,
+                      pieces.hi[bis]])
+    c_own = torch.cat([own, pref, bis, bis])
+    c_n = torch.cat([torch.full_like(own, rule.nodes), 2 * pieces.n[pref], pieces.n[bis], pieces.n[bis]])
+    c_prev = torch.cat([torch.full_like(pts, inf), score[pref], score[bis], score[bis]])
+    c_searched = torch.cat([torch.zeros_like(own, dtype=torch.bool), torch.ones_like(pref, dtype=torch.bool),
+                            torch.zeros(2 * bis.numel(), dtype=torch.bool)])
+    return c_lo, c_hi, c_own, c_n, c_prev, c_searched
+
+
+def _within_budget(
+    pieces: _Pieces, parents: Tensor, c_own: Tensor, c_n: Tensor, score: Tensor, room: Tensor, n_rows: int
+) -> tuple[Tensor, Tensor]:
+    """Best-scored refinements first, per row, while the nodes they add fit: (pieces taken, rows with any)."""
+    added = torch.zeros(pieces.lo.numel(), dtype=torch.int64).index_add_(0, c_own, c_n)[parents] - pieces.n[
+        parents]
+    o = lexsort(pieces.row[parents], -score[parents])
+    parents, added = parents[o], added[o]
+    prow = pieces.row[parents]
+    row_added = torch.zeros(n_rows, dtype=torch.int64).index_add_(0, prow, added)
+    cum = torch.cumsum(added, 0) - (torch.cumsum(row_added, 0) - row_added)[prow]
+    take_p = cum <= room[prow]
+    any_taken = torch.zeros(n_rows, dtype=torch.bool)
+    any_taken[prow[take_p]] = True
+    taken = torch.zeros(pieces.lo.numel(), dtype=torch.bool)
+    taken[parents[take_p]] = True
+    return taken, any_taken
