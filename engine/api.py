@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, replace
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from engine.cluster import runners as _sched
 from engine.cluster import worker as _worker
 from engine.ops.output_modes import NEEDS_TARGETS, OUTPUT_MODES
 from engine.ops.quadrature import parse_rule
-from engine.result import BY_KEYS, finalize_attrs
+from engine.result import BY_KEYS, check_finite, finalize_attrs
 from engine.scan.problem import Context, Problem, result_meta
 from explaind_store import schema
 from explaind_store.format import StoreError
@@ -57,7 +58,7 @@ class QuerySpec:
                     raise ValueError(
                         f"queries={self.text!r}: index {v} is outside split {self.split!r}, which has {n} samples"
                     )
-            idx = np.arange(n)[sel]
+            idx = np.ascontiguousarray(np.arange(n)[sel])  # a negative step gives a view torch cannot take
         else:
             bad = [i for i in sel if not -n <= i < n]
             if bad:
@@ -124,11 +125,15 @@ def parse_steps(steps: Any, n_updates: int) -> tuple[int, int]:
             a, b = steps
         else:
             raise ValueError(f"steps must be None, slice(a, b), (a, b) or 'a:b', not {steps!r}")
-        try:
-            a = 0 if a is None else int(a)
-            b = n_updates if b is None else int(b)
-        except (TypeError, ValueError):
-            raise ValueError(f"steps={steps!r}: the window ends must be integers") from None
+        bad = [v for v in (a, b) if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, Integral))]
+        if bad:
+            # int() would truncate 2.7 to 2 and quietly decompose another window
+            raise ValueError(
+                f"steps={_fmt_steps(given)}: the window ends must be integers (update counts), got "
+                f"{', '.join(repr(v) for v in bad)}; e.g. steps=slice(2, 5) decomposes F(theta_5) - F(theta_2)"
+            )
+        a = 0 if a is None else int(a)
+        b = n_updates if b is None else int(b)
         a = a + n_updates if a < 0 else a
         b = b + n_updates if b < 0 else b
     if not 0 <= a < b <= n_updates:
@@ -273,7 +278,10 @@ def check_store(traj: Trajectory, window: tuple[int, int]) -> None:
         )
     if nonfinite:  # the replay of diverged updates (outside the window) would fail for the wrong reason
         return
-    rep = traj.verify(gradients=False, chunks=False, max_updates=settings.get("verify_updates"))  # type: ignore[attr-defined]
+    # steps=window: damage outside the window (e.g. a missing chunk) does not stop decomposing inside it
+    rep = traj.verify(  # type: ignore[attr-defined]
+        gradients=False, chunks=False, max_updates=settings.get("verify_updates"), steps=window
+    )
     if not rep.ok:
         raise StoreError(
             f"the store fails its verify check, so a decomposition would not be exact: {'; '.join(rep.problems)} "
@@ -431,9 +439,10 @@ def attribute(
         )
         if out_path is None:
             (result,) = runner.compute([ds], progress=progress, desc="attribute")
-            return finalize_attrs(result)
+            return check_finite(finalize_attrs(result))
         # output step chunks: the store's (what readers of the run are used to), else the tasks'
-        return _write(ds, out_path, runner, store_chunk or max(hi - lo for lo, hi in bounds), progress)
+        written = _write(ds, out_path, runner, store_chunk or max(hi - lo for lo, hi in bounds), progress)
+        return check_finite(written, where=str(out_path))
     finally:
         runner.close()
 

@@ -234,8 +234,58 @@ def finalize_attrs(ds: xr.Dataset) -> xr.Dataset:
     ``max_quadrature_residual`` / ``max_rounding_residual`` = largest per-update absolute value, ``max_abs_change``
     = max ``|final - initial|`` (the scale to judge them against).
     """
-    ds.attrs["max_abs_residual"] = float(np.abs(np.asarray(ds["residual"].sum(STEP))).max(initial=0.0))
+    # skipna=False: xarray's sum skips NaN by default, which would report a NaN residual as 0
+    ds.attrs["max_abs_residual"] = float(np.abs(np.asarray(ds["residual"].sum(STEP, skipna=False))).max(initial=0.0))
     ds.attrs["max_quadrature_residual"] = float(np.abs(np.asarray(ds["quadrature_residual"])).max(initial=0.0))
     ds.attrs["max_rounding_residual"] = float(np.abs(np.asarray(ds["rounding_residual"])).max(initial=0.0))
     ds.attrs["max_abs_change"] = float(np.abs(np.asarray(ds["final"] - ds["initial"])).max(initial=0.0))
     return ds
+
+
+class NonFiniteResultError(FloatingPointError):
+    """A computed result holds NaN or inf; ``.result`` is the Dataset (to inspect, not to use)."""
+
+    def __init__(self, message: str, result: xr.Dataset) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def _first_index(bad: xr.DataArray, dim: str) -> int | None:
+    """First index along ``dim`` where ``bad`` (a boolean array) is true anywhere else."""
+    if dim not in bad.dims:
+        return None
+    other = [d for d in bad.dims if d != dim]
+    hits = np.flatnonzero(np.asarray(bad.any(other) if other else bad))
+    return int(bad[dim].values[hits[0]]) if len(hits) else None
+
+
+def check_finite(ds: xr.Dataset, where: str | None = None) -> xr.Dataset:
+    """Return ``ds`` if every float variable is finite; else raise :class:`NonFiniteResultError` naming the
+    variables and the first query / step holding NaN or inf.
+
+    A NaN anywhere makes the decomposition meaningless, and sums that skip NaN (xarray's default) would turn it into
+    plausible totals, so a non-finite result is an error, not a warning. Lazy (dask) variables are checked in one
+    pass that reads each chunk once.
+    """
+    names = [n for n, v in ds.data_vars.items() if v.dtype.kind in "fc"]
+    flags = [np.isfinite(ds[n].data).all() for n in names]
+    if any(_is_dask(f) for f in flags):
+        import dask
+
+        flags = list(dask.compute(*flags))
+    bad_names = [n for n, ok in zip(names, flags) if not bool(ok)]
+    if not bad_names:
+        return ds
+    name = bad_names[0]
+    bad = ~np.isfinite(ds[name])
+    q, s = _first_index(bad, QUERY), _first_index(bad, STEP)
+    at = ", ".join(p for p in (f"query {q}" if q is not None else "", f"step {s}" if s is not None else "") if p)
+    stored = f" The result was written to {where}; inspect it there." if where else (
+        " The Dataset is attached to this error as .result for inspection.")
+    raise NonFiniteResultError(
+        f"the attribution result holds NaN/inf in {bad_names} (first in {name!r}{' at ' + at if at else ''}), so "
+        "its totals would be meaningless. Likely causes: NaN/inf in the query inputs; a damaged store (run "
+        f"`explaind verify {ds.attrs.get('run', '<run>')}`); or a model whose outputs overflow on these inputs."
+        f"{stored}",
+        ds,
+    )

@@ -125,7 +125,7 @@ def _total(ds: xr.Dataset, name: str) -> np.ndarray:
     """Per (query, output) total of a variable (every other axis summed)."""
     var = ds[name]
     other = [d for d in var.dims if d not in (QUERY, OUTPUT)]
-    return np.asarray(var.sum(other) if other else var)
+    return np.asarray(var.sum(other, skipna=False) if other else var)  # a NaN must show, not be skipped
 
 
 def _chosen_outputs(ds: xr.Dataset, how: str) -> list[list[int]]:

@@ -20,6 +20,23 @@ from .info import format_info, run_info  # re-exported: `from explaind_store.cli
 
 
 def _cmd_record(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    before = torch.get_num_threads()
+    # one thread by default: torch's multi-threaded kernels sum in a schedule-dependent order, so two runs with the
+    # same --seed would differ in the last bits from update 1 on
+    torch.set_num_threads(args.threads)
+    try:
+        _train_example(args)
+    finally:
+        torch.set_num_threads(before)
+    print(format_info(run_info(args.out)))
+    return 0
+
+
+def _train_example(args: argparse.Namespace) -> None:
     if args.task == "modadd":
         from .examples import modadd
 
@@ -33,8 +50,6 @@ def _cmd_record(args: argparse.Namespace) -> int:
 
         digits_cnn.train(args.out, steps=args.steps, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.quiet)
-    print(format_info(run_info(args.out)))
-    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -64,8 +79,15 @@ def build_parser(*extensions: Callable[[Any], None]) -> argparse.ArgumentParser:
     rec.add_argument("task", choices=["modadd", "digits-cnn"])
     rec.add_argument("--out", required=True, help="store path to write")
     rec.add_argument("--steps", type=int, default=None, help="number of optimizer updates")
-    rec.add_argument("--seed", type=int, default=0)
-    rec.add_argument("--p", type=int, default=None, help="modadd: the modulus (default 113)")
+    rec.add_argument("--seed", type=int, default=0,
+                     help="seeds the data split, initialisation and batch order; two runs with the same seed are "
+                          "bit-identical at --threads 1 (the default)")
+    rec.add_argument("--threads", type=int, default=1,
+                     help="torch threads for training (default 1; more can be faster, but runs then differ in the "
+                          "last bits from run to run)")
+    rec.add_argument("--p", type=int, default=None,
+                     help="modadd: the modulus (default 113; a table of p*p pairs smaller than 6,000 is split 2:1 "
+                          "into training and validation pairs)")
     rec.add_argument("--resume", action="store_true", help="continue a killed or shorter run at --out")
     rec.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -88,16 +110,38 @@ def build_parser(*extensions: Callable[[Any], None]) -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """One line for Ctrl-C: for ``record``, what is safe on disk and how to continue."""
+    if getattr(args, "command", None) != "record":
+        return "explaind: interrupted"
+    try:
+        committed = int(fmt.open_root(args.out, check=False).attrs[schema.ATTR_COMMITTED])
+    except Exception:  # noqa: BLE001 - interrupted before the store existed
+        return "explaind: interrupted before anything was recorded"
+    held = f"updates 1..{committed} committed" if committed > 0 else "no committed update yet"
+    return (
+        f"explaind: interrupted; {args.out} holds {held} (safe on disk). Continue with "
+        f"`explaind record {args.task} --out {args.out} --steps {args.steps} --seed {args.seed}"
+        + (f" --p {args.p}" if args.p is not None else "")
+        + (f" --threads {args.threads}" if args.threads != 1 else "")
+        + " --resume`"
+    )
+
+
 def main(argv: list[str] | None = None, *, extensions: Sequence[Callable[[Any], None]] = ()) -> int:
     """Run one ``explaind`` command (the store's, plus those the ``extensions`` register); errors print as one
-    line and return 2."""
+    line and return 2 (Ctrl-C: 130)."""
     parser = build_parser(*extensions)
     args = parser.parse_args(argv)
     if getattr(args, "command", None) == "record" and args.steps is None:
         args.steps = 1000 if args.task == "modadd" else 300
     try:
         return int(args.func(args) or 0)
-    except (fmt.StoreError, KeyError, ValueError, PermissionError, RuntimeError, IndexError, TypeError) as exc:
+    except KeyboardInterrupt:
+        print(_interrupted(args), file=sys.stderr)
+        return 130
+    except (fmt.StoreError, KeyError, ValueError, PermissionError, RuntimeError, IndexError, TypeError,
+            FloatingPointError) as exc:
         print(f"explaind: error: {exc}", file=sys.stderr)
         return 2
 

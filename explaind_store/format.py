@@ -26,6 +26,9 @@ TARGET_CHUNK_BYTES = 4 * 2**20  # aim for 1-8 MB chunks
 # on one core), which keeps the writer thread's share of the training machine small (bench/record_overhead.py).
 DEFAULT_CNAME = "lz4"
 DEFAULT_CLEVEL = 5
+# zarr skips writing chunks equal to the fill value by default; then a deleted chunk file and a legitimately
+# all-fill chunk look the same. Every writer of the store uses this so a missing chunk always means damage.
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 
 class StoreError(Exception):
@@ -105,6 +108,7 @@ def create_stepped(
         compressors=compressors(clevel),
         filters=filters,
         dimension_names=dims,
+        config=WRITE_EVERY_CHUNK,
     )
 
 
@@ -123,9 +127,15 @@ def write_static(group: zarr.Group, name: str, values: np.ndarray, dims: tuple[s
         dtype=values.dtype,
         compressors=compressors(),
         dimension_names=dims,
+        config=WRITE_EVERY_CHUNK,
     )
     arr[...] = values
     return arr
+
+
+def writable(arr: zarr.Array) -> zarr.Array:
+    """An opened array set to write every chunk (the runtime setting is not stored, so reopened arrays need it)."""
+    return arr.with_config(WRITE_EVERY_CHUNK)
 
 
 def fingerprint(*arrays: np.ndarray) -> str:
@@ -160,11 +170,37 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
-    """Open a run's root group and check it is an explaind store this version can read."""
+def check_metadata(path: str | Path) -> None:
+    """Parse the ``zarr.json`` of every node (root, groups, arrays; chunk folders are not entered), so damaged
+    metadata is reported up front with the file's name instead of a bare JSON error from deep inside zarr."""
+    pending = [Path(path)]
+    while pending:
+        node = pending.pop()
+        meta = node / "zarr.json"
+        if not meta.is_file():
+            continue  # not a Zarr node (e.g. an empty folder left by a crash)
+        try:
+            doc = json.loads(meta.read_bytes())
+            if not isinstance(doc, dict):
+                raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StoreError(
+                f"the store's metadata is damaged: {meta} cannot be read ({exc}). The file was truncated or "
+                "overwritten (a full disk, an interrupted copy, an edit); the data chunks next to it may be intact. "
+                "Restore this file from a backup or an intact copy of the store, or record the run again."
+            ) from None
+        if doc.get("node_type") == "group":
+            pending.extend(sub for sub in node.iterdir() if sub.is_dir())
+
+
+def open_root(path: str | Path, mode: str = "r", *, check: bool = True) -> zarr.Group:
+    """Open a run's root group and check it is an explaind store this version can read (``check``: also parse
+    every node's metadata, see :func:`check_metadata`)."""
     p = Path(path)
     if not p.exists():
         raise StoreError(f"{p} does not exist. Record a run first (e.g. `explaind record modadd --out {p}`).")
+    if check:
+        check_metadata(p)
     try:
         root = zarr.open_group(str(p), mode=mode, zarr_format=3)
     except (GroupNotFoundError, NodeNotFoundError, FileNotFoundError, ValueError) as exc:

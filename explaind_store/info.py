@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from . import schema
+from .specs import safe_text
 
 
 def _human(n: float) -> str:
@@ -74,11 +75,16 @@ def format_info(info: dict[str, Any]) -> str:
         for g, r in zip(opt["groups"], lr_range)
     )
     splits = ", ".join(f"{k}: {v['n']} samples ({v['mode']})" for k, v in info["data"]["splits"].items())
-    spec = info["model_spec"] or {}
+    spec = info["model_spec"] if isinstance(info["model_spec"], dict) else {}
+    factory = spec.get("factory", "?")
+    if not (isinstance(factory, str) and factory.isprintable() and len(factory) <= 200):
+        factory = safe_text(factory)  # a store's strings are hostile: no terminal escapes, no megabytes
+    kwargs_text = json.dumps(spec.get("kwargs", {}), ensure_ascii=True)
+    kwargs_text = kwargs_text if len(kwargs_text) <= 200 else kwargs_text[:200] + "..."
     lines = [
         f"store          {info['path']} (format v{info['format_version']})",
         f"updates        {info['committed_updates']} committed (steps 0..{info['committed_updates']})",
-        f"model          {spec.get('factory', '?')} {json.dumps(spec.get('kwargs', {}))}",
+        f"model          {factory} {kwargs_text}",
         f"tensors        {info['tensors']} tensors, {info['parameters']:,} parameters; state: "
         f"{', '.join(info['state']) or 'none'}",
         f"optimizer      {opt['type']}: {groups}",

@@ -21,7 +21,8 @@ import zarr
 from torch import nn
 
 from . import format as fmt
-from . import schema
+from . import integrity, schema
+from .integrity import DataChecksumError, MissingChunkError  # noqa: F401 - re-exported for callers
 from .specs import resolve_factory
 from .trajectory import OptimizerSpec, TrajectoryBlock
 
@@ -47,13 +48,16 @@ class Run:
         self.attrs: dict[str, Any] = self.root.attrs.asdict()
         self.model_factory = model_factory
         self._arrays: dict[str, Any] = {}  # opened zarr arrays (their metadata: shapes), dropped by refresh()
+        self._chunk_keys: dict[str, frozenset[str]] = {}  # chunk files present per array (integrity), ditto
+        self._verified_splits: set[str] = set()  # stored splits whose checksum matched
         self._attached: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for split, (x, y) in (data or {}).items():
             self.attach_data(split, x, y)
         if self.committed_updates < 0:
             raise fmt.StoreError(
                 f"{self.path} has no committed step yet (the recorder was interrupted before writing theta_0). "
-                "Record it again with overwrite=True or resume=True."
+                "Record it again with resume=True (`--resume` on the command line: it starts over at update 1) or "
+                "overwrite=True (`--overwrite`)."
             )
 
     # --- metadata ------------------------------------------------------------------------------------------
@@ -64,9 +68,13 @@ class Run:
 
     def refresh(self) -> Run:
         """Re-read the commit point of a store that is still being written."""
-        self.root = fmt.open_root(self.path) if isinstance(self._store, str) else _open_store_root(self._store, self.path)
+        if isinstance(self._store, str):
+            self.root = fmt.open_root(self.path, check=False)  # polled while recording: metadata was checked on open
+        else:
+            self.root = _open_store_root(self._store, self.path)
         self.attrs = self.root.attrs.asdict()
         self._arrays = {}  # their shapes have grown with the new commits
+        self._chunk_keys = {}  # new commits wrote new chunk files
         self.__dict__.pop("params", None)
         self.__dict__.pop("updates", None)
         self._state_cache: dict[str, xr.Dataset] = {}
@@ -117,6 +125,8 @@ class Run:
 
     # --- lazy xarray views -----------------------------------------------------------------------------------
     def _open_group(self, group: str) -> xr.Dataset:
+        # the view reads lazily, chunk by chunk, so missing chunk files are looked for once here (a listing)
+        integrity.require_chunks(self, integrity.array_paths(self, (group,)))
         ds = xr.open_zarr(self._store, group=group, consolidated=False, chunks={}, drop_variables=[schema.STEP])
         t = self.committed_updates
         ds = ds.isel({schema.STEP: slice(0, t + 1)})
@@ -188,7 +198,8 @@ class Run:
 
     # --- eager access for computation ---------------------------------------------------------------------
     def _read(self, path: str, sl: Any) -> np.ndarray:
-        arr = self.root[path]
+        arr = self._array(path)
+        self._require(path, sl)
         try:
             return np.asarray(arr[sl])
         except Exception as exc:  # zarr raises codec-specific errors for bad checksums / truncated chunks
@@ -196,6 +207,11 @@ class Run:
                 f"reading {path}[{_fmt_slice(sl)}] failed: {exc}. A chunk of this store is damaged; run "
                 f"`explaind verify {self.path}` to list the damaged chunks."
             ) from exc
+
+    def _require(self, path: str, sl: Any) -> None:
+        """Raise MissingChunkError if a chunk file the selection reads is missing (it would read as fill values)."""
+        steps = integrity.step_range(sl, self.committed_updates) if integrity.is_stepped(path) else None
+        integrity.require_chunks(self, [path], steps)
 
     def _array(self, path: str) -> Any:
         """The opened zarr array at ``path`` (cached until :meth:`refresh`: opening reads its metadata)."""
@@ -212,6 +228,8 @@ class Run:
         from zarr.core.sync import sync
 
         arrays = [self._array(p) for p, _ in reqs]
+        for p, sl in reqs:
+            self._require(p, sl)
         if not all(hasattr(a, "_async_array") for a in arrays):  # not zarr-python 3's Array: one by one
             return [self._read(p, sl) for p, sl in reqs]
 
@@ -288,6 +306,9 @@ class Run:
             )
         x = self._read(schema.data_path(name, schema.INPUTS), slice(None))
         y = self._read(schema.data_path(name, schema.TARGETS), slice(None))
+        if name not in self._verified_splits:  # the first read of each split is checked against its checksum
+            integrity.check_fingerprint(self, name, x, y)
+            self._verified_splits.add(name)
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def attach_data(self, split: str, inputs: Any, targets: Any) -> None:
@@ -314,6 +335,7 @@ class Run:
             )
         model = resolve_factory(spec or {}, self.model_factory)
         if schema.STATIC in self.root:
+            integrity.require_chunks(self, integrity.array_paths(self, (schema.STATIC,)))
             g = self.root[schema.STATIC]
             sd = {k: torch.from_numpy(np.asarray(v[...])).reshape(model.state_dict()[k].shape) for k, v in g.arrays()}
             model.load_state_dict(sd, strict=False)

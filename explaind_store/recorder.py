@@ -200,8 +200,8 @@ class Recorder:
         else:
             if exists and not overwrite:
                 raise RecorderError(
-                    f"{self.path} already exists and is not empty. Pass resume=True to continue that run, "
-                    "overwrite=True to replace it, or choose another path."
+                    f"{self.path} already exists and is not empty. Pass resume=True (`--resume` on the command "
+                    "line) to continue that run, overwrite=True (`--overwrite`) to replace it, or choose another path."
                 )
             if exists and overwrite:
                 self._replace_existing()
@@ -230,10 +230,11 @@ class Recorder:
 
     def _replace_existing(self) -> None:
         try:
-            fmt.open_root(self.path)
+            fmt.open_root(self.path, check=False)  # a store whose array metadata is damaged may be replaced
         except fmt.StoreError:
             raise RecorderError(
-                f"{self.path} exists and is not an explaind store; refusing to delete it even with overwrite=True"
+                f"{self.path} exists and is not an explaind store; refusing to delete it even with overwrite=True "
+                "(`--overwrite`)"
             ) from None
         fd = _acquire_lock(self.path)  # never delete a store another process is writing
         os.close(fd)
@@ -301,6 +302,7 @@ class Recorder:
                 schema.ATTR_CREATED: fmt.now_iso(),
                 schema.ATTR_SCHEDULER_STATE: None,
                 schema.ATTR_NONFINITE: [],
+                schema.ATTR_EVERY_CHUNK: True,
             }
         )
         self._make_arrays(root, create=True, clevel=clevel, lossy_keepbits=lossy_keepbits)
@@ -333,10 +335,10 @@ class Recorder:
                         fill_value=np.nan, clevel=clevel, filters=filters,
                     )
                 else:
-                    arrays[key] = g[n]
+                    arrays[key] = fmt.writable(g[n])
             arrays[f"{gname}/{schema.STEP}"] = (
                 fmt.create_stepped(g, schema.STEP, (), np.int64, (schema.STEP,), k, fill_value=-1)
-                if create else g[schema.STEP]
+                if create else fmt.writable(g[schema.STEP])
             )
         u = root.require_group(schema.UPDATES) if create else root[schema.UPDATES]
         specs: list[tuple[str, tuple[int, ...], Any, tuple[str, ...], Any]] = [
@@ -350,16 +352,17 @@ class Recorder:
         ]
         for name, shape, dtype, dims, fill in specs:
             arrays[f"{schema.UPDATES}/{name}"] = (
-                fmt.create_stepped(u, name, shape, dtype, dims, k, fill_value=fill) if create else u[name]
+                fmt.create_stepped(u, name, shape, dtype, dims, k, fill_value=fill) if create
+                else fmt.writable(u[name])
             )
         if create:
             width = 1
             self._batch_array = u.create_array(
                 schema.BATCH, shape=(0, width), chunks=(k, 1024), dtype=np.int64, fill_value=schema.BATCH_PAD,
-                compressors=fmt.compressors(), dimension_names=(schema.STEP, schema.SLOT),
+                compressors=fmt.compressors(), dimension_names=(schema.STEP, schema.SLOT), config=fmt.WRITE_EVERY_CHUNK,
             )
         else:
-            self._batch_array = u[schema.BATCH]
+            self._batch_array = fmt.writable(u[schema.BATCH])
         self._arrays = arrays
 
     def _open_for_resume(self, loss: str | dict[str, str], model_spec: dict[str, Any] | None) -> None:
@@ -387,16 +390,24 @@ class Recorder:
             )
         self.root = root
         self.chunk_updates = int(attrs[schema.ATTR_CHUNK_UPDATES])
-        self._make_arrays(root, create=False)
         c = int(attrs[schema.ATTR_COMMITTED])
         self.committed_at_open = c
         self.n_train = int(attrs[schema.ATTR_DATA]["splits"][schema.TRAIN_SPLIT]["n"])
         if c < 0:
-            # Killed before theta_0 was committed: start over on the same path.
-            for arr in (*self._arrays.values(), self._batch_array):
-                arr.resize((0, *arr.shape[1:]))
+            # Killed before theta_0 was committed, possibly while the step arrays were being created (the root
+            # attributes are written first): nothing was committed, so they are made afresh with the store's codec.
+            for gname in (schema.PARAMS, *self.state_names, schema.UPDATES):
+                if (self.path / gname).exists():
+                    shutil.rmtree(self.path / gname)
+            codec = attrs.get(schema.ATTR_CODEC) or {}
+            lossy = codec.get("lossy") or {}
+            self._make_arrays(
+                root, create=True, clevel=int(codec.get("compressor", {}).get("clevel", fmt.DEFAULT_CLEVEL)),
+                lossy_keepbits=lossy.get("bitround_keepbits"),
+            )
             self._sgd_count = self._initial_sgd_count()
             return
+        self._make_arrays(root, create=False)
         # Hide anything written past the commit point before a crash.
         for arr in (*self._arrays.values(), self._batch_array):
             if arr.shape[0] > c + 1:
@@ -483,7 +494,7 @@ class Recorder:
             grad_scale: the factor gradient clipping applied to the batch gradient (e.g. ``min(1, max_norm/norm)``).
         """
         if self._closed:
-            raise RecorderError("this recorder is closed; open a new one with resume=True to continue")
+            raise RecorderError("this recorder is closed; open a new one with resume=True (`--resume`) to continue")
         if self._steps_since_record == 0:
             raise RecorderError(
                 "rec.record() was called without an optimizer.step() since the last record (or before the first "

@@ -65,6 +65,10 @@ ATTR_VERSIONS = "versions"
 ATTR_CREATED = "created"
 ATTR_SCHEDULER_STATE = "scheduler_state"  # JSON state of an lr scheduler at the committed update (for resume)
 ATTR_NONFINITE = "nonfinite_updates"  # updates whose parameters or state held NaN/inf (first few)
+# True in stores whose writers write every chunk, even one equal to the fill value: a missing chunk file is then
+# always damage. Stores without it (older writers skipped all-fill chunks) are checked more leniently
+# (see explaind_store.integrity).
+ATTR_EVERY_CHUNK = "every_chunk_written"
 
 
 

@@ -1,16 +1,30 @@
 """JSON specs stored in a run: the model factory and the training loss.
 
-A store is data that may come from someone else, so a model spec names a factory as ``"module:callable"`` plus
-JSON keyword arguments, and that callable is only imported when the user trusts its module: the built-in
-examples, modules listed in ``EXPLAIND_TRUSTED_MODULES`` (comma-separated, shared by the CLI and Dask workers),
-or a factory the caller passes explicitly.
+A store is data that may come from someone else, so reading one must never run code the user did not choose. A
+model spec names its factory as ``"module:name"`` plus JSON keyword arguments, and the rule is:
+
+- ``module`` is a dotted path of ASCII identifiers and ``name`` one ASCII identifier: no attribute chains, no
+  leading underscore or dunder, at most :data:`FACTORY_MAX_LEN` characters. This is checked before anything is
+  imported.
+- The factory is trusted: one of the built-in example factories (:data:`BUILTIN_FACTORIES`, by exact name), or
+  ``module`` is equal to or below an entry of ``$EXPLAIND_TRUSTED_MODULES`` (comma-separated, shared by the CLI and
+  Dask workers). Entries naming the standard library, ``explaind_store``/``engine`` or a whole installed package
+  (``torch``, ``numpy``, ...) are refused.
+- ``name`` is looked up in the module's own namespace and must be a plain Python function or an ``nn.Module``
+  subclass defined at top level under that name (``__qualname__ == name``) in a trusted module: re-exported modules
+  (``torch``, ``os``), builtins (``print``, ``eval``) and functions imported from elsewhere are refused.
+- A factory the caller passes (``open_run(path, model_factory=...)``) always wins: the caller vouches for it.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
 import os
+import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -20,21 +34,56 @@ from torch import nn
 
 TRUSTED_ENV = "EXPLAIND_TRUSTED_MODULES"
 BUILTIN_MODULE_PREFIX = "explaind_store.examples"
+# The built-in model factories, trusted by exact name (not the whole package: its modules also hold training
+# functions that write stores, which a store must never be able to call).
+BUILTIN_FACTORIES = frozenset(
+    {
+        "explaind_store.examples.modadd:make_model",
+        "explaind_store.examples.modadd:ModAddTransformer",
+        "explaind_store.examples.digits_cnn:make_model",
+        "explaind_store.examples.tiny:make_mlp",
+        "explaind_store.examples.tiny:make_tiny_transformer",
+    }
+)
+FACTORY_MAX_LEN = 256
+# our own packages: their factories are trusted by name above; trusting them wholesale would expose the CLI and
+# training entry points
+_OWN_PACKAGES = ("explaind_store", "engine")
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_MODULE_RE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*", re.ASCII)
+_FACTORY_RE = re.compile(rf"({_IDENT}(?:\.{_IDENT})*):({_IDENT})", re.ASCII)
 
 LOSS_KINDS = ("cross_entropy", "nll", "mse")
 
 
 class UntrustedFactoryError(PermissionError):
-    """The store names a model factory in a module the user has not trusted."""
+    """The store names a model factory the user has not trusted (nothing was imported)."""
+
+
+class FactorySpecError(ValueError):
+    """A model spec is malformed: not ``"module:name"`` with a JSON object of kwargs (a damaged or hostile store)."""
+
+
+def safe_text(value: Any, limit: int = 80) -> str:
+    """A store string made safe to print: ASCII escapes (no terminal control codes), cut to ``limit`` characters."""
+    text = ascii(value if not isinstance(value, str) else value[: limit + 1])
+    return text if len(text) <= limit else text[:limit] + "...'"
 
 
 def model_spec(factory: str | Callable[..., nn.Module], **kwargs: Any) -> dict[str, Any]:
-    """Build a model spec from a callable (or its ``"module:qualname"``) and JSON-serialisable kwargs."""
+    """Build a model spec from a top-level function or class (or its ``"module:name"``) and JSON kwargs."""
     if callable(factory):
-        name = f"{factory.__module__}:{factory.__qualname__}"
+        qualname = getattr(factory, "__qualname__", "")
+        if not isinstance(qualname, str) or "." in qualname or "<" in qualname:
+            raise FactorySpecError(
+                f"model factory {qualname!r} is not defined at the top level of its module (a nested function, "
+                "method, lambda or local class cannot be named in a store). Define it as a module-level function "
+                "or nn.Module subclass and pass that."
+            )
+        name = f"{factory.__module__}:{qualname}"
     else:
-        name = str(factory)
-    _split_factory(name)
+        name = factory
+    parse_factory(name)
     try:
         json.dumps(kwargs)
     except TypeError as exc:
@@ -42,49 +91,155 @@ def model_spec(factory: str | Callable[..., nn.Module], **kwargs: Any) -> dict[s
     return {"factory": name, "kwargs": dict(kwargs)}
 
 
-def _split_factory(name: str) -> tuple[str, str]:
-    module, sep, attr = name.partition(":")
-    if not sep or not module or not attr:
-        raise ValueError(f"model factory {name!r} must look like 'package.module:callable'")
-    return module, attr
+def parse_factory(name: Any) -> tuple[str, str]:
+    """Split ``"module:name"`` after checking its form (imports nothing); raises :class:`FactorySpecError`."""
+    if not isinstance(name, str):
+        raise FactorySpecError(
+            f"the model factory must be a string 'package.module:function', got {type(name).__name__} "
+            f"{safe_text(name)}; the store's model_spec is damaged or was not written by explaind-store"
+        )
+    match = _FACTORY_RE.fullmatch(name) if len(name) <= FACTORY_MAX_LEN else None
+    if match is None or any(part.startswith("__") for part in match.group(1).split(".")) or match.group(2)[0] == "_":
+        raise FactorySpecError(
+            f"model factory {safe_text(name)} is not of the form 'package.module:function': a dotted module path and "
+            f"one public name (ASCII identifiers, no attribute chain after the colon, no leading underscore, at "
+            f"most {FACTORY_MAX_LEN} characters). The store's model_spec is damaged or hostile; if you know the "
+            "model, pass model_factory= to open_run()."
+        )
+    return match.group(1), match.group(2)
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_top_level() -> frozenset[str]:
+    from importlib.metadata import packages_distributions
+
+    return frozenset(packages_distributions())
+
+
+def trust_entry_problem(module: str) -> str | None:
+    """Why ``module`` must not be trusted wholesale (None when it may be): not a dotted identifier, the standard
+    library, explaind-store itself, or a whole installed package such as ``torch``."""
+    if not _MODULE_RE.fullmatch(module) or len(module) > FACTORY_MAX_LEN:
+        return "it is not a dotted module path of ASCII identifiers"
+    top = module.split(".")[0]
+    if top in sys.stdlib_module_names or top == "builtins":
+        return "it is part of the Python standard library, whose functions can run commands or touch files"
+    if top in _OWN_PACKAGES:
+        return "explaind-store's own factories are trusted by name already, and its other functions write stores"
+    if module == top and top in _installed_top_level():
+        return "it is a whole installed package; trust only the module of your own project that defines the model"
+    return None
 
 
 def trusted_modules() -> list[str]:
-    """Modules whose factories may be imported: built-in examples plus ``$EXPLAIND_TRUSTED_MODULES``."""
+    """Modules whose public factories may be imported: ``$EXPLAIND_TRUSTED_MODULES`` (checked entries).
+
+    The built-in example factories are trusted by exact name (:data:`BUILTIN_FACTORIES`) on top of these.
+    """
     extra = [m.strip() for m in os.environ.get(TRUSTED_ENV, "").split(",") if m.strip()]
-    return [BUILTIN_MODULE_PREFIX, *extra]
+    for entry in extra:
+        why = trust_entry_problem(entry)
+        if why is not None:
+            raise UntrustedFactoryError(
+                f"{TRUSTED_ENV} lists {safe_text(entry)}, which cannot be trusted: {why}. List only the modules of "
+                f"your own project that define model factories (e.g. {TRUSTED_ENV}=mypkg.models)."
+            )
+    return extra
 
 
-def is_trusted(module: str) -> bool:
-    return any(module == t or module.startswith(t + ".") for t in trusted_modules())
+def _under(module: str, roots: list[str]) -> bool:
+    return any(module == t or module.startswith(t + ".") for t in roots)
 
 
-def resolve_factory(spec: dict[str, Any], model_factory: Callable[..., nn.Module] | None = None) -> nn.Module:
-    """Instantiate the model a spec describes, refusing untrusted modules.
+def is_trusted(name: str) -> bool:
+    """Whether the (well-formed) factory ``"module:name"`` is trusted; imports nothing."""
+    module, _ = parse_factory(name)
+    return name in BUILTIN_FACTORIES or _under(module, trusted_modules())
+
+
+def _untrusted_message(name: str, module: str) -> str:
+    head = (
+        f"the store asks to build its model with {safe_text(name)}, but that factory is not trusted, so nothing was "
+        "imported (a store may come from someone else). "
+    )
+    why = trust_entry_problem(module)
+    if why is not None:
+        return head + (
+            f"Its module cannot be trusted ({why}), so no model is ever built from it: this store's model_spec is "
+            "damaged or hostile. If you know the model, pass model_factory= to open_run() (Python)."
+        )
+    return head + (
+        "If you wrote this model, pass model_factory=<your function> to open_run(), or add the module of your own "
+        f"project that defines it to the {TRUSTED_ENV} environment variable ({TRUSTED_ENV}={module}; CLI runs and "
+        "Dask workers inherit it)."
+    )
+
+
+def load_factory(name: Any) -> Callable[..., nn.Module]:
+    """The trusted factory ``name`` names, imported; raises :class:`UntrustedFactoryError` or
+    :class:`FactorySpecError` (before importing anything when the name or its module is not acceptable)."""
+    module, attr = parse_factory(name)
+    roots = trusted_modules()
+    builtin = name in BUILTIN_FACTORIES
+    if not builtin and not _under(module, roots):
+        raise UntrustedFactoryError(_untrusted_message(name, module))
+    mod = importlib.import_module(module)
+    # the module's own namespace: no module __getattr__, no submodule imports
+    obj = vars(mod).get(attr)
+    defined_in = getattr(obj, "__module__", None)
+    is_factory = (inspect.isfunction(obj) or (inspect.isclass(obj) and issubclass(obj, nn.Module)))
+    trusted_origin = isinstance(defined_in, str) and (
+        _under(defined_in, roots) or (builtin and defined_in == module)
+    )
+    if not is_factory or not trusted_origin or getattr(obj, "__qualname__", None) != attr:
+        what = "missing" if obj is None else type(obj).__name__
+        raise UntrustedFactoryError(
+            f"{safe_text(name)} is not a model factory defined in a trusted module (found: {what}"
+            + (f" from module {safe_text(defined_in)}" if isinstance(defined_in, str) else "")
+            + "). A factory must be a function or nn.Module subclass defined at the top level of the trusted module "
+            "under that name; names imported into it from elsewhere (modules, builtins, library functions) are "
+            "refused. Nothing was called."
+        )
+    return obj
+
+
+def _spec_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    kwargs = spec.get("kwargs")
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise FactorySpecError(
+            f"the model_spec kwargs must be a JSON object with string keys, got {type(kwargs).__name__} "
+            f"{safe_text(kwargs)}; the store's model_spec is damaged or hostile"
+        )
+    return dict(kwargs)
+
+
+def resolve_factory(spec: Any, model_factory: Callable[..., nn.Module] | None = None) -> nn.Module:
+    """Instantiate the model a spec describes, refusing untrusted factories (see the module docstring).
 
     ``model_factory`` given by the caller always wins (the caller vouches for it) and is called with the spec's
     kwargs.
     """
-    kwargs = dict(spec.get("kwargs") or {})
-    if model_factory is not None:
-        return model_factory(**kwargs)
-    name = spec.get("factory")
-    if not name:
-        raise ValueError("this store has no model factory in its model_spec; pass model_factory= to open_run()")
-    module, attr = _split_factory(name)
-    if not is_trusted(module):
-        raise UntrustedFactoryError(
-            f"the store asks to build its model with {name!r}, but module {module!r} is not trusted, so it was "
-            f"not imported (a store may come from someone else). If you trust it, pass model_factory= to "
-            f"open_run(), or add the module to the {TRUSTED_ENV} environment variable "
-            f"(e.g. {TRUSTED_ENV}={module})."
+    if not isinstance(spec, dict):
+        raise FactorySpecError(
+            f"the store's model_spec must be a JSON object {{'factory': ..., 'kwargs': {{...}}}}, got "
+            f"{type(spec).__name__}; pass model_factory= to open_run() if you know the model"
         )
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    model = obj(**kwargs)
+    kwargs = _spec_kwargs(spec)
+    if model_factory is not None:
+        factory: Callable[..., Any] = model_factory
+        name = getattr(model_factory, "__qualname__", "model_factory")
+    else:
+        name = spec.get("factory")
+        if not name:
+            raise FactorySpecError(
+                "this store has no model factory in its model_spec; pass model_factory= to open_run()"
+            )
+        factory = load_factory(name)
+    model = factory(**kwargs)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise TypeError(f"model factory {safe_text(name)} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 

@@ -4,7 +4,9 @@
    theta_s (relative to the size of the update).
 2. Batches: recompute the batch-mean gradient at theta_{s-1} from the stored batch and data (float64) and compare it
    with the gradient the recorded optimizer-state change implies. A wrong batch record fails this.
-3. Chunks: decode every chunk of every array; chunks failing their CRC32C checksum are listed by array and index.
+3. Chunks: every chunk file the metadata says must exist is there (a listing, no decoding: a missing file would read
+   as fill values), and decode every chunk of every array; chunks failing their CRC32C checksum are listed by array
+   and index. Stored data splits are compared with the sha256 fingerprint recorded at creation.
 Also flags non-finite parameters.
 """
 
@@ -20,9 +22,11 @@ import torch
 import zarr
 from tqdm import tqdm
 
+from . import format as fmt
+from . import integrity
 from . import optim as optim_mod
 from . import schema
-from .specs import batch_loss
+from .specs import FactorySpecError, UntrustedFactoryError, batch_loss
 
 if TYPE_CHECKING:
     from .reader import Run
@@ -44,6 +48,8 @@ class VerifyReport:
     gradient_checked: bool = False
     chunks_checked: int = 0
     bad_chunks: list[dict[str, Any]] = field(default_factory=list)
+    missing_chunks: list[dict[str, Any]] = field(default_factory=list)
+    data_checksums: dict[str, str] = field(default_factory=dict)  # split -> "ok" | "mismatch" | "by reference" | ...
     nonfinite_updates: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -76,12 +82,23 @@ class VerifyReport:
                 "" if not self.gradient_checked else (
                     "ok" if (self.gradient_max_rel_error or 0) <= GRADIENT_TOL else "FAIL"),
             ),
+            ("missing chunks", str(len(self.missing_chunks)), "ok" if not self.missing_chunks else "FAIL"),
+            (
+                "data checksums",
+                ", ".join(f"{k} {v}" for k, v in self.data_checksums.items()) or "skipped",
+                "" if not self.data_checksums else (
+                    "FAIL" if any(v in ("mismatch", "missing chunks") for v in self.data_checksums.values())
+                    else "ok"),
+            ),
             ("chunks checked", str(self.chunks_checked), "ok" if not self.bad_chunks else "FAIL"),
             ("non-finite updates", str(self.nonfinite_updates[:10] or "none"), "ok" if not self.nonfinite_updates else "FAIL"),
         ]
         w0 = max(len(r[0]) for r in rows)
         w1 = max(len(r[1]) for r in rows)
         lines = [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+        for mc in self.missing_chunks[:20]:
+            what = "steps" if mc["axis"] == schema.STEP else "rows"
+            lines.append(f"  missing chunk: {mc['array']} chunk {mc['chunk']} ({what} {mc['first']}..{mc['last']})")
         for bc in self.bad_chunks[:20]:
             lines.append(f"  bad chunk: {bc['array']} chunk {bc['chunk']} ({bc['error']})")
         lines.extend(f"warning: {w}" for w in self.warnings)
@@ -125,8 +142,13 @@ def verify(
     chunks: bool = True,
     max_updates: int | None = None,
     progress: bool = False,
+    steps: tuple[int, int] | None = None,
 ) -> VerifyReport:
-    """Run the three checks; ``max_updates`` checks that many evenly spaced updates instead of all."""
+    """Run the three checks; ``max_updates`` checks that many evenly spaced updates instead of all.
+
+    The missing-chunk check (a listing) always runs; ``chunks`` adds decoding every chunk and the data checksums.
+    ``steps=(a, b)`` limits the missing-chunk check of step arrays and the replay to the window ``(a, b]``.
+    """
     t = run.committed_updates
     rep = VerifyReport(path=str(run.path), updates=t, nonfinite_updates=run.nonfinite_updates)
     if rep.nonfinite_updates:
@@ -134,6 +156,14 @@ def verify(
             f"parameters are NaN/inf after update(s) {rep.nonfinite_updates[:10]}: training diverged there; "
             "decompose a window before it (steps=slice(0, first_bad - 1))"
         )
+    missing = integrity.missing_chunks(run, steps=steps)
+    rep.missing_chunks = [m.to_dict() for m in missing]
+    if missing:
+        rep.problems.append(integrity.describe_missing(run, missing))
+    if chunks:
+        rep.data_checksums = _check_data(run, {m.array for m in missing}, rep.problems)
+    if missing:
+        return rep  # the numeric checks would read fill values (or stop at the first missing chunk)
     if chunks:
         rep.chunks_checked, rep.bad_chunks = check_chunks(run, progress)
         if rep.bad_chunks:
@@ -144,9 +174,10 @@ def verify(
             return rep  # the numeric checks would only repeat the decode errors
     if t == 0:
         return rep
-    updates = list(range(1, t + 1))
-    if max_updates is not None and max_updates < t:
-        updates = sorted({int(round(x)) for x in np.linspace(1, t, max_updates)})
+    a, b = (0, t) if steps is None else steps
+    updates = list(range(a + 1, b + 1))
+    if max_updates is not None and max_updates < len(updates):
+        updates = sorted({int(round(x)) for x in np.linspace(a + 1, b, max_updates)})
     spec = run.optimizer_spec
     group_of = spec.group_of()
     model = None
@@ -156,14 +187,21 @@ def verify(
             model = run.build_model().double()
             x, y = run.split(schema.TRAIN_SPLIT)
             rep.gradient_checked = True
+        except (UntrustedFactoryError, FactorySpecError) as exc:
+            # a refused factory is an error, never a quiet skip: the store names code the user has not trusted
+            rep.problems.append(
+                f"the model could not be rebuilt for the batch-gradient check: {exc} (or skip that check with "
+                "--no-gradients / gradients=False)"
+            )
+            rep.gradient_checked = False
         except Exception as exc:  # noqa: BLE001 - report why the gradient check could not run
             rep.warnings.append(f"batch-gradient check skipped: {exc}")
             rep.gradient_checked = False
     worst_g = 0.0
     k = run.chunk_updates
     todo = set(updates)
-    for lo in tqdm(range(0, t, k), desc="verify", disable=not progress, leave=False):
-        hi = min(lo + k, t)
+    for lo in tqdm(range(a, b, k), desc="verify", disable=not progress, leave=False):
+        hi = min(lo + k, b)  # inside the window only: damage outside it is not read
         if not todo.intersection(range(lo + 1, hi + 1)):
             continue
         blk = run.block(lo, hi)
@@ -223,6 +261,29 @@ def verify(
             "grad_scale passed to record() do not match what training did (dropout or augmentation also cause this)."
         )
     return rep
+
+
+def _check_data(run: Run, missing_arrays: set[str], problems: list[str]) -> dict[str, str]:
+    """Each stored split against its recorded fingerprint (reading it through ``run.split``, which remembers the
+    result); problems are appended to ``problems``."""
+    out: dict[str, str] = {}
+    for name in run.splits:
+        info = run.attrs[schema.ATTR_DATA]["splits"][name]
+        if info.get("mode") != "stored":
+            out[name] = "by reference"
+            continue
+        if any(p.startswith(schema.data_path(name) + "/") for p in missing_arrays):
+            out[name] = "missing chunks"  # already reported by name
+            continue
+        try:
+            run.split(name)
+            out[name] = "ok"
+        except integrity.DataChecksumError as exc:
+            out[name] = "mismatch"
+            problems.append(str(exc))
+        except fmt.StoreError:  # a chunk that cannot be decoded: listed (and failed) by the chunk check
+            out[name] = "unreadable"
+    return out
 
 
 def _batch_gradient(

@@ -137,7 +137,8 @@ class ChunkWriter:
         if self._error is not None:
             raise WriterError(
                 f"writing the trajectory failed: {self._error!r}. Updates up to committed_updates="
-                f"{self.root.attrs.get(schema.ATTR_COMMITTED)} are safe on disk; resume with resume=True."
+                f"{self.root.attrs.get(schema.ATTR_COMMITTED)} are safe on disk; resume with resume=True (`--resume` "
+                "on the command line)."
             ) from self._error
 
     # --- consumer side (writer thread) -----------------------------------------------------------------------

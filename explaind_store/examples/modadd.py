@@ -62,17 +62,41 @@ def make_model(
     return ModAddTransformer(p, d_model, n_heads, d_mlp, act).to(resolve_dtype(dtype))
 
 
+N_TRAIN, N_VAL = 4000, 2000  # the paper's split of the p=113 table (about 30% for training)
+
+
+def default_sizes(p: int) -> tuple[int, int]:
+    """``(n_train, n_val)`` by default: 4,000 and 2,000 pairs, or the whole table split 2:1 when it is smaller."""
+    total = p * p
+    if total >= N_TRAIN + N_VAL:
+        return N_TRAIN, N_VAL
+    if total < 3:
+        raise ValueError(f"p={p} gives only {total} pair(s), too few for a training and a validation split; use p >= 2")
+    n_val = total // 3
+    return total - n_val, n_val
+
+
 def make_data(
-    p: int = 113, n_train: int = 4000, n_val: int = 2000, seed: int = 0
+    p: int = 113, n_train: int | None = None, n_val: int | None = None, seed: int = 0
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Disjoint random pairs ``(a, b)`` of the ``p x p`` table: ``{"train": (x, y), "val": (x, y)}``.
 
-    ``x`` is int64 ``(N, 3)`` rows ``[a, b, p]``, ``y = (a + b) mod p`` int64. The table has only ``p * p`` pairs:
-    ``n_train`` is clipped to ``p * p`` and ``n_val`` to what is left after it (possibly 0).
+    ``x`` is int64 ``(N, 3)`` rows ``[a, b, p]``, ``y = (a + b) mod p`` int64. Sizes left as None follow
+    :func:`default_sizes` (both splits non-empty for any ``p >= 2``). Explicit sizes are clipped to the table:
+    ``n_train`` to ``p * p`` and ``n_val`` to what is left after it; a requested validation split that would be left
+    empty is an error.
     """
     total = p * p
-    n_train = min(n_train, total)
-    n_val = min(n_val, total - n_train)
+    d_train, d_val = default_sizes(p)
+    n_train = min(d_train if n_train is None else n_train, total)
+    want_val = d_val if n_val is None else n_val
+    n_val = min(want_val, total - n_train)
+    if want_val > 0 and n_val == 0:
+        raise ValueError(
+            f"p={p} has {total} pairs and n_train={n_train} takes them all, so the validation split would be empty; "
+            f"lower n_train below {total} or pass n_val=0 (on the command line, --p sets only p and the split is "
+            "chosen to fit)"
+        )
     perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
     a, b = perm // p, perm % p
     x = torch.stack([a, b, torch.full_like(a, p)], dim=1)
@@ -98,8 +122,8 @@ def train(
     n_heads: int = 4,
     d_mlp: int = 512,
     act: str = "relu",
-    n_train: int = 4000,
-    n_val: int = 2000,
+    n_train: int | None = None,
+    n_val: int | None = None,
     lr: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.98),
     weight_decay: float = 4.0,

@@ -58,7 +58,9 @@ def test_modadd_data_clips_to_table():
     d = modadd.make_data(p=7, n_train=40, n_val=20)
     assert len(d["train"][0]) == 40 and len(d["val"][0]) == 9
     assert _pairs(d["train"][0], 7) | _pairs(d["val"][0], 7) == set(range(49))
-    d = modadd.make_data(p=7, n_train=100, n_val=5)
+    with pytest.raises(ValueError, match="validation split would be empty"):
+        modadd.make_data(p=7, n_train=100, n_val=5)
+    d = modadd.make_data(p=7, n_train=100, n_val=0)
     assert len(d["train"][0]) == 49 and len(d["val"][0]) == 0
 
 
