@@ -27,6 +27,9 @@ from typing import Any
 
 _EXPORTS = {
     "attribute": "engine.api",
+    "InexactRecordError": "engine.guard",
+    "InexactWarning": "engine.guard",
+    "ResultTooLargeError": "engine.api",
     "parse_queries": "engine.api",
     "parse_steps": "engine.api",
     "Problem": "engine.scan.problem",
@@ -42,8 +45,11 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "InexactRecordError",
+    "InexactWarning",
     "Problem",
     "QuadratureRule",
+    "ResultTooLargeError",
     "attribute",
     "attribute_local",
     "close_local_client",

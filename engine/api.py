@@ -24,15 +24,25 @@ from engine import plan, settings
 from engine.cluster import graph as _graph
 from engine.cluster import runners as _sched
 from engine.cluster import worker as _worker
+from engine.guard import DEFAULT_RESIDUAL_TOL, check_exactness, check_residual_tol
 from engine.ops.output_modes import NEEDS_TARGETS, OUTPUT_MODES
 from engine.ops.quadrature import parse_rule
-from engine.result import BY_KEYS, check_finite, finalize_attrs
+from engine.result import BY_KEYS, check_finite, finalize_attrs, result_bytes
 from engine.scan.problem import Context, Problem, result_meta
+from engine.settings import format_bytes, parse_bytes
 from explaind_store import schema
 from explaind_store.format import StoreError
 from explaind_store.trajectory import Trajectory
 
 RESULT_KIND = "explaind-attribution"
+# results larger than this stay on disk only (out=): the max_result_bytes setting, else this share of the memory
+# available when the call starts (the computation needs room besides the result: workers, blocks in flight)
+MAX_RESULT_ENV = "EXPLAIND_MAX_RESULT_BYTES"
+MAX_RESULT_FRACTION = 0.25
+
+
+class ResultTooLargeError(ValueError, MemoryError):
+    """The result asked for would not fit the in-memory limit (``max_result_bytes``) and no ``out=`` was given."""
 
 
 # ==============================================================================================================
@@ -319,6 +329,55 @@ def check_device(device: Any) -> str:
     return device
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new work now (``MemAvailable`` of /proc/meminfo, else free pages), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def max_result_limit(max_result_bytes: int | str | None = None) -> int:
+    """The in-memory result limit in bytes: ``max_result_bytes`` (an int or "4GB"), else
+    ``$EXPLAIND_MAX_RESULT_BYTES``, else ``MAX_RESULT_FRACTION`` of the available memory (8 GB if unknown)."""
+    if max_result_bytes is not None:
+        try:
+            return parse_bytes(max_result_bytes)
+        except ValueError as exc:
+            raise ValueError(f"max_result_bytes: {exc}") from None
+    configured = settings.get("max_result_bytes")  # $EXPLAIND_MAX_RESULT_BYTES or an override; 0: not set
+    if configured:
+        return configured
+    avail = available_memory()
+    return int(avail * MAX_RESULT_FRACTION) if avail else 8 * 10**9
+
+
+def check_result_size(size: int, limit: int, by: frozenset[str], n_queries: int, n_steps: int) -> None:
+    """Refuse a result of ``size`` bytes above ``limit`` (kept in memory) with what to change instead."""
+    if size <= limit:
+        return
+    ways = ["pass out='result.zarr' (CLI: --out result.zarr) to stream it to disk in bounded memory",
+            f"explain fewer queries (now {n_queries})"]
+    if "sample" in by and "step" in by:
+        ways.append("drop 'sample' or 'step' from by=")
+    if "step" in by or n_steps > 1:
+        ways.append(f"sum the {n_steps} steps into bins with step_bins=")
+    if "param" in by:
+        ways.append("drop 'param' from by=")
+    ways.append(f"or raise the limit with max_result_bytes= (CLI: --max-result-bytes; env {MAX_RESULT_ENV})")
+    raise ResultTooLargeError(
+        f"the result would take {format_bytes(size)} in memory, more than the limit of {format_bytes(limit)} "
+        f"(by={sorted(by)}): " + "; ".join(ways)
+    )
+
+
 # ==============================================================================================================
 # attribute
 # ==============================================================================================================
@@ -339,6 +398,8 @@ def attribute(
     method: str = "auto",
     progress: bool = True,
     step_bins: int | None = None,
+    residual_tol: float | None = DEFAULT_RESIDUAL_TOL,
+    max_result_bytes: int | str | None = None,
 ) -> xr.Dataset:
     """Decompose ``F(theta_b) - F(theta_a)`` for query outputs of a recorded run into training samples, updates,
     tensors / parameters, weight decay and carried-over momentum (ExPLAIND; see docs/math.md).
@@ -357,10 +418,19 @@ def attribute(
             ("tcp://host:8786") or a ``distributed.Client``.
         device: "cpu" or "cuda" (the per-update math on the workers' GPU).
         out: a Zarr path; results stream there chunk by chunk and the opened (lazy) Dataset is returned.
-        chunk_updates: updates per task (default: the store's chunk size; must be a multiple of it).
+        chunk_updates: updates per task (default: the store's chunk size; must be a multiple of it); tasks are
+            split further when their result block would exceed the per-task budget ($EXPLAIND_BLOCK_BYTES).
         method: per-sample dot products by "grad", "jvp" or "auto".
         progress: show a progress bar.
         step_bins: sum the step axis into this many contiguous bins.
+        residual_tol: the exactness guard (engine/guard.py): raise ``InexactRecordError`` naming the first update
+            whose ``rounding_residual`` (what the recorded batches do not reproduce) exceeds this fraction of its
+            change plus a float-rounding floor, with the likely cause from the batch-gradient check (an
+            ``InexactWarning`` instead when that check traces it to float rounding). None turns it off.
+        max_result_bytes: the largest result kept in memory (bytes, or "4GB"); a larger one raises
+            ``ResultTooLargeError`` before any task runs unless ``out=`` is given (default: $EXPLAIND_MAX_RESULT_BYTES,
+            else a quarter of the available memory). With ``out=`` every task's memory stays within the per-task
+            budget ($EXPLAIND_BLOCK_BYTES, 512 MiB) whatever the result size and the store's chunk length.
 
     Returns:
         An ``xarray.Dataset`` (dims ``query``, ``output``, and ``sample`` / ``step`` / ``tensor`` as asked) with
@@ -378,6 +448,7 @@ def attribute(
         parse_rule(quadrature)  # validates the rule string now
     if step_bins is not None and (not isinstance(step_bins, (int, np.integer)) or step_bins < 1):
         raise ValueError(f"step_bins must be a positive integer, got {step_bins!r}")
+    tol = check_residual_tol(residual_tol)
     x_q, y_q, qdesc = resolve_queries(traj, inputs, targets, queries)
     if output in NEEDS_TARGETS and y_q is None:
         raise ValueError(
@@ -398,6 +469,9 @@ def attribute(
     cpu_problem = problem if device == "cpu" else replace(problem, device="cpu")
     ctx = Context(traj, cpu_problem)
     meta = result_meta(traj, cpu_problem, ctx)
+    limit = max_result_limit(max_result_bytes)
+    if out_path is None:
+        check_result_size(result_bytes(meta, step_bins), limit, by_set, meta.n_queries, window[1] - window[0])
 
     # --- scheduler, graph, compute --------------------------------------------------------------------------
     local = client is None or (isinstance(client, str) and client.strip().lower() in _sched.LOCAL_NAMES)
@@ -439,12 +513,17 @@ def attribute(
         )
         if out_path is None:
             (result,) = runner.compute([ds], progress=progress, desc="attribute")
-            return check_finite(finalize_attrs(result))
-        # output step chunks: the store's (what readers of the run are used to), else the tasks'
-        written = _write(ds, out_path, runner, store_chunk or max(hi - lo for lo, hi in bounds), progress)
-        return check_finite(written, where=str(out_path))
+            result = check_finite(finalize_attrs(result))
+        else:
+            # output step chunks: the store's (what readers of the run are used to) unless the tasks are shorter, so
+            # an output chunk never waits on more than two tasks' blocks (memory independent of the store's chunks)
+            task_len = max(hi - lo for lo, hi in bounds)
+            written = _write(ds, out_path, runner, min(store_chunk or task_len, task_len), progress)
+            result = check_finite(written, where=str(out_path))
     finally:
         runner.close()
+    check_exactness(result, traj, tol)  # the per-update residual arrays are small (query x output x step)
+    return result
 
 
 def _write(ds: xr.Dataset, path: Path, runner: _sched.Runner, step_chunk: int, progress: bool) -> xr.Dataset:
@@ -460,7 +539,7 @@ def _write(ds: xr.Dataset, path: Path, runner: _sched.Runner, step_chunk: int, p
         # consolidated metadata is a zarr-python extension in v3; it lets xarray.open_zarr(path) open quietly
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         store = chunked.to_zarr(path, mode="w", compute=False, consolidated=True)
-        runner.compute([store], progress=progress, desc="attribute")
+        runner.compute([_graph.gate_writes(store)], progress=progress, desc="attribute")
         opened = xr.open_zarr(path)
         attrs = finalize_attrs(opened).attrs
         group = zarr.open_group(path, mode="r+")
@@ -475,4 +554,5 @@ def _strings_as_objects(ds: xr.Dataset) -> xr.Dataset:
     return ds.assign_coords(fix) if fix else ds
 
 
-__all__ = ["QuerySpec", "UnknownSplitError", "attribute", "check_store", "open_trajectory", "parse_by", "parse_queries", "parse_steps"]
+__all__ = ["QuerySpec", "ResultTooLargeError", "UnknownSplitError", "attribute", "available_memory",
+           "max_result_limit", "check_store", "open_trajectory", "parse_by", "parse_queries", "parse_steps"]

@@ -5,8 +5,8 @@ cluster layer, the in-process reference and :func:`engine.attribute` ask it.
 
 - Memory: pass 2 keeps a chunk's rebuilt momentum, ``L x P`` float64 per momentum part (:func:`momentum_parts`:
   one for AdamW, whose decay is decoupled, two otherwise), within the ``light_bytes`` setting; kept path integrals
-  (``L x rows x P``) stay within ``keep_u_bytes``; a reverse-chain chunk's result block within
-  :data:`CHAIN_BLOCK_BYTES`.
+  (``L x rows x P``) stay within ``keep_u_bytes``; every task's result block within ``block_bytes``, even when that
+  means fewer updates than a store chunk (:func:`task_updates`).
 - Parallelism: on one machine, query groups in separate processes versus torch threads inside one process
   (:func:`plan_parallelism`); chunks of updates run in parallel only when workers would otherwise sit idle.
 """
@@ -22,7 +22,6 @@ from engine import settings
 from engine.result import STEP, ResultMeta, chunk_dtype, chunk_layout, chunk_shapes
 
 F64_BYTES = 8
-CHAIN_BLOCK_BYTES = 512 << 20  # reverse chain: a chunk's result block (and rebuilt momentum) stays below this
 
 
 # ==============================================================================================================
@@ -84,22 +83,27 @@ def plan_chunks(
     chunk_updates: int | None = None,
     n_workers: int = 1,
     max_updates: int | None = None,
+    fill: bool | None = None,
 ) -> list[tuple[int, int]]:
-    """Chunks ``(lo, hi]`` tiling the window.
+    """Chunks ``(lo, hi]`` tiling the window, none longer than ``max_updates``.
 
-    ``max_updates`` (the reverse chain, :func:`engine.cluster.graph.build_arrays`): the default chunk is then the
-    largest multiple of the store's chunk size within ``max_updates`` (at least one store chunk), since chunks there
+    ``max_updates`` is the memory budget of one task (:func:`task_updates`: its result block, and in the reverse
+    chain its rebuilt momentum). It caps every chunk, even below the store's chunk length: a task may then read a
+    sub-range of a store chunk (``Trajectory.block(lo, hi)`` takes any range), so a task's memory never depends on
+    how the store was chunked. With ``fill`` (the reverse chain; default: True when ``max_updates`` is given)
+    the default chunk is the largest multiple of the store's chunk size within ``max_updates``, since chunks there
     buy memory bounds, not parallelism.
 
     With a store (``store_chunk`` = its ``chunk_updates``) boundaries sit on multiples of ``chunk_updates``, which
-    must be a multiple of ``store_chunk`` (default: ``store_chunk``), so every task reads whole store chunks; only
-    the first / last chunk of a window that does not start / end on a boundary is shorter. When the store's
-    chunks are so long that the window would give fewer tasks than ``n_workers``, the default splits the window
-    evenly instead (tasks then re-read parts of one store chunk: cheap next to the math). Without a store
-    (in-memory trajectories) chunks of ``chunk_updates`` (default 16) start at the window start.
+    must be a multiple of ``store_chunk`` (default: ``store_chunk``), so every task reads whole store chunks unless
+    the budget splits them; only the first / last chunk of a window that does not start / end on a boundary is
+    shorter. When the store's chunks are so long that the window would give fewer tasks than ``n_workers``, the
+    default splits the window evenly instead (tasks then re-read parts of one store chunk: cheap next to the math).
+    Without a store (in-memory trajectories) chunks of ``chunk_updates`` (default 16) start at the window start.
     """
     a, b = window
     length = b - a
+    cap = None if max_updates is None else max(1, int(max_updates))
     if chunk_updates is not None:
         k = int(chunk_updates)
         if k < 1:
@@ -111,31 +115,51 @@ def plan_chunks(
             )
     elif store_chunk:
         k = int(store_chunk)
-        if max_updates is not None:
-            k *= max(1, int(max_updates) // k)
+        if cap is not None and (fill is None or fill):
+            k *= max(1, cap // k)
         n_aligned = 1 + len(range((a // k + 1) * k, b, k))
         if n_workers > 1 and n_aligned < n_workers and length >= 2:
             step = math.ceil(length / min(n_workers, length))
-            return [(lo, min(b, lo + step)) for lo in range(a, b, step)]
+            return _capped([(lo, min(b, lo + step)) for lo in range(a, b, step)], cap)
     else:
-        k = 16 if max_updates is None else max(1, int(max_updates))
+        k = 16 if cap is None or fill is False else cap
     if not store_chunk:
-        return chunk_bounds(window, k)
+        return _capped(chunk_bounds(window, k), cap)
     edges = [a, *range((a // k + 1) * k, b, k), b]
-    return list(itertools.pairwise(edges))
+    return _capped(list(itertools.pairwise(edges)), cap)
 
 
-def chain_chunk_updates(meta: ResultMeta, n_rows: int) -> int:
-    """Updates per chunk of the reverse chain: pass 2 keeps the chunk's rebuilt momentum (:func:`light_chunk_updates`)
-    and builds its result block (``n_rows`` query rows; with ``sample`` and ``step`` that is ``R x N x L``), so
-    both bound ``L``."""
-    n_params = sum(math.prod(s) for s in meta.tensor_shapes)
-    per_update = sum(
+def _capped(bounds: list[tuple[int, int]], cap: int | None) -> list[tuple[int, int]]:
+    """``bounds`` with every chunk longer than ``cap`` split into consecutive pieces of ``cap`` (the last shorter)."""
+    if cap is None:
+        return bounds
+    return [(s, min(hi, s + cap)) for lo, hi in bounds for s in range(lo, hi, cap)]
+
+
+def step_bytes(meta: ResultMeta, n_rows: int) -> int:
+    """Bytes one update adds to a task's result block (its arrays with a ``step`` axis) for ``n_rows`` query rows."""
+    return sum(
         math.prod(shape) * chunk_dtype(key).itemsize
         for key, shape in chunk_shapes(replace(meta, n_queries=max(1, n_rows // max(1, meta.n_outputs))), 0, 1).items()
         if STEP in chunk_layout(meta)[key]
     )
-    return max(1, min(light_chunk_updates(n_params, meta.optimizer), CHAIN_BLOCK_BYTES // max(1, per_update)))
+
+
+def task_updates(meta: ResultMeta, n_rows: int, *, chain: bool) -> int:
+    """Most updates one task may cover within the ``block_bytes`` setting: its result block (``n_rows`` query rows;
+    with ``sample`` and ``step`` that is ``R x N x L``) and, in the reverse chain, the chunk's rebuilt momentum
+    (:func:`chain_chunk_updates`). At least 1, whatever the store's chunk length."""
+    if chain:
+        return chain_chunk_updates(meta, n_rows)
+    return max(1, settings.get("block_bytes") // max(1, step_bytes(meta, n_rows)))
+
+
+def chain_chunk_updates(meta: ResultMeta, n_rows: int) -> int:
+    """Updates per chunk of the reverse chain: pass 2 keeps the chunk's rebuilt momentum (:func:`light_chunk_updates`)
+    and builds its result block (``n_rows`` query rows) within the ``block_bytes`` setting, so both bound ``L``."""
+    n_params = sum(math.prod(s) for s in meta.tensor_shapes)
+    per_update = step_bytes(meta, n_rows)
+    return max(1, min(light_chunk_updates(n_params, meta.optimizer), settings.get("block_bytes") // max(1, per_update)))
 
 
 # ==============================================================================================================
@@ -219,14 +243,13 @@ def plan_attribution(
     spare = 1 if threads else n_workers // len(groups)
     chain = spare <= 1
     bounds = plan_chunks(window, store_chunk=store_chunk, chunk_updates=chunk_updates, n_workers=spare,
-                         max_updates=chain_chunk_updates(meta, rows) if chain else None)
+                         max_updates=task_updates(meta, rows, chain=chain), fill=chain)
     n_params = sum(math.prod(s) for s in meta.tensor_shapes)
     keep_u = not chain and keeps_u(window[1] - window[0], rows, n_params)
     return Plan(groups, threads, chain, bounds, keep_u)
 
 
 __all__ = [
-    "CHAIN_BLOCK_BYTES",
     "Plan",
     "chain_chunk_updates",
     "chunk_bounds",
@@ -241,5 +264,7 @@ __all__ = [
     "plan_chunks",
     "plan_parallelism",
     "query_groups",
+    "step_bytes",
+    "task_updates",
 ]
 

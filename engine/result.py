@@ -25,6 +25,7 @@ with sums over every dimension except ``query`` / ``output``; ``movement.sum(ste
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -129,6 +130,16 @@ def chunk_shapes(meta: ResultMeta, lo: int, hi: int) -> dict[str, tuple[int, ...
 
 def chunk_dtype(key: str) -> np.dtype:
     return np.dtype(np.int64) if key in ("nodes", "kinks") else np.dtype(np.float64)
+
+
+def result_bytes(meta: ResultMeta, step_bins: int | None = None) -> int:
+    """Bytes of the result Dataset's variables (float64 / int64) over the whole window, known before any task runs;
+    with ``step_bins`` the step axis has that many entries. Coordinates (small) are not counted."""
+    a, b = meta.window
+    n_steps = b - a if step_bins is None else min(int(step_bins), b - a)
+    shapes = chunk_shapes(meta, 0, n_steps)
+    total = sum(math.prod(shape) * chunk_dtype(key).itemsize for key, shape in shapes.items())
+    return total + math.prod(shapes["quadrature_residual"]) * 8  # ``residual``, built from the two residuals
 
 
 def _is_dask(x: Any) -> bool:

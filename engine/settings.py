@@ -19,6 +19,7 @@ store never imports the engine. ``explaind settings`` lists both.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ class Setting:
     meaning: str
     minimum: int = 1  # ints only
     scope: str = "job"  # "job": travels with every job to the workers; "process": each process reads its own
+    size: bool = False  # ints only: a byte count, and the variable may carry a unit (4GB, 512MiB)
 
     @property
     def env(self) -> str:
@@ -60,6 +62,11 @@ TABLE: dict[str, Setting] = {
         Setting("verify_updates", int, 16, "updates the pre-flight store check of engine.attribute replays"),
         Setting("handoff_min_bytes", int, 8 << 20, "result variables at least this large come back from "
                 "same-host workers through shared memory instead of the dask gather", minimum=0),
+        Setting("block_bytes", int, 512 << 20, "bytes of result block (and rebuilt momentum) one task may hold; "
+                "tasks cover fewer updates than a store chunk when needed, so memory does not depend on how the "
+                "store was chunked", size=True),
+        Setting("max_result_bytes", int, 0, "the largest result engine.attribute keeps in memory; larger ones "
+                "need out= (0: a quarter of the memory available when the call starts)", minimum=0, size=True),
         Setting("worker_threads", int, 1, "torch threads per dask worker process (when the job sets none)",
                 scope="process"),
         Setting("mallopt", bool, True, "glibc heap tuning at import (keep freed memory, one malloc arena); "
@@ -104,6 +111,48 @@ def env_int(name: str, default: int, meaning: str, *, minimum: int = 1) -> int:
     return value
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """A byte count from ``4000000``, ``"4GB"``, ``"512MiB"``, ``"1.5G"`` (decimal units; ``KiB``/``MiB``/``GiB``
+    are binary); ValueError naming the accepted forms otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(text))
+        unit = m.group(2).lower() if m else ""
+        if not m or unit not in _UNITS:
+            raise ValueError(f"cannot read {text!r} as a size in bytes; use a number with an optional unit, e.g. "
+                             "4000000000, 4GB, 512MB or 2GiB")
+        value = int(float(m.group(1)) * _UNITS[unit])
+    if value < 1:
+        raise ValueError(f"a size in bytes must be positive, got {text!r}")
+    return value
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes for people: ``"16.10 GB"``, ``"230.4 MB"``, ``"12.0 kB"`` (decimal units, as ``parse_bytes``
+    reads them)."""
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit in ("TB", "GB") else f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def env_bytes(name: str, meaning: str) -> int | None:
+    """``parse_bytes(os.environ[name])``, or None when unset or empty; a bad value names the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return parse_bytes(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: set it to a positive size such as 4GB or 4000000000 ({meaning}), or "
+                         "unset it for the default") from None
+
+
 def env_flag(name: str, default: bool = True) -> bool:
     """False when ``name`` is 0/false/off/no (any case), True for any other value, ``default`` when unset."""
     raw = os.environ.get(name, "").strip().lower()
@@ -121,6 +170,9 @@ def get(name: str) -> Any:
                 return layer[name]
     if s.type is bool:
         return env_flag(s.env, s.default)
+    if s.size:
+        value = env_bytes(s.env, s.meaning)
+        return s.default if value is None else value
     return env_int(s.env, s.default, s.meaning, minimum=s.minimum)
 
 
@@ -153,4 +205,5 @@ def rows() -> list[dict[str, Any]]:
              "scope": s.scope, "meaning": s.meaning} for s in TABLE.values()]
 
 
-__all__ = ["TABLE", "Setting", "applied", "env_flag", "env_int", "get", "override", "rows", "snapshot"]
+__all__ = ["TABLE", "Setting", "applied", "env_bytes", "env_flag", "env_int", "format_bytes", "get", "override",
+           "parse_bytes", "rows", "snapshot"]

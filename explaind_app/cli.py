@@ -35,6 +35,15 @@ def _positive(text: str) -> int:
     return v
 
 
+def _size(text: str) -> int:
+    from engine.settings import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_commands(subparsers: Any) -> None:
     """Register ``attribute`` and ``top`` on the ``explaind`` parser's subparsers."""
     att = subparsers.add_parser(
@@ -59,6 +68,12 @@ def add_commands(subparsers: Any) -> None:
                      help="updates per task (a multiple of the store's chunk size)")
     att.add_argument("--method", default="auto", choices=["auto", "grad", "jvp"], help="per-sample dot products")
     att.add_argument("--step-bins", type=_positive, default=None, help="sum the step axis into N bins")
+    att.add_argument("--residual-tol", type=float, default=None,
+                     help="exactness guard: fail when an update's rounding residual exceeds this fraction of its "
+                          "change (default 1e-3; inf turns the check off)")
+    att.add_argument("--max-result-bytes", type=_size, default=None,
+                     help="largest result kept in memory, e.g. 4GB (default: $EXPLAIND_MAX_RESULT_BYTES, else a "
+                          "quarter of the available memory); larger results need --out")
     att.add_argument("--top", type=_positive, default=5, help="top samples to print per query (default 5)")
     att.add_argument("--quiet", action="store_true", help="no progress bar")
     att.set_defaults(func=_cmd_attribute)
@@ -98,6 +113,8 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
             args.run, queries=args.queries, output=args.output, by=_by(args.by), steps=args.steps,
             quadrature=args.quadrature, client=client, device=args.device, out=args.out,
             chunk_updates=args.chunk_updates, method=args.method, progress=not args.quiet, step_bins=args.step_bins,
+            **({} if args.residual_tol is None else {"residual_tol": args.residual_tol}),
+            max_result_bytes=args.max_result_bytes,
         )
         print(summarize(ds, top=args.top))
         if args.out:

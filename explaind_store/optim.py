@@ -196,3 +196,38 @@ def implied_gradient(
         damp = float(hp.get("dampening", 0.0))
         g = (state_next[schema.MOMENTUM_BUFFER].double() - mu * state_prev[schema.MOMENTUM_BUFFER].double()) / (1 - damp)
     return g - weight_decay * theta_prev
+
+
+def implied_gradient_bound(
+    kind: str,
+    hp: dict[str, Any],
+    theta_prev: torch.Tensor,
+    theta_next: torch.Tensor,
+    state_prev: dict[str, torch.Tensor],
+    state_next: dict[str, torch.Tensor],
+    lr: float,
+    n: int,
+) -> torch.Tensor:
+    """Element-wise bound on the rounding error of :func:`implied_gradient` (float64).
+
+    The implied gradient is a difference of rounded numbers: ``(m_s - beta1 m_{s-1}) / (1 - beta1)`` for Adam, the
+    momentum-buffer difference for SGD, ``-(theta_s - theta_{s-1}) / lr`` for plain SGD. Late in training the
+    gradient can be tiny next to the state it is recovered from, so the rounding of that state (a few ulps of each
+    operand, in the dtype it was stored in) can exceed any relative tolerance on the gradient.
+    """
+    ulps = 4.0  # the stored state's own rounding plus the rounding of the training's update arithmetic
+    if kind in ("AdamW", "Adam"):
+        b1 = hp["betas"][0]
+        m1, m0 = state_next[schema.EXP_AVG], state_prev[schema.EXP_AVG]
+        eps = torch.finfo(m1.dtype).eps
+        return ulps * eps * (m1.double().abs() + b1 * m0.double().abs()) / (1 - b1)
+    mu = float(hp.get("momentum", 0.0))
+    if mu == 0.0:
+        eps = torch.finfo(theta_next.dtype).eps
+        return ulps * eps * (theta_next.double().abs() + theta_prev.double().abs()) / lr
+    b1_, b0 = state_next[schema.MOMENTUM_BUFFER], state_prev[schema.MOMENTUM_BUFFER]
+    eps = torch.finfo(b1_.dtype).eps
+    if n == 1:
+        return ulps * eps * b1_.double().abs()
+    damp = float(hp.get("dampening", 0.0))
+    return ulps * eps * (b1_.double().abs() + mu * b0.double().abs()) / (1 - damp)

@@ -24,6 +24,7 @@ import zarr
 from torch import nn
 
 from . import format as fmt
+from . import modes
 from . import optim as optim_mod
 from . import schema
 from .specs import normalize_loss
@@ -115,6 +116,10 @@ class Recorder:
         chunk_updates: steps per chunk (the flush interval); by default ~4 MB chunks for the largest tensor.
         lossy_keepbits: opt-in lossy BitRound of float mantissas (relative error <= 2^-(keepbits+1)).
         store_data: store the data arrays (default) or only a fingerprint to check them on use.
+
+    The training forward must be reproducible from the store: dropout (p > 0) and BatchNorm in train mode, and
+    buffers that change during training, are refused with a RecorderError (see ``explaind_store.modes``); the mode
+    each module trains in is recorded (``train_mode``) and used to rebuild the model.
     """
 
     def __init__(
@@ -152,6 +157,10 @@ class Recorder:
         self.params = [p for _, p in named]
         self._id_to_name = {id(p): n for n, p in named}
         self._check_optimizer_covers_model(model)
+        self._check_forward(model)
+        self._watched = modes.watched_modules(model)  # whose mode record() re-checks (cheap)
+        self._buffer_watch = modes.BufferWatch(model)
+        self._modes = modes.describe_modes(model)
         self.state_names = optim_mod.state_names(self.kind, optimizer.param_groups)
         self.n_train = None if data is None else len(data[0])
 
@@ -228,6 +237,14 @@ class Recorder:
             if p.dtype not in (torch.float32, torch.float64, torch.float16):
                 raise RecorderError(f"parameters of dtype {p.dtype} are not supported (use float32 or float64)")
 
+    def _check_forward(self, model: nn.Module) -> None:
+        problems = modes.forward_problems(model)
+        if problems:
+            raise RecorderError(
+                "this model's training forward cannot be reproduced from the store:\n  - " + "\n  - ".join(problems)
+                + "\n" + modes.FORWARD_ADVICE
+            )
+
     def _replace_existing(self) -> None:
         try:
             fmt.open_root(self.path, check=False)  # a store whose array metadata is damaged may be replaced
@@ -303,6 +320,7 @@ class Recorder:
                 schema.ATTR_SCHEDULER_STATE: None,
                 schema.ATTR_NONFINITE: [],
                 schema.ATTR_EVERY_CHUNK: True,
+                schema.ATTR_TRAIN_MODE: self._modes,
             }
         )
         self._make_arrays(root, create=True, clevel=clevel, lossy_keepbits=lossy_keepbits)
@@ -510,6 +528,7 @@ class Recorder:
                 f"min {batch.min()} max {batch.max()}"
             )
         s = self.updates_done + 1
+        self._check_still_reproducible(s)
         assert self._pending is not None
         self._sgd_count += 1
         upd = {
@@ -522,11 +541,31 @@ class Recorder:
         }
         row = self._row(s, upd)
         row.batch = batch.astype(np.int64)
-        row.commit_attrs = {schema.ATTR_SCHEDULER_STATE: self._pending["scheduler"]}
+        row.commit_attrs = {
+            schema.ATTR_SCHEDULER_STATE: self._pending["scheduler"], schema.ATTR_TRAIN_MODE: self._modes,
+        }
         self._writer.put(row)
         self.updates_done = s
         self._steps_since_record = 0
         self._pending = None
+
+    def _check_still_reproducible(self, s: int) -> None:
+        """Modes can change after construction (``model.train()`` in the loop) and buffers can change in forward:
+        re-check the modules that matter (cheap), keep the recorded mode current, and compare the buffers."""
+        if any(m.training for m in self._watched):
+            self._check_forward(self.model)
+        if bool(self.model.training) != self._modes["training"]:
+            self._modes = modes.describe_modes(self.model)
+        # values compared at the first update and once per chunk; identity and version counters every update
+        changed = self._buffer_watch.check(full=s == 1 or s % self.chunk_updates == 0)
+        if changed:
+            raise RecorderError(
+                f"buffers {changed[:5]} changed during training (seen at update {s}). The store keeps buffers only "
+                "as they were at the start, so the recorded run would not be the one trained, and its "
+                "decomposition would not add up. Keep buffers fixed: put modules with running statistics in eval "
+                "mode (module.eval()), or use LayerNorm/GroupNorm instead of BatchNorm. The updates recorded before "
+                "this one are kept."
+            )
 
     def _opt_step(self) -> int:
         if self.kind == "SGD":

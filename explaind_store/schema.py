@@ -69,6 +69,7 @@ ATTR_NONFINITE = "nonfinite_updates"  # updates whose parameters or state held N
 # always damage. Stores without it (older writers skipped all-fill chunks) are checked more leniently
 # (see explaind_store.integrity).
 ATTR_EVERY_CHUNK = "every_chunk_written"
+ATTR_TRAIN_MODE = "train_mode"  # {"training": bool, "differ": [module names]}: the mode the model trained in
 
 
 

@@ -12,6 +12,7 @@ Also flags non-finite parameters.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from . import format as fmt
 from . import integrity
+from . import modes
 from . import optim as optim_mod
 from . import schema
 from .specs import FactorySpecError, UntrustedFactoryError, batch_loss
@@ -180,12 +182,10 @@ def verify(
         updates = sorted({int(round(x)) for x in np.linspace(a + 1, b, max_updates)})
     spec = run.optimizer_spec
     group_of = spec.group_of()
-    model = None
-    x = y = None
+    checker = None
     if gradients:
         try:
-            model = run.build_model().double()
-            x, y = run.split(schema.TRAIN_SPLIT)
+            checker = GradientChecker(run)
             rep.gradient_checked = True
         except (UntrustedFactoryError, FactorySpecError) as exc:
             # a refused factory is an error, never a quiet skip: the store names code the user has not trusted
@@ -198,6 +198,7 @@ def verify(
             rep.warnings.append(f"batch-gradient check skipped: {exc}")
             rep.gradient_checked = False
     worst_g = 0.0
+    worst_match: GradientMatch | None = None
     k = run.chunk_updates
     todo = set(updates)
     for lo in tqdm(range(a, b, k), desc="verify", disable=not progress, leave=False):
@@ -211,42 +212,32 @@ def verify(
             r = s - lo - 1
             n = int(blk.opt_step[r])
             prev, nxt = blk.params_at(s - 1), blk.params_at(s)
-            implied: dict[str, torch.Tensor] = {}
-            num = den = 0.0
             for name in run.tensor_names:
                 g = group_of[name]
                 hp = spec.groups[g]
                 lr, wd = float(blk.lr[r, g]), float(blk.weight_decay[r, g])
+                if spec.type == "SGD" and not run.state_names:
+                    continue  # plain SGD keeps no state: the update itself is what the gradient check tests
                 sp = {sn: blk.state_at(sn, s - 1)[name] for sn in run.state_names}
                 sn_ = {sn: blk.state_at(sn, s)[name] for sn in run.state_names}
-                if spec.type == "SGD" and not run.state_names:
-                    replayed = None  # plain SGD keeps no state: the update itself is what the gradient check tests
-                else:
-                    replayed = optim_mod.replay_update(spec.type, hp, prev[name], None, sp, sn_, lr, wd, n)
-                if replayed is not None:
-                    dtheta = (nxt[name].double() - prev[name].double()).abs().max().item()
-                    err = (replayed - nxt[name].double()).abs().max().item()
-                    res = err / max(dtheta, 1e-30)
-                    # A tiny update cannot be stored more precisely than the parameter's own rounding, so the
-                    # pass criterion allows a few ulps of the stored values on top of REPLAY_TOL of the update.
-                    ulps = 8 * torch.finfo(nxt[name].dtype).eps * nxt[name].double().abs().max().item()
-                    excess = err / (REPLAY_TOL * dtheta + ulps + 1e-300)
-                    if excess > rep.replay_excess or math.isnan(excess):
-                        rep.replay_excess = excess
-                    if res > rep.replay_max_residual or math.isnan(res):
-                        rep.replay_max_residual, rep.replay_worst_update = res, s
-                implied[name] = optim_mod.implied_gradient(spec.type, hp, prev[name], nxt[name], sp, sn_, lr, wd, n)
-            if model is not None:
-                scale = float(blk.grad_scale[r])
-                grads = _batch_gradient(model, run, prev, x, y, blk.batches[r])
-                for name in run.tensor_names:
-                    num += float(((implied[name] - scale * grads[name]) ** 2).sum())
-                    den += float(((scale * grads[name]) ** 2).sum())
-                rel = math.sqrt(num / max(den, 1e-300))
-                if rel > worst_g or math.isnan(rel):
-                    worst_g, rep.gradient_worst_update = rel, s
+                replayed = optim_mod.replay_update(spec.type, hp, prev[name], None, sp, sn_, lr, wd, n)
+                dtheta = (nxt[name].double() - prev[name].double()).abs().max().item()
+                err = (replayed - nxt[name].double()).abs().max().item()
+                res = err / max(dtheta, 1e-30)
+                # A tiny update cannot be stored more precisely than the parameter's own rounding, so the
+                # pass criterion allows a few ulps of the stored values on top of REPLAY_TOL of the update.
+                ulps = 8 * torch.finfo(nxt[name].dtype).eps * nxt[name].double().abs().max().item()
+                excess = err / (REPLAY_TOL * dtheta + ulps + 1e-300)
+                if excess > rep.replay_excess or math.isnan(excess):
+                    rep.replay_excess = excess
+                if res > rep.replay_max_residual or math.isnan(res):
+                    rep.replay_max_residual, rep.replay_worst_update = res, s
+            if checker is not None:
+                match = checker.check(blk, s, lo)
+                if match.rel_error > worst_g or math.isnan(match.rel_error):
+                    worst_g, rep.gradient_worst_update, worst_match = match.rel_error, s, match
             rep.checked_updates += 1
-    if model is not None:
+    if checker is not None:
         rep.gradient_max_rel_error = worst_g
     if rep.replay_excess > 1 or math.isnan(rep.replay_excess):
         rep.problems.append(
@@ -257,8 +248,10 @@ def verify(
     if rep.gradient_checked and (worst_g > GRADIENT_TOL or math.isnan(worst_g)):
         rep.problems.append(
             f"update {rep.gradient_worst_update}: the gradient recomputed from the recorded batch differs from the "
-            f"one the optimizer used by {worst_g:.2e} (relative). The batch indices, data, loss spec or "
-            "grad_scale passed to record() do not match what training did (dropout or augmentation also cause this)."
+            f"one the optimizer used by {worst_g:.2e} (relative, beyond the rounding of the recorded state). The "
+            "batch indices, data, loss spec or grad_scale passed to record() do not match what training did "
+            "(dropout or augmentation also cause this)."
+            + (f" {worst_match.explain()}" if worst_match is not None else "")
         )
     return rep
 
@@ -286,6 +279,116 @@ def _check_data(run: Run, missing_arrays: set[str], problems: list[str]) -> dict
     return out
 
 
+@dataclass
+class GradientMatch:
+    """How the gradient the optimizer used (implied by the recorded state change) compares with the one recomputed
+    from the recorded batch, times the recorded ``grad_scale``, at update ``update``."""
+
+    update: int
+    rel_error: float  # |implied - recomputed| beyond the state's rounding bound, relative to |recomputed|
+    scale: float  # least-squares factor: implied ~ scale * recomputed
+    cosine: float
+    batch_size: int
+    grad_scale: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_error <= GRADIENT_TOL
+
+    def explain(self) -> str:
+        """The likely cause, in words."""
+        s, b = self.update, self.batch_size
+        if self.ok:
+            return (
+                f"The batch gradient of update {s} matches the optimizer's (relative error {self.rel_error:.1e}), so "
+                "batch, loss and clipping were recorded right; the forward pass differs between training and the "
+                "rebuilt model instead: BatchNorm running statistics or other buffers that changed during training, "
+                "a module trained in another mode, or a model factory that builds a different model."
+            )
+        head = (f"At update {s} the optimizer used {self.scale:.3g} x the recomputed batch gradient "
+                f"(cosine {self.cosine:.3f})")
+        if self.cosine > 0.999 and self.scale < 1:
+            return (f"{head}: the gradient was scaled down, as gradient clipping does; pass the clipping factor "
+                    "to rec.record(batch, grad_scale=min(1, max_norm / norm)).")
+        if self.cosine > 0.999 and self.scale > 1:
+            near_b = abs(self.scale / b - 1) < 0.05
+            return (f"{head}: the gradient was scaled up{f', by the batch size {b}' if near_b else ''}, as a "
+                    "sum-reduced loss (reduction='sum') or a multiplied loss does; train with the batch-mean loss.")
+        return (f"{head}: they point in different directions, so the recorded batch is not what the optimizer "
+                "trained on: wrong batch indices, different data, or a random forward (dropout in train mode).")
+
+
+class GradientChecker:
+    """The batch-gradient check, one update at a time (``verify`` runs it on every update, ``attribute`` on the
+    updates whose residual is large).
+
+    The gradient the optimizer used is recovered from the recorded state change and compared with the batch
+    gradient recomputed from the stored batch and data in float64, times the recorded ``grad_scale``. Two kinds of
+    rounding are allowed for, element by element, so a clean long run passes: the rounding of the recorded state the
+    gradient is recovered from (:func:`optim.implied_gradient_bound`), and the rounding of the training's own
+    gradient in its dtype, estimated as ``|g_train_dtype - g_float64|`` of the same recomputation (late in training,
+    when a near-zero loss makes the gradient a cancellation of much larger terms, float32 gets it wrong by tens of
+    percent; a wrong batch, unrecorded clipping or a sum-reduced loss then only shows where it exceeds that).
+    """
+
+    ROUNDING_MARGIN = 4.0  # the training's rounding may differ from this recomputation's (other kernels, order)
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.model = modes.apply_modes(run.build_model(), run.attrs.get(schema.ATTR_TRAIN_MODE)).double()
+        dtypes = {str(t.get("dtype")) for t in run.tensors}
+        coarse = [getattr(torch, d) for d in ("float16", "float32") if d in dtypes]
+        self.train_dtype = coarse[0] if coarse else None
+        self.model_train = copy.deepcopy(self.model).to(self.train_dtype) if self.train_dtype is not None else None
+        self.x, self.y = run.split(schema.TRAIN_SPLIT)
+        self.spec = run.optimizer_spec
+        self.group_of = self.spec.group_of()
+
+    def update(self, s: int) -> GradientMatch:
+        """Check update ``s`` alone (reads one update of the store)."""
+        return self.check(self.run.block(s - 1, s), s, s - 1)
+
+    def check(self, blk: Any, s: int, lo: int) -> GradientMatch:
+        """Check update ``s`` of a block that holds updates ``lo+1..``."""
+        run, spec = self.run, self.spec
+        r = s - lo - 1
+        n = int(blk.opt_step[r])
+        prev, nxt = blk.params_at(s - 1), blk.params_at(s)
+        scale = float(blk.grad_scale[r])
+        batch = blk.batches[r]
+        grads = _batch_gradient(self.model, run, prev, self.x, self.y, batch, torch.float64)
+        coarse = (
+            _batch_gradient(self.model_train, run, prev, self.x, self.y, batch, self.train_dtype)
+            if self.model_train is not None else None
+        )
+        over = ref = dot = imp = 0.0
+        for name in run.tensor_names:
+            g = self.group_of[name]
+            hp = spec.groups[g]
+            lr, wd = float(blk.lr[r, g]), float(blk.weight_decay[r, g])
+            sp = {sn: blk.state_at(sn, s - 1)[name] for sn in run.state_names}
+            sn_ = {sn: blk.state_at(sn, s)[name] for sn in run.state_names}
+            implied = optim_mod.implied_gradient(spec.type, hp, prev[name], nxt[name], sp, sn_, lr, wd, n)
+            bound = optim_mod.implied_gradient_bound(spec.type, hp, prev[name], nxt[name], sp, sn_, lr, n)
+            want = scale * grads[name]
+            if coarse is not None:
+                err = (coarse[name].double() - grads[name]).abs() * abs(scale)
+                bound = bound + self.ROUNDING_MARGIN * (err + err.pow(2).mean().sqrt())
+            # only the part of the difference beyond the rounding of state and training gradient is a mismatch
+            over += float(((implied - want).abs() - bound).clamp(min=0).pow(2).sum())
+            ref += float(want.pow(2).sum())
+            dot += float((implied * want).sum())
+            imp += float(implied.pow(2).sum())
+        return GradientMatch(
+            update=s,
+            rel_error=math.sqrt(over / max(ref, 1e-300)),
+            scale=dot / max(ref, 1e-300),
+            cosine=dot / max(math.sqrt(ref * imp), 1e-300),
+            batch_size=len(batch),
+            grad_scale=scale,
+        )
+
+
 def _batch_gradient(
     model: torch.nn.Module,
     run: Run,
@@ -293,13 +396,15 @@ def _batch_gradient(
     x: torch.Tensor,
     y: torch.Tensor,
     batch: torch.Tensor,
+    dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
-    p64 = {k: v.double().requires_grad_(True) for k, v in params.items()}
+    """The batch-mean loss gradient at ``params``, computed in ``dtype`` (``model`` must be in that dtype)."""
+    ps = {k: v.detach().to(dtype, copy=True).requires_grad_(True) for k, v in params.items()}
     xb = x[batch]
-    xb = xb.double() if xb.is_floating_point() else xb
+    xb = xb.to(dtype) if xb.is_floating_point() else xb
     yb = y[batch]
-    yb = yb.double() if yb.is_floating_point() else yb
-    out = torch.func.functional_call(model, p64, (xb,))
+    yb = yb.to(dtype) if yb.is_floating_point() else yb
+    out = torch.func.functional_call(model, ps, (xb,))
     loss = batch_loss(run.loss, out, yb)
-    grads = torch.autograd.grad(loss, list(p64.values()))
-    return dict(zip(p64.keys(), grads))
+    grads = torch.autograd.grad(loss, list(ps.values()))
+    return dict(zip(ps.keys(), grads))

@@ -1,8 +1,9 @@
 """The Dask graph of one attribution: the scan (:mod:`engine.scan`) as tasks over chunks of updates, per group of
 queries.
 
-For chunks ``c = 0..C-1`` of updates ``(lo_c, hi_c]`` (aligned to the store's chunks so a task reads whole chunks),
-either the **reverse chain** (the default when no worker would sit idle)::
+For chunks ``c = 0..C-1`` of updates ``(lo_c, hi_c]`` (aligned to the store's chunks so a task reads whole chunks,
+and split below them when a chunk's result block would exceed the per-task budget, :func:`task_updates`), either
+the **reverse chain** (the default when no worker would sit idle)::
 
     job ──► pass1[c] (momentum only) ──► carries ──► carry[c]           (pass 1 parallel, carries tiny)
     carry[C-1] ──► pass2[C-1] ──U──► pass2[C-2] ──U──► ... ──► pass2[0]  (each path integral once)
@@ -15,7 +16,8 @@ either the **reverse chain** (the default when no worker would sit idle)::
 
 Then ``pass2[c] ──► arrays of chunk c ──► from_delayed blocks``. Arrays with a ``step`` axis are concatenated from
 the per-chunk blocks (``dask.array.concatenate``: the step axis is never built in one task); every other array is a
-tree sum over chunks (``dask.array`` ``sum`` with ``split_every``). Groups of queries (:func:`engine.plan.query_groups`) are
+tree sum over chunks (``dask.array`` ``sum`` with ``split_every``), or in the reverse chain a running sum handed
+down the chain with ``U`` (one copy alive at a time). Groups of queries (:func:`engine.plan.query_groups`) are
 independent scans joined along the query axis (:func:`join_query_groups`). ``job`` is one graph key holding the
 small :class:`~engine.cluster.worker.Job` (store path, ``Problem``, settings): tasks open the store and build the
 float64 model themselves, cached per worker (:func:`engine.cluster.worker.task_env`), so no large tensor is closed over or embedded in
@@ -31,6 +33,7 @@ schedule are planned by :mod:`engine.plan`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -86,12 +89,23 @@ def _pass2_task(job: Job, lo: int, hi: int, carry: Carry, p1: Pass1 | None) -> d
 
 
 def _pass2_chain_task(
-    job: Job, lo: int, hi: int, carry: Carry, u_next: dict[str, torch.Tensor] | None
+    job: Job, lo: int, hi: int, carry: Carry, u_next: dict[str, torch.Tensor] | None,
+    sums_next: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
-    """Pass 2 of the reverse chain: ``u_next`` is the next chunk's ``u_out`` (None for the window's last chunk)."""
+    """Pass 2 of the reverse chain: ``u_next`` is the next chunk's ``u_out`` (None for the window's last chunk),
+    ``sums_next`` the next chunk's running sums (:func:`_sums`), added in place to this chunk's arrays, so the
+    window's first chunk ends up holding the totals over the window and no chunk's copy outlives the next task."""
     with running(job) as (traj, ctx):
         res = pass2(traj, job.problem, lo, hi, carry, None, u_in=u_next, ctx=ctx)
-        return res.arrays, _to_cpu(res.u_out)
+        arrays = res.arrays
+        for key, total in (sums_next or {}).items():
+            np.add(arrays[key], total, out=arrays[key])
+        return arrays, _to_cpu(res.u_out)
+
+
+def _sums(arrays: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays summed over chunks (no ``step`` axis): what the chain hands to the previous chunk."""
+    return {k: arrays[k] for k in keys}
 
 
 def _solo_task(job: Job) -> dict[str, np.ndarray]:
@@ -155,23 +169,25 @@ def build_arrays(
         sums.append(dask.delayed(_summary_task, pure=True)(p1, dask_key_name=f"explaind-summary-{tok}-{c}"))
     cs = dask.delayed(_carries_task, pure=True)(job_d, *sums, dask_key_name=f"explaind-carries-{tok}")
     blocks: list[dict[str, da.Array]] = [{} for _ in bounds]
-    u_next = None
+    u_next = sums_next = None
+    summed = tuple(k for k, dims in layout.items() if STEP not in dims and k not in ("f_start", "f_end"))
     order = range(len(bounds) - 1, -1, -1) if chain else range(len(bounds))
     for c in order:
         lo, hi = bounds[c]
         carry = dask.delayed(_pick, pure=True)(cs, c, dask_key_name=f"explaind-carry-{tok}-{c}")
         if chain:
             out = dask.delayed(_pass2_chain_task, pure=True)(
-                job_d, lo, hi, carry, u_next, dask_key_name=f"explaind-chain-{tok}-{c}"
+                job_d, lo, hi, carry, u_next, sums_next, dask_key_name=f"explaind-chain-{tok}-{c}"
             )
             p2 = dask.delayed(_pick, pure=True)(out, 0, dask_key_name=f"explaind-pass2-{tok}-{c}")
             u_next = dask.delayed(_pick, pure=True)(out, 1, dask_key_name=f"explaind-uout-{tok}-{c}")
+            sums_next = dask.delayed(_sums, pure=True)(p2, summed, dask_key_name=f"explaind-sums-{tok}-{c}")
         else:
             p2 = dask.delayed(_pass2_task, pure=True)(
                 job_d, lo, hi, carry, p1s[c] if keep_u else None, dask_key_name=f"explaind-pass2-{tok}-{c}"
             )
         blocks[c] = _blocks(p2, meta, layout, tok, c, lo, hi)
-    return combine_lazy(blocks, meta)
+    return combine_lazy(blocks, meta, accumulated=chain)
 
 
 def _blocks(p2: Any, meta: ResultMeta, layout: dict[str, Any], tok: str, c: int, lo: int, hi: int) -> dict[str, da.Array]:
@@ -186,9 +202,13 @@ def _blocks(p2: Any, meta: ResultMeta, layout: dict[str, Any], tok: str, c: int,
     return arrs
 
 
-def combine_lazy(blocks: Sequence[dict[str, da.Array]], meta: ResultMeta) -> dict[str, da.Array]:
+def combine_lazy(
+    blocks: Sequence[dict[str, da.Array]], meta: ResultMeta, *, accumulated: bool = False
+) -> dict[str, da.Array]:
     """``engine.result.combine`` for dask blocks, with tree sums: step arrays are concatenated along ``step``,
-    ``f_start`` / ``f_end`` come from the first / last chunk, the rest is summed over chunks in a tree."""
+    ``f_start`` / ``f_end`` come from the first / last chunk, the rest is summed over chunks in a tree, or, with
+    ``accumulated`` (the reverse chain, which passes running sums down to the first chunk), taken from the first
+    chunk: a tree sum would keep up to ``SPLIT_EVERY`` chunks' copies (each as large as the whole array) alive."""
     out: dict[str, da.Array] = {}
     for key, dims in chunk_layout(meta).items():
         parts = [b[key] for b in blocks]
@@ -196,7 +216,7 @@ def combine_lazy(blocks: Sequence[dict[str, da.Array]], meta: ResultMeta) -> dic
             out[key] = parts[0]
         elif key == "f_end":
             out[key] = parts[-1]
-        elif len(parts) == 1:
+        elif len(parts) == 1 or (accumulated and STEP not in dims):
             out[key] = parts[0]
         elif STEP in dims:
             out[key] = da.concatenate(parts, axis=dims.index(STEP))
@@ -225,6 +245,68 @@ def lazy_result(
         q = len(j.problem.x_query)
         parts.append(build_arrays(j, replace(meta, n_queries=q), bounds, keep_u=keep_u, chain=chain))
     return assemble(jobs[0].problem, meta, join_query_groups(parts, meta))
+
+
+# ==============================================================================================================
+# Streaming writes: the reverse chain waits for its blocks to be written
+# ==============================================================================================================
+_PASS2_KEY = re.compile(r"^explaind-pass2-([0-9a-f]+)-(\d+)$")
+
+
+def _gate(value: Any, *written: Any) -> Any:
+    """``value``, once the writes it was made to wait for are done (their results, None, are dropped)."""
+    del written
+    return value
+
+
+def gate_writes(collection: Any) -> Any:
+    """A Delayed computing ``collection`` (a write graph, e.g. ``to_zarr(compute=False)`` of a lazy result) in which
+    the reverse chain's task for chunk ``c - 1`` starts only after every task that needs only chunks ``>= c + 1``
+    and is next to a later step (the writes of chunk ``c + 1``) finished.
+
+    Without it the scheduler may run the chain (its critical path) ahead of the writes and keep every chunk's block
+    in memory; with it a query group holds at most three chunks' blocks (one being written, one done, one being
+    computed), whatever the result size. Graphs without a chain are returned unchanged (as a Delayed)."""
+    from dask._task_spec import Task, TaskRef, convert_legacy_graph
+    from dask.core import toposort
+    from dask.delayed import Delayed
+
+    (final,) = collection.__dask_keys__() if isinstance(collection, Delayed) else (None,)
+    if final is None:
+        return collection
+    graph = convert_legacy_graph(dict(collection.__dask_graph__()))
+    deps = {k: set(v.dependencies) for k, v in graph.items()}
+    # lowest chunk index per query group (token) that each task needs: chunk c's pass 2 seeds c
+    low: dict[Any, dict[str, int]] = {}
+    for key in toposort(graph, dependencies=deps):
+        acc: dict[str, int] = {}
+        m = _PASS2_KEY.match(key) if isinstance(key, str) else None
+        if m:
+            acc[m.group(1)] = int(m.group(2))
+        for d in deps[key]:
+            for tok, c in low.get(d, {}).items():
+                acc[tok] = min(c, acc.get(tok, c))
+        if acc:
+            low[key] = acc
+    dependents: dict[Any, set[Any]] = {k: set() for k in graph}
+    for k, ds in deps.items():
+        for d in ds:
+            dependents[d].add(k)
+    frontier: dict[tuple[str, int], list[Any]] = {}
+    for key, acc in low.items():
+        if len(acc) != 1:
+            continue  # needs several query groups' chunks (small arrays joined over groups): never a gate
+        ((tok, c),) = acc.items()
+        if key == final or any(low.get(k) != acc for k in dependents[key]):
+            frontier.setdefault((tok, c), []).append(key)
+    for (tok, c), written in frontier.items():
+        chain_key, uout_key = f"explaind-chain-{tok}-{c - 2}", f"explaind-uout-{tok}-{c - 1}"
+        if c < 2 or chain_key not in graph or uout_key not in deps.get(chain_key, ()):
+            continue
+        gate_key = f"explaind-gate-{tok}-{c - 2}"
+        graph[gate_key] = Task(gate_key, _gate, TaskRef(uout_key), *(TaskRef(k) for k in written))
+        graph[chain_key] = graph[chain_key].substitute({uout_key: gate_key})
+    return Delayed(final, graph)
 
 
 # ==============================================================================================================
@@ -308,6 +390,7 @@ __all__ = [
     "bin_steps",
     "build_arrays",
     "combine_lazy",
+    "gate_writes",
     "group_problem",
     "join_query_groups",
     "lazy_result",

@@ -2,12 +2,12 @@
 
 A worker of the default ``LocalCluster`` runs on this machine, yet ``client.gather`` pulls its result blocks through
 dask's TCP comm, which for the benchmark's largest results takes as long as a sizeable part of the whole attribution
-(docs/benchmarks.md). Here each large block is instead written by its worker into a
-file in ``/dev/shm`` (a memory copy) and mapped by the client copy-on-write (no copy; the file is unlinked at once, so
-the memory is freed with the array). Arrays split only along their first axis (query groups) are written in place
-into one file laid out by the client, so they need no concatenation either (``np.block`` of the mapped blocks
-would copy them all once more). Blocks are only ever plain numpy arrays written with ``np.save`` and read
-with ``allow_pickle=False``: nothing is unpickled.
+(docs/benchmarks.md). Here each large variable gets one ``.npy`` file in ``/dev/shm`` laid out by the client; every
+worker writes its blocks in place into it (``pwrite`` for blocks split only along the first axis, query groups; a
+mapping for blocks split along others, e.g. per-chunk step blocks) and the client maps the file copy-on-write (no
+copy; the file is unlinked at once, so the memory is freed with the array). So no block is joined into a second copy
+of the array (a result of many step blocks would otherwise need twice its size in the client). Files hold only
+plain numpy arrays, read with ``allow_pickle=False``: nothing is unpickled.
 
 Used only where the client knows the workers share its filesystem (the LocalCluster it started); an external
 scheduler keeps the normal gather.
@@ -40,13 +40,6 @@ def shm_root() -> str | None:
     return None
 
 
-def _spill(block: np.ndarray, path: str) -> tuple[str, tuple[int, ...], str]:
-    """Worker side: write one block to ``path`` (``.npy``); returns what the client needs to map it."""
-    arr = np.ascontiguousarray(block)
-    np.save(path, arr, allow_pickle=False)
-    return path, tuple(arr.shape), arr.dtype.str
-
-
 def _write_rows(block: np.ndarray, path: str, start: int) -> tuple[str, tuple[int, ...], str]:
     """Worker side: write one block into rows ``start:`` of the ``.npy`` file the client laid out for the whole
     array (blocks split only along the first axis are contiguous there: no concatenation on the client).
@@ -69,6 +62,20 @@ def _write_rows(block: np.ndarray, path: str, start: int) -> tuple[str, tuple[in
             done += os.pwrite(fd, data[done : done + (1 << 30)], base + done)
     finally:
         os.close(fd)
+    return path, tuple(arr.shape), arr.dtype.str
+
+
+def _write_region(block: np.ndarray, path: str, start: tuple[int, ...]) -> tuple[str, tuple[int, ...], str]:
+    """Worker side: write one block at ``start`` of the ``.npy`` file laid out for the whole array (blocks split
+    along more than the first axis, e.g. per-chunk step blocks): the client then maps one file instead of joining
+    the blocks into a second copy of the array."""
+    arr = np.asarray(block)
+    whole = np.load(path, mmap_mode="r+", allow_pickle=False)
+    try:
+        whole[tuple(slice(o, o + n) for o, n in zip(start, arr.shape))] = arr
+        whole.flush()
+    finally:
+        del whole
     return path, tuple(arr.shape), arr.dtype.str
 
 
@@ -145,34 +152,29 @@ def compute_dataset(
     tmp = tempfile.mkdtemp(prefix="explaind-", dir=root)
     try:
         spills: dict[str, np.ndarray] = {}
-        whole: dict[str, str] = {}  # variables written in place into one file
+        whole: dict[str, str] = {}  # each variable's file
         for name in big:
             arr = ds[name].data
             blocks = arr.to_delayed(optimize_graph=False)  # keep the shared task keys
             handles = np.empty(blocks.shape, dtype=object)
-            if all(len(c) == 1 for c in arr.chunks[1:]):
-                path = whole[name] = os.path.join(tmp, f"{uuid.uuid4().hex}.npy")
-                np.lib.format.open_memmap(path, mode="w+", dtype=arr.dtype, shape=arr.shape)  # sparse until written
-                starts = np.cumsum((0, *arr.chunks[0][:-1]))
-                for idx, blk in np.ndenumerate(blocks):
-                    handles[idx] = dask.delayed(_write_rows, pure=False)(blk, path, int(starts[idx[0]]))
-            else:
-                for idx, blk in np.ndenumerate(blocks):
-                    handles[idx] = dask.delayed(_spill, pure=False)(blk, os.path.join(tmp, f"{uuid.uuid4().hex}.npy"))
+            # one file per variable, laid out here, written in place by the workers: no joining copy
+            path = whole[name] = os.path.join(tmp, f"{uuid.uuid4().hex}.npy")
+            np.lib.format.open_memmap(path, mode="w+", dtype=arr.dtype, shape=arr.shape)  # sparse until written
+            starts = [np.cumsum((0, *c[:-1])) for c in arr.chunks]
+            by_rows = all(len(c) == 1 for c in arr.chunks[1:])
+            for idx, blk in np.ndenumerate(blocks):
+                if by_rows:
+                    handles[idx] = dask.delayed(_write_rows, pure=False)(blk, path, int(starts[0][idx[0]]))
+                else:
+                    start = tuple(int(st[i]) for st, i in zip(starts, idx))
+                    handles[idx] = dask.delayed(_write_region, pure=False)(blk, path, start)
             spills[name] = handles
         futures = client.compute([ds.drop_vars(big), *(h for hs in spills.values() for h in hs.flat)])
         if on_futures is not None:
             on_futures(futures)
         rest, *got = client.gather(futures)
-        data = {}
-        for name, handles in _per_var(spills, got).items():
-            if name in whole:  # the workers wrote their rows into one file: map it once
-                data[name] = _load((whole[name], ds[name].shape, ds[name].dtype.str))
-            else:
-                loaded = np.empty(handles.shape, dtype=object)
-                for idx in np.ndindex(handles.shape):
-                    loaded[idx] = _load(handles[idx])
-                data[name] = _joined(loaded)
+        del got  # the handles only say the blocks were written
+        data = {name: _load((path, ds[name].shape, ds[name].dtype.str)) for name, path in whole.items()}
         return _with(ds, rest, data)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,6 +17,8 @@ from engine.ops.persample import choose_method
 from engine.ops.quadrature import parse_rule
 from engine.result import BY_KEYS, ResultMeta
 from engine.scan.heap import keep_heap
+from explaind_store import schema
+from explaind_store.modes import apply_modes
 from explaind_store.trajectory import Trajectory, TrajectoryBlock
 
 F64 = torch.float64
@@ -121,7 +123,7 @@ def _cast(x: torch.Tensor, device: str) -> torch.Tensor:
 
 
 class Context:
-    """Per-process state for one (trajectory, problem): model in float64 eval mode, data, query function."""
+    """Per-process state for one (trajectory, problem): model in float64 (in its training mode), data, queries."""
 
     def __init__(self, traj: Trajectory, problem: Problem):
         keep_heap()
@@ -132,7 +134,9 @@ class Context:
         self.names = list(traj.tensor_names)
         self.terms = OptimTerms(traj.optimizer_spec, self.names)
         self.loss = dict(traj.loss)
-        model = traj.build_model().to(device=self.device, dtype=F64).eval()
+        # the mode each module trained in (stores before that was recorded: eval), as verify rebuilds it too
+        model = apply_modes(traj.build_model(), getattr(traj, "attrs", {}).get(schema.ATTR_TRAIN_MODE))
+        model = model.to(device=self.device, dtype=F64)
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model
