@@ -138,7 +138,7 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     client: Any = "sync"
     startup = 0.0
     if n_workers:
-        from engine.scheduler import local_client
+        from engine.cluster.runners import local_client
 
         t0 = time.perf_counter()
         client = local_client(n_workers)
@@ -260,8 +260,8 @@ def child_baseline_error(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from engine import outputs as _outputs
-    from engine.quadrature import dfdt_at, midpoint_nodes
+    from engine.ops import output_modes as _outputs
+    from engine.ops.quadrature import dfdt_at, midpoint_nodes
     from explaind_store.reader import open_run
 
     run = open_run(spec["path"])
@@ -292,8 +292,9 @@ def child_per_update(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    import engine.chunks as C
-    from engine.chunks import Problem, carries, context, pass1, pass2
+    import engine.scan.forward as P1
+    import engine.scan.backward as P2
+    from engine.scan import Problem, carries, context, pass1, pass2
     from explaind_store.reader import open_run
 
     run = open_run(spec["path"])
@@ -303,17 +304,18 @@ def child_per_update(spec: dict[str, Any]) -> dict[str, Any]:
     acc: dict[str, float] = {}
 
     def wrap(name: str, key: str) -> None:
-        f = getattr(C, name, None)
-        if f is None:
-            return
+        for mod in (P1, P2):  # the scan modules that call the function
+            f = getattr(mod, name, None)
+            if f is None:
+                continue
 
-        def g(*a: Any, **k: Any) -> Any:
-            t = time.process_time()
-            r = f(*a, **k)
-            acc[key] = acc.get(key, 0.0) + time.process_time() - t
-            return r
+            def g(*a: Any, f: Any = f, **k: Any) -> Any:
+                t = time.process_time()
+                r = f(*a, **k)
+                acc[key] = acc.get(key, 0.0) + time.process_time() - t
+                return r
 
-        setattr(C, name, g)
+            setattr(mod, name, g)
 
     for name, key in (("path_integral", "path integral"), ("phi_given", "path integral"), ("sample_dots", "dots")):
         wrap(name, key)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from explaind_store import Recorder
-from explaind_store.cli import run_info
+from explaind_store.info import run_info
 from explaind_store.examples import digits_cnn, modadd
 
 

@@ -4,12 +4,20 @@
     ds = engine.attribute("run.zarr", queries="val[:10]", by=("sample", "step"), client="sync")
     best = engine.top_k(ds, 10)
 
-``attribute`` runs the chunked scan (``engine.chunks``; reverse chain or parallel chunks, per group of queries) on Dask
-(``engine.graph``, ``engine.scheduler``);
-``attribute_local`` is the in-process reference it reproduces.
+Layers, each importing only those above it in this list (and the store, :mod:`explaind_store`, never the reverse):
 
-The public names are imported on first use, so ``import engine.cli`` (done by every ``explaind`` command) does not
-pay for torch, dask and xarray.
+- ``engine.settings``: the one table of ``EXPLAIND_*`` settings (read when used; ``settings.override`` for tests).
+- ``engine.result``: the result schema (xarray Dataset layout, combining chunk results).
+- ``engine.ops``: the per-update math on tensors (quadrature, kinks, optimizer terms, per-sample products, output
+  modes).
+- ``engine.plan``: planning rules (chunk bounds, query groups, reverse chain or parallel chunks, memory budgets).
+- ``engine.scan``: the scan in one process (problem, pass 1, carries, pass 2, the two-thread pipeline, and
+  ``attribute_local``, the in-process reference the cluster layer reproduces).
+- ``engine.cluster``: the scan on Dask (graph, worker jobs and caches, runners and the LocalCluster, hand-off).
+- ``engine.api`` / ``engine.topk``: ``attribute()`` (validate, plan, build, compute) and ``top_k()``.
+
+The application (``explaind`` command line, ``explaind demo``, the HTML report) lives in :mod:`explaind_app`.
+The public names are imported on first use, so ``import engine`` does not pay for torch, dask and xarray.
 """
 
 from __future__ import annotations
@@ -24,14 +32,14 @@ _EXPORTS = {
     "ResultTooLargeError": "engine.api",
     "parse_queries": "engine.api",
     "parse_steps": "engine.api",
-    "Problem": "engine.chunks",
-    "attribute_local": "engine.local",
-    "QuadratureRule": "engine.quadrature",
-    "parse_rule": "engine.quadrature",
+    "Problem": "engine.scan.problem",
+    "attribute_local": "engine.scan.reference",
+    "QuadratureRule": "engine.ops.quadrature",
+    "parse_rule": "engine.ops.quadrature",
     "finalize_attrs": "engine.result",
-    "close_local_client": "engine.scheduler",
-    "get_runner": "engine.scheduler",
-    "local_client": "engine.scheduler",
+    "close_local_client": "engine.cluster.runners",
+    "get_runner": "engine.cluster.runners",
+    "local_client": "engine.cluster.runners",
     "open_result": "engine.topk",
     "top_k": "engine.topk",
 }

@@ -20,23 +20,22 @@ import numpy as np
 import torch
 import xarray as xr
 
-from engine import graph as _graph
-from engine import scheduler as _sched
-from engine.chunks import Context, Problem, result_meta
+from engine import plan, settings
+from engine.cluster import graph as _graph
+from engine.cluster import runners as _sched
+from engine.cluster import worker as _worker
 from engine.guard import DEFAULT_RESIDUAL_TOL, check_exactness, check_residual_tol
-from engine.local import KEEP_U_BYTES
-from engine.outputs import NEEDS_TARGETS, OUTPUT_MODES
-from engine.quadrature import parse_rule
+from engine.ops.output_modes import NEEDS_TARGETS, OUTPUT_MODES
+from engine.ops.quadrature import parse_rule
 from engine.result import BY_KEYS, check_finite, finalize_attrs, result_bytes
-from engine.settings import env_bytes, env_int, format_bytes, parse_bytes
+from engine.scan.problem import Context, Problem, result_meta
+from engine.settings import format_bytes, parse_bytes
 from explaind_store import schema
 from explaind_store.format import StoreError
 from explaind_store.trajectory import Trajectory
 
-# updates the up-front replay check reads (evenly spaced; all of them for short runs)
-VERIFY_UPDATES = env_int("EXPLAIND_VERIFY_UPDATES", 16, "updates the pre-flight store check replays")
 RESULT_KIND = "explaind-attribution"
-# results larger than this stay on disk only (out=): $EXPLAIND_MAX_RESULT_BYTES, else this share of the memory
+# results larger than this stay on disk only (out=): the max_result_bytes setting, else this share of the memory
 # available when the call starts (the computation needs room besides the result: workers, blocks in flight)
 MAX_RESULT_ENV = "EXPLAIND_MAX_RESULT_BYTES"
 MAX_RESULT_FRACTION = 0.25
@@ -274,7 +273,7 @@ def resolve_queries(
 
 def check_store(traj: Trajectory, window: tuple[int, int]) -> None:
     """Cheap health check of a store before the heavy work: non-finite parameters inside the window, and the
-    optimizer replay of up to ``VERIFY_UPDATES`` evenly spaced updates (``run.verify`` without gradients/chunks)."""
+    optimizer replay of up to ``verify_updates`` (a setting) evenly spaced updates (``run.verify`` without gradients/chunks)."""
     if not _is_run(traj):
         return
     a, b = window
@@ -291,7 +290,7 @@ def check_store(traj: Trajectory, window: tuple[int, int]) -> None:
         return
     # steps=window: damage outside the window (e.g. a missing chunk) does not stop decomposing inside it
     rep = traj.verify(  # type: ignore[attr-defined]
-        gradients=False, chunks=False, max_updates=VERIFY_UPDATES, steps=window
+        gradients=False, chunks=False, max_updates=settings.get("verify_updates"), steps=window
     )
     if not rep.ok:
         raise StoreError(
@@ -353,9 +352,9 @@ def max_result_limit(max_result_bytes: int | str | None = None) -> int:
             return parse_bytes(max_result_bytes)
         except ValueError as exc:
             raise ValueError(f"max_result_bytes: {exc}") from None
-    env = env_bytes(MAX_RESULT_ENV, "the largest result attribute keeps in memory")
-    if env is not None:
-        return env
+    configured = settings.get("max_result_bytes")  # $EXPLAIND_MAX_RESULT_BYTES or an override; 0: not set
+    if configured:
+        return configured
     avail = available_memory()
     return int(avail * MAX_RESULT_FRACTION) if avail else 8 * 10**9
 
@@ -460,7 +459,7 @@ def attribute(
     store_chunk = int(traj.chunk_updates) if _is_run(traj) else None  # type: ignore[attr-defined]
     if chunk_updates is not None and (not isinstance(chunk_updates, (int, np.integer)) or chunk_updates < 1):
         raise ValueError(f"chunk_updates must be a positive integer, got {chunk_updates!r}")
-    guess = _graph.plan_chunks(window, store_chunk=store_chunk, chunk_updates=chunk_updates,
+    guess = plan.plan_chunks(window, store_chunk=store_chunk, chunk_updates=chunk_updates,
                                n_workers=os.cpu_count() or 1)
     out_path = check_out(out) if out is not None else None
     problem = Problem(x_query=x_q, y_query=y_q, output=output, by=by_set, window=window,
@@ -484,29 +483,20 @@ def attribute(
     runner = _sched.get_runner(client, n_tasks=n_tasks)
     try:
         runner.check_device(device)
-        # workers first take groups of queries (independent scans, no repeated work), then chunks of updates
-        n_groups, threads = _sched.plan_parallelism(runner, meta.n_queries, per_query=problem.per_query)
-        groups = _graph.query_groups(meta.n_queries, n_groups, per_query=problem.per_query)
-        rows = max(g.stop - g.start for g in groups) * meta.n_outputs
-        # workers (processes) left per group: none spare -> chunks of updates in the reverse chain (every path
-        # integral once, chunks in sequence); spare workers -> chunks in parallel (later chunks' path integrals
-        # twice, unless kept). With threads set, the cores are already spread over the groups.
-        spare = 1 if threads else runner.n_workers // len(groups)
-        chain = spare <= 1
-        # every task within the per-task memory budget, even below the store's chunk length
-        bounds = _graph.plan_chunks(window, store_chunk=store_chunk, chunk_updates=chunk_updates, n_workers=spare,
-                                    max_updates=_graph.task_updates(meta, rows, chain=chain), fill=chain)
-        n_params = sum(math.prod(s) for s in meta.tensor_shapes)
-        keep_u = not chain and (window[1] - window[0]) * rows * n_params * 8 <= KEEP_U_BYTES
         sync = isinstance(runner, _sched.SyncRunner)
+        p = plan.plan_attribution(meta, window, store_chunk=store_chunk, chunk_updates=chunk_updates,
+                                  per_query=problem.per_query, sync=sync,
+                                  same_host=bool(getattr(runner, "same_host", False)),
+                                  n_workers=1 if sync else runner.n_workers)
+        groups, threads, chain, bounds = p.groups, p.threads, p.chain, p.bounds
         if len(groups) == 1:
-            jobs = [_sched.make_job(traj, problem, by_reference=sync, threads=threads)]
+            jobs = [_worker.make_job(traj, problem, by_reference=sync, threads=threads)]
             if sync and device == "cpu":
-                _sched.seed(jobs[0], traj, ctx)  # the tasks run here: reuse the driver's float64 context
+                _worker.seed(jobs[0], traj, ctx)  # the tasks run here: reuse the driver's float64 context
         else:
-            jobs = [_sched.make_job(traj, _graph.group_problem(problem, g), by_reference=sync, threads=threads)
+            jobs = [_worker.make_job(traj, _graph.group_problem(problem, g), by_reference=sync, threads=threads)
                     for g in groups]
-        ds = _graph.lazy_result(jobs, meta, bounds, keep_u=keep_u, chain=chain)
+        ds = _graph.lazy_result(jobs, meta, bounds, keep_u=p.keep_u, chain=chain)
         if step_bins is not None:
             ds = _graph.bin_steps(ds, int(step_bins))
         ds.attrs.update(

@@ -57,7 +57,7 @@ IDENTITY = (
 
 @dataclass(frozen=True)
 class ResultMeta:
-    """What the result layout needs besides the arrays (built by ``engine.chunks.result_meta``)."""
+    """What the result layout needs besides the arrays (built by ``engine.scan.result_meta``)."""
 
     window: tuple[int, int]
     n_samples: int

@@ -1,12 +1,99 @@
-"""The engine's environment settings (``EXPLAIND_*``), read in one way: a bad value is an error that names the
-variable, says what it means and how to fix it, instead of a bare ``int()`` traceback at import."""
+"""The engine's settings: one table (name, type, default, meaning), read when used, never at import.
+
+    from engine import settings
+    settings.get("keep_u_bytes")                     # override > $EXPLAIND_KEEP_U_BYTES > default
+    with settings.override(pipeline=False):          # tests and callers change a setting for a block
+        engine.attribute(...)
+
+Each setting has an environment variable (``EXPLAIND_<NAME>``). A bad value is an error that names the variable,
+says what it means and how to fix it. Settings of scope ``"job"`` travel with every job: the client takes a
+:func:`snapshot` when it builds the graph, and the tasks run under :func:`override` of it on the workers, so a
+worker computes with the caller's settings whatever its own environment says (as ``zarr.config`` /
+``xarray.set_options`` values do for one process). Settings of scope ``"process"`` describe the process itself
+(its torch threads, its allocator) and are read from that process's own environment.
+
+The store's own setting (``EXPLAIND_TRUSTED_MODULES``, :mod:`explaind_store.specs`) is not in this table: the
+store never imports the engine. ``explaind settings`` lists both.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 _OFF = ("0", "false", "off", "no")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the table."""
+
+    name: str
+    type: type  # int or bool
+    default: Any
+    meaning: str
+    minimum: int = 1  # ints only
+    scope: str = "job"  # "job": travels with every job to the workers; "process": each process reads its own
+    size: bool = False  # ints only: a byte count, and the variable may carry a unit (4GB, 512MiB)
+
+    @property
+    def env(self) -> str:
+        return "EXPLAIND_" + self.name.upper()
+
+
+TABLE: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting("light_bytes", int, 512 << 20, "bytes of rebuilt momentum pass 2 may keep per chunk (bounds the "
+                "chunk length of the reverse chain and lets pass 1 of a window's first chunk skip its path "
+                "integrals)", minimum=0),
+        Setting("keep_u_bytes", int, 256 << 20, "bytes of path integrals pass 1 may keep for pass 2 (parallel "
+                "chunks and the in-process reference; beyond it pass 2 recomputes them)", minimum=0),
+        Setting("grads_ahead_bytes", int, 256 << 20, "bytes of per-sample gradients pass 2 may take one update "
+                "ahead in its second thread", minimum=0),
+        Setting("pipeline", bool, True, "run pass 2 over two threads (torch.func work one update ahead) when it "
+                "has two or more torch threads on the CPU; 0/false/off/no turns it off"),
+        Setting("threads_per_group", int, 2, "torch threads per query group on the default LocalCluster"),
+        Setting("verify_updates", int, 16, "updates the pre-flight store check of engine.attribute replays"),
+        Setting("handoff_min_bytes", int, 8 << 20, "result variables at least this large come back from "
+                "same-host workers through shared memory instead of the dask gather", minimum=0),
+        Setting("block_bytes", int, 512 << 20, "bytes of result block (and rebuilt momentum) one task may hold; "
+                "tasks cover fewer updates than a store chunk when needed, so memory does not depend on how the "
+                "store was chunked", size=True),
+        Setting("max_result_bytes", int, 0, "the largest result engine.attribute keeps in memory; larger ones "
+                "need out= (0: a quarter of the memory available when the call starts)", minimum=0, size=True),
+        Setting("worker_threads", int, 1, "torch threads per dask worker process (when the job sets none)",
+                scope="process"),
+        Setting("mallopt", bool, True, "glibc heap tuning at import (keep freed memory, one malloc arena); "
+                "0/false/off/no turns it off", scope="process"),
+    )
+}
+
+_LOCK = threading.Lock()
+_OVERRIDES: list[dict[str, Any]] = []  # a stack: the innermost override wins
+
+
+def _setting(name: str) -> Setting:
+    try:
+        return TABLE[name]
+    except KeyError:
+        raise KeyError(f"no engine setting {name!r}; the settings are {', '.join(TABLE)}") from None
+
+
+def _check(s: Setting, value: Any, source: str) -> Any:
+    if s.type is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{source}={value!r}: {s.name} is True or False ({s.meaning})")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < s.minimum:
+        raise ValueError(f"{source}={value!r}: set it to an integer >= {s.minimum} ({s.meaning}), or unset it for "
+                         f"the default {s.default}")
+    return int(value)
 
 
 def env_int(name: str, default: int, meaning: str, *, minimum: int = 1) -> int:
@@ -74,4 +161,49 @@ def env_flag(name: str, default: bool = True) -> bool:
     return raw not in _OFF
 
 
-__all__ = ["env_bytes", "env_flag", "env_int", "format_bytes", "parse_bytes"]
+def get(name: str) -> Any:
+    """The setting's value now: the innermost :func:`override`, else its environment variable, else the default."""
+    s = _setting(name)
+    with _LOCK:
+        for layer in reversed(_OVERRIDES):
+            if name in layer:
+                return layer[name]
+    if s.type is bool:
+        return env_flag(s.env, s.default)
+    if s.size:
+        value = env_bytes(s.env, s.meaning)
+        return s.default if value is None else value
+    return env_int(s.env, s.default, s.meaning, minimum=s.minimum)
+
+
+@contextmanager
+def override(**values: Any) -> Iterator[None]:
+    """Set settings for the block (this process, every thread), e.g. ``override(pipeline=False)``."""
+    layer = {name: _check(_setting(name), v, name) for name, v in values.items()}
+    with _LOCK:
+        _OVERRIDES.append(layer)
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _OVERRIDES.remove(layer)
+
+
+def snapshot() -> dict[str, Any]:
+    """The current values of every ``"job"``-scope setting (what a job carries to the workers)."""
+    return {name: get(name) for name, s in TABLE.items() if s.scope == "job"}
+
+
+def applied(snap: Mapping[str, Any] | None) -> Any:
+    """:func:`override` with a :func:`snapshot` (``None``: nothing to apply)."""
+    return override(**dict(snap or {}))
+
+
+def rows() -> list[dict[str, Any]]:
+    """The table with each setting's current value (for ``explaind settings`` and the README)."""
+    return [{"env": s.env, "name": s.name, "type": s.type.__name__, "default": s.default, "value": get(s.name),
+             "scope": s.scope, "meaning": s.meaning} for s in TABLE.values()]
+
+
+__all__ = ["TABLE", "Setting", "applied", "env_bytes", "env_flag", "env_int", "format_bytes", "get", "override",
+           "parse_bytes", "rows", "snapshot"]

@@ -2,7 +2,7 @@
 
 A zarr-backed result is read chunk by chunk: other axes are summed lazily, then ``dask.array.argtopk`` / ``topk``
 keep only ``k`` candidates per chunk and merge them in a tree, so the full query x sample matrix is never in memory
-at once (output chunks hold one query each; see ``engine.graph.output_chunks``).
+at once (output chunks hold one query each; see ``engine.cluster.graph.output_chunks``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
-"""The ``explaind`` command line: record built-in examples, inspect and verify stores, and (via ``engine.cli``)
-attribute predictions, show top contributors and run the demo.
+"""The store's commands of the ``explaind`` command line: ``record``, ``info``, ``verify``.
+
+:func:`build_parser` takes extensions that register more commands (the application, :mod:`explaind_app.cli`, adds
+the engine's ``attribute``, ``top``, ``demo`` and ``settings``); the store itself never imports the engine, so
+``python -m explaind_store.cli`` runs the store's commands alone.
 """
 
 from __future__ import annotations
@@ -7,102 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from pathlib import Path  # noqa: F401 - kept for code that merges in here
 from typing import Any
 
 from . import format as fmt
-from . import schema
-from .specs import safe_text
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
-def run_info(path: str | Path) -> dict[str, Any]:
-    """Summary of a store: updates, tensors, bytes on disk, compression ratio, optimizer, data."""
-    from .reader import open_run
-
-    run = open_run(path)
-    t = run.committed_updates
-    steps = t + 1
-    raw = 0
-    for tinfo in run.tensors:
-        n = 1
-        for d in tinfo["shape"]:
-            n *= d
-        item = 8 if tinfo["dtype"] == "float64" else (2 if tinfo["dtype"] == "float16" else 4)
-        raw += n * item * steps * (1 + len(run.state_names))
-    disk = run.nbytes_on_disk()
-    data_disk = sum(f.stat().st_size for f in (run.path / schema.DATA).rglob("*") if f.is_file()) if (
-        run.path / schema.DATA).exists() else 0
-    traj_disk = disk - data_disk
-    opt = run.optimizer_spec
-    lr_range = None
-    if t > 0:
-        lr = run.updates[schema.LR].values[1:]
-        lr_range = [[float(lr[:, g].min()), float(lr[:, g].max())] for g in range(lr.shape[1])]
-    return {
-        "lr_range": lr_range,
-        "path": str(run.path),
-        "format_version": run.attrs[schema.ATTR_FORMAT_VERSION],
-        "committed_updates": t,
-        "tensors": len(run.tensor_names),
-        "parameters": sum(int(__import__("math").prod(x["shape"])) for x in run.tensors),
-        "state": run.state_names,
-        "chunk_updates": run.chunk_updates,
-        "bytes_on_disk": disk,
-        "trajectory_bytes_raw": raw,
-        "compression_ratio": raw / traj_disk if traj_disk else None,
-        "bytes_per_update": traj_disk / steps if steps else None,
-        "optimizer": opt.to_attrs(),
-        "loss": run.loss,
-        "model_spec": run.model_spec,
-        "data": run.attrs[schema.ATTR_DATA],
-        "codec": run.attrs.get(schema.ATTR_CODEC),
-        "nonfinite_updates": run.nonfinite_updates,
-        "created": run.attrs.get(schema.ATTR_CREATED),
-    }
-
-
-def format_info(info: dict[str, Any]) -> str:
-    opt = info["optimizer"]
-    lr_range = info.get("lr_range") or [None] * len(opt["groups"])
-    groups = "; ".join(
-        ", ".join(f"{k}={v}" for k, v in g.items() if k not in ("tensors", "lr"))
-        + (f", lr {r[0]:.3g}..{r[1]:.3g} over the updates" if r else "")
-        + f" ({len(g['tensors'])} tensors)"
-        for g, r in zip(opt["groups"], lr_range)
-    )
-    splits = ", ".join(f"{k}: {v['n']} samples ({v['mode']})" for k, v in info["data"]["splits"].items())
-    spec = info["model_spec"] if isinstance(info["model_spec"], dict) else {}
-    factory = spec.get("factory", "?")
-    if not (isinstance(factory, str) and factory.isprintable() and len(factory) <= 200):
-        factory = safe_text(factory)  # a store's strings are hostile: no terminal escapes, no megabytes
-    kwargs_text = json.dumps(spec.get("kwargs", {}), ensure_ascii=True)
-    kwargs_text = kwargs_text if len(kwargs_text) <= 200 else kwargs_text[:200] + "..."
-    lines = [
-        f"store          {info['path']} (format v{info['format_version']})",
-        f"updates        {info['committed_updates']} committed (steps 0..{info['committed_updates']})",
-        f"model          {factory} {kwargs_text}",
-        f"tensors        {info['tensors']} tensors, {info['parameters']:,} parameters; state: "
-        f"{', '.join(info['state']) or 'none'}",
-        f"optimizer      {opt['type']}: {groups}",
-        f"loss           {info['loss']['kind']} (mean over the batch)",
-        f"data           {splits}",
-        f"on disk        {_human(info['bytes_on_disk'])}; {_human(info['bytes_per_update'] or 0)} per update; "
-        f"compression {info['compression_ratio']:.2f}x" if info["compression_ratio"] else "on disk        -",
-        f"chunks         {info['chunk_updates']} updates per chunk; codec {info['codec']['compressor']['cname']} "
-        f"level {info['codec']['compressor']['clevel']} + {info['codec']['checksum']}"
-        + (f"; LOSSY bitround keepbits={info['codec']['lossy']['bitround_keepbits']}" if info["codec"]["lossy"] else ""),
-    ]
-    if info["nonfinite_updates"]:
-        lines.append(f"WARNING        non-finite parameters after updates {info['nonfinite_updates'][:10]}")
-    return "\n".join(lines)
+from . import schema  # noqa: F401 - kept for code that merges in here
+from .info import format_info, run_info  # re-exported: `from explaind_store.cli import run_info` keeps working
 
 
 def _cmd_record(args: argparse.Namespace) -> int:
@@ -153,7 +67,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if rep.ok else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*extensions: Callable[[Any], None]) -> argparse.ArgumentParser:
+    """The ``explaind`` parser with the store's commands; each extension is called with the subparsers to add its
+    own."""
     parser = argparse.ArgumentParser(
         prog="explaind", description="Record training trajectories and decompose predictions exactly (ExPLAIND)."
     )
@@ -189,9 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--max-updates", type=int, default=None, help="check this many evenly spaced updates")
     ver.set_defaults(func=_cmd_verify)
 
-    from engine.cli import add_commands  # attribute, top, demo
-
-    add_commands(sub)
+    for extend in extensions:
+        extend(sub)
     return parser
 
 
@@ -213,8 +128,10 @@ def _interrupted(args: argparse.Namespace) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, *, extensions: Sequence[Callable[[Any], None]] = ()) -> int:
+    """Run one ``explaind`` command (the store's, plus those the ``extensions`` register); errors print as one
+    line and return 2 (Ctrl-C: 130)."""
+    parser = build_parser(*extensions)
     args = parser.parse_args(argv)
     if getattr(args, "command", None) == "record" and args.steps is None:
         args.steps = 1000 if args.task == "modadd" else 300

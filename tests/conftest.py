@@ -1,26 +1,24 @@
-"""Shared fixtures: small runs recorded through the real Recorder into Zarr stores on disk, a process LocalCluster,
-and comparison helpers for engine results."""
+"""Shared fixtures: small runs recorded through the real Recorder into Zarr stores on disk, and a process LocalCluster.
+
+The tests are a package mirroring the code (``tests/store``, ``tests/engine/{ops,scan,cluster}``, ``tests/app``);
+helpers live in ``tests/support`` and are imported as a package, ``from tests.support.store_helpers import train``
+(pytest puts the repository root on ``sys.path`` because ``tests/`` has an ``__init__.py``; subprocesses get it
+through ``PYTHONPATH``). Comparison helpers for engine results: :mod:`tests.support.compare`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-import xarray as xr
 
-from explaind_store.specs import model_spec
-
-HERE = Path(__file__).parent
-
-# the digits MLP of store_helpers (Linear(64, 6) -> Tanh -> Linear(6, 10)) rebuilt by a built-in (trusted) factory
-MLP_SPEC = model_spec("explaind_store.examples.tiny:make_mlp", in_dim=64, hidden=6, out_dim=10, depth=1, act="tanh")
+from tests.support.compare import MLP_SPEC
 
 
 @pytest.fixture(scope="session")
 def digits_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 updates of SGD (momentum, dampening, coupled decay, LambdaLR), variable batches, store chunks of 2."""
-    from store_helpers import train
+    from tests.support.store_helpers import train
 
     path = tmp_path_factory.mktemp("engine") / "digits-sgd.zarr"
     train(path, 12, kind="sgd_momentum", chunk_updates=2, model_spec=MLP_SPEC)
@@ -30,7 +28,7 @@ def digits_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def adamw_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """10 updates of AdamW (two groups, decoupled decay, clipping), store chunks of 2."""
-    from store_helpers import train
+    from tests.support.store_helpers import train
 
     path = tmp_path_factory.mktemp("engine") / "digits-adamw.zarr"
     train(path, 10, kind="adamw", chunk_updates=2, clip=0.5, model_spec=MLP_SPEC)
@@ -59,43 +57,3 @@ def cluster():
     client = engine.local_client(2)
     yield client
     engine.close_local_client()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# comparisons
-# --------------------------------------------------------------------------------------------------------------
-COMPARED = ("data", "weight_decay", "momentum", "initial", "final", "residual", "quadrature_residual",
-            "rounding_residual", "delta", "movement")
-
-
-def assert_results_close(got: xr.Dataset, ref: xr.Dataset, rtol: float = 1e-12) -> None:
-    """Every variable of ``ref`` (incl. ``param_*``) matches ``got`` to ``rtol`` relative to its largest entry.
-
-    Residuals are float-rounding-sized themselves, so they are judged against the size of the per-update changes
-    (``delta``) they are residuals of.
-    """
-    names = [v for v in ref.data_vars if v in COMPARED or v.startswith("param_")]
-    assert names
-    change = float(np.abs(np.asarray(ref["delta"])).max(initial=0.0)) if "delta" in ref else 0.0
-    for name in names:
-        assert name in got.data_vars, f"{name} missing from the result"
-        a, b = np.asarray(got[name]), np.asarray(ref[name])
-        assert a.shape == b.shape, (name, a.shape, b.shape)
-        assert got[name].dims == ref[name].dims, (name, got[name].dims, ref[name].dims)
-        scale = max(float(np.abs(b).max(initial=0.0)), 1e-300)
-        if name.endswith("residual"):
-            scale = max(scale, change)
-        err = float(np.abs(a - b).max(initial=0.0))
-        assert err <= rtol * scale, f"{name}: max abs difference {err:.3e} > {rtol:g} x {scale:.3e}"
-
-
-def identity_error(ds: xr.Dataset) -> float:
-    """max |initial + data + weight_decay + momentum + residual - final| over queries and outputs."""
-
-    def total(name: str) -> np.ndarray:
-        var = ds[name]
-        other = [d for d in var.dims if d not in ("query", "output")]
-        return np.asarray(var.sum(other) if other else var)
-
-    lhs = total("initial") + total("data") + total("weight_decay") + total("momentum") + total("residual")
-    return float(np.abs(lhs - total("final")).max())

@@ -1,0 +1,398 @@
+"""The Dask graph of one attribution: the scan (:mod:`engine.scan`) as tasks over chunks of updates, per group of
+queries.
+
+For chunks ``c = 0..C-1`` of updates ``(lo_c, hi_c]`` (aligned to the store's chunks so a task reads whole chunks,
+and split below them when a chunk's result block would exceed the per-task budget, :func:`task_updates`), either
+the **reverse chain** (the default when no worker would sit idle)::
+
+    job ──► pass1[c] (momentum only) ──► carries ──► carry[c]           (pass 1 parallel, carries tiny)
+    carry[C-1] ──► pass2[C-1] ──U──► pass2[C-2] ──U──► ... ──► pass2[0]  (each path integral once)
+
+(a one-chunk window is a single task), or **parallel chunks** (spare workers, e.g. one query on a big cluster)::
+
+    job ──► pass1[c] ──► summary[c] ──┐                   (parallel over chunks, with path integrals)
+                                      ├─► carries ─► carry[c]   (one small sequential task; carry[c] = getitem)
+    job ──► pass2[c] ◄── carry[c] (+ pass1[c] when u_s is kept)  (parallel over chunks)
+
+Then ``pass2[c] ──► arrays of chunk c ──► from_delayed blocks``. Arrays with a ``step`` axis are concatenated from
+the per-chunk blocks (``dask.array.concatenate``: the step axis is never built in one task); every other array is a
+tree sum over chunks (``dask.array`` ``sum`` with ``split_every``), or in the reverse chain a running sum handed
+down the chain with ``U`` (one copy alive at a time). Groups of queries (:func:`engine.plan.query_groups`) are
+independent scans joined along the query axis (:func:`join_query_groups`). ``job`` is one graph key holding the
+small :class:`~engine.cluster.worker.Job` (store path, ``Problem``, settings): tasks open the store and build the
+float64 model themselves, cached per worker (:func:`engine.cluster.worker.task_env`), so no large tensor is closed over or embedded in
+the graph.
+
+Memory: a pass-1 / pass-2 task holds O(R x P) (R = query rows of its group, P = parameters) plus its chunk's
+result blocks and rebuilt momentum (:func:`engine.plan.chain_chunk_updates` bounds both), never samples x parameters. With
+``keep_u`` a chunk's pass-1 result also keeps its ``u_s`` (L x R x P) until its pass 2 ran; :func:`attribute` only
+keeps them when the whole window's fit in the ``keep_u_bytes`` setting. Chunk bounds, query groups and the
+schedule are planned by :mod:`engine.plan`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+import xarray as xr
+
+from engine.cluster.worker import Job, running
+from engine.result import (
+    QO,
+    STEP,
+    ResultMeta,
+    assemble,
+    chunk_dtype,
+    chunk_layout,
+    chunk_shapes,
+)
+from engine.scan import Carry, Pass1, Problem, carries, pass1, pass2, solo_carry
+
+SPLIT_EVERY = 8  # fan-in of the tree sums over chunks
+
+
+# ==============================================================================================================
+# Tasks (module-level functions: pickled by reference, never closing over data)
+# ==============================================================================================================
+def _pass1_task(
+    job: Job, lo: int, hi: int, keep_u: bool, light: bool | None = None, momentum: bool = True
+) -> Pass1:
+    with running(job) as (traj, ctx):  # one engine task at a time per process, under the caller's settings
+        return pass1(traj, job.problem, lo, hi, keep_u=keep_u, light=light, momentum=momentum, ctx=ctx)
+
+
+def _summary_task(p1: Pass1) -> Pass1:
+    """What ``carries`` needs of a chunk (without kept ``u_s``), on the CPU so any worker can take it."""
+    return _to_cpu(p1.summary())
+
+
+def _carries_task(job: Job, *summaries: Pass1) -> list[Carry]:
+    with running(job) as (traj, _):
+        return carries(traj, job.problem, list(summaries))
+
+
+def _pick(items: Sequence[Any], i: int) -> Any:
+    return items[i]
+
+
+def _pass2_task(job: Job, lo: int, hi: int, carry: Carry, p1: Pass1 | None) -> dict[str, np.ndarray]:
+    with running(job) as (traj, ctx):
+        return pass2(traj, job.problem, lo, hi, carry, p1, ctx=ctx).arrays
+
+
+def _pass2_chain_task(
+    job: Job, lo: int, hi: int, carry: Carry, u_next: dict[str, torch.Tensor] | None,
+    sums_next: dict[str, np.ndarray] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """Pass 2 of the reverse chain: ``u_next`` is the next chunk's ``u_out`` (None for the window's last chunk),
+    ``sums_next`` the next chunk's running sums (:func:`_sums`), added in place to this chunk's arrays, so the
+    window's first chunk ends up holding the totals over the window and no chunk's copy outlives the next task."""
+    with running(job) as (traj, ctx):
+        res = pass2(traj, job.problem, lo, hi, carry, None, u_in=u_next, ctx=ctx)
+        arrays = res.arrays
+        for key, total in (sums_next or {}).items():
+            np.add(arrays[key], total, out=arrays[key])
+        return arrays, _to_cpu(res.u_out)
+
+
+def _sums(arrays: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays summed over chunks (no ``step`` axis): what the chain hands to the previous chunk."""
+    return {k: arrays[k] for k in keys}
+
+
+def _solo_task(job: Job) -> dict[str, np.ndarray]:
+    """The whole window as one chunk of the reverse chain: one task, no pass 1 or carries."""
+    with running(job) as (traj, ctx):
+        lo, hi = ctx.window
+        return pass2(traj, job.problem, lo, hi, solo_carry(traj, job.problem, ctx), None, ctx=ctx).arrays
+
+
+def _get(arrays: dict[str, np.ndarray], key: str) -> np.ndarray:
+    return arrays[key]
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Move every tensor inside dataclasses / dicts / lists to the CPU (a no-op for CPU tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if hasattr(obj, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.replace(obj, **{f.name: _to_cpu(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+    return obj
+
+
+# ==============================================================================================================
+# The graph
+# ==============================================================================================================
+def build_arrays(
+    job: Job, meta: ResultMeta, bounds: Sequence[tuple[int, int]], *, keep_u: bool, chain: bool = False
+) -> dict[str, Any]:
+    """Lazy whole-window arrays (``engine.result.combine``'s layout) for the chunks ``bounds`` of ``job``.
+
+    ``chain=False``: pass 2 runs in parallel over chunks, so every chunk but the window's first computes its path
+    integrals twice (pass 1 for the carries, pass 2 for the scores) unless ``keep_u``. ``chain=True`` (the reverse
+    chain): pass 1 only rebuilds the momentum (cheap, parallel) and pass 2 runs from the last chunk back to the
+    first, each handing its accumulator ``U_{lo+1}`` to the previous one: every path integral once, chunks in
+    sequence. Parallelism then comes from query groups (:func:`engine.plan.query_groups`)."""
+    if not bounds:
+        raise ValueError("build_arrays needs at least one chunk")
+    if chain and keep_u:
+        raise ValueError("the reverse chain keeps no u_s: use keep_u=False")
+    tok = job.token
+    job_d = dask.delayed(job, name=f"explaind-job-{tok}", traverse=False)
+    layout = chunk_layout(meta)
+    if chain and len(bounds) == 1:
+        p2 = dask.delayed(_solo_task, pure=True)(job_d, dask_key_name=f"explaind-pass2-{tok}-0")
+        return combine_lazy([_blocks(p2, meta, layout, tok, 0, *bounds[0])], meta)
+    p1s, sums = [], []
+    for c, (lo, hi) in enumerate(bounds):
+        last = c == len(bounds) - 1  # the chain's last chunk: its momentum totals flow nowhere
+        p1 = dask.delayed(_pass1_task, pure=True)(
+            job_d, lo, hi, keep_u, True if chain else None, not (chain and last),
+            dask_key_name=f"explaind-pass1-{tok}-{c}",
+        )
+        p1s.append(p1)
+        # carries only gets the small CPU summary (kept u_s stay with pass 1's result, on its worker, for pass 2)
+        sums.append(dask.delayed(_summary_task, pure=True)(p1, dask_key_name=f"explaind-summary-{tok}-{c}"))
+    cs = dask.delayed(_carries_task, pure=True)(job_d, *sums, dask_key_name=f"explaind-carries-{tok}")
+    blocks: list[dict[str, da.Array]] = [{} for _ in bounds]
+    u_next = sums_next = None
+    summed = tuple(k for k, dims in layout.items() if STEP not in dims and k not in ("f_start", "f_end"))
+    order = range(len(bounds) - 1, -1, -1) if chain else range(len(bounds))
+    for c in order:
+        lo, hi = bounds[c]
+        carry = dask.delayed(_pick, pure=True)(cs, c, dask_key_name=f"explaind-carry-{tok}-{c}")
+        if chain:
+            out = dask.delayed(_pass2_chain_task, pure=True)(
+                job_d, lo, hi, carry, u_next, sums_next, dask_key_name=f"explaind-chain-{tok}-{c}"
+            )
+            p2 = dask.delayed(_pick, pure=True)(out, 0, dask_key_name=f"explaind-pass2-{tok}-{c}")
+            u_next = dask.delayed(_pick, pure=True)(out, 1, dask_key_name=f"explaind-uout-{tok}-{c}")
+            sums_next = dask.delayed(_sums, pure=True)(p2, summed, dask_key_name=f"explaind-sums-{tok}-{c}")
+        else:
+            p2 = dask.delayed(_pass2_task, pure=True)(
+                job_d, lo, hi, carry, p1s[c] if keep_u else None, dask_key_name=f"explaind-pass2-{tok}-{c}"
+            )
+        blocks[c] = _blocks(p2, meta, layout, tok, c, lo, hi)
+    return combine_lazy(blocks, meta, accumulated=chain)
+
+
+def _blocks(p2: Any, meta: ResultMeta, layout: dict[str, Any], tok: str, c: int, lo: int, hi: int) -> dict[str, da.Array]:
+    """The dask arrays of one chunk's pass-2 result (a delayed dict of numpy arrays)."""
+    shapes = chunk_shapes(meta, lo, hi)
+    arrs = {}
+    for key in layout:
+        dt = chunk_dtype(key)
+        value = dask.delayed(_get, pure=True)(p2, key, dask_key_name=f"explaind-get-{tok}-{c}-{key}")
+        arrs[key] = da.from_delayed(value, shapes[key], dtype=dt, meta=np.empty((0,) * len(shapes[key]), dt),
+                                    name=f"explaind-block-{tok}-{c}-{key}")
+    return arrs
+
+
+def combine_lazy(
+    blocks: Sequence[dict[str, da.Array]], meta: ResultMeta, *, accumulated: bool = False
+) -> dict[str, da.Array]:
+    """``engine.result.combine`` for dask blocks, with tree sums: step arrays are concatenated along ``step``,
+    ``f_start`` / ``f_end`` come from the first / last chunk, the rest is summed over chunks in a tree, or, with
+    ``accumulated`` (the reverse chain, which passes running sums down to the first chunk), taken from the first
+    chunk: a tree sum would keep up to ``SPLIT_EVERY`` chunks' copies (each as large as the whole array) alive."""
+    out: dict[str, da.Array] = {}
+    for key, dims in chunk_layout(meta).items():
+        parts = [b[key] for b in blocks]
+        if key == "f_start":
+            out[key] = parts[0]
+        elif key == "f_end":
+            out[key] = parts[-1]
+        elif len(parts) == 1 or (accumulated and STEP not in dims):
+            out[key] = parts[0]
+        elif STEP in dims:
+            out[key] = da.concatenate(parts, axis=dims.index(STEP))
+        else:
+            out[key] = da.stack(parts, axis=0).sum(axis=0, split_every=SPLIT_EVERY, dtype=parts[0].dtype)
+    return out
+
+
+def lazy_result(
+    job: Job | Sequence[Job],
+    meta: ResultMeta,
+    bounds: Sequence[tuple[int, int]],
+    *,
+    keep_u: bool,
+    chain: bool = False,
+) -> xr.Dataset:
+    """The dask-backed result Dataset (``engine.result.assemble`` of :func:`build_arrays`).
+
+    ``job`` may be a list of jobs whose problems hold consecutive groups of the queries (:func:`group_problem`):
+    each group runs its own scan and the groups' arrays are joined along the query axis."""
+    jobs = [job] if isinstance(job, Job) else list(job)
+    if len(jobs) == 1:
+        return assemble(jobs[0].problem, meta, build_arrays(jobs[0], meta, bounds, keep_u=keep_u, chain=chain))
+    parts = []
+    for j in jobs:
+        q = len(j.problem.x_query)
+        parts.append(build_arrays(j, replace(meta, n_queries=q), bounds, keep_u=keep_u, chain=chain))
+    return assemble(jobs[0].problem, meta, join_query_groups(parts, meta))
+
+
+# ==============================================================================================================
+# Streaming writes: the reverse chain waits for its blocks to be written
+# ==============================================================================================================
+_PASS2_KEY = re.compile(r"^explaind-pass2-([0-9a-f]+)-(\d+)$")
+
+
+def _gate(value: Any, *written: Any) -> Any:
+    """``value``, once the writes it was made to wait for are done (their results, None, are dropped)."""
+    del written
+    return value
+
+
+def gate_writes(collection: Any) -> Any:
+    """A Delayed computing ``collection`` (a write graph, e.g. ``to_zarr(compute=False)`` of a lazy result) in which
+    the reverse chain's task for chunk ``c - 1`` starts only after every task that needs only chunks ``>= c + 1``
+    and is next to a later step (the writes of chunk ``c + 1``) finished.
+
+    Without it the scheduler may run the chain (its critical path) ahead of the writes and keep every chunk's block
+    in memory; with it a query group holds at most three chunks' blocks (one being written, one done, one being
+    computed), whatever the result size. Graphs without a chain are returned unchanged (as a Delayed)."""
+    from dask._task_spec import Task, TaskRef, convert_legacy_graph
+    from dask.core import toposort
+    from dask.delayed import Delayed
+
+    (final,) = collection.__dask_keys__() if isinstance(collection, Delayed) else (None,)
+    if final is None:
+        return collection
+    graph = convert_legacy_graph(dict(collection.__dask_graph__()))
+    deps = {k: set(v.dependencies) for k, v in graph.items()}
+    # lowest chunk index per query group (token) that each task needs: chunk c's pass 2 seeds c
+    low: dict[Any, dict[str, int]] = {}
+    for key in toposort(graph, dependencies=deps):
+        acc: dict[str, int] = {}
+        m = _PASS2_KEY.match(key) if isinstance(key, str) else None
+        if m:
+            acc[m.group(1)] = int(m.group(2))
+        for d in deps[key]:
+            for tok, c in low.get(d, {}).items():
+                acc[tok] = min(c, acc.get(tok, c))
+        if acc:
+            low[key] = acc
+    dependents: dict[Any, set[Any]] = {k: set() for k in graph}
+    for k, ds in deps.items():
+        for d in ds:
+            dependents[d].add(k)
+    frontier: dict[tuple[str, int], list[Any]] = {}
+    for key, acc in low.items():
+        if len(acc) != 1:
+            continue  # needs several query groups' chunks (small arrays joined over groups): never a gate
+        ((tok, c),) = acc.items()
+        if key == final or any(low.get(k) != acc for k in dependents[key]):
+            frontier.setdefault((tok, c), []).append(key)
+    for (tok, c), written in frontier.items():
+        chain_key, uout_key = f"explaind-chain-{tok}-{c - 2}", f"explaind-uout-{tok}-{c - 1}"
+        if c < 2 or chain_key not in graph or uout_key not in deps.get(chain_key, ()):
+            continue
+        gate_key = f"explaind-gate-{tok}-{c - 2}"
+        graph[gate_key] = Task(gate_key, _gate, TaskRef(uout_key), *(TaskRef(k) for k in written))
+        graph[chain_key] = graph[chain_key].substitute({uout_key: gate_key})
+    return Delayed(final, graph)
+
+
+# ==============================================================================================================
+# Query groups: independent scans joined along the query axis
+# ==============================================================================================================
+def group_problem(problem: Problem, group: slice) -> Problem:
+    """``problem`` restricted to the queries of ``group``."""
+    y = None if problem.y_query is None else problem.y_query[group]
+    return replace(problem, x_query=problem.x_query[group], y_query=y)
+
+
+def join_query_groups(parts: Sequence[dict[str, da.Array]], meta: ResultMeta) -> dict[str, da.Array]:
+    """Join the whole-window arrays of consecutive query groups: arrays with the query-output axis are concatenated
+    along it; per-update node counts are padded to the largest group's (as within a group) and kink counts add."""
+    out: dict[str, da.Array] = {}
+    for key, dims in chunk_layout(meta).items():
+        arrs = [p[key] for p in parts]
+        if dims and dims[0] == QO:
+            out[key] = da.concatenate(arrs, axis=0)
+        elif key == "nodes":
+            out[key] = da.stack(arrs, axis=0).max(axis=0)
+        elif key == "kinks":
+            out[key] = da.stack(arrs, axis=0).sum(axis=0, dtype=arrs[0].dtype)
+        else:
+            raise AssertionError(f"no rule to join {key!r} over query groups")
+    return out
+
+
+# ==============================================================================================================
+# Step bins and output chunking
+# ==============================================================================================================
+def bin_steps(ds: xr.Dataset, n_bins: int) -> xr.Dataset:
+    """Sum every ``step`` variable into ``n_bins`` contiguous bins of (nearly) equal length.
+
+    The ``step`` coordinate becomes each bin's last update and ``step_start`` its first; the identity still holds
+    because residuals are binned the same way.
+    """
+    steps = np.asarray(ds[STEP].values)
+    n_bins = int(n_bins)
+    if n_bins < 1:
+        raise ValueError(f"step_bins must be >= 1, got {n_bins}")
+    groups = [g for g in np.array_split(np.arange(len(steps)), min(n_bins, len(steps))) if len(g)]
+    step_vars = [k for k, v in ds.data_vars.items() if STEP in v.dims]
+    binned = {
+        k: xr.concat([ds[k].isel({STEP: slice(int(g[0]), int(g[-1]) + 1)}).sum(STEP) for g in groups], dim=STEP)
+        for k in step_vars
+    }
+    out = ds.drop_vars(step_vars).drop_dims(STEP, errors="ignore")
+    for k, v in binned.items():
+        out[k] = v.transpose(*[d for d in ds[k].dims])
+    ends = np.array([steps[g[-1]] for g in groups])
+    starts = np.array([steps[g[0]] for g in groups])
+    out = out.assign_coords({STEP: ends, "step_start": (STEP, starts)})
+    out.attrs = dict(ds.attrs, step_bins=len(groups))
+    return out[list(ds.data_vars)]
+
+
+TARGET_CHUNK_BYTES = 16 << 20  # output zarr chunks: bounded, so readers (top_k) stream them
+
+
+def output_chunks(ds: xr.Dataset, step_chunk: int) -> dict[str, dict[str, int]]:
+    """Per-variable dask (= zarr) chunks for writing: uniform ``step`` chunks of ``step_chunk``; variables with a
+    ``sample`` axis get one query per chunk and a sample chunk sized to ~16 MB; everything else one chunk."""
+    out: dict[str, dict[str, int]] = {}
+    for name, var in ds.data_vars.items():
+        sizes = dict(var.sizes)
+        chunks = {d: n for d, n in sizes.items()}
+        if STEP in sizes:
+            chunks[STEP] = max(1, min(step_chunk, sizes[STEP]))
+        if "sample" in sizes:
+            chunks["query"] = 1
+            other = math.prod(v for d, v in chunks.items() if d not in ("query", "sample")) * var.dtype.itemsize
+            chunks["sample"] = int(max(1, min(sizes["sample"], TARGET_CHUNK_BYTES // max(other, 1))))
+        elif math.prod(sizes.values()) * var.dtype.itemsize > TARGET_CHUNK_BYTES and "query" in sizes:
+            chunks["query"] = 1  # element-wise (param) scores: one query per chunk
+        out[name] = chunks
+    return out
+
+
+__all__ = [
+    "bin_steps",
+    "build_arrays",
+    "combine_lazy",
+    "gate_writes",
+    "group_problem",
+    "join_query_groups",
+    "lazy_result",
+    "output_chunks",
+]

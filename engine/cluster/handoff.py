@@ -1,0 +1,183 @@
+"""Handing large results from same-host workers to the client through shared memory instead of TCP.
+
+A worker of the default ``LocalCluster`` runs on this machine, yet ``client.gather`` pulls its result blocks through
+dask's TCP comm, which for the benchmark's largest results takes as long as a sizeable part of the whole attribution
+(docs/benchmarks.md). Here each large variable gets one ``.npy`` file in ``/dev/shm`` laid out by the client; every
+worker writes its blocks in place into it (``pwrite`` for blocks split only along the first axis, query groups; a
+mapping for blocks split along others, e.g. per-chunk step blocks) and the client maps the file copy-on-write (no
+copy; the file is unlinked at once, so the memory is freed with the array). So no block is joined into a second copy
+of the array (a result of many step blocks would otherwise need twice its size in the client). Files hold only
+plain numpy arrays, read with ``allow_pickle=False``: nothing is unpickled.
+
+Used only where the client knows the workers share its filesystem (the LocalCluster it started); an external
+scheduler keeps the normal gather.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import dask
+import numpy as np
+import xarray as xr
+
+from engine import settings
+
+
+def shm_root() -> str | None:
+    """A directory backed by memory (``/dev/shm``) with room to spare, or None."""
+    root = "/dev/shm"
+    try:
+        if os.path.isdir(root) and os.access(root, os.W_OK) and shutil.disk_usage(root).free > (1 << 30):
+            return root
+    except OSError:
+        pass
+    return None
+
+
+def _write_rows(block: np.ndarray, path: str, start: int) -> tuple[str, tuple[int, ...], str]:
+    """Worker side: write one block into rows ``start:`` of the ``.npy`` file the client laid out for the whole
+    array (blocks split only along the first axis are contiguous there: no concatenation on the client).
+
+    Written with ``pwrite``, not through a mapping: no page faults on the fresh file."""
+    arr = np.ascontiguousarray(block)
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if fortran or dtype != arr.dtype or tuple(shape[1:]) != arr.shape[1:] or start + arr.shape[0] > shape[0]:
+        raise RuntimeError(f"block {arr.shape} {arr.dtype} does not fit rows {start}: of {path} ({shape} {dtype})")
+    row_bytes = arr.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
+    data = memoryview(arr).cast("B")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        done, base = 0, offset + start * row_bytes
+        while done < len(data):  # pwrite may write less than asked (and at most ~2 GiB at once)
+            done += os.pwrite(fd, data[done : done + (1 << 30)], base + done)
+    finally:
+        os.close(fd)
+    return path, tuple(arr.shape), arr.dtype.str
+
+
+def _write_region(block: np.ndarray, path: str, start: tuple[int, ...]) -> tuple[str, tuple[int, ...], str]:
+    """Worker side: write one block at ``start`` of the ``.npy`` file laid out for the whole array (blocks split
+    along more than the first axis, e.g. per-chunk step blocks): the client then maps one file instead of joining
+    the blocks into a second copy of the array."""
+    arr = np.asarray(block)
+    whole = np.load(path, mmap_mode="r+", allow_pickle=False)
+    try:
+        whole[tuple(slice(o, o + n) for o, n in zip(start, arr.shape))] = arr
+        whole.flush()
+    finally:
+        del whole
+    return path, tuple(arr.shape), arr.dtype.str
+
+
+def _load(handle: tuple[str, tuple[int, ...], str]) -> np.ndarray:
+    path, shape, dtype = handle
+    try:
+        arr = np.load(path, mmap_mode="c", allow_pickle=False)  # copy-on-write: writable, private to this process
+    finally:
+        os.unlink(path)  # the mapping keeps the pages until the array is freed
+    if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+        raise RuntimeError(f"result block {path} came back as {arr.shape} {arr.dtype}, expected {shape} {dtype}")
+    return arr
+
+
+def _big_vars(ds: xr.Dataset) -> list[str]:
+    """The lazy data variables worth assembling from their blocks (at least the ``handoff_min_bytes`` setting;
+    smaller ones go through the normal gather)."""
+    min_bytes = settings.get("handoff_min_bytes")
+    return [k for k, v in ds.data_vars.items() if dask.is_dask_collection(v.data) and v.nbytes >= min_bytes]
+
+
+def _per_var(blocks: dict[str, np.ndarray], results: list[Any]) -> dict[str, np.ndarray]:
+    """Split the flat results of all variables' blocks back into one object array of blocks per variable."""
+    it = iter(results)
+    out = {}
+    for name, bs in blocks.items():
+        arr = np.empty(bs.shape, dtype=object)
+        for idx in np.ndindex(bs.shape):
+            arr[idx] = next(it)
+        out[name] = arr
+    return out
+
+
+def _joined(arrays: np.ndarray) -> np.ndarray:
+    """One array from an object array of numpy blocks (no copy for a single block)."""
+    return arrays.flat[0] if arrays.size == 1 else np.block(arrays.tolist())
+
+
+def _with(ds: xr.Dataset, rest: xr.Dataset, data: dict[str, np.ndarray]) -> xr.Dataset:
+    """``rest`` (``ds`` without the big variables, computed) with the big variables' numpy data put back."""
+    out = rest.copy()
+    for name, values in data.items():
+        out[name] = (ds[name].dims, values, ds[name].attrs)
+    return out[list(ds.data_vars)].assign_attrs(ds.attrs)
+
+
+def compute_inline(ds: xr.Dataset, compute: Callable[[list[Any]], list[Any]]) -> xr.Dataset:
+    """``ds`` computed in this process by ``compute`` (e.g. dask's synchronous scheduler), with the large
+    variables assembled from their blocks here: dask's ``finalize`` deep-copies a single-block result (a
+    noticeable part of the benchmark for its large ``data``), but these blocks are fresh arrays that the
+    pass-2 task made for this result alone."""
+    big = _big_vars(ds)
+    if not big:
+        return compute([ds])[0]
+    blocks = {name: ds[name].data.to_delayed(optimize_graph=False) for name in big}
+    rest, *got = compute([ds.drop_vars(big), *(b for bs in blocks.values() for b in bs.flat)])
+    return _with(ds, rest, {name: _joined(bs) for name, bs in _per_var(blocks, got).items()})
+
+
+def compute_dataset(
+    client: Any, ds: xr.Dataset, root: str, on_futures: Callable[[list[Any]], None] | None = None
+) -> xr.Dataset:
+    """``client.compute(ds)`` gathered, with every dask variable of at least ``handoff_min_bytes`` handed over through
+    files under ``root`` block by block. ``on_futures`` sees the futures first (a progress bar)."""
+    big = _big_vars(ds)
+    # a full tmpfs turns writes through a mapping into SIGBUS: only hand over what fits with room to spare
+    if big and sum(ds[k].nbytes for k in big) > shutil.disk_usage(root).free // 2:
+        big = []
+    if not big:
+        futures = [client.compute(ds)]
+        if on_futures is not None:
+            on_futures(futures)
+        return client.gather(futures)[0]
+    tmp = tempfile.mkdtemp(prefix="explaind-", dir=root)
+    try:
+        spills: dict[str, np.ndarray] = {}
+        whole: dict[str, str] = {}  # each variable's file
+        for name in big:
+            arr = ds[name].data
+            blocks = arr.to_delayed(optimize_graph=False)  # keep the shared task keys
+            handles = np.empty(blocks.shape, dtype=object)
+            # one file per variable, laid out here, written in place by the workers: no joining copy
+            path = whole[name] = os.path.join(tmp, f"{uuid.uuid4().hex}.npy")
+            np.lib.format.open_memmap(path, mode="w+", dtype=arr.dtype, shape=arr.shape)  # sparse until written
+            starts = [np.cumsum((0, *c[:-1])) for c in arr.chunks]
+            by_rows = all(len(c) == 1 for c in arr.chunks[1:])
+            for idx, blk in np.ndenumerate(blocks):
+                if by_rows:
+                    handles[idx] = dask.delayed(_write_rows, pure=False)(blk, path, int(starts[0][idx[0]]))
+                else:
+                    start = tuple(int(st[i]) for st, i in zip(starts, idx))
+                    handles[idx] = dask.delayed(_write_region, pure=False)(blk, path, start)
+            spills[name] = handles
+        futures = client.compute([ds.drop_vars(big), *(h for hs in spills.values() for h in hs.flat)])
+        if on_futures is not None:
+            on_futures(futures)
+        rest, *got = client.gather(futures)
+        del got  # the handles only say the blocks were written
+        data = {name: _load((path, ds[name].shape, ds[name].dtype.str)) for name, path in whole.items()}
+        return _with(ds, rest, data)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["compute_dataset", "compute_inline", "shm_root"]

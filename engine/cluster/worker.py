@@ -1,0 +1,158 @@
+"""What a worker keeps and runs: the :class:`Job` a chunk task receives, and the per-process caches it finds its
+trajectory and float64 model context in (:func:`task_env`).
+
+A task receives a small :class:`Job` (store path or pickled in-memory trajectory, the
+:class:`~engine.scan.Problem`, the caller's trusted-module list and settings snapshot) and looks up, per process,
+the opened ``Run`` and the float64 model context for it, building them on first use. :func:`running` is how every
+task starts: one engine task at a time per process (:data:`MATH_LOCK`: ``torch.func.jvp`` is not thread-safe, and an
+external ``dask worker --nthreads 4`` would otherwise run several), under the caller's settings.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine import settings
+from engine.scan.problem import Context, Problem
+from explaind_store.specs import TRUSTED_ENV
+from explaind_store.trajectory import Trajectory
+
+MATH_LOCK = threading.Lock()
+
+
+# ==============================================================================================================
+# The job a task receives
+# ==============================================================================================================
+@dataclass(eq=False)
+class Job:
+    """What every chunk task needs to find its trajectory and problem (small, picklable, one graph key).
+
+    Exactly one of ``path`` (a store: opened inside the task, with the caller's ``model_factory`` and attached
+    by-reference splits) or ``traj`` (an in-memory trajectory: shipped pickled, or shared by reference under the
+    synchronous scheduler) is set. ``trusted`` is the caller's ``EXPLAIND_TRUSTED_MODULES``: workers started
+    before the caller set it (or on other machines) would otherwise refuse the store's model factory.
+    """
+
+    problem: Problem
+    path: str | None = None
+    traj: Trajectory | None = None
+    model_factory: Callable[..., torch.nn.Module] | None = None
+    attached: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    trusted: str | None = None
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    threads: int | None = None  # torch intra-op threads for this job's tasks (None: the worker's setting)
+    settings: dict[str, Any] = field(default_factory=settings.snapshot)  # the caller's, applied by running()
+
+    def open(self) -> Trajectory:
+        if self.traj is not None:
+            return self.traj
+        from explaind_store.reader import open_run
+
+        assert self.path is not None
+        return open_run(self.path, model_factory=self.model_factory, data=self.attached or None)
+
+
+def make_job(traj: Trajectory, problem: Problem, *, by_reference: bool, threads: int | None = None) -> Job:
+    """The job for ``traj``. ``by_reference``: the tasks run in this process (sync), so share ``traj`` itself.
+    ``threads``: torch threads its tasks use (see :func:`engine.plan.plan_parallelism`)."""
+    from explaind_store.reader import Run
+
+    trusted = os.environ.get(TRUSTED_ENV)
+    if by_reference or not isinstance(traj, Run):
+        return Job(problem=problem, traj=traj, trusted=trusted, threads=threads)
+    attached = dict(getattr(traj, "_attached", {}) or {})
+    return Job(problem=problem, path=str(traj.path), model_factory=traj.model_factory, attached=attached,
+               trusted=trusted, threads=threads)
+
+
+# ==============================================================================================================
+# Worker-side caches
+# ==============================================================================================================
+_ENVS: OrderedDict[str, tuple[Trajectory, Context]] = OrderedDict()
+_ENVS_MAX = 2  # a context holds the float64 model and training data: keep only the latest jobs
+_THREADS_SET = False
+
+
+@contextmanager
+def trusted_modules(extra: str | None) -> Iterator[None]:
+    """Temporarily add the caller's trusted modules to this process's ``EXPLAIND_TRUSTED_MODULES``."""
+    if not extra:
+        yield
+        return
+    old = os.environ.get(TRUSTED_ENV)
+    mods = [m for m in (old or "").split(",") if m.strip()]
+    mods += [m for m in extra.split(",") if m.strip() and m not in mods]
+    os.environ[TRUSTED_ENV] = ",".join(mods)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(TRUSTED_ENV, None)
+        else:
+            os.environ[TRUSTED_ENV] = old
+
+
+def _in_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def task_env(job: Job) -> tuple[Trajectory, Context]:
+    """This process's (trajectory, float64 context) for ``job``, opened / built on first use."""
+    global _THREADS_SET
+    if job.threads and torch.get_num_threads() != job.threads:
+        torch.set_num_threads(job.threads)
+    hit = _ENVS.get(job.token)
+    if hit is not None:
+        _ENVS.move_to_end(job.token)
+        return hit
+    if not _THREADS_SET and not job.threads and _in_worker():
+        # one torch thread per worker process: dask parallelises over processes, and oversubscribed BLAS threads
+        # only slow every worker down
+        torch.set_num_threads(settings.get("worker_threads"))
+        _THREADS_SET = True
+    with trusted_modules(job.trusted):
+        traj = job.open()
+        ctx = Context(traj, job.problem)
+    _ENVS[job.token] = (traj, ctx)
+    while len(_ENVS) > _ENVS_MAX:
+        _ENVS.popitem(last=False)
+    return traj, ctx
+
+
+def seed(job: Job, traj: Trajectory, ctx: Context) -> None:
+    """Register an already built context for ``job`` in this process (the synchronous scheduler reuses the
+    driver's)."""
+    _ENVS[job.token] = (traj, ctx)
+    while len(_ENVS) > _ENVS_MAX:
+        _ENVS.popitem(last=False)
+
+
+def clear_caches() -> None:
+    """Forget every cached run and context in this process (e.g. after rewriting a store in place)."""
+    _ENVS.clear()
+
+
+@contextmanager
+def running(job: Job) -> Iterator[tuple[Trajectory, Context]]:
+    """How a chunk task runs: alone in its process (:data:`MATH_LOCK`), under the caller's settings, with this
+    process's (trajectory, context) for ``job``."""
+    with MATH_LOCK, settings.applied(job.settings):
+        yield task_env(job)
+
+
+__all__ = ["MATH_LOCK", "Job", "clear_caches", "make_job", "running", "seed", "task_env", "trusted_modules"]

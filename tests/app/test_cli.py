@@ -1,0 +1,34 @@
+"""The ``explaind`` entry point is assembled from the top: the store's parser knows only its own commands, the
+application adds the engine's and lists every setting."""
+
+from __future__ import annotations
+
+import json
+
+from explaind_app.cli import main
+from explaind_store.cli import build_parser
+
+
+def _commands(parser) -> set[str]:
+    return set(next(a for a in parser._actions if a.dest == "command").choices)
+
+
+def test_store_parser_has_the_store_commands_and_takes_extensions():
+    assert _commands(build_parser()) == {"record", "info", "verify"}
+    from explaind_app.cli import add_commands
+
+    assert _commands(build_parser(add_commands)) == {"record", "info", "verify", "attribute", "top", "demo",
+                                                     "settings"}
+
+
+def test_explaind_settings_lists_the_store_and_engine_settings(capsys, monkeypatch):
+    from engine import settings
+
+    monkeypatch.setenv("EXPLAIND_PIPELINE", "0")
+    assert main(["settings", "--json"]) == 0
+    rows = {r["env"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"EXPLAIND_TRUSTED_MODULES"} | {s.env for s in settings.TABLE.values()}
+    assert rows["EXPLAIND_PIPELINE"]["value"] is False and rows["EXPLAIND_PIPELINE"]["default"] is True
+    assert all(r["meaning"] for r in rows.values())
+    assert main(["settings"]) == 0
+    assert "EXPLAIND_KEEP_U_BYTES" in capsys.readouterr().out

@@ -1,0 +1,147 @@
+"""engine.scan.pipeline: pass 2's two-thread producer/consumer driver (its numbers are checked in test_math), and
+the settings table it reads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from engine import settings
+from engine.scan.pipeline import pipeline_threads, run_two_stage
+
+
+def _producer_alive() -> bool:
+    return any(t.name == "explaind-pipeline-producer" and t.is_alive() for t in threading.enumerate())
+
+
+def test_runs_ahead_in_a_second_thread_in_order():
+    before = torch.get_num_threads()
+    log: list[tuple[str, int, str, int]] = []
+
+    def produce(i: int) -> int:
+        log.append(("p", i, threading.current_thread().name, torch.get_num_threads()))
+        return i * i
+
+    def consume(i: int, v: int) -> None:
+        assert v == i * i
+        log.append(("c", i, threading.current_thread().name, torch.get_num_threads()))
+
+    run_two_stage(range(6), produce, consume, (1, 1))
+    assert [i for k, i, *_ in log if k == "c"] == list(range(6))
+    assert {(name, n) for k, _, name, n in log if k == "p"} == {("explaind-pipeline-producer", 1)}
+    assert {(name, n) for k, _, name, n in log if k == "c"} == {(threading.current_thread().name, 1)}
+    assert torch.get_num_threads() == before  # the caller's thread count is restored
+    assert not _producer_alive()
+
+
+def test_without_threads_everything_runs_here():
+    names = []
+    run_two_stage(range(3), lambda i: names.append(threading.current_thread().name) or i, lambda i, v: None, None)
+    assert names == [threading.current_thread().name] * 3
+
+
+def test_a_producer_error_reaches_the_caller():
+    consumed = []
+
+    def produce(i: int) -> int:
+        if i == 3:
+            raise ValueError("bad update 3")
+        return i
+
+    with pytest.raises(ValueError, match="bad update 3"):
+        run_two_stage(range(10), produce, lambda i, v: consumed.append(i), (1, 1))
+    assert consumed == [0, 1, 2]
+    assert not _producer_alive()
+
+
+def test_a_consumer_error_stops_the_producer():
+    produced = []
+
+    def consume(i: int, v: int) -> None:
+        if i == 2:
+            raise RuntimeError("consumer failed")
+
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        run_two_stage(range(1000), lambda i: produced.append(i) or i, consume, (1, 1), ahead=1)
+    assert not _producer_alive()
+    assert len(produced) <= 4  # stopped right away, not run to the end
+
+
+def test_pipeline_threads(monkeypatch):
+    monkeypatch.delenv("EXPLAIND_PIPELINE", raising=False)
+    assert pipeline_threads("cpu", 1) is None
+    assert pipeline_threads("cpu", 2) == (1, 1)
+    assert pipeline_threads("cpu", 5) == (3, 2)
+    assert pipeline_threads("cuda", 4) is None
+    monkeypatch.setenv("EXPLAIND_PIPELINE", "0")
+    assert pipeline_threads("cpu", 4) is None
+    with settings.override(pipeline=True):  # an override beats the environment
+        assert pipeline_threads("cpu", 4) == (2, 2)
+    assert pipeline_threads("cpu", 4) is None
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_produces_at_most_ahead_items_in_advance(ahead):
+    import time
+
+    done = [0]  # items fully consumed
+    lead = []
+
+    def produce(i: int) -> int:
+        lead.append(i - done[0])
+        return i
+
+    def consume(i: int, v: int) -> None:
+        time.sleep(0.002)  # a slow consumer: the producer has to wait for it
+        done[0] += 1
+
+    run_two_stage(range(30), produce, consume, (1, 1), ahead=ahead)
+    assert max(lead) == ahead  # it did run ahead, and never further (bounded memory)
+
+
+def test_env_settings_explain_bad_values(monkeypatch):
+    from engine.settings import env_flag, env_int
+
+    monkeypatch.setenv("EXPLAIND_THREADS_PER_GROUP", "two")
+    with pytest.raises(ValueError, match=r"EXPLAIND_THREADS_PER_GROUP='two': set it to an integer >= 1 \(torch threads"):
+        settings.get("threads_per_group")
+    monkeypatch.setenv("EXPLAIND_THREADS_PER_GROUP", "3")
+    assert settings.get("threads_per_group") == 3
+    monkeypatch.setenv("EXPLAIND_X", "-1")
+    with pytest.raises(ValueError, match="or unset it for the default 5"):
+        env_int("EXPLAIND_X", 5, "something", minimum=0)
+    monkeypatch.setenv("EXPLAIND_X", "")
+    assert env_int("EXPLAIND_X", 5, "something") == 5
+    for off in ("0", "off", "False", " no "):
+        monkeypatch.setenv("EXPLAIND_X", off)
+        assert env_flag("EXPLAIND_X") is False
+    monkeypatch.setenv("EXPLAIND_X", "1")
+    assert env_flag("EXPLAIND_X") is True
+    monkeypatch.delenv("EXPLAIND_X")
+    assert env_flag("EXPLAIND_X", default=False) is False
+
+
+def test_settings_table_override_and_snapshot(monkeypatch):
+    """One table, read when used: an override beats the environment, nests, checks its values and names, and a
+    snapshot holds the job-scope settings a job carries to its workers (not the per-process ones)."""
+    monkeypatch.setenv("EXPLAIND_KEEP_U_BYTES", "1000")
+    assert settings.get("keep_u_bytes") == 1000  # read at use, not at import
+    with settings.override(keep_u_bytes=5, pipeline=False):
+        assert settings.get("keep_u_bytes") == 5 and settings.get("pipeline") is False
+        with settings.override(keep_u_bytes=7):
+            assert settings.get("keep_u_bytes") == 7
+        snap = settings.snapshot()
+        assert snap["keep_u_bytes"] == 5 and snap["pipeline"] is False
+        assert "worker_threads" not in snap and "mallopt" not in snap  # each process reads its own
+    assert settings.get("keep_u_bytes") == 1000
+    with settings.applied(snap):
+        assert settings.get("keep_u_bytes") == 5
+    with pytest.raises(KeyError, match="no engine setting 'keep_bytes'; the settings are light_bytes"):
+        settings.get("keep_bytes")
+    with pytest.raises(ValueError, match=r"threads_per_group=0: set it to an integer >= 1 \(torch threads"):
+        with settings.override(threads_per_group=0):
+            pass
+    names = [r["env"] for r in settings.rows()]
+    assert len(names) == len(set(names)) and all(n.startswith("EXPLAIND_") for n in names)
