@@ -31,7 +31,7 @@ from engine.result import BY_KEYS, check_finite, finalize_attrs, result_bytes
 from engine.scan.problem import Context, Problem, result_meta
 from engine.settings import format_bytes, parse_bytes
 from explaind_store import schema
-from explaind_store.format import StoreError
+from explaind_store.storage import StoreError
 from explaind_store.trajectory import Trajectory
 
 RESULT_KIND = "explaind-attribution"

@@ -33,7 +33,7 @@ import numpy as np
 import xarray as xr
 
 from explaind_store import schema
-from explaind_store.format import StoreError
+from explaind_store.storage import StoreError
 
 DEFAULT_RESIDUAL_TOL = 1e-3
 FLOOR_ULPS = 64.0

@@ -7,5 +7,6 @@ __version__ = "0.1.0"
 
 from .reader import Run, open_run
 from .recorder import Recorder, RecorderError
+from .storage import StoreError
 
-__all__ = ["Recorder", "RecorderError", "Run", "__version__", "open_run"]
+__all__ = ["Recorder", "RecorderError", "Run", "StoreError", "__version__", "open_run"]

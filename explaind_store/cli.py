@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path  # noqa: F401 - kept for code that merges in here
 from typing import Any
 
-from . import format as fmt
+from . import storage
 from . import schema  # noqa: F401 - kept for code that merges in here
 from .info import format_info, run_info  # re-exported: `from explaind_store.cli import run_info` keeps working
 
@@ -115,7 +115,7 @@ def _interrupted(args: argparse.Namespace) -> str:
     if getattr(args, "command", None) != "record":
         return "explaind: interrupted"
     try:
-        committed = int(fmt.open_root(args.out, check=False).attrs[schema.ATTR_COMMITTED])
+        committed = int(storage.open_root(args.out, check=False).attrs[schema.ATTR_COMMITTED])
     except Exception:  # noqa: BLE001 - interrupted before the store existed
         return "explaind: interrupted before anything was recorded"
     held = f"updates 1..{committed} committed" if committed > 0 else "no committed update yet"
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None, *, extensions: Sequence[Callable[[Any], 
     except KeyboardInterrupt:
         print(_interrupted(args), file=sys.stderr)
         return 130
-    except (fmt.StoreError, KeyError, ValueError, PermissionError, RuntimeError, IndexError, TypeError,
+    except (storage.StoreError, KeyError, ValueError, PermissionError, RuntimeError, IndexError, TypeError,
             FloatingPointError) as exc:
         print(f"explaind: error: {exc}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from zarr.storage import LocalStore
 
-from . import format as fmt
+from . import storage
 from . import schema
 
 if TYPE_CHECKING:
@@ -34,11 +34,11 @@ if TYPE_CHECKING:
 STEP_GROUPS = (schema.PARAMS, *schema.STATE_GROUPS, schema.UPDATES)
 
 
-class MissingChunkError(fmt.StoreError):
+class MissingChunkError(storage.StoreError):
     """Chunk files the run's metadata says must exist are missing (reading them would give fill values)."""
 
 
-class DataChecksumError(fmt.StoreError):
+class DataChecksumError(storage.StoreError):
     """A stored data split no longer matches the sha256 fingerprint recorded when the run was created."""
 
 
@@ -207,7 +207,7 @@ def check_fingerprint(run: Run, split: str, x: np.ndarray, y: np.ndarray) -> Non
     """Raise :class:`DataChecksumError` if the split's arrays differ from the fingerprint recorded at creation."""
     info = run.attrs[schema.ATTR_DATA]["splits"][split]
     recorded = info.get("fingerprint")
-    got = fmt.fingerprint(x, y)
+    got = storage.fingerprint(x, y)
     if recorded is not None and got != recorded:
         raise DataChecksumError(
             f"{run.path}: the stored data of split {split!r} ({schema.data_path(split, schema.INPUTS)}, "

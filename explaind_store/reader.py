@@ -20,14 +20,14 @@ import xarray as xr
 import zarr
 from torch import nn
 
-from . import format as fmt
+from . import storage
 from . import integrity, schema
 from .integrity import DataChecksumError, MissingChunkError  # noqa: F401 - re-exported for callers
 from .specs import resolve_factory
 from .trajectory import OptimizerSpec, TrajectoryBlock
 
 
-class CorruptChunkError(fmt.StoreError):
+class CorruptChunkError(storage.StoreError):
     """A chunk failed its checksum or could not be decoded."""
 
 
@@ -43,7 +43,7 @@ class Run:
         store: Any = None,
     ) -> None:
         self.path = Path(path)
-        self.root = fmt.open_root(self.path) if store is None else _open_store_root(store, self.path)
+        self.root = storage.open_root(self.path) if store is None else _open_store_root(store, self.path)
         self._store = store if store is not None else str(self.path)
         self.attrs: dict[str, Any] = self.root.attrs.asdict()
         self.model_factory = model_factory
@@ -54,7 +54,7 @@ class Run:
         for split, (x, y) in (data or {}).items():
             self.attach_data(split, x, y)
         if self.committed_updates < 0:
-            raise fmt.StoreError(
+            raise storage.StoreError(
                 f"{self.path} has no committed step yet (the recorder was interrupted before writing theta_0). "
                 "Record it again with resume=True (`--resume` on the command line: it starts over at update 1) or "
                 "overwrite=True (`--overwrite`)."
@@ -69,7 +69,7 @@ class Run:
     def refresh(self) -> Run:
         """Re-read the commit point of a store that is still being written."""
         if isinstance(self._store, str):
-            self.root = fmt.open_root(self.path, check=False)  # polled while recording: metadata was checked on open
+            self.root = storage.open_root(self.path, check=False)  # polled while recording: metadata was checked on open
         else:
             self.root = _open_store_root(self._store, self.path)
         self.attrs = self.root.attrs.asdict()
@@ -221,8 +221,8 @@ class Run:
         return arr
 
     def _read_many(self, reqs: list[tuple[str, Any]]) -> list[np.ndarray]:
-        """``_read`` of many (path, selection) pairs at once: zarr's async reads run concurrently (a block of a
-        transformer run is ~40 arrays: 0.1 s one after another)."""
+        """``_read`` of many (path, selection) pairs at once: zarr's async reads run concurrently, since a block of a
+        transformer run is dozens of small arrays whose reads one after another would add up."""
         import asyncio
 
         from zarr.core.sync import sync
@@ -275,7 +275,7 @@ class Run:
         for r, (row, n) in enumerate(zip(raw, sizes)):
             b = row[row != schema.BATCH_PAD]
             if len(b) != n or n == 0:
-                raise fmt.StoreError(
+                raise storage.StoreError(
                     f"update {lo + 1 + r}: the batch record holds {len(b)} indices but batch_size says {n}; the "
                     f"store is inconsistent (run `explaind verify {self.path}`)."
                 )
@@ -300,7 +300,7 @@ class Run:
         if info is None:
             raise KeyError(f"this run has no data split {name!r}; it has {self.splits}")
         if info.get("mode") != "stored":
-            raise fmt.StoreError(
+            raise storage.StoreError(
                 f"split {name!r} is stored by reference only (fingerprint {info['fingerprint']}); pass the data: "
                 f"open_run(path, data={{{name!r}: (inputs, targets)}})"
             )
@@ -318,9 +318,9 @@ class Run:
             raise KeyError(f"this run has no data split {split!r}; it has {self.splits}")
         x = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
         y = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
-        fp = fmt.fingerprint(x, y)
+        fp = storage.fingerprint(x, y)
         if fp != info["fingerprint"]:
-            raise fmt.StoreError(
+            raise storage.StoreError(
                 f"the data given for split {split!r} is not the data this run was trained on (fingerprint {fp} != "
                 f"recorded {info['fingerprint']}). Pass exactly the arrays given to the Recorder."
             )
@@ -330,7 +330,7 @@ class Run:
         """A fresh model from the store's spec (trusted factories only), with static tensors loaded."""
         spec = self.model_spec
         if spec is None and self.model_factory is None:
-            raise fmt.StoreError(
+            raise storage.StoreError(
                 "this run has no model_spec; pass model_factory= to open_run() so the model can be rebuilt"
             )
         model = resolve_factory(spec or {}, self.model_factory)
@@ -348,12 +348,12 @@ class Run:
         params = self.load_params(step)
         missing = set(params) - set(dict(model.named_parameters()))
         if missing:
-            raise fmt.StoreError(f"the model built from the spec lacks tensors {sorted(missing)} found in the store")
+            raise storage.StoreError(f"the model built from the spec lacks tensors {sorted(missing)} found in the store")
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in params:
                     if tuple(p.shape) != tuple(params[n].shape):
-                        raise fmt.StoreError(
+                        raise storage.StoreError(
                             f"tensor {n}: the model built from the spec has shape {tuple(p.shape)}, the store "
                             f"{tuple(params[n].shape)}; the model_spec kwargs do not match this run"
                         )
@@ -379,7 +379,7 @@ def _fmt_slice(sl: Any) -> str:
 def _open_store_root(store: Any, path: Path) -> zarr.Group:
     root = zarr.open_group(store, mode="r", zarr_format=3)
     if root.attrs.get(schema.ATTR_FORMAT) != schema.FORMAT_NAME:
-        raise fmt.StoreError(f"{path} is not an explaind store")
+        raise storage.StoreError(f"{path} is not an explaind store")
     return root
 
 

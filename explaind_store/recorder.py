@@ -23,7 +23,7 @@ import torch
 import zarr
 from torch import nn
 
-from . import format as fmt
+from . import storage
 from . import modes
 from . import optim as optim_mod
 from . import schema
@@ -137,7 +137,7 @@ class Recorder:
         overwrite: bool = False,
         chunk_updates: int | None = None,
         lossy_keepbits: int | None = None,
-        clevel: int = fmt.DEFAULT_CLEVEL,
+        clevel: int = storage.DEFAULT_CLEVEL,
         store_data: bool = True,
         queue_chunks: int = 4,
     ) -> None:
@@ -247,8 +247,8 @@ class Recorder:
 
     def _replace_existing(self) -> None:
         try:
-            fmt.open_root(self.path, check=False)  # a store whose array metadata is damaged may be replaced
-        except fmt.StoreError:
+            storage.open_root(self.path, check=False)  # a store whose array metadata is damaged may be replaced
+        except storage.StoreError:
             raise RecorderError(
                 f"{self.path} exists and is not an explaind store; refusing to delete it even with overwrite=True "
                 "(`--overwrite`)"
@@ -271,7 +271,7 @@ class Recorder:
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _acquire_lock(self.path)
         step_bytes = max(p.numel() * p.element_size() for p in self.params)
-        self.chunk_updates = int(chunk_updates or fmt.default_chunk_updates(step_bytes))
+        self.chunk_updates = int(chunk_updates or storage.default_chunk_updates(step_bytes))
         if self.chunk_updates < 1:
             raise RecorderError("chunk_updates must be at least 1")
         groups_attr = optim_mod.optimizer_attrs(self.optimizer, self._id_to_name)
@@ -290,12 +290,12 @@ class Recorder:
             xs, ys = _np(x), _np(y)
             if len(xs) != len(ys):
                 raise RecorderError(f"split {split!r}: {len(xs)} inputs but {len(ys)} targets")
-            info: dict[str, Any] = {"n": len(xs), "fingerprint": fmt.fingerprint(xs, ys)}
+            info: dict[str, Any] = {"n": len(xs), "fingerprint": storage.fingerprint(xs, ys)}
             if store_data:
                 g = root.require_group(schema.data_path(split))
-                fmt.write_static(g, schema.INPUTS, xs, schema.data_dims(split, schema.INPUTS, xs.ndim))
-                fmt.write_static(g, schema.TARGETS, ys, schema.data_dims(split, schema.TARGETS, ys.ndim))
-                fmt.write_static(g, schema.SAMPLE, np.arange(len(xs), dtype=np.int64), (schema.SAMPLE,))
+                storage.write_static(g, schema.INPUTS, xs, schema.data_dims(split, schema.INPUTS, xs.ndim))
+                storage.write_static(g, schema.TARGETS, ys, schema.data_dims(split, schema.TARGETS, ys.ndim))
+                storage.write_static(g, schema.SAMPLE, np.arange(len(xs), dtype=np.int64), (schema.SAMPLE,))
                 info["mode"] = "stored"
             else:
                 info["mode"] = "reference"
@@ -313,10 +313,10 @@ class Recorder:
                 schema.ATTR_TENSORS: tensors,
                 schema.ATTR_STATE_NAMES: list(self.state_names),
                 schema.ATTR_CHUNK_UPDATES: self.chunk_updates,
-                schema.ATTR_CODEC: fmt.codec_attrs(clevel, lossy_keepbits),
+                schema.ATTR_CODEC: storage.codec_attrs(clevel, lossy_keepbits),
                 schema.ATTR_DATA: data_attrs,
-                schema.ATTR_VERSIONS: fmt.library_versions(),
-                schema.ATTR_CREATED: fmt.now_iso(),
+                schema.ATTR_VERSIONS: storage.library_versions(),
+                schema.ATTR_CREATED: storage.now_iso(),
                 schema.ATTR_SCHEDULER_STATE: None,
                 schema.ATTR_NONFINITE: [],
                 schema.ATTR_EVERY_CHUNK: True,
@@ -336,27 +336,27 @@ class Recorder:
         g = root.require_group(schema.STATIC)
         for n, t in frozen.items():
             arr = _np(t)
-            fmt.write_static(g, n, arr, schema.tensor_dims(n, arr.ndim) or ("scalar",))
+            storage.write_static(g, n, arr, schema.tensor_dims(n, arr.ndim) or ("scalar",))
 
-    def _make_arrays(self, root: zarr.Group, *, create: bool, clevel: int = fmt.DEFAULT_CLEVEL, lossy_keepbits: int | None = None) -> None:
+    def _make_arrays(self, root: zarr.Group, *, create: bool, clevel: int = storage.DEFAULT_CLEVEL, lossy_keepbits: int | None = None) -> None:
         k = self.chunk_updates
         arrays: dict[str, zarr.Array] = {}
-        filters = fmt.float_filters(lossy_keepbits)
+        filters = storage.float_filters(lossy_keepbits)
         n_groups = len(self.optimizer.param_groups)
         for gname in (schema.PARAMS, *self.state_names):
             g = root.require_group(gname) if create else root[gname]
             for n, p in zip(self.names, self.params):
                 key = f"{gname}/{n}"
                 if create:
-                    arrays[key] = fmt.create_stepped(
+                    arrays[key] = storage.create_stepped(
                         g, n, tuple(p.shape), _np(p).dtype, schema.stepped_dims(n, p.ndim), k,
                         fill_value=np.nan, clevel=clevel, filters=filters,
                     )
                 else:
-                    arrays[key] = fmt.writable(g[n])
+                    arrays[key] = storage.writable(g[n])
             arrays[f"{gname}/{schema.STEP}"] = (
-                fmt.create_stepped(g, schema.STEP, (), np.int64, (schema.STEP,), k, fill_value=-1)
-                if create else fmt.writable(g[schema.STEP])
+                storage.create_stepped(g, schema.STEP, (), np.int64, (schema.STEP,), k, fill_value=-1)
+                if create else storage.writable(g[schema.STEP])
             )
         u = root.require_group(schema.UPDATES) if create else root[schema.UPDATES]
         specs: list[tuple[str, tuple[int, ...], Any, tuple[str, ...], Any]] = [
@@ -370,21 +370,21 @@ class Recorder:
         ]
         for name, shape, dtype, dims, fill in specs:
             arrays[f"{schema.UPDATES}/{name}"] = (
-                fmt.create_stepped(u, name, shape, dtype, dims, k, fill_value=fill) if create
-                else fmt.writable(u[name])
+                storage.create_stepped(u, name, shape, dtype, dims, k, fill_value=fill) if create
+                else storage.writable(u[name])
             )
         if create:
             width = 1
             self._batch_array = u.create_array(
                 schema.BATCH, shape=(0, width), chunks=(k, 1024), dtype=np.int64, fill_value=schema.BATCH_PAD,
-                compressors=fmt.compressors(), dimension_names=(schema.STEP, schema.SLOT), config=fmt.WRITE_EVERY_CHUNK,
+                compressors=storage.compressors(), dimension_names=(schema.STEP, schema.SLOT), config=storage.WRITE_EVERY_CHUNK,
             )
         else:
-            self._batch_array = fmt.writable(u[schema.BATCH])
+            self._batch_array = storage.writable(u[schema.BATCH])
         self._arrays = arrays
 
     def _open_for_resume(self, loss: str | dict[str, str], model_spec: dict[str, Any] | None) -> None:
-        root = fmt.open_root(self.path, mode="r+")
+        root = storage.open_root(self.path, mode="r+")
         self._lock_fd = _acquire_lock(self.path)
         _remove_partials(self.path)
         attrs = root.attrs.asdict()
@@ -420,7 +420,7 @@ class Recorder:
             codec = attrs.get(schema.ATTR_CODEC) or {}
             lossy = codec.get("lossy") or {}
             self._make_arrays(
-                root, create=True, clevel=int(codec.get("compressor", {}).get("clevel", fmt.DEFAULT_CLEVEL)),
+                root, create=True, clevel=int(codec.get("compressor", {}).get("clevel", storage.DEFAULT_CLEVEL)),
                 lossy_keepbits=lossy.get("bitround_keepbits"),
             )
             self._sgd_count = self._initial_sgd_count()

@@ -23,7 +23,7 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from . import format as fmt
+from . import storage
 from . import integrity
 from . import modes
 from . import optim as optim_mod
@@ -274,7 +274,7 @@ def _check_data(run: Run, missing_arrays: set[str], problems: list[str]) -> dict
         except integrity.DataChecksumError as exc:
             out[name] = "mismatch"
             problems.append(str(exc))
-        except fmt.StoreError:  # a chunk that cannot be decoded: listed (and failed) by the chunk check
+        except storage.StoreError:  # a chunk that cannot be decoded: listed (and failed) by the chunk check
             out[name] = "unreadable"
     return out
 

@@ -4,8 +4,8 @@ exposes a half-written step).
 
 The training thread does as little as possible per step: one packed copy per array group (params, each optimizer
 state) instead of one per tensor, no queue operation except at chunk ends, and the JSON encoding of the commit
-attributes deferred to the writer. Measured on the digits CNN (8 tensors, SGD with momentum): 300-340 -> 160 us
-per step in the training thread.
+attributes deferred to the writer, because every microsecond here is paid by the training loop
+(docs/benchmarks.md, "Measurements behind choices in the code").
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from engine.api import parse_queries, parse_steps, resolve_queries
 from explaind_store import open_run
 from explaind_store.cli import main as cli_main
 from explaind_store.examples import modadd
-from explaind_store.format import StoreError
+from explaind_store.storage import StoreError
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root: `tests` is a package
 
@@ -35,10 +35,10 @@ def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
 KILL_DURING_CREATION = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import explaind_store.format as fmt
+import explaind_store.storage as storage
 import explaind_store.recorder as rec
 calls = [0]
-orig_make, orig_create = rec.Recorder._make_arrays, fmt.create_stepped
+orig_make, orig_create = rec.Recorder._make_arrays, storage.create_stepped
 
 def make_arrays(self, root, *, create, **kw):
     if create and {at} == 0:  # right after the root attributes were written
@@ -52,7 +52,7 @@ def create_stepped(*a, **kw):
     return orig_create(*a, **kw)
 
 rec.Recorder._make_arrays = make_arrays
-fmt.create_stepped = create_stepped
+storage.create_stepped = create_stepped
 from tests.support.store_helpers import train
 train({path!r}, 3, kind="adamw")
 """

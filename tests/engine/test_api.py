@@ -25,7 +25,7 @@ from engine.cluster.runners import SyncRunner
 from engine.cluster.worker import make_job
 from engine.scan import Context, Problem, attribute_local, result_meta
 from explaind_store import Recorder, open_run
-from explaind_store.format import StoreError
+from explaind_store.storage import StoreError
 from explaind_store.specs import UntrustedFactoryError, model_spec
 
 ROOT = Path(__file__).resolve().parents[2]

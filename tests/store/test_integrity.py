@@ -17,10 +17,10 @@ from tests.support.compare import MLP_SPEC
 from tests.support.store_helpers import digits, train
 
 import engine
-from explaind_store import format as fmt
+from explaind_store import storage
 from explaind_store import open_run, schema
 from explaind_store.cli import main as cli_main
-from explaind_store.format import StoreError
+from explaind_store.storage import StoreError
 
 UPDATES = 8  # steps 0..8: chunk rows 0..4 of 2 steps each
 
@@ -154,7 +154,7 @@ def test_older_stores_with_legitimately_absent_fill_chunks_still_read(store):
     x_val = np.asarray(root["data/val/inputs"][...])
     zeros = np.zeros(len(x_val), dtype=np.int64)
     data_attrs = root.attrs[schema.ATTR_DATA]
-    data_attrs["splits"]["val"]["fingerprint"] = fmt.fingerprint(x_val, zeros)
+    data_attrs["splits"]["val"]["fingerprint"] = storage.fingerprint(x_val, zeros)
     attrs = {schema.ATTR_DATA: data_attrs}
     root.attrs.update(attrs)
     root.attrs.__delitem__(schema.ATTR_EVERY_CHUNK)

@@ -20,7 +20,7 @@ from tests.support.store_helpers import arrays_of, batch_for, digits, make_mlp, 
 from torch import nn
 
 from explaind_store import Recorder, RecorderError, open_run, schema
-from explaind_store.format import StoreError
+from explaind_store.storage import StoreError
 from explaind_store.optim import UnsupportedOptimizerError
 from explaind_store.reader import CorruptChunkError
 from explaind_store.specs import UntrustedFactoryError, model_spec

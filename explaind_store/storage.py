@@ -1,4 +1,4 @@
-"""The on-disk format: creating a run's Zarr v3 group and arrays, codecs, chunking, and opening with checks.
+"""How a run is stored on disk: creating its Zarr v3 group and arrays, codecs, chunking, and opening with checks.
 
 Names come from ``schema``; this module decides shapes, chunks, codecs and fill values. See docs/format.md.
 """
@@ -21,9 +21,9 @@ from zarr.errors import GroupNotFoundError, NodeNotFoundError
 from . import schema
 
 TARGET_CHUNK_BYTES = 4 * 2**20  # aim for 1-8 MB chunks
-# Blosc lz4 at level 5 with bitshuffle: on recorded float32 trajectories it compresses as well as or better than zstd
-# level 1 (d64 modadd 1.21x vs 1.20x, digits CNN 1.25x vs 1.15x) and encodes 2.5x faster (930-1270 vs 365-540 MB/s
-# on one core), which keeps the writer thread's share of the training machine small (bench/record_overhead.py).
+# Blosc lz4 at level 5 with bitshuffle: on recorded float32 trajectories it compresses about as well as zstd level 1
+# and encodes several times faster, which keeps the writer thread's share of the training machine small
+# (docs/benchmarks.md, "Measurements behind choices in the code"; bench/record_overhead.py).
 DEFAULT_CNAME = "lz4"
 DEFAULT_CLEVEL = 5
 # zarr skips writing chunks equal to the fill value by default; then a deleted chunk file and a legitimately
