@@ -59,6 +59,15 @@ def _acquire_lock(path: Path) -> int:
     return fd
 
 
+def _killed_during_creation(path: Path) -> bool:
+    """An explaind store whose creation was interrupted before its first commit (``committed_updates`` is -1)."""
+    try:
+        attrs = storage.open_root(path).attrs.asdict()
+    except storage.StoreError:
+        return False
+    return int(attrs.get(schema.ATTR_COMMITTED, 0)) < 0
+
+
 def _remove_partials(path: Path) -> None:
     """Temporary files of writes that a crash interrupted (zarr writes chunks to *.partial, then renames)."""
     for p in path.rglob("*.partial"):
@@ -204,6 +213,10 @@ class Recorder:
         store_data: bool,
     ) -> None:
         exists = self.path.exists() and any(self.path.iterdir())
+        if resume and exists and data is not None and _killed_during_creation(self.path):
+            # nothing was committed: starting over is the resume (the data arrays may be half-written too)
+            self._replace_existing()
+            exists = False
         if resume and exists:
             self._open_for_resume(loss, model_spec)
         else:
@@ -284,6 +297,10 @@ class Recorder:
         order = {n: i for i, n in enumerate(self.names)}
         tensors.sort(key=lambda t: order[t["name"]])
         root = zarr.open_group(str(self.path), mode="a", zarr_format=3)  # "w" would delete the lock file
+        # mark the directory as an explaind store with nothing committed before writing anything else, so a kill
+        # during creation leaves a store that --resume / --overwrite recognise rather than an anonymous Zarr group
+        root.attrs.update({schema.ATTR_FORMAT: schema.FORMAT_NAME, schema.ATTR_FORMAT_VERSION: schema.FORMAT_VERSION,
+                           schema.ATTR_COMMITTED: -1})
         data_attrs = {"splits": {}}
         all_splits = {schema.TRAIN_SPLIT: data, **splits}
         for split, (x, y) in all_splits.items():

@@ -37,8 +37,8 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 import explaind_store.storage as storage
 import explaind_store.recorder as rec
-calls = [0]
-orig_make, orig_create = rec.Recorder._make_arrays, storage.create_stepped
+calls, static_calls = [0], [0]
+orig_make, orig_create, orig_static = rec.Recorder._make_arrays, storage.create_stepped, storage.write_static
 
 def make_arrays(self, root, *, create, **kw):
     if create and {at} == 0:  # right after the root attributes were written
@@ -51,14 +51,21 @@ def create_stepped(*a, **kw):
         os.kill(os.getpid(), signal.SIGKILL)
     return orig_create(*a, **kw)
 
+def write_static(*a, **kw):
+    static_calls[0] += 1
+    if {at} < 0 and static_calls[0] == -{at}:  # while the training data is written, before the root attributes
+        os.kill(os.getpid(), signal.SIGKILL)
+    return orig_static(*a, **kw)
+
 rec.Recorder._make_arrays = make_arrays
 storage.create_stepped = create_stepped
+storage.write_static = write_static
 from tests.support.store_helpers import train
 train({path!r}, 3, kind="adamw")
 """
 
 
-@pytest.mark.parametrize("at", [0, 3])
+@pytest.mark.parametrize("at", [-2, 0, 3])  # -2: during the data writes; 0: after them; 3: among the step arrays
 def test_store_killed_during_creation_resumes(tmp_path, at):
     path = tmp_path / "killed.zarr"
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_CREATION.format(root=str(ROOT), path=str(path), at=at)],
