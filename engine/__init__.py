@@ -37,6 +37,7 @@ _EXPORTS = {
     "QuadratureRule": "engine.ops.quadrature",
     "parse_rule": "engine.ops.quadrature",
     "finalize_attrs": "engine.result",
+    "NonFiniteResultError": "engine.result",
     "close_local_client": "engine.cluster.runners",
     "get_runner": "engine.cluster.runners",
     "local_client": "engine.cluster.runners",
@@ -47,6 +48,7 @@ _EXPORTS = {
 __all__ = [
     "InexactRecordError",
     "InexactWarning",
+    "NonFiniteResultError",
     "Problem",
     "QuadratureRule",
     "ResultTooLargeError",

@@ -17,6 +17,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from engine.result import NonFiniteResultError
 from explaind_store.schema import OUTPUT, QUERY
 
 CHUNK = 65536  # along-axis chunk for in-memory inputs (keeps the same streaming code path)
@@ -60,7 +61,7 @@ def top_k(result_or_path: Any, k: int, along: str = "sample", part: str = "data"
         raise ValueError(f"k must be a positive integer, got {k!r}")
     other = [d for d in var.dims if d not in (QUERY, OUTPUT, along)]
     if other:
-        var = var.sum(other)
+        var = var.sum(other, skipna=False)  # a NaN must surface, not be skipped
     lead = [d for d in (QUERY, OUTPUT) if d in var.dims]
     var = var.transpose(*lead, along)
     n = var.sizes[along]
@@ -71,7 +72,13 @@ def top_k(result_or_path: Any, k: int, along: str = "sample", part: str = "data"
     top_i, bot_i = da.argtopk(arr, k, axis=-1), da.argtopk(arr, -k, axis=-1)
     top_v, bot_v = da.topk(arr, k, axis=-1), da.topk(arr, -k, axis=-1)
     # one pass over the data for all four (they share the read and the sums); plain numpy work: threads are fine
-    ti, bi, tv, bv = dask.compute(top_i, bot_i, top_v, bot_v, scheduler="threads")
+    ti, bi, tv, bv, finite = dask.compute(top_i, bot_i, top_v, bot_v, da.isfinite(arr).all(), scheduler="threads")
+    if not finite:
+        raise NonFiniteResultError(
+            f"{part!r} holds NaN or inf, so its top and bottom entries are meaningless; the result is damaged or "
+            "came from a damaged store (engine.attribute refuses to return such results): recompute it",
+            ds,
+        )
     dims = (*lead, "rank")
     coords: dict[str, Any] = {d: var[d].values for d in lead if d in var.coords}
     coords["rank"] = np.arange(k)

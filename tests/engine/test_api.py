@@ -491,6 +491,15 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, timeout=180, check=False)
 
 
+def test_top_k_refuses_a_result_with_nan(sgd_reference):
+    """A NaN in a (damaged) result must not vanish in the sums over step and tensor, nor be ranked."""
+    bad = sgd_reference.copy(deep=True)
+    bad["data"][0, 0, 3, 1, 0] = np.nan
+    with pytest.raises(engine.NonFiniteResultError, match="NaN or inf"):
+        engine.top_k(bad, 3)
+    engine.top_k(sgd_reference, 3)  # the clean result ranks
+
+
 def test_cli_attribute_and_top(digits_store, tmp_path, capsys):
     out = tmp_path / "cli.zarr"
     r = _cli("attribute", str(digits_store), "--queries", "val[:2]", "--by", "sample,step", "--steps", "2:10",
