@@ -4,6 +4,12 @@
     ...  loss.backward(); optimizer.step()
     rec.record(batch_indices, loss=loss.item())
 
+With gradient accumulation, pass the update's micro-batches as a list (``rec.record([idx_1, idx_2], ...)``): they
+form one batch, and the loss the store knows (mean over that whole batch) must be what the accumulated gradient
+is the gradient of. With clipping, build the recorder with ``max_grad_norm=`` and pass the total norm that
+``torch.nn.utils.clip_grad_norm_`` returned (``rec.record(idx, grad_norm=norm)``): the scale is computed exactly
+as torch computes it (:func:`clip_scale`).
+
 It captures theta_0 and the initial optimizer state on construction, and through optimizer step hooks the learning
 rate and weight decay each update actually used (whatever scheduler sets them).
 """
@@ -93,6 +99,26 @@ def _encode_commit_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     return attrs
 
 
+def clip_scale(total_norm: float | torch.Tensor, max_norm: float) -> float:
+    """The factor ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` multiplied the gradients by, given the total
+    norm it returned: ``min(1, max_norm / (total_norm + 1e-6))``, evaluated in float32 with torch's own operations
+    so that ``grad * clip_scale(...)`` equals the clipped gradient bit for bit (for float32 gradients)."""
+    norm = torch.as_tensor(total_norm, dtype=torch.float32).detach().cpu()
+    clip_coef = max_norm / (norm + 1e-6)  # the same expression (and so the same rounding) as torch's clipping
+    return float(torch.clamp(clip_coef, max=1.0))
+
+
+def _batch_array(batch_indices: Any) -> np.ndarray:
+    """One update's sample indices, flat; a list of arrays (the update's micro-batches) is concatenated."""
+    if isinstance(batch_indices, (list, tuple)) and batch_indices and all(
+        isinstance(b, (list, tuple, np.ndarray, torch.Tensor)) for b in batch_indices
+    ):
+        return np.concatenate([_batch_array(b) for b in batch_indices])
+    if isinstance(batch_indices, np.ndarray):
+        return batch_indices.reshape(-1)
+    return np.asarray(_np(torch.as_tensor(batch_indices))).reshape(-1)
+
+
 def _tensor_default(o: Any) -> Any:
     if isinstance(o, torch.Tensor) and o.numel() == 1:
         return o.item()
@@ -116,6 +142,8 @@ class Recorder:
         chunk_updates: steps per chunk (the flush interval); by default ~4 MB chunks for the largest tensor.
         lossy_keepbits: opt-in lossy BitRound of float mantissas (relative error <= 2^-(keepbits+1)).
         store_data: store the data arrays (default) or only a fingerprint to check them on use.
+        max_grad_norm: the ``max_norm`` the loop clips gradients to; ``record()`` then takes ``grad_norm=`` (the
+            total norm ``clip_grad_norm_`` returned) and stores the exact clipping scale.
 
     The training forward must be reproducible from the store: dropout (p > 0) and BatchNorm in train mode, and
     buffers that change during training, are refused with a RecorderError (see ``explaind_store.modes``); the mode
@@ -140,7 +168,11 @@ class Recorder:
         clevel: int = storage.DEFAULT_CLEVEL,
         store_data: bool = True,
         queue_chunks: int = 4,
+        max_grad_norm: float | None = None,
     ) -> None:
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise RecorderError(f"max_grad_norm must be positive (or None when the loop does not clip), got {max_grad_norm!r}")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.path = Path(path)
         self.model = model
         self.optimizer = optimizer
@@ -503,13 +535,18 @@ class Recorder:
         batch_indices: Sequence[int] | ArrayLike,
         loss: float | torch.Tensor | None = None,
         grad_scale: float | torch.Tensor | None = None,
+        *,
+        grad_norm: float | torch.Tensor | None = None,
     ) -> None:
         """Record the update that ``optimizer.step()`` just made.
 
         Args:
-            batch_indices: indices (into the training data) of the samples in this update's batch.
+            batch_indices: indices (into the training data) of the samples in this update's batch, or a list of
+                index arrays, one per micro-batch accumulated into this update (concatenated into one batch).
             loss: the training loss of this batch (optional, for plots and checks).
             grad_scale: the factor gradient clipping applied to the batch gradient (e.g. ``min(1, max_norm/norm)``).
+            grad_norm: with ``Recorder(max_grad_norm=...)``: the total gradient norm ``clip_grad_norm_`` returned
+                for this update; the scale is then computed exactly as torch did (:func:`clip_scale`).
         """
         if self._closed:
             raise RecorderError("this recorder is closed; open a new one with resume=True (`--resume`) to continue")
@@ -518,8 +555,8 @@ class Recorder:
                 "rec.record() was called without an optimizer.step() since the last record (or before the first "
                 "step). Call it exactly once, right after each optimizer.step()."
             )
-        batch = np.asarray(_np(torch.as_tensor(batch_indices) if not isinstance(batch_indices, np.ndarray)
-                               else batch_indices)).reshape(-1)
+        grad_scale = self._grad_scale(grad_scale, grad_norm)
+        batch = _batch_array(batch_indices)
         if batch.size == 0 or batch.dtype.kind not in "iu":
             raise RecorderError(f"batch_indices must be a non-empty sequence of integers, got {batch_indices!r}")
         if self.n_train is not None and (batch.min() < 0 or batch.max() >= self.n_train):
@@ -548,6 +585,24 @@ class Recorder:
         self.updates_done = s
         self._steps_since_record = 0
         self._pending = None
+
+    def _grad_scale(self, grad_scale: float | torch.Tensor | None, grad_norm: float | torch.Tensor | None) -> float | None:
+        if grad_norm is None:
+            if self.max_grad_norm is not None and grad_scale is None:
+                raise RecorderError(
+                    f"this recorder was told the loop clips gradients (max_grad_norm={self.max_grad_norm}), but "
+                    "record() got no grad_norm: pass the total norm clip_grad_norm_ returned, "
+                    "rec.record(batch, grad_norm=norm)."
+                )
+            return None if grad_scale is None else float(grad_scale)
+        if grad_scale is not None:
+            raise RecorderError("pass grad_scale= or grad_norm= to record(), not both")
+        if self.max_grad_norm is None:
+            raise RecorderError(
+                "record(grad_norm=...) needs the clipping threshold: build the recorder with "
+                "Recorder(..., max_grad_norm=<the max_norm passed to clip_grad_norm_>)."
+            )
+        return clip_scale(grad_norm, self.max_grad_norm)
 
     def _check_still_reproducible(self, s: int) -> None:
         """Modes can change after construction (``model.train()`` in the loop) and buffers can change in forward:
