@@ -148,6 +148,10 @@ class Recorder:
     The training forward must be reproducible from the store: dropout (p > 0) and BatchNorm in train mode, and
     buffers that change during training, are refused with a RecorderError (see ``explaind_store.modes``); the mode
     each module trains in is recorded (``train_mode``) and used to rebuild the model.
+
+    Parameters that get no gradient at the first update (an unused pooler or positional table; torch's optimizers
+    skip them, so they never change) are stored once under ``static/`` as constants (``constant_tensors``) and left
+    out of the recorded tensors; one that gets a gradient at some updates only is refused.
     """
 
     def __init__(
@@ -183,6 +187,9 @@ class Recorder:
         self._hooks: list[Any] = []
         self._steps_since_record = 0
         self._pending: dict[str, Any] | None = None
+        self._constants: list[str] | None = None  # decided at the first update (see _settle_constants)
+        self._constant_params: dict[str, torch.Tensor] = {}
+        self._settled = False
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
@@ -420,6 +427,16 @@ class Recorder:
         self._lock_fd = _acquire_lock(self.path)
         _remove_partials(self.path)
         attrs = root.attrs.asdict()
+        constants = attrs.get(schema.ATTR_CONSTANTS)
+        if isinstance(constants, list):
+            known = [n for n in constants if n in self._id_to_name.values()]
+            self._drop_tensors(known)
+            self._constants = known
+            if known and schema.STATIC in root:
+                with torch.no_grad():  # they never changed: put the recorded values back
+                    for n, p in self._constant_params.items():
+                        if n in root[schema.STATIC]:
+                            p.copy_(torch.from_numpy(np.asarray(root[schema.STATIC][n][...])).reshape(p.shape))
         problems = []
         stored = {t["name"]: t for t in attrs[schema.ATTR_TENSORS]}
         live = {n: list(p.shape) for n, p in zip(self.names, self.params)}
@@ -503,6 +520,70 @@ class Recorder:
         has_buf = any(self.optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in self.params)
         return 1 if has_buf else 0
 
+    # --- constants: parameters torch's optimizers skip ---------------------------------------------------------
+    def _drop_tensors(self, names: list[str]) -> None:
+        """Stop recording ``names`` step by step (they are constants)."""
+        drop = set(names)
+        keep = [(n, p) for n, p in zip(self.names, self.params) if n not in drop]
+        self._constant_params.update({n: p for n, p in zip(self.names, self.params) if n in drop})
+        self.names = [n for n, _ in keep]
+        self.params = [p for _, p in keep]
+        self._id_to_name = {id(p): n for n, p in keep}
+
+    def _settle_constants(self) -> None:
+        """At the first update: parameters without a gradient are skipped by the optimizer (no state, no change)
+        and become constants, stored once under ``static/``; later updates must agree."""
+        no_grad = [n for n, p in zip(self.names, self.params) if p.grad is None]
+        if not self._settled:
+            self._settled = True
+            if self.updates_done == 0:  # nothing recorded past theta_0 yet: tensors may still become constants
+                if len(no_grad) == len(self.names):
+                    raise RecorderError(
+                        "optimizer.step() was called with no gradient on any parameter: call loss.backward() first"
+                    )
+                if no_grad:
+                    self._make_constant(no_grad)
+                self._constants = (self._constants or []) + no_grad
+                return
+            self._constants = self._constants or []
+        late = [n for n, p in self._constant_params.items() if p.grad is not None]
+        if no_grad or late:
+            s = self.updates_done + 1
+            raise RecorderError(
+                f"at update {s} parameters {(no_grad or late)[:5]} "
+                + ("got no gradient, though they had one at the first update" if no_grad else
+                   "got a gradient, though they had none at the first update and were recorded as constants")
+                + ": torch's optimizers skip a parameter without a gradient, so it would change only at some "
+                "updates, which the store cannot record. Make every trainable parameter take part in every "
+                "update (or in none: freeze it with requires_grad=False). The updates recorded before are kept."
+            )
+
+    def _make_constant(self, names: list[str]) -> None:
+        self._writer.flush()  # the writer thread is idle from here on: its arrays may change
+        index = {n: p for n, p in zip(self.names, self.params)}
+        g = self.root.require_group(schema.STATIC)
+        for n in names:
+            arr = _np(index[n])
+            if n in g:
+                del g[n]
+            storage.write_static(g, n, arr, schema.tensor_dims(n, arr.ndim) or ("scalar",))
+        self._drop_tensors(names)
+        attrs = self.root.attrs.asdict()
+        self._opt_attrs = optim_mod.optimizer_attrs(self.optimizer, self._id_to_name)
+        self.root.attrs.update({
+            schema.ATTR_TENSORS: [t for t in attrs[schema.ATTR_TENSORS] if t["name"] not in set(names)],
+            schema.ATTR_OPTIMIZER: self._opt_attrs,
+            schema.ATTR_CONSTANTS: sorted(set(attrs.get(schema.ATTR_CONSTANTS) or []) | set(names)),
+        })
+        for gname in (schema.PARAMS, *self.state_names):
+            for n in names:
+                self._arrays.pop(f"{gname}/{n}", None)
+                if n in self.root[gname]:
+                    del self.root[gname][n]
+        self._packs = self._pack_layout()
+        self._writer.arrays = self._arrays
+        self._writer.packs = {g_: segs for g_, (segs, _) in self._packs.items()}
+
     # --- per-update hooks --------------------------------------------------------------------------------------
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._steps_since_record >= 1:
@@ -510,6 +591,7 @@ class Recorder:
                 "optimizer.step() was called again before rec.record(): call rec.record(batch_indices) right after "
                 "every optimizer.step(), so each update's batch is recorded."
             )
+        self._settle_constants()
         lrs = [float(optim_mod._scalar(g["lr"])) for g in optimizer.param_groups]
         wds = [float(optim_mod._scalar(g.get("weight_decay", 0.0))) for g in optimizer.param_groups]
         if optim_mod.static_fingerprint(optimizer) != self._static_fp:  # cheap; the full comparison says what

@@ -161,3 +161,73 @@ def test_plain_loop_records_micro_batches_and_clipping_norms(tmp_path):
     assert np.all(np.asarray(blk.grad_scale) < 1)
     rep = run.verify()
     assert rep.ok and rep.gradient_checked, rep.table()
+
+
+class _WithUnused(torch.nn.Module):
+    """An MLP with a pooler the forward never uses (as Hugging Face models often carry)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(64, 6), torch.nn.Tanh(), torch.nn.Linear(6, 10))
+        self.pooler = torch.nn.Linear(10, 10)
+
+    def forward(self, x: torch.Tensor, use_pooler: bool = False) -> torch.Tensor:
+        out = self.body(x)
+        return self.pooler(out) if use_pooler else out
+
+
+def _loop(rec, model, opt, x, y, steps: range, pooler_at: int | None = None) -> None:
+    for step in steps:
+        idx = torch.arange(8 * (step % 8), 8 * (step % 8) + 8)
+        out = model(x[idx], use_pooler=step == pooler_at)
+        torch.nn.functional.cross_entropy(out, y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+        rec.record(idx)
+
+
+def test_parameters_without_gradient_are_recorded_as_constants(tmp_path):
+    from explaind_store import Recorder
+    from explaind_store import schema
+    from tests.support.store_helpers import digits
+
+    torch.manual_seed(0)
+    x, y = digits(64)
+    model = _WithUnused()
+    pooler0 = model.pooler.weight.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    with Recorder(tmp_path / "c.zarr", model, opt, data=(x, y)) as rec:
+        _loop(rec, model, opt, x, y, range(3))
+    run = open_run(tmp_path / "c.zarr", model_factory=_WithUnused)
+    assert run.tensor_names == ["body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias"]
+    assert run.attrs[schema.ATTR_CONSTANTS] == ["pooler.bias", "pooler.weight"]
+    assert all("pooler" not in n for g in run.attrs[schema.ATTR_OPTIMIZER]["groups"] for n in g["tensors"])
+    assert torch.equal(dict(run.model().named_parameters())["pooler.weight"], pooler0)
+    rep = run.verify()
+    assert rep.ok and rep.gradient_checked, rep.table()
+
+    # resume keeps them constant; a constant that starts receiving gradients is refused, the record kept
+    model2 = _WithUnused()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2, weight_decay=0.1)
+    with Recorder(tmp_path / "c.zarr", model2, opt2, resume=True) as rec:
+        assert torch.equal(model2.pooler.weight.detach(), pooler0)
+        _loop(rec, model2, opt2, x, y, range(3, 5))
+        with pytest.raises(RecorderError, match="got a gradient, though they had none at the first update"):
+            _loop(rec, model2, opt2, x, y, range(5, 6), pooler_at=5)
+    run = open_run(tmp_path / "c.zarr", model_factory=_WithUnused)
+    assert run.committed_updates == 5
+    assert run.verify().ok
+
+
+def test_a_parameter_that_loses_its_gradient_later_is_refused(tmp_path):
+    from explaind_store import Recorder
+    from tests.support.store_helpers import digits
+
+    torch.manual_seed(0)
+    x, y = digits(64)
+    model = _WithUnused()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with Recorder(tmp_path / "d.zarr", model, opt, data=(x, y)) as rec:
+        _loop(rec, model, opt, x, y, range(1), pooler_at=0)
+        with pytest.raises(RecorderError, match="got no gradient, though they had one"):
+            _loop(rec, model, opt, x, y, range(1, 2))
