@@ -240,26 +240,32 @@ class ExplaindCallback(TrainerCallback):
             raise RecorderError("this Trainer run cannot be recorded exactly:\n  - " + "\n  - ".join(problems))
 
     # --- per micro-batch --------------------------------------------------------------------------------------
+    def _refuse(self, message: str) -> RecorderError:
+        """Stop recording (the updates recorded so far stay committed) and return the error to raise."""
+        self._pending = False
+        self.close()
+        return RecorderError(message + " The updates recorded before this one are kept.")
+
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if not (torch.is_grad_enabled() and module.training):
             return  # evaluation and generation are not training updates
         ids = kwargs.get("input_ids", args[0] if args else None)
         labels = kwargs.get("labels")
         if ids is None or labels is None:
-            raise RecorderError("a training forward got no input_ids or labels; the Trainer must pass both")
+            raise self._refuse("a training forward got no input_ids or labels; the Trainer must pass both.")
         n = ids.shape[0]
         if len(self._fifo) < n:
-            raise RecorderError(
+            raise self._refuse(
                 f"a training micro-batch of {n} rows came with only {len(self._fifo)} sampled indices: the Trainer's "
-                "sampler is not the one the batches came from (the callback could not tap it)"
+                "sampler is not the one the batches came from (the callback could not tap it)."
             )
         idx = np.array([self._fifo.popleft() for _ in range(n)], dtype=np.int64)
         if not (torch.equal(ids.detach().cpu().long(), self._ids[idx])
                 and torch.equal(labels.detach().cpu().long(), self._labels[idx])):
-            raise RecorderError(
+            raise self._refuse(
                 "a training micro-batch differs from the dataset rows its sampled indices name: a data collator "
                 "that changes input_ids or labels (masking, dynamic padding) is not supported; pad and label the "
-                "rows in the dataset and use the default collator"
+                "rows in the dataset and use the default collator."
             )
         self._micro.append(idx)
         items = kwargs.get("num_items_in_batch")
@@ -278,11 +284,11 @@ class ExplaindCallback(TrainerCallback):
         # without num_items_in_batch the model divides a lone micro-batch by its own predicted tokens
         alone = len(self._micro) == 1 and self._loss_spec["count"] == "predicted"
         if any(i != count and not (alone and i == -1) for i in self._items):
-            raise RecorderError(
+            raise self._refuse(
                 f"the Trainer normalised the update's loss by {sorted(set(self._items))} items (-1: not given, so "
                 f"each micro-batch was averaged on its own), not by the {count} tokens the store's loss "
                 f"{self._loss_spec} divides by, so the record would not be the run. Use a model whose forward "
-                "accepts num_items_in_batch (Hugging Face causal LMs do), or pass the matching loss spec."
+                "accepts num_items_in_batch (Hugging Face causal LMs do)."
             )
         self._pending = True
         if self.recorder.max_grad_norm is None:

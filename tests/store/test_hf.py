@@ -53,22 +53,23 @@ def test_trainer_run_recorded_by_the_callback_verifies(tmp_path):
     ds = _dataset()
     cb = ExplaindCallback(tmp_path / "run.zarr")
     norms: list[float] = []
+    losses: list[float] = []
 
     class Norms(transformers.TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "grad_norm" in logs:
                 norms.append(logs["grad_norm"])
+                losses.append(logs["loss"])
 
     Trainer(model=model, args=_args(tmp_path), train_dataset=ds, callbacks=[cb, Norms()]).train()
     run = open_run(tmp_path / "run.zarr")
     assert run.committed_updates == 7
-    # 20 rows in micro-batches of 4 with accumulation 2: updates of 8, 8, 4 rows per epoch
-    sizes = [len(run.batch(s)) if hasattr(run, "batch") else None for s in range(1, 8)]
+    # 20 rows in micro-batches of 4 with accumulation 2: updates of 8, 8, 4 rows per epoch, each epoch a permutation
     blk = run.block(0, 7)
-    sizes = [len(b) for b in blk.batches]
-    assert sizes == [8, 8, 4, 8, 8, 4, 8]
-    assert all(sorted(np.concatenate([np.asarray(b) for b in blk.batches[:3]]).tolist()) == list(range(N))
-               for _ in [0])
+    assert [len(b) for b in blk.batches] == [8, 8, 4, 8, 8, 4, 8]
+    for epoch in (blk.batches[:3], blk.batches[3:6]):
+        assert sorted(np.concatenate([np.asarray(b) for b in epoch]).tolist()) == list(range(N))
+    assert np.allclose(run.updates["loss"].values[1:8], losses[:7], rtol=1e-6)  # the update loss, summed over micro-batches
     lr = np.asarray(blk.lr)[:, 0]
     assert lr[0] == 0.0 and lr[1] == pytest.approx(5e-3) and lr[2] == pytest.approx(1e-2)  # linear warm-up
     scales = np.asarray(blk.grad_scale)
@@ -231,3 +232,25 @@ def test_a_parameter_that_loses_its_gradient_later_is_refused(tmp_path):
         _loop(rec, model, opt, x, y, range(1), pooler_at=0)
         with pytest.raises(RecorderError, match="got no gradient, though they had one"):
             _loop(rec, model, opt, x, y, range(1, 2))
+
+
+def test_callback_refuses_a_collator_that_changes_the_rows_and_keeps_what_was_recorded(tmp_path):
+    from transformers import default_data_collator
+
+    calls = []
+
+    def masking_collator(rows):  # changes the labels after the first update's micro-batches
+        batch = default_data_collator(rows)
+        calls.append(1)
+        if len(calls) > 3:
+            batch["labels"] = batch["labels"].masked_fill(batch["labels"] % 2 == 0, -100)
+        return batch
+
+    torch.manual_seed(0)
+    cb = ExplaindCallback(tmp_path / "run.zarr")
+    trainer = Trainer(model=GPT2LMHeadModel(_config()), args=_args(tmp_path, max_steps=3), train_dataset=_dataset(),
+                      data_collator=masking_collator, callbacks=[cb])
+    with pytest.raises(RecorderError, match="data collator that changes input_ids or labels"):
+        trainer.train()
+    run = open_run(tmp_path / "run.zarr")
+    assert run.committed_updates == 1 and run.verify().ok
