@@ -4,6 +4,12 @@
     ...  loss.backward(); optimizer.step()
     rec.record(batch_indices, loss=loss.item())
 
+With gradient accumulation, pass the update's micro-batches as a list (``rec.record([idx_1, idx_2], ...)``): they
+form one batch, and the loss the store knows (mean over that whole batch) must be what the accumulated gradient
+is the gradient of. With clipping, build the recorder with ``max_grad_norm=`` and pass the total norm that
+``torch.nn.utils.clip_grad_norm_`` returned (``rec.record(idx, grad_norm=norm)``): the scale is computed exactly
+as torch computes it (:func:`clip_scale`).
+
 It captures theta_0 and the initial optimizer state on construction, and through optimizer step hooks the learning
 rate and weight decay each update actually used (whatever scheduler sets them).
 """
@@ -102,6 +108,26 @@ def _encode_commit_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     return attrs
 
 
+def clip_scale(total_norm: float | torch.Tensor, max_norm: float) -> float:
+    """The factor ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` multiplied the gradients by, given the total
+    norm it returned: ``min(1, max_norm / (total_norm + 1e-6))``, evaluated in float32 with torch's own operations
+    so that ``grad * clip_scale(...)`` equals the clipped gradient bit for bit (for float32 gradients)."""
+    norm = torch.as_tensor(total_norm, dtype=torch.float32).detach().cpu()
+    clip_coef = max_norm / (norm + 1e-6)  # the same expression (and so the same rounding) as torch's clipping
+    return float(torch.clamp(clip_coef, max=1.0))
+
+
+def _batch_array(batch_indices: Any) -> np.ndarray:
+    """One update's sample indices, flat; a list of arrays (the update's micro-batches) is concatenated."""
+    if isinstance(batch_indices, (list, tuple)) and batch_indices and all(
+        isinstance(b, (list, tuple, np.ndarray, torch.Tensor)) for b in batch_indices
+    ):
+        return np.concatenate([_batch_array(b) for b in batch_indices])
+    if isinstance(batch_indices, np.ndarray):
+        return batch_indices.reshape(-1)
+    return np.asarray(_np(torch.as_tensor(batch_indices))).reshape(-1)
+
+
 def _tensor_default(o: Any) -> Any:
     if isinstance(o, torch.Tensor) and o.numel() == 1:
         return o.item()
@@ -125,10 +151,16 @@ class Recorder:
         chunk_updates: steps per chunk (the flush interval); by default ~4 MB chunks for the largest tensor.
         lossy_keepbits: opt-in lossy BitRound of float mantissas (relative error <= 2^-(keepbits+1)).
         store_data: store the data arrays (default) or only a fingerprint to check them on use.
+        max_grad_norm: the ``max_norm`` the loop clips gradients to; ``record()`` then takes ``grad_norm=`` (the
+            total norm ``clip_grad_norm_`` returned) and stores the exact clipping scale.
 
     The training forward must be reproducible from the store: dropout (p > 0) and BatchNorm in train mode, and
     buffers that change during training, are refused with a RecorderError (see ``explaind_store.modes``); the mode
     each module trains in is recorded (``train_mode``) and used to rebuild the model.
+
+    Parameters that get no gradient at the first update (an unused pooler or positional table; torch's optimizers
+    skip them, so they never change) are stored once under ``static/`` as constants (``constant_tensors``) and left
+    out of the recorded tensors; one that gets a gradient at some updates only is refused.
     """
 
     def __init__(
@@ -149,7 +181,11 @@ class Recorder:
         clevel: int = storage.DEFAULT_CLEVEL,
         store_data: bool = True,
         queue_chunks: int = 4,
+        max_grad_norm: float | None = None,
     ) -> None:
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise RecorderError(f"max_grad_norm must be positive (or None when the loop does not clip), got {max_grad_norm!r}")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.path = Path(path)
         self.model = model
         self.optimizer = optimizer
@@ -160,6 +196,9 @@ class Recorder:
         self._hooks: list[Any] = []
         self._steps_since_record = 0
         self._pending: dict[str, Any] | None = None
+        self._constants: list[str] | None = None  # decided at the first update (see _settle_constants)
+        self._constant_params: dict[str, torch.Tensor] = {}
+        self._settled = False
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
@@ -405,6 +444,16 @@ class Recorder:
         self._lock_fd = _acquire_lock(self.path)
         _remove_partials(self.path)
         attrs = root.attrs.asdict()
+        constants = attrs.get(schema.ATTR_CONSTANTS)
+        if isinstance(constants, list):
+            known = [n for n in constants if n in self._id_to_name.values()]
+            self._drop_tensors(known)
+            self._constants = known
+            if known and schema.STATIC in root:
+                with torch.no_grad():  # they never changed: put the recorded values back
+                    for n, p in self._constant_params.items():
+                        if n in root[schema.STATIC]:
+                            p.copy_(torch.from_numpy(np.asarray(root[schema.STATIC][n][...])).reshape(p.shape))
         problems = []
         stored = {t["name"]: t for t in attrs[schema.ATTR_TENSORS]}
         live = {n: list(p.shape) for n, p in zip(self.names, self.params)}
@@ -488,6 +537,70 @@ class Recorder:
         has_buf = any(self.optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in self.params)
         return 1 if has_buf else 0
 
+    # --- constants: parameters torch's optimizers skip ---------------------------------------------------------
+    def _drop_tensors(self, names: list[str]) -> None:
+        """Stop recording ``names`` step by step (they are constants)."""
+        drop = set(names)
+        keep = [(n, p) for n, p in zip(self.names, self.params) if n not in drop]
+        self._constant_params.update({n: p for n, p in zip(self.names, self.params) if n in drop})
+        self.names = [n for n, _ in keep]
+        self.params = [p for _, p in keep]
+        self._id_to_name = {id(p): n for n, p in keep}
+
+    def _settle_constants(self) -> None:
+        """At the first update: parameters without a gradient are skipped by the optimizer (no state, no change)
+        and become constants, stored once under ``static/``; later updates must agree."""
+        no_grad = [n for n, p in zip(self.names, self.params) if p.grad is None]
+        if not self._settled:
+            self._settled = True
+            if self.updates_done == 0:  # nothing recorded past theta_0 yet: tensors may still become constants
+                if len(no_grad) == len(self.names):
+                    raise RecorderError(
+                        "optimizer.step() was called with no gradient on any parameter: call loss.backward() first"
+                    )
+                if no_grad:
+                    self._make_constant(no_grad)
+                self._constants = (self._constants or []) + no_grad
+                return
+            self._constants = self._constants or []
+        late = [n for n, p in self._constant_params.items() if p.grad is not None]
+        if no_grad or late:
+            s = self.updates_done + 1
+            raise RecorderError(
+                f"at update {s} parameters {(no_grad or late)[:5]} "
+                + ("got no gradient, though they had one at the first update" if no_grad else
+                   "got a gradient, though they had none at the first update and were recorded as constants")
+                + ": torch's optimizers skip a parameter without a gradient, so it would change only at some "
+                "updates, which the store cannot record. Make every trainable parameter take part in every "
+                "update (or in none: freeze it with requires_grad=False). The updates recorded before are kept."
+            )
+
+    def _make_constant(self, names: list[str]) -> None:
+        self._writer.flush()  # the writer thread is idle from here on: its arrays may change
+        index = {n: p for n, p in zip(self.names, self.params)}
+        g = self.root.require_group(schema.STATIC)
+        for n in names:
+            arr = _np(index[n])
+            if n in g:
+                del g[n]
+            storage.write_static(g, n, arr, schema.tensor_dims(n, arr.ndim) or ("scalar",))
+        self._drop_tensors(names)
+        attrs = self.root.attrs.asdict()
+        self._opt_attrs = optim_mod.optimizer_attrs(self.optimizer, self._id_to_name)
+        self.root.attrs.update({
+            schema.ATTR_TENSORS: [t for t in attrs[schema.ATTR_TENSORS] if t["name"] not in set(names)],
+            schema.ATTR_OPTIMIZER: self._opt_attrs,
+            schema.ATTR_CONSTANTS: sorted(set(attrs.get(schema.ATTR_CONSTANTS) or []) | set(names)),
+        })
+        for gname in (schema.PARAMS, *self.state_names):
+            for n in names:
+                self._arrays.pop(f"{gname}/{n}", None)
+                if n in self.root[gname]:
+                    del self.root[gname][n]
+        self._packs = self._pack_layout()
+        self._writer.arrays = self._arrays
+        self._writer.packs = {g_: segs for g_, (segs, _) in self._packs.items()}
+
     # --- per-update hooks --------------------------------------------------------------------------------------
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._steps_since_record >= 1:
@@ -495,6 +608,7 @@ class Recorder:
                 "optimizer.step() was called again before rec.record(): call rec.record(batch_indices) right after "
                 "every optimizer.step(), so each update's batch is recorded."
             )
+        self._settle_constants()
         lrs = [float(optim_mod._scalar(g["lr"])) for g in optimizer.param_groups]
         wds = [float(optim_mod._scalar(g.get("weight_decay", 0.0))) for g in optimizer.param_groups]
         if optim_mod.static_fingerprint(optimizer) != self._static_fp:  # cheap; the full comparison says what
@@ -520,13 +634,18 @@ class Recorder:
         batch_indices: Sequence[int] | ArrayLike,
         loss: float | torch.Tensor | None = None,
         grad_scale: float | torch.Tensor | None = None,
+        *,
+        grad_norm: float | torch.Tensor | None = None,
     ) -> None:
         """Record the update that ``optimizer.step()`` just made.
 
         Args:
-            batch_indices: indices (into the training data) of the samples in this update's batch.
+            batch_indices: indices (into the training data) of the samples in this update's batch, or a list of
+                index arrays, one per micro-batch accumulated into this update (concatenated into one batch).
             loss: the training loss of this batch (optional, for plots and checks).
             grad_scale: the factor gradient clipping applied to the batch gradient (e.g. ``min(1, max_norm/norm)``).
+            grad_norm: with ``Recorder(max_grad_norm=...)``: the total gradient norm ``clip_grad_norm_`` returned
+                for this update; the scale is then computed exactly as torch did (:func:`clip_scale`).
         """
         if self._closed:
             raise RecorderError("this recorder is closed; open a new one with resume=True (`--resume`) to continue")
@@ -535,8 +654,8 @@ class Recorder:
                 "rec.record() was called without an optimizer.step() since the last record (or before the first "
                 "step). Call it exactly once, right after each optimizer.step()."
             )
-        batch = np.asarray(_np(torch.as_tensor(batch_indices) if not isinstance(batch_indices, np.ndarray)
-                               else batch_indices)).reshape(-1)
+        grad_scale = self._grad_scale(grad_scale, grad_norm)
+        batch = _batch_array(batch_indices)
         if batch.size == 0 or batch.dtype.kind not in "iu":
             raise RecorderError(f"batch_indices must be a non-empty sequence of integers, got {batch_indices!r}")
         if self.n_train is not None and (batch.min() < 0 or batch.max() >= self.n_train):
@@ -565,6 +684,24 @@ class Recorder:
         self.updates_done = s
         self._steps_since_record = 0
         self._pending = None
+
+    def _grad_scale(self, grad_scale: float | torch.Tensor | None, grad_norm: float | torch.Tensor | None) -> float | None:
+        if grad_norm is None:
+            if self.max_grad_norm is not None and grad_scale is None:
+                raise RecorderError(
+                    f"this recorder was told the loop clips gradients (max_grad_norm={self.max_grad_norm}), but "
+                    "record() got no grad_norm: pass the total norm clip_grad_norm_ returned, "
+                    "rec.record(batch, grad_norm=norm)."
+                )
+            return None if grad_scale is None else float(grad_scale)
+        if grad_scale is not None:
+            raise RecorderError("pass grad_scale= or grad_norm= to record(), not both")
+        if self.max_grad_norm is None:
+            raise RecorderError(
+                "record(grad_norm=...) needs the clipping threshold: build the recorder with "
+                "Recorder(..., max_grad_norm=<the max_norm passed to clip_grad_norm_>)."
+            )
+        return clip_scale(grad_norm, self.max_grad_norm)
 
     def _check_still_reproducible(self, s: int) -> None:
         """Modes can change after construction (``model.train()`` in the loop) and buffers can change in forward:

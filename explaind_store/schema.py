@@ -69,6 +69,9 @@ ATTR_NONFINITE = "nonfinite_updates"  # updates whose parameters or state held N
 # always damage. Stores without it (older writers skipped all-fill chunks) are checked more leniently
 # (see explaind_store.integrity).
 ATTR_EVERY_CHUNK = "every_chunk_written"
+# parameters that require grad but received no gradient at the first update (an unused pooler or positional table):
+# torch's optimizers skip them, so they never change; stored once under STATIC and left out of ATTR_TENSORS
+ATTR_CONSTANTS = "constant_tensors"
 ATTR_TRAIN_MODE = "train_mode"  # {"training": bool, "differ": [module names]}: the mode the model trained in
 
 

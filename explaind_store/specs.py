@@ -43,6 +43,8 @@ BUILTIN_FACTORIES = frozenset(
         "explaind_store.examples.digits_cnn:make_model",
         "explaind_store.examples.tiny:make_mlp",
         "explaind_store.examples.tiny:make_tiny_transformer",
+        # builds a built-in transformers architecture from JSON config values only (no remote code, no weights)
+        "explaind_store.integrations.hf:causal_lm_from_config",
     }
 )
 FACTORY_MAX_LEN = 256
@@ -53,7 +55,10 @@ _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _MODULE_RE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*", re.ASCII)
 _FACTORY_RE = re.compile(rf"({_IDENT}(?:\.{_IDENT})*):({_IDENT})", re.ASCII)
 
-LOSS_KINDS = ("cross_entropy", "nll", "mse")
+LOSS_KINDS = ("cross_entropy", "nll", "mse", "causal_lm")
+# labels equal to this are not predicted (padding, prompts): torch's and Hugging Face's ignore_index
+IGNORE_INDEX = -100
+CAUSAL_LM_COUNTS = ("predicted", "labels")
 
 
 class UntrustedFactoryError(PermissionError):
@@ -243,8 +248,17 @@ def resolve_factory(spec: Any, model_factory: Callable[..., nn.Module] | None = 
     return model
 
 
-def loss_spec(kind: str = "cross_entropy", reduction: str = "mean") -> dict[str, str]:
-    """Spec of the training loss. ``cross_entropy`` on logits, ``nll`` on log-probs, ``mse``; mean over the batch."""
+def loss_spec(kind: str = "cross_entropy", reduction: str = "mean", count: str | None = None) -> dict[str, str]:
+    """Spec of the training loss: ``cross_entropy`` on logits, ``nll`` on log-probs, ``mse`` (mean over the
+    batch's samples), or ``causal_lm``: next-token cross-entropy on logits ``(N, T, V)`` against labels ``(N, T)``
+    shifted by one (logits at position t predict label t+1, as Hugging Face causal LMs do), labels equal to
+    ``IGNORE_INDEX`` (-100) skipped, mean over the tokens of the whole batch (of every micro-batch of
+    the update), which is what ``transformers.Trainer`` optimises with gradient accumulation.
+
+    ``count`` (``causal_lm`` only) is the divisor: ``"predicted"`` (default), the tokens that are predicted
+    (``labels[:, 1:] != -100``), the exact token mean; or ``"labels"``, every label that is not -100 including
+    position 0, which is never predicted. The Trainer of transformers 5.23 divides by the latter for models whose
+    class name it does not recognise as a causal LM (``GPT2LMHeadModel``: ``model.loss_type`` is None)."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"loss kind {kind!r} is not supported; use one of {', '.join(LOSS_KINDS)}")
     if reduction != "mean":
@@ -252,7 +266,15 @@ def loss_spec(kind: str = "cross_entropy", reduction: str = "mean") -> dict[str,
             f"loss reduction {reduction!r} is not supported: the decomposition assumes the batch-mean loss "
             "(reduction='mean'), which is what the optimizer's gradient g_s is"
         )
-    return {"kind": kind, "reduction": reduction}
+    if kind != "causal_lm":
+        if count is not None:
+            raise ValueError(f"count= applies to the causal_lm loss only, not {kind!r}")
+        return {"kind": kind, "reduction": reduction}
+    if count is None:
+        count = "predicted"
+    if count not in CAUSAL_LM_COUNTS:
+        raise ValueError(f"causal_lm count {count!r} is not supported; use one of {', '.join(CAUSAL_LM_COUNTS)}")
+    return {"kind": kind, "reduction": reduction, "count": count}
 
 
 def normalize_loss(loss: str | dict[str, str] | None) -> dict[str, str]:
@@ -260,11 +282,42 @@ def normalize_loss(loss: str | dict[str, str] | None) -> dict[str, str]:
         return loss_spec()
     if isinstance(loss, str):
         return loss_spec(loss)
-    return loss_spec(loss.get("kind", "cross_entropy"), loss.get("reduction", "mean"))
+    return loss_spec(loss.get("kind", "cross_entropy"), loss.get("reduction", "mean"), loss.get("count"))
+
+
+def token_counts(spec: dict[str, str], targets: torch.Tensor) -> torch.Tensor:
+    """``causal_lm``: each sample's share of the loss's divisor, shape ``(N,)`` (see :func:`loss_spec`)."""
+    labels = targets if spec.get("count") == "labels" else targets[:, 1:]
+    return (labels != IGNORE_INDEX).sum(dim=1)
+
+
+def _token_losses(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal LM: per-token losses ``(N, T-1)`` (0 where ignored) and the mask of predicted tokens."""
+    logits = outputs[:, :-1, :]
+    labels = targets[:, 1:]
+    keep = labels != IGNORE_INDEX
+    tok = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).reshape(labels.shape)
+    return tok, keep
+
+
+def loss_weights(spec: dict[str, str], targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights ``w`` (shape ``(N,)``, float64) with ``batch_loss = mean(w * per_sample_loss)`` for
+    the batch ``targets`` holds: all ones for the per-sample kinds; for ``causal_lm`` each sample's number of
+    tokens ``n_k`` (:func:`token_counts`) over the batch's mean ``sum(n) / N`` (a sample with none weighs 0)."""
+    n = targets.shape[0]
+    if spec["kind"] != "causal_lm":
+        return torch.ones(n, dtype=torch.float64)
+    counts = token_counts(spec, targets).to(torch.float64)
+    total = counts.sum()
+    return counts * n / total if total > 0 else torch.zeros(n, dtype=torch.float64)
 
 
 def per_sample_loss(spec: dict[str, str], outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Loss of each sample (no reduction), shape ``(N,)``; the training loss is its mean."""
+    """Loss of each sample (no reduction), shape ``(N,)``; the training loss is ``mean(loss_weights * it)``
+    (its plain mean for every kind but ``causal_lm``, whose per-sample loss is the sample's token-loss sum over its
+    own :func:`token_counts`)."""
     kind = spec["kind"]
     if kind == "cross_entropy":
         return F.cross_entropy(outputs, targets, reduction="none")
@@ -273,9 +326,16 @@ def per_sample_loss(spec: dict[str, str], outputs: torch.Tensor, targets: torch.
     if kind == "mse":
         diff = (outputs - targets.to(outputs.dtype)) ** 2
         return diff.reshape(diff.shape[0], -1).mean(dim=1)
+    if kind == "causal_lm":
+        tok, _ = _token_losses(outputs, targets)
+        return tok.sum(dim=1) / token_counts(spec, targets).clamp(min=1).to(tok.dtype)
     raise ValueError(f"unknown loss kind {kind!r}")
 
 
 def batch_loss(spec: dict[str, str], outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The batch-mean training loss, as the optimizer saw it."""
+    """The batch-mean training loss, as the optimizer saw it (for ``causal_lm``: sum over the batch's predicted
+    tokens / the batch's :func:`token_counts`)."""
+    if spec["kind"] == "causal_lm":
+        tok, _ = _token_losses(outputs, targets)
+        return tok.sum() / token_counts(spec, targets).sum().clamp(min=1).to(tok.dtype)
     return per_sample_loss(spec, outputs, targets).mean()

@@ -1,0 +1,256 @@
+"""The Hugging Face integration: a stock ``transformers.Trainer`` run of a tiny GPT-2, recorded by the callback
+(clipping, gradient accumulation 2, linear warm-up, padded sequences), verifies; dropout is refused with the
+settings to change; the plain-loop recorder API for micro-batches and clipping norms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+
+from explaind_store import RecorderError, open_run  # noqa: E402
+from explaind_store.integrations.hf import ExplaindCallback  # noqa: E402
+from explaind_store.recorder import clip_scale  # noqa: E402
+from explaind_store.specs import batch_loss, loss_weights, per_sample_loss  # noqa: E402
+
+N, T, V = 20, 16, 64
+
+
+def _config(dropout: float = 0.0) -> GPT2Config:
+    return GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=32, resid_pdrop=dropout,
+                      embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0)
+
+
+def _dataset(seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Right-padded sequences of different lengths, labels -100 under the padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (N, T), generator=g)
+    lens = torch.randint(6, T + 1, (N,), generator=g)
+    mask = (torch.arange(T)[None] < lens[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    return [{"input_ids": ids[i], "labels": labels[i], "attention_mask": mask[i]} for i in range(N)]
+
+
+def _args(tmp_path, **kw) -> TrainingArguments:
+    base = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=7,
+        max_grad_norm=0.1, warmup_steps=2, lr_scheduler_type="linear", learning_rate=1e-2, weight_decay=0.01,
+        report_to=[], save_strategy="no", logging_steps=100, disable_tqdm=True, seed=3,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def test_trainer_run_recorded_by_the_callback_verifies(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(_config())
+    ds = _dataset()
+    cb = ExplaindCallback(tmp_path / "run.zarr")
+    norms: list[float] = []
+    losses: list[float] = []
+
+    class Norms(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "grad_norm" in logs:
+                norms.append(logs["grad_norm"])
+                losses.append(logs["loss"])
+
+    Trainer(model=model, args=_args(tmp_path), train_dataset=ds, callbacks=[cb, Norms()]).train()
+    run = open_run(tmp_path / "run.zarr")
+    assert run.committed_updates == 7
+    # 20 rows in micro-batches of 4 with accumulation 2: updates of 8, 8, 4 rows per epoch, each epoch a permutation
+    blk = run.block(0, 7)
+    assert [len(b) for b in blk.batches] == [8, 8, 4, 8, 8, 4, 8]
+    for epoch in (blk.batches[:3], blk.batches[3:6]):
+        assert sorted(np.concatenate([np.asarray(b) for b in epoch]).tolist()) == list(range(N))
+    assert np.allclose(run.updates["loss"].values[1:8], losses[:7], rtol=1e-6)  # the update loss, summed over micro-batches
+    lr = np.asarray(blk.lr)[:, 0]
+    assert lr[0] == 0.0 and lr[1] == pytest.approx(5e-3) and lr[2] == pytest.approx(1e-2)  # linear warm-up
+    scales = np.asarray(blk.grad_scale)
+    assert np.all(scales < 1) and np.allclose(scales, [clip_scale(n, 0.1) for n in norms[:7]], rtol=0, atol=0)
+    names = run.tensor_names
+    assert names.count("transformer.wte.weight") == 1 and not any("lm_head" in n for n in names)  # tied: once
+    rep = run.verify()
+    assert rep.ok, rep.table()
+    assert rep.gradient_checked and rep.gradient_max_rel_error < 1e-3
+    assert rep.replay_excess <= 1
+
+
+def test_callback_refuses_dropout_naming_the_config_settings(tmp_path):
+    model = GPT2LMHeadModel(_config(dropout=0.1))
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_dataset(),
+                      callbacks=[ExplaindCallback(tmp_path / "run.zarr")])
+    with pytest.raises(RecorderError, match=r"resid_pdrop=0\.0.*embd_pdrop=0\.0|embd_pdrop=0\.0.*resid_pdrop=0\.0"):
+        trainer.train()
+    assert not (tmp_path / "run.zarr").exists()
+
+
+def test_callback_refuses_left_padding(tmp_path):
+    ds = _dataset()
+    for row in ds:  # move the padding to the left
+        row["input_ids"], row["labels"], row["attention_mask"] = (
+            row["input_ids"].flip(0), row["labels"].flip(0), row["attention_mask"].flip(0))
+    trainer = Trainer(model=GPT2LMHeadModel(_config()), args=_args(tmp_path, max_steps=1), train_dataset=ds,
+                      callbacks=[ExplaindCallback(tmp_path / "run.zarr")])
+    with pytest.raises(RecorderError, match="padding_side = 'right'"):
+        trainer.train()
+
+
+def test_clip_scale_reproduces_torch_clipping_bit_for_bit():
+    torch.manual_seed(1)
+    for max_norm in (0.05, 0.3, 1.0, 100.0):
+        grads = [torch.randn(7, 5), torch.randn(3) * 0.1, torch.randn(2, 2, 2)]
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        s = clip_scale(norm, max_norm)
+        assert (s == 1.0) == (max_norm == 100.0)
+        for p, g in zip(params, grads):
+            assert torch.equal(g * torch.tensor(s, dtype=torch.float32), p.grad)
+
+
+def test_causal_lm_loss_is_the_token_mean_of_the_whole_batch():
+    torch.manual_seed(2)
+    logits = torch.randn(3, 5, 7, dtype=torch.float64)
+    labels = torch.randint(0, 7, (3, 5))
+    labels[0, 2:] = -100
+    labels[2, :] = -100  # a row with no predicted token
+    spec = {"kind": "causal_lm", "reduction": "mean"}
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1),
+                                            ignore_index=-100)
+    assert torch.allclose(batch_loss(spec, logits, labels), ref)
+    per = per_sample_loss(spec, logits, labels)
+    w = loss_weights(spec, labels)
+    assert w.tolist() == [1 * 3 / 5, 4 * 3 / 5, 0.0]
+    assert torch.allclose((w * per).mean(), ref) and per[2] == 0
+
+
+def test_plain_loop_records_micro_batches_and_clipping_norms(tmp_path):
+    from explaind_store import Recorder
+    from tests.support.compare import MLP_SPEC
+    from tests.support.store_helpers import digits, make_mlp
+
+    torch.manual_seed(0)
+    x, y = digits(64)
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def accumulate(micro: list[torch.Tensor]) -> torch.Tensor:
+        for idx in micro:  # equal micro-batches, each loss / 2: the gradient of the mean over all 16
+            (torch.nn.functional.cross_entropy(model(x[idx]), y[idx]) / 2).backward()
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), 0.2)
+
+    with Recorder(tmp_path / "r.zarr", model, opt, data=(x, y), max_grad_norm=0.2, model_spec=MLP_SPEC) as rec:
+        for step in range(4):
+            micro = [torch.arange(8 * step, 8 * step + 8), torch.arange(40, 48)]
+            norm = accumulate(micro)
+            opt.step()
+            opt.zero_grad()
+            with pytest.raises(RecorderError, match="grad_norm"):
+                rec.record(micro)  # clipping was announced: the norm is required (and nothing is lost)
+            rec.record(micro, grad_norm=norm)
+    run = open_run(tmp_path / "r.zarr")
+    blk = run.block(0, run.committed_updates)
+    assert [len(b) for b in blk.batches] == [16] * 4
+    assert np.all(np.asarray(blk.grad_scale) < 1)
+    rep = run.verify()
+    assert rep.ok and rep.gradient_checked, rep.table()
+
+
+class _WithUnused(torch.nn.Module):
+    """An MLP with a pooler the forward never uses (as Hugging Face models often carry)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(64, 6), torch.nn.Tanh(), torch.nn.Linear(6, 10))
+        self.pooler = torch.nn.Linear(10, 10)
+
+    def forward(self, x: torch.Tensor, use_pooler: bool = False) -> torch.Tensor:
+        out = self.body(x)
+        return self.pooler(out) if use_pooler else out
+
+
+def _loop(rec, model, opt, x, y, steps: range, pooler_at: int | None = None) -> None:
+    for step in steps:
+        idx = torch.arange(8 * (step % 8), 8 * (step % 8) + 8)
+        out = model(x[idx], use_pooler=step == pooler_at)
+        torch.nn.functional.cross_entropy(out, y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+        rec.record(idx)
+
+
+def test_parameters_without_gradient_are_recorded_as_constants(tmp_path):
+    from explaind_store import Recorder
+    from explaind_store import schema
+    from tests.support.store_helpers import digits
+
+    torch.manual_seed(0)
+    x, y = digits(64)
+    model = _WithUnused()
+    pooler0 = model.pooler.weight.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    with Recorder(tmp_path / "c.zarr", model, opt, data=(x, y)) as rec:
+        _loop(rec, model, opt, x, y, range(3))
+    run = open_run(tmp_path / "c.zarr", model_factory=_WithUnused)
+    assert run.tensor_names == ["body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias"]
+    assert run.attrs[schema.ATTR_CONSTANTS] == ["pooler.bias", "pooler.weight"]
+    assert all("pooler" not in n for g in run.attrs[schema.ATTR_OPTIMIZER]["groups"] for n in g["tensors"])
+    assert torch.equal(dict(run.model().named_parameters())["pooler.weight"], pooler0)
+    rep = run.verify()
+    assert rep.ok and rep.gradient_checked, rep.table()
+
+    # resume keeps them constant; a constant that starts receiving gradients is refused, the record kept
+    model2 = _WithUnused()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2, weight_decay=0.1)
+    with Recorder(tmp_path / "c.zarr", model2, opt2, resume=True) as rec:
+        assert torch.equal(model2.pooler.weight.detach(), pooler0)
+        _loop(rec, model2, opt2, x, y, range(3, 5))
+        with pytest.raises(RecorderError, match="got a gradient, though they had none at the first update"):
+            _loop(rec, model2, opt2, x, y, range(5, 6), pooler_at=5)
+    run = open_run(tmp_path / "c.zarr", model_factory=_WithUnused)
+    assert run.committed_updates == 5
+    assert run.verify().ok
+
+
+def test_a_parameter_that_loses_its_gradient_later_is_refused(tmp_path):
+    from explaind_store import Recorder
+    from tests.support.store_helpers import digits
+
+    torch.manual_seed(0)
+    x, y = digits(64)
+    model = _WithUnused()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with Recorder(tmp_path / "d.zarr", model, opt, data=(x, y)) as rec:
+        _loop(rec, model, opt, x, y, range(1), pooler_at=0)
+        with pytest.raises(RecorderError, match="got no gradient, though they had one"):
+            _loop(rec, model, opt, x, y, range(1, 2))
+
+
+def test_callback_refuses_a_collator_that_changes_the_rows_and_keeps_what_was_recorded(tmp_path):
+    from transformers import default_data_collator
+
+    calls = []
+
+    def masking_collator(rows):  # changes the labels after the first update's micro-batches
+        batch = default_data_collator(rows)
+        calls.append(1)
+        if len(calls) > 3:
+            batch["labels"] = batch["labels"].masked_fill(batch["labels"] % 2 == 0, -100)
+        return batch
+
+    torch.manual_seed(0)
+    cb = ExplaindCallback(tmp_path / "run.zarr")
+    trainer = Trainer(model=GPT2LMHeadModel(_config()), args=_args(tmp_path, max_steps=3), train_dataset=_dataset(),
+                      data_collator=masking_collator, callbacks=[cb])
+    with pytest.raises(RecorderError, match="data collator that changes input_ids or labels"):
+        trainer.train()
+    run = open_run(tmp_path / "run.zarr")
+    assert run.committed_updates == 1 and run.verify().ok
