@@ -299,6 +299,18 @@ def check_store(traj: Trajectory, window: tuple[int, int]) -> None:
         )
 
 
+def check_loss_supported(traj: Trajectory) -> None:
+    """The engine weighs every sample of a batch equally; a token-weighted loss (``causal_lm``: the batch loss is
+    the mean over all the batch's tokens) would give a result whose data part is not exact, so it is refused."""
+    kind = dict(traj.loss).get("kind")
+    if kind == "causal_lm":
+        raise ValueError(
+            "this run was trained with the token-level causal-LM loss (causal_lm: the mean over every token of the "
+            "batch, so samples weigh by their token counts); the engine cannot decompose it exactly yet. The store "
+            "itself is complete: open_run(...).verify() checks it, and its trajectory can be read as usual."
+        )
+
+
 def check_out(out: Any) -> Path:
     """The output path; refuses to overwrite anything but an earlier attribution result."""
     p = Path(out)
@@ -440,6 +452,7 @@ def attribute(
     """
     # --- every check before any heavy work --------------------------------------------------------------------
     traj = open_trajectory(run)
+    check_loss_supported(traj)
     if output not in OUTPUT_MODES:
         raise ValueError(f"unknown output={output!r}; use one of {', '.join(OUTPUT_MODES)}")
     by_set = parse_by(by)

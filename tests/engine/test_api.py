@@ -525,3 +525,20 @@ def test_cli_attribute_and_top(digits_store, tmp_path, capsys):
     assert "out of range: the result has 2 queries" in capsys.readouterr().err
     assert main(["attribute", str(digits_store), "--queries", "nope[:2]", "--sync"]) == 2
     assert "no data split 'nope'" in capsys.readouterr().err
+
+
+def test_a_token_weighted_causal_lm_run_is_refused_not_decomposed_inexactly(tmp_path):
+    """The engine weighs a batch's samples equally; a Trainer run of a causal LM (loss = mean over all the batch's
+    tokens) must be refused before any work, not decomposed with a large residual."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import GPT2LMHeadModel, Trainer
+
+    from explaind_store.integrations.hf import ExplaindCallback
+    from tests.store.test_hf import _args, _config, _dataset
+
+    torch.manual_seed(0)
+    Trainer(model=GPT2LMHeadModel(_config()), args=_args(tmp_path, max_steps=2), train_dataset=_dataset(),
+            callbacks=[ExplaindCallback(tmp_path / "lm.zarr")]).train()
+    with pytest.raises(ValueError, match="token-level causal-LM loss"):
+        engine.attribute(tmp_path / "lm.zarr", queries="train[:2]", output="loss", client="sync", progress=False)
