@@ -299,15 +299,14 @@ def check_store(traj: Trajectory, window: tuple[int, int]) -> None:
         )
 
 
-def check_loss_supported(traj: Trajectory) -> None:
-    """The engine weighs every sample of a batch equally; a token-weighted loss (``causal_lm``: the batch loss is
-    the mean over all the batch's tokens) would give a result whose data part is not exact, so it is refused."""
+def check_loss_supported(traj: Trajectory, output: str) -> None:
+    """Output modes the run's loss supports: a token-level ``causal_lm`` run's outputs are sequences of logits, so
+    its queries are sequences and their output is their own loss (the mean over their predicted tokens)."""
     kind = dict(traj.loss).get("kind")
-    if kind == "causal_lm":
+    if kind == "causal_lm" and output != "loss":
         raise ValueError(
-            "this run was trained with the token-level causal-LM loss (causal_lm: the mean over every token of the "
-            "batch, so samples weigh by their token counts); the engine cannot decompose it exactly yet. The store "
-            "itself is complete: open_run(...).verify() checks it, and its trajectory can be read as usual."
+            f"output={output!r} is not defined for a causal language model run (loss causal_lm: its outputs are "
+            "logits for every position and token); use output='loss', the loss of each query sequence"
         )
 
 
@@ -452,9 +451,9 @@ def attribute(
     """
     # --- every check before any heavy work --------------------------------------------------------------------
     traj = open_trajectory(run)
-    check_loss_supported(traj)
     if output not in OUTPUT_MODES:
         raise ValueError(f"unknown output={output!r}; use one of {', '.join(OUTPUT_MODES)}")
+    check_loss_supported(traj, output)
     by_set = parse_by(by)
     device = check_device(device)
     if quadrature is not None:

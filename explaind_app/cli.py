@@ -166,6 +166,7 @@ def _count(n: object, noun: str) -> str:
 
 def summarize(ds: xr.Dataset, top: int = 5, max_queries: int = 5) -> str:
     """A few lines: window, residuals, the total of each part, and the top training samples of the first queries."""
+    from engine.result import NonFiniteResultError
     from engine.topk import top_k
 
     attrs = ds.attrs
@@ -186,8 +187,12 @@ def summarize(ds: xr.Dataset, top: int = 5, max_queries: int = 5) -> str:
          "outputs)"),
     ]
     if SAMPLE in ds["data"].dims and ds.sizes[SAMPLE] > 0:
-        res = top_k(ds, top, along=SAMPLE, part="data")
-        lines.append(format_top(ds, res, query=None, output="predicted", max_queries=max_queries))
+        try:
+            res = top_k(ds, top, along=SAMPLE, part="data")
+        except NonFiniteResultError:
+            lines.append("top            not ranked: the result holds NaN or inf (see the totals above)")
+        else:
+            lines.append(format_top(ds, res, query=None, output="predicted", max_queries=max_queries))
     return "\n".join(lines)
 
 

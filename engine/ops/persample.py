@@ -10,7 +10,10 @@ Two ways, same numbers (float64, agree to ~1e-15):
   **Not thread-safe** (torch forward-mode AD): run it in one thread per process.
 
 The training loss of sample ``k`` is ``per_sample_loss(loss_spec, model(x_k), y_k)`` in the model's eval mode; the
-optimizer's gradient is the batch mean of these (``reduction="mean"``).
+optimizer's gradient is the batch mean of these (``reduction="mean"``), each weighted by ``loss_weights`` of the
+whole batch: 1 for per-sample losses, a sequence's token count over the batch's mean for the token-level
+``causal_lm`` loss (whose batch loss is the mean over all the batch's tokens). Every per-sample gradient here is of
+``w_k l_k``, so dot products and batch means need no further weighting.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from explaind_store.specs import per_sample_loss
+from explaind_store.specs import loss_weights, per_sample_loss
 
 METHODS = ("auto", "grad", "jvp")
 
@@ -50,6 +53,13 @@ def choose_method(method: str, n_rows: int, batch_size: int, per_tensor: bool) -
     return "jvp" if n_rows <= AUTO_JVP_ROWS else "grad"
 
 
+def batch_weights(loss_spec: dict[str, str], y: torch.Tensor) -> torch.Tensor | None:
+    """The per-sample weights of one update's whole batch ``y`` in its loss, or None when they are all 1."""
+    if loss_spec.get("kind") != "causal_lm":
+        return None
+    return loss_weights(loss_spec, y).to(y.device)
+
+
 def _sample_loss_fn(model: nn.Module, loss_spec: dict[str, str]) -> Callable:
     def one(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, params, (x.unsqueeze(0),))
@@ -58,9 +68,12 @@ def _sample_loss_fn(model: nn.Module, loss_spec: dict[str, str]) -> Callable:
     return one
 
 
-def _batch_losses_fn(model: nn.Module, loss_spec: dict[str, str], x: torch.Tensor, y: torch.Tensor) -> Callable:
+def _batch_losses_fn(
+    model: nn.Module, loss_spec: dict[str, str], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
+) -> Callable:
     def losses(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        return per_sample_loss(loss_spec, functional_call(model, params, (x,)), y)
+        out = per_sample_loss(loss_spec, functional_call(model, params, (x,)), y)
+        return out if w is None else out * w.to(out.dtype)
 
     return losses
 
@@ -68,8 +81,8 @@ def _batch_losses_fn(model: nn.Module, loss_spec: dict[str, str], x: torch.Tenso
 def batch_mean_grad(
     model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, loss_spec: dict[str, str]
 ) -> dict[str, torch.Tensor]:
-    """The optimizer's (unclipped) batch gradient ``g = mean_k grad l_k(params)``, one reverse pass."""
-    losses = _batch_losses_fn(model, loss_spec, x, y)
+    """The optimizer's (unclipped) batch gradient ``g = mean_k w_k grad l_k(params)``, one reverse pass."""
+    losses = _batch_losses_fn(model, loss_spec, x, y, batch_weights(loss_spec, y))
     return grad(lambda p: losses(p).mean())(params)
 
 
@@ -90,7 +103,7 @@ def batch_mean_grads(
     if n == 0:
         return []
     same = all(x.shape == xs[0].shape for x in xs) and all(y.shape == ys[0].shape for y in ys)
-    if not same or n == 1:
+    if not same or n == 1 or batch_weights(loss_spec, ys[0]) is not None:  # weights: per update (not vmapped)
         return [batch_mean_grad(model, {k: v[i] for k, v in params.items()}, xs[i], ys[i], loss_spec) for i in range(n)]
 
     def mean_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -119,9 +132,13 @@ def sample_grads(
     ``(slice of the batch, name -> (chunk, *shape))``. Lazy, so a consumer holds one chunk at a time."""
     psg = vmap(grad(_sample_loss_fn(model, loss_spec)), in_dims=(None, 0, 0))
     B = x.shape[0]
+    w = batch_weights(loss_spec, y)  # of the whole batch, before it is cut into chunks
     for c0 in range(0, B, sample_chunk):
         sl = slice(c0, min(B, c0 + sample_chunk))
-        yield sl, psg(params, x[sl], y[sl])
+        G = psg(params, x[sl], y[sl])
+        if w is not None:
+            G = {n: g.mul_(w[sl].to(g.dtype).reshape(-1, *([1] * (g.ndim - 1)))) for n, g in G.items()}
+        yield sl, G
 
 
 def grad_dots(
@@ -201,9 +218,10 @@ def sample_dots(
     sc = {n: 1.0 if scale is None else float(scale.get(n, 1.0)) for n in names}
     mean: dict[str, torch.Tensor] | None = None
     rows = max(1, JVP_BATCH // max(1, min(B, sample_chunk)))
+    w = batch_weights(loss_spec, y)
     for c0 in range(0, B, sample_chunk):
         sl = slice(c0, min(B, c0 + sample_chunk))
-        losses = _batch_losses_fn(model, loss_spec, x[sl], y[sl])
+        losses = _batch_losses_fn(model, loss_spec, x[sl], y[sl], None if w is None else w[sl])
         if per_tensor:
             for t, n in enumerate(names):
 

@@ -527,18 +527,30 @@ def test_cli_attribute_and_top(digits_store, tmp_path, capsys):
     assert "no data split 'nope'" in capsys.readouterr().err
 
 
-def test_a_token_weighted_causal_lm_run_is_refused_not_decomposed_inexactly(tmp_path):
-    """The engine weighs a batch's samples equally; a Trainer run of a causal LM (loss = mean over all the batch's
-    tokens) must be refused before any work, not decomposed with a large residual."""
+def test_a_trainer_run_of_a_causal_lm_decomposes_exactly_with_token_weights(tmp_path):
+    """A Trainer run of GPT-2 (clipping, accumulation 2, warm-up, padded sequences of different lengths): the batch
+    loss is the mean over all the batch's tokens, so each sequence weighs by its token count. Unweighted, an update's
+    rounding residual is O(its change); weighted, it is float32 rounding and the identity closes."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
+    import warnings
+
     from transformers import GPT2LMHeadModel, Trainer
 
     from explaind_store.integrations.hf import ExplaindCallback
     from tests.store.test_hf import _args, _config, _dataset
 
     torch.manual_seed(0)
-    Trainer(model=GPT2LMHeadModel(_config()), args=_args(tmp_path, max_steps=2), train_dataset=_dataset(),
+    Trainer(model=GPT2LMHeadModel(_config()), args=_args(tmp_path, max_steps=3), train_dataset=_dataset(),
             callbacks=[ExplaindCallback(tmp_path / "lm.zarr")]).train()
-    with pytest.raises(ValueError, match="token-level causal-LM loss"):
-        engine.attribute(tmp_path / "lm.zarr", queries="train[:2]", output="loss", client="sync", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", engine.InexactWarning)  # the guard must not even suspect it
+        ds = engine.attribute(tmp_path / "lm.zarr", queries="train[:3]", output="loss", by=("sample", "step"),
+                              client="sync", progress=False)
+    assert identity_error(ds) <= 1e-10
+    assert float(np.abs(ds["rounding_residual"]).max()) <= 1e-6 * float(np.abs(ds["delta"]).max())
+    lens = np.asarray([int((r["labels"] != -100).sum()) for r in _dataset()])
+    assert len(set(lens)) > 3  # the sequences really differ in length
+    with pytest.raises(ValueError, match="output='loss'"):
+        engine.attribute(tmp_path / "lm.zarr", queries="train[:2]", output="log_softmax", client="sync",
+                         progress=False)

@@ -192,7 +192,8 @@ def test_summaries_do_not_skip_nan(store):
     ds = attribute(store)
     ds["data"][0, 0, 3] = np.nan
     ds["residual"][1, 0, 2] = np.nan
-    assert "data +nan" in summarize(ds)
+    text = summarize(ds)
+    assert "data +nan" in text and "not ranked" in text
     assert np.isnan(finalize_attrs(ds).attrs["max_abs_residual"])
 
 
