@@ -39,7 +39,8 @@ class MissingChunkError(storage.StoreError):
 
 
 class DataChecksumError(storage.StoreError):
-    """A stored data split no longer matches the sha256 fingerprint recorded when the run was created."""
+    """A data split (stored, or rebuilt from its data spec) does not match the sha256 fingerprint recorded when the
+    run was created."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from torch import nn
 from . import storage
 from . import integrity, schema
 from .integrity import DataChecksumError, MissingChunkError  # noqa: F401 - re-exported for callers
-from .specs import resolve_factory
+from .specs import resolve_data, resolve_factory, safe_text
 from .trajectory import OptimizerSpec, TrajectoryBlock
 
 
@@ -51,6 +51,7 @@ class Run:
         self._chunk_keys: dict[str, frozenset[str]] = {}  # chunk files present per array (integrity), ditto
         self._verified_splits: set[str] = set()  # stored splits whose checksum matched
         self._attached: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._built: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # reference splits built from their spec
         for split, (x, y) in (data or {}).items():
             self.attach_data(split, x, y)
         if self.committed_updates < 0:
@@ -293,12 +294,17 @@ class Run:
         )
 
     def split(self, name: str = schema.TRAIN_SPLIT) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets of a data split, from the store or attached (checked against its fingerprint)."""
+        """Inputs and targets of a data split (checked against its fingerprint): attached data wins, then the
+        store's arrays, then a split recorded by reference built through its trusted dataset factory."""
         if name in self._attached:
             return self._attached[name]
         info = self.attrs[schema.ATTR_DATA]["splits"].get(name)
         if info is None:
             raise KeyError(f"this run has no data split {name!r}; it has {self.splits}")
+        if info.get("mode") != "stored" and "spec" in info:
+            if name not in self._built:
+                self._built[name] = self._build_split(name, info)
+            return self._built[name]
         if info.get("mode") != "stored":
             raise storage.StoreError(
                 f"split {name!r} is stored by reference only (fingerprint {info['fingerprint']}); pass the data: "
@@ -311,13 +317,27 @@ class Run:
             self._verified_splits.add(name)
         return torch.from_numpy(x), torch.from_numpy(y)
 
+    def _build_split(self, name: str, info: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = info["spec"]
+        inputs, targets = resolve_data(spec)  # refuses untrusted factories before importing them
+        x, y = _as_numpy(inputs), _as_numpy(targets)
+        got = storage.fingerprint(x, y)
+        if got != info.get("fingerprint"):
+            raise DataChecksumError(
+                f"{self.path}: split {name!r} is recorded by reference to the dataset factory "
+                f"{safe_text(spec.get('factory'))}, but the factory gives other data on this machine (another Python "
+                f"version? other files or library versions?) than the run was trained on ({got} != recorded "
+                f"{safe_text(info.get('fingerprint'))}). Results from it would be wrong; pass the original data: "
+                f"open_run(path, data={{{name!r}: (inputs, targets)}})."
+            )
+        return torch.from_numpy(x), torch.from_numpy(y)
+
     def attach_data(self, split: str, inputs: Any, targets: Any) -> None:
         """Provide a split recorded by reference; refuses data whose fingerprint differs from the recorded one."""
         info = self.attrs[schema.ATTR_DATA]["splits"].get(split)
         if info is None:
             raise KeyError(f"this run has no data split {split!r}; it has {self.splits}")
-        x = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
-        y = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+        x, y = _as_numpy(inputs), _as_numpy(targets)
         fp = storage.fingerprint(x, y)
         if fp != info["fingerprint"]:
             raise storage.StoreError(
@@ -370,6 +390,10 @@ class Run:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
 
+def _as_numpy(a: Any) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
 def _fmt_slice(sl: Any) -> str:
     if isinstance(sl, slice):
         return f"{'' if sl.start is None else sl.start}:{'' if sl.stop is None else sl.stop}"
@@ -397,6 +421,7 @@ def open_run(
         model_factory: builds the model (called with the spec's kwargs); needed when the store's factory is not in
             a trusted module (built-in examples, or ``$EXPLAIND_TRUSTED_MODULES``).
         data: splits recorded by reference, ``{"train": (inputs, targets)}``; checked against their fingerprints.
+            A split recorded with a data spec is built through its trusted dataset factory when not given here.
         store: a zarr Store to read through instead of the path (e.g. a ``LoggingStore`` wrapper).
     """
     return Run(path, model_factory=model_factory, data=data, store=store)

@@ -33,7 +33,7 @@ from . import storage
 from . import modes
 from . import optim as optim_mod
 from . import schema
-from .specs import normalize_loss
+from .specs import data_spec, normalize_loss, resolve_data
 from .writer import ChunkWriter, Row, Segment
 
 
@@ -63,6 +63,26 @@ def _acquire_lock(path: Path) -> int:
             "finish, or record to another path."
         ) from None
     return fd
+
+
+def _checked_data_spec(split: str, spec: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+    """The data spec of ``split`` as stored, after building it once through the trust rule and checking that it
+    gives exactly the arrays being recorded (a wrong spec would only show when someone opens the run)."""
+    if not isinstance(spec, dict) or set(spec) - {"factory", "kwargs"}:
+        raise RecorderError(
+            f"data_specs[{split!r}] must be {{'factory': 'module:function', 'kwargs': {{...}}}}; build it with "
+            "explaind_store.specs.data_spec(factory, **kwargs)"
+        )
+    stored = data_spec(spec.get("factory"), **dict(spec.get("kwargs") or {}))
+    x, y = resolve_data(stored)
+    got = storage.fingerprint(_np(x), _np(y))
+    if got != fingerprint:
+        raise RecorderError(
+            f"data_specs[{split!r}] ({stored['factory']} with {stored['kwargs']}) gives other data than the arrays "
+            f"passed for split {split!r} ({got} != {fingerprint}); pass the arrays the factory returns, or fix its "
+            "kwargs"
+        )
+    return stored
 
 
 def _killed_during_creation(path: Path) -> bool:
@@ -151,6 +171,10 @@ class Recorder:
         chunk_updates: steps per chunk (the flush interval); by default ~4 MB chunks for the largest tensor.
         lossy_keepbits: opt-in lossy BitRound of float mantissas (relative error <= 2^-(keepbits+1)).
         store_data: store the data arrays (default) or only a fingerprint to check them on use.
+        data_specs: splits to record by reference to a trusted dataset factory instead of storing them,
+            ``{"train": data_spec("pkg.mod:fn", **kwargs)}`` (see ``specs.data_spec``): the factory is called once
+            here and must give exactly the arrays passed as that split; readers rebuild the split through it (same
+            trust rule as model factories) and check its fingerprint. Other splits follow ``store_data``.
         max_grad_norm: the ``max_norm`` the loop clips gradients to; ``record()`` then takes ``grad_norm=`` (the
             total norm ``clip_grad_norm_`` returned) and stores the exact clipping scale.
 
@@ -180,6 +204,7 @@ class Recorder:
         lossy_keepbits: int | None = None,
         clevel: int = storage.DEFAULT_CLEVEL,
         store_data: bool = True,
+        data_specs: dict[str, dict[str, Any]] | None = None,
         queue_chunks: int = 4,
         max_grad_norm: float | None = None,
     ) -> None:
@@ -214,7 +239,7 @@ class Recorder:
 
         try:
             self._open_or_create(data, loss, model_spec, splits, resume, overwrite, chunk_updates, lossy_keepbits,
-                                 clevel, store_data)
+                                 clevel, store_data, data_specs or {})
         except BaseException:
             self._release_lock()
             raise
@@ -250,6 +275,7 @@ class Recorder:
         lossy_keepbits: int | None,
         clevel: int,
         store_data: bool,
+        data_specs: dict[str, dict[str, Any]],
     ) -> None:
         exists = self.path.exists() and any(self.path.iterdir())
         if resume and exists and data is not None and _killed_during_creation(self.path):
@@ -268,7 +294,8 @@ class Recorder:
                 self._replace_existing()
             if data is None:
                 raise RecorderError("data=(inputs, targets) is required: batch indices refer to the training data")
-            self._create(data, splits or {}, loss, model_spec, chunk_updates, lossy_keepbits, clevel, store_data)
+            self._create(data, splits or {}, loss, model_spec, chunk_updates, lossy_keepbits, clevel, store_data,
+                         data_specs)
 
     # --- set-up ----------------------------------------------------------------------------------------------
     def _check_optimizer_covers_model(self, model: nn.Module) -> None:
@@ -319,7 +346,21 @@ class Recorder:
         lossy_keepbits: int | None,
         clevel: int,
         store_data: bool,
+        data_specs: dict[str, dict[str, Any]],
     ) -> None:
+        all_splits = {schema.TRAIN_SPLIT: data, **splits}
+        unknown = sorted(set(data_specs) - set(all_splits))
+        if unknown:
+            raise RecorderError(
+                f"data_specs names splits {unknown} that were not given; the splits are {sorted(all_splits)} "
+                "(pass the data of each split too: the spec is checked against it)"
+            )
+        arrays = {split: (_np(x), _np(y)) for split, (x, y) in all_splits.items()}
+        # before anything is written: a spec that is refused or gives other data leaves no half-made store
+        stored_specs = {
+            split: _checked_data_spec(split, spec, storage.fingerprint(*arrays[split]))
+            for split, spec in data_specs.items()
+        }
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _acquire_lock(self.path)
         step_bytes = max(p.numel() * p.element_size() for p in self.params)
@@ -341,13 +382,13 @@ class Recorder:
         root.attrs.update({schema.ATTR_FORMAT: schema.FORMAT_NAME, schema.ATTR_FORMAT_VERSION: schema.FORMAT_VERSION,
                            schema.ATTR_COMMITTED: -1})
         data_attrs = {"splits": {}}
-        all_splits = {schema.TRAIN_SPLIT: data, **splits}
-        for split, (x, y) in all_splits.items():
-            xs, ys = _np(x), _np(y)
+        for split, (xs, ys) in arrays.items():
             if len(xs) != len(ys):
                 raise RecorderError(f"split {split!r}: {len(xs)} inputs but {len(ys)} targets")
             info: dict[str, Any] = {"n": len(xs), "fingerprint": storage.fingerprint(xs, ys)}
-            if store_data:
+            if split in data_specs:
+                info["spec"] = stored_specs[split]
+            if store_data and split not in data_specs:
                 g = root.require_group(schema.data_path(split))
                 storage.write_static(g, schema.INPUTS, xs, schema.data_dims(split, schema.INPUTS, xs.ndim))
                 storage.write_static(g, schema.TARGETS, ys, schema.data_dims(split, schema.TARGETS, ys.ndim))

@@ -1,19 +1,23 @@
-"""JSON specs stored in a run: the model factory and the training loss.
+"""JSON specs stored in a run: the model factory, dataset factories and the training loss.
 
 A store is data that may come from someone else, so reading one must never run code the user did not choose. A
-model spec names its factory as ``"module:name"`` plus JSON keyword arguments, and the rule is:
+model spec (and a data spec: a split recorded by reference, see :func:`data_spec`) names its factory as
+``"module:name"`` plus JSON keyword arguments, and the rule is the same for both:
 
 - ``module`` is a dotted path of ASCII identifiers and ``name`` one ASCII identifier: no attribute chains, no
   leading underscore or dunder, at most :data:`FACTORY_MAX_LEN` characters. This is checked before anything is
   imported.
-- The factory is trusted: one of the built-in example factories (:data:`BUILTIN_FACTORIES`, by exact name), or
+- The factory is trusted: one of the built-in example factories (:data:`BUILTIN_FACTORIES` for models,
+  :data:`BUILTIN_DATASET_FACTORIES` for data, by exact name), or
   ``module`` is equal to or below an entry of ``$EXPLAIND_TRUSTED_MODULES`` (comma-separated, shared by the CLI and
   Dask workers). Entries naming the standard library, ``explaind_store``/``engine`` or a whole installed package
   (``torch``, ``numpy``, ...) are refused.
-- ``name`` is looked up in the module's own namespace and must be a plain Python function or an ``nn.Module``
-  subclass defined at top level under that name (``__qualname__ == name``) in a trusted module: re-exported modules
-  (``torch``, ``os``), builtins (``print``, ``eval``) and functions imported from elsewhere are refused.
-- A factory the caller passes (``open_run(path, model_factory=...)``) always wins: the caller vouches for it.
+- ``name`` is looked up in the module's own namespace and must be a plain Python function (for a model, also an
+  ``nn.Module`` subclass) defined at top level under that name (``__qualname__ == name``) in a trusted module:
+  re-exported modules (``torch``, ``os``), builtins (``print``, ``eval``) and functions imported from elsewhere are
+  refused. One checker (:func:`load_trusted`) applies the rule to both kinds.
+- A factory or data the caller passes (``open_run(path, model_factory=..., data=...)``) always wins: the caller
+  vouches for it.
 """
 
 from __future__ import annotations
@@ -43,8 +47,17 @@ BUILTIN_FACTORIES = frozenset(
         "explaind_store.examples.digits_cnn:make_model",
         "explaind_store.examples.tiny:make_mlp",
         "explaind_store.examples.tiny:make_tiny_transformer",
+        "explaind_store.examples.tiny:make_byte_lm",
         # builds a built-in transformers architecture from JSON config values only (no remote code, no weights)
         "explaind_store.integrations.hf:causal_lm_from_config",
+    }
+)
+# The built-in dataset factories (data specs), trusted by exact name; a model factory is never a dataset factory
+# and the other way round.
+BUILTIN_DATASET_FACTORIES = frozenset(
+    {
+        # byte-level sequences cut from the standard library's own .py files (reads files, runs nothing)
+        "explaind_store.examples.corpus:stdlib_bytes",
     }
 )
 FACTORY_MAX_LEN = 256
@@ -62,11 +75,19 @@ CAUSAL_LM_COUNTS = ("predicted", "labels")
 
 
 class UntrustedFactoryError(PermissionError):
-    """The store names a model factory the user has not trusted (nothing was imported)."""
+    """The store names a model or dataset factory the user has not trusted (nothing was imported)."""
 
 
 class FactorySpecError(ValueError):
-    """A model spec is malformed: not ``"module:name"`` with a JSON object of kwargs (a damaged or hostile store)."""
+    """A model or data spec is malformed: not ``"module:name"`` with a JSON object of kwargs (a damaged or hostile
+    store)."""
+
+
+# what each kind of factory is called in messages, the store attribute naming it, and how the caller overrides it
+_KINDS = {
+    "model": ("model factory", "model_spec", "pass model_factory= to open_run()"),
+    "dataset": ("dataset factory", "data spec", "pass the data: open_run(path, data={split: (inputs, targets)})"),
+}
 
 
 def safe_text(value: Any, limit: int = 80) -> str:
@@ -75,41 +96,56 @@ def safe_text(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "...'"
 
 
-def model_spec(factory: str | Callable[..., nn.Module], **kwargs: Any) -> dict[str, Any]:
-    """Build a model spec from a top-level function or class (or its ``"module:name"``) and JSON kwargs."""
+def _named_spec(factory: str | Callable[..., Any], kind: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    what = _KINDS[kind][0]
     if callable(factory):
         qualname = getattr(factory, "__qualname__", "")
         if not isinstance(qualname, str) or "." in qualname or "<" in qualname:
             raise FactorySpecError(
-                f"model factory {qualname!r} is not defined at the top level of its module (a nested function, "
+                f"{what} {qualname!r} is not defined at the top level of its module (a nested function, "
                 "method, lambda or local class cannot be named in a store). Define it as a module-level function "
-                "or nn.Module subclass and pass that."
+                + ("or nn.Module subclass " if kind == "model" else "")
+                + "and pass that."
             )
         name = f"{factory.__module__}:{qualname}"
     else:
         name = factory
-    parse_factory(name)
+    parse_factory(name, kind)
     try:
         json.dumps(kwargs)
     except TypeError as exc:
-        raise TypeError(f"model_spec kwargs must be JSON-serialisable (they are stored as JSON): {exc}") from None
+        raise TypeError(f"{_KINDS[kind][1]} kwargs must be JSON-serialisable (they are stored as JSON): {exc}") from None
     return {"factory": name, "kwargs": dict(kwargs)}
 
 
-def parse_factory(name: Any) -> tuple[str, str]:
-    """Split ``"module:name"`` after checking its form (imports nothing); raises :class:`FactorySpecError`."""
+def model_spec(factory: str | Callable[..., nn.Module], **kwargs: Any) -> dict[str, Any]:
+    """Build a model spec from a top-level function or class (or its ``"module:name"``) and JSON kwargs."""
+    return _named_spec(factory, "model", kwargs)
+
+
+def data_spec(factory: str | Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
+    """Build a data spec (a split recorded by reference, ``Recorder(..., data_specs={"train": spec})``) from a
+    top-level function (or its ``"module:name"``) returning ``(inputs, targets)``, and JSON kwargs."""
+    return _named_spec(factory, "dataset", kwargs)
+
+
+def parse_factory(name: Any, kind: str = "model") -> tuple[str, str]:
+    """Split ``"module:name"`` after checking its form (imports nothing); raises :class:`FactorySpecError`.
+
+    ``kind`` (``"model"`` or ``"dataset"``) only words the messages."""
+    what, attr, override = _KINDS[kind]
     if not isinstance(name, str):
         raise FactorySpecError(
-            f"the model factory must be a string 'package.module:function', got {type(name).__name__} "
-            f"{safe_text(name)}; the store's model_spec is damaged or was not written by explaind-store"
+            f"the {what} must be a string 'package.module:function', got {type(name).__name__} "
+            f"{safe_text(name)}; the store's {attr} is damaged or was not written by explaind-store"
         )
     match = _FACTORY_RE.fullmatch(name) if len(name) <= FACTORY_MAX_LEN else None
     if match is None or any(part.startswith("__") for part in match.group(1).split(".")) or match.group(2)[0] == "_":
         raise FactorySpecError(
-            f"model factory {safe_text(name)} is not of the form 'package.module:function': a dotted module path and "
+            f"{what} {safe_text(name)} is not of the form 'package.module:function': a dotted module path and "
             f"one public name (ASCII identifiers, no attribute chain after the colon, no leading underscore, at "
-            f"most {FACTORY_MAX_LEN} characters). The store's model_spec is damaged or hostile; if you know the "
-            "model, pass model_factory= to open_run()."
+            f"most {FACTORY_MAX_LEN} characters). The store's {attr} is damaged or hostile; if you know the "
+            f"{kind}, {override}."
         )
     return match.group(1), match.group(2)
 
@@ -156,66 +192,84 @@ def _under(module: str, roots: list[str]) -> bool:
     return any(module == t or module.startswith(t + ".") for t in roots)
 
 
-def is_trusted(name: str) -> bool:
-    """Whether the (well-formed) factory ``"module:name"`` is trusted; imports nothing."""
-    module, _ = parse_factory(name)
-    return name in BUILTIN_FACTORIES or _under(module, trusted_modules())
+def _builtins(kind: str) -> frozenset[str]:
+    return BUILTIN_FACTORIES if kind == "model" else BUILTIN_DATASET_FACTORIES
 
 
-def _untrusted_message(name: str, module: str) -> str:
+def is_trusted(name: str, kind: str = "model") -> bool:
+    """Whether the (well-formed) ``kind`` factory ``"module:name"`` is trusted; imports nothing."""
+    module, _ = parse_factory(name, kind)
+    return name in _builtins(kind) or _under(module, trusted_modules())
+
+
+def _untrusted_message(name: str, module: str, kind: str) -> str:
+    what, attr, override = _KINDS[kind]
     head = (
-        f"the store asks to build its model with {safe_text(name)}, but that factory is not trusted, so nothing was "
-        "imported (a store may come from someone else). "
+        f"the store asks to build its {'model' if kind == 'model' else 'data'} with {safe_text(name)}, but that "
+        f"{what} is not trusted, so nothing was imported (a store may come from someone else). "
     )
     why = trust_entry_problem(module)
     if why is not None:
         return head + (
-            f"Its module cannot be trusted ({why}), so no model is ever built from it: this store's model_spec is "
-            "damaged or hostile. If you know the model, pass model_factory= to open_run() (Python)."
+            f"Its module cannot be trusted ({why}), so nothing is ever built from it: this store's {attr} is "
+            f"damaged or hostile. If you know the {kind}, {override} (Python)."
         )
+    mine = "pass model_factory=<your function> to open_run()" if kind == "model" else override
     return head + (
-        "If you wrote this model, pass model_factory=<your function> to open_run(), or add the module of your own "
+        f"If you wrote this {what}, {mine}, or add the module of your own "
         f"project that defines it to the {TRUSTED_ENV} environment variable ({TRUSTED_ENV}={module}; CLI runs and "
         "Dask workers inherit it)."
     )
 
 
-def load_factory(name: Any) -> Callable[..., nn.Module]:
-    """The trusted factory ``name`` names, imported; raises :class:`UntrustedFactoryError` or
-    :class:`FactorySpecError` (before importing anything when the name or its module is not acceptable)."""
-    module, attr = parse_factory(name)
+def load_trusted(name: Any, kind: str = "model") -> Callable[..., Any]:
+    """The trusted ``kind`` (``"model"`` or ``"dataset"``) factory ``name`` names, imported; raises
+    :class:`UntrustedFactoryError` or :class:`FactorySpecError` (before importing anything when the name or its
+    module is not acceptable). A dataset factory must be a plain function; a model factory may also be an
+    ``nn.Module`` subclass. Each kind trusts only its own built-ins by name."""
+    what = _KINDS[kind][0]
+    module, attr = parse_factory(name, kind)
     roots = trusted_modules()
-    builtin = name in BUILTIN_FACTORIES
+    builtin = name in _builtins(kind)
     if not builtin and not _under(module, roots):
-        raise UntrustedFactoryError(_untrusted_message(name, module))
+        raise UntrustedFactoryError(_untrusted_message(name, module, kind))
     mod = importlib.import_module(module)
     # the module's own namespace: no module __getattr__, no submodule imports
     obj = vars(mod).get(attr)
     defined_in = getattr(obj, "__module__", None)
-    is_factory = (inspect.isfunction(obj) or (inspect.isclass(obj) and issubclass(obj, nn.Module)))
+    is_factory = inspect.isfunction(obj) or (
+        kind == "model" and inspect.isclass(obj) and issubclass(obj, nn.Module)
+    )
     trusted_origin = isinstance(defined_in, str) and (
         _under(defined_in, roots) or (builtin and defined_in == module)
     )
     if not is_factory or not trusted_origin or getattr(obj, "__qualname__", None) != attr:
-        what = "missing" if obj is None else type(obj).__name__
+        found = "missing" if obj is None else type(obj).__name__
+        shape = "a function or nn.Module subclass" if kind == "model" else "a plain function"
         raise UntrustedFactoryError(
-            f"{safe_text(name)} is not a model factory defined in a trusted module (found: {what}"
+            f"{safe_text(name)} is not a {what} defined in a trusted module (found: {found}"
             + (f" from module {safe_text(defined_in)}" if isinstance(defined_in, str) else "")
-            + "). A factory must be a function or nn.Module subclass defined at the top level of the trusted module "
+            + f"). A {what} must be {shape} defined at the top level of the trusted module "
             "under that name; names imported into it from elsewhere (modules, builtins, library functions) are "
             "refused. Nothing was called."
         )
     return obj
 
 
-def _spec_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+def load_factory(name: Any) -> Callable[..., nn.Module]:
+    """The trusted model factory ``name`` names, imported (see :func:`load_trusted`)."""
+    return load_trusted(name, "model")
+
+
+def _spec_kwargs(spec: dict[str, Any], kind: str = "model") -> dict[str, Any]:
+    attr = _KINDS[kind][1]
     kwargs = spec.get("kwargs")
     if kwargs is None:
         return {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise FactorySpecError(
-            f"the model_spec kwargs must be a JSON object with string keys, got {type(kwargs).__name__} "
-            f"{safe_text(kwargs)}; the store's model_spec is damaged or hostile"
+            f"the {attr} kwargs must be a JSON object with string keys, got {type(kwargs).__name__} "
+            f"{safe_text(kwargs)}; the store's {attr} is damaged or hostile"
         )
     return dict(kwargs)
 
@@ -246,6 +300,23 @@ def resolve_factory(spec: Any, model_factory: Callable[..., nn.Module] | None = 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory {safe_text(name)} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def resolve_data(spec: Any) -> tuple[Any, Any]:
+    """Build the ``(inputs, targets)`` a data spec describes, refusing untrusted factories exactly like model
+    factories (see the module docstring); the caller checks the result against the recorded fingerprint."""
+    if not isinstance(spec, dict):
+        raise FactorySpecError(
+            f"a data spec must be a JSON object {{'factory': ..., 'kwargs': {{...}}}}, got {type(spec).__name__}; "
+            f"the store is damaged or hostile. {_KINDS['dataset'][2]}"
+        )
+    kwargs = _spec_kwargs(spec, "dataset")
+    name = spec.get("factory")
+    factory = load_trusted(name, "dataset")
+    out = factory(**kwargs)
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise TypeError(f"dataset factory {safe_text(name)} returned {type(out).__name__}, not (inputs, targets)")
+    return out
 
 
 def loss_spec(kind: str = "cross_entropy", reduction: str = "mean", count: str | None = None) -> dict[str, str]:

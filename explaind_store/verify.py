@@ -89,7 +89,7 @@ class VerifyReport:
                 "data checksums",
                 ", ".join(f"{k} {v}" for k, v in self.data_checksums.items()) or "skipped",
                 "" if not self.data_checksums else (
-                    "FAIL" if any(v in ("mismatch", "missing chunks") for v in self.data_checksums.values())
+                    "FAIL" if any(v in ("mismatch", "missing chunks", "refused") for v in self.data_checksums.values())
                     else "ok"),
             ),
             ("chunks checked", str(self.chunks_checked), "ok" if not self.bad_chunks else "FAIL"),
@@ -187,10 +187,12 @@ def verify(
         try:
             checker = GradientChecker(run)
             rep.gradient_checked = True
-        except (UntrustedFactoryError, FactorySpecError) as exc:
-            # a refused factory is an error, never a quiet skip: the store names code the user has not trusted
+        except (UntrustedFactoryError, FactorySpecError, integrity.DataChecksumError) as exc:
+            # a refused factory is an error, never a quiet skip: the store names code the user has not trusted;
+            # so is training data (built from a data spec) that is not what the run was trained on
             rep.problems.append(
-                f"the model could not be rebuilt for the batch-gradient check: {exc} (or skip that check with "
+                f"the model or its training data could not be rebuilt for the batch-gradient check: {exc} (or skip "
+                "that check with "
                 "--no-gradients / gradients=False)"
             )
             rep.gradient_checked = False
@@ -263,7 +265,18 @@ def _check_data(run: Run, missing_arrays: set[str], problems: list[str]) -> dict
     for name in run.splits:
         info = run.attrs[schema.ATTR_DATA]["splits"][name]
         if info.get("mode") != "stored":
-            out[name] = "by reference"
+            if "spec" not in info or name in run._attached:
+                out[name] = "by reference"
+                continue
+            try:  # built through its dataset factory (trusted only) and checked against the fingerprint
+                run.split(name)
+                out[name] = "ok (from its data spec)"
+            except integrity.DataChecksumError as exc:
+                out[name] = "mismatch"
+                problems.append(str(exc))
+            except (UntrustedFactoryError, FactorySpecError) as exc:
+                out[name] = "refused"
+                problems.append(f"the data of split {name!r} could not be rebuilt: {exc}")
             continue
         if any(p.startswith(schema.data_path(name) + "/") for p in missing_arrays):
             out[name] = "missing chunks"  # already reported by name

@@ -3,6 +3,7 @@
 - :mod:`.modadd`: modular addition with a one-layer transformer (grokking), full-batch AdamW.
 - :mod:`.digits_cnn`: a small CNN on scikit-learn's 8x8 digits, minibatch SGD + momentum + lr schedule.
 - :mod:`.tiny`: toy models and data for float64 oracle tests.
+- :mod:`.corpus`: byte-level sequences of the Python standard library's own source files (a built-in dataset factory).
 - :mod:`.training`: the deterministic, resumable (optionally recorded) training loop they share.
 
 Factories here are trusted by ``specs.resolve_factory`` (module prefix ``explaind_store.examples``).

@@ -32,6 +32,12 @@ def make_tiny_transformer(
     return modadd.make_model(p=p, d_model=d_model, n_heads=n_heads, d_mlp=d_mlp, act=act, dtype=dtype)
 
 
+def make_byte_lm(vocab: int = 256, d_model: int = 8, dtype: str = "float32") -> nn.Module:
+    """A bigram language model over bytes (``examples.corpus``): embedding then a linear read-out, logits
+    ``(N, T, vocab)`` for the ``causal_lm`` loss."""
+    return nn.Sequential(nn.Embedding(vocab, d_model), nn.Linear(d_model, vocab)).to(resolve_dtype(dtype))
+
+
 def digits_subset(n_train: int = 24, n_val: int = 8, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Disjoint random digits, flattened to 64 features in ``[0, 1]`` (float32), labels int64."""
     x, y = digits_cnn.load_all()
