@@ -8,7 +8,9 @@ never imports code the user has not trusted (see ``specs.resolve_factory``).
 
 from __future__ import annotations
 
+import json
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from functools import cached_property
 from pathlib import Path
@@ -23,8 +25,15 @@ from torch import nn
 from . import storage
 from . import integrity, schema
 from .integrity import DataChecksumError, MissingChunkError  # noqa: F401 - re-exported for callers
-from .specs import resolve_data, resolve_factory, safe_text
+from .specs import data_factory, resolve_data, resolve_factory, safe_text
 from .trajectory import OptimizerSpec, TrajectoryBlock
+
+
+# Splits built from a data spec and checked, per process: a Dask worker opens the run once per task, and a corpus of
+# tens of millions of tokens should be built once, not per task. Keyed by the spec and the recorded fingerprint;
+# the few most recent are kept.
+_BUILT: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_BUILT_MAX = 2  # a train and a val split
 
 
 class CorruptChunkError(storage.StoreError):
@@ -319,7 +328,12 @@ class Run:
 
     def _build_split(self, name: str, info: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         spec = info["spec"]
-        inputs, targets = resolve_data(spec)  # refuses untrusted factories before importing them
+        data_factory(spec)  # refuses untrusted factories before importing them, even when the data is cached
+        key = (json.dumps(spec, sort_keys=True), str(info.get("fingerprint")))
+        if key in _BUILT:
+            _BUILT.move_to_end(key)
+            return _BUILT[key]
+        inputs, targets = resolve_data(spec)
         x, y = _as_numpy(inputs), _as_numpy(targets)
         got = storage.fingerprint(x, y)
         if got != info.get("fingerprint"):
@@ -330,7 +344,10 @@ class Run:
                 f"{safe_text(info.get('fingerprint'))}). Results from it would be wrong; pass the original data: "
                 f"open_run(path, data={{{name!r}: (inputs, targets)}})."
             )
-        return torch.from_numpy(x), torch.from_numpy(y)
+        _BUILT[key] = (torch.from_numpy(x), torch.from_numpy(y))
+        while len(_BUILT) > _BUILT_MAX:
+            _BUILT.popitem(last=False)
+        return _BUILT[key]
 
     def attach_data(self, split: str, inputs: Any, targets: Any) -> None:
         """Provide a split recorded by reference; refuses data whose fingerprint differs from the recorded one."""

@@ -302,20 +302,27 @@ def resolve_factory(spec: Any, model_factory: Callable[..., nn.Module] | None = 
     return model
 
 
-def resolve_data(spec: Any) -> tuple[Any, Any]:
-    """Build the ``(inputs, targets)`` a data spec describes, refusing untrusted factories exactly like model
-    factories (see the module docstring); the caller checks the result against the recorded fingerprint."""
+def data_factory(spec: Any) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """The trusted dataset factory a data spec names and its kwargs, refusing untrusted factories exactly like
+    model factories (see the module docstring); nothing is called."""
     if not isinstance(spec, dict):
         raise FactorySpecError(
             f"a data spec must be a JSON object {{'factory': ..., 'kwargs': {{...}}}}, got {type(spec).__name__}; "
-            f"the store is damaged or hostile. {_KINDS['dataset'][2]}"
+            f"the store is damaged or hostile. If you know the data, {_KINDS['dataset'][2]}"
         )
     kwargs = _spec_kwargs(spec, "dataset")
-    name = spec.get("factory")
-    factory = load_trusted(name, "dataset")
+    return load_trusted(spec.get("factory"), "dataset"), kwargs
+
+
+def resolve_data(spec: Any) -> tuple[Any, Any]:
+    """Build the ``(inputs, targets)`` a data spec describes through its trusted factory (:func:`data_factory`);
+    the caller checks the result against the recorded fingerprint."""
+    factory, kwargs = data_factory(spec)
     out = factory(**kwargs)
     if not isinstance(out, tuple) or len(out) != 2:
-        raise TypeError(f"dataset factory {safe_text(name)} returned {type(out).__name__}, not (inputs, targets)")
+        raise TypeError(
+            f"dataset factory {safe_text(spec.get('factory'))} returned {type(out).__name__}, not (inputs, targets)"
+        )
     return out
 
 

@@ -91,6 +91,7 @@ def test_the_store_holds_no_data_and_reads_it_through_the_factory(recorded, tmp_
     got_x, got_y = run.split("train")
     assert torch.equal(got_x, torch.from_numpy(x)) and torch.equal(got_y, torch.from_numpy(y))
     assert run.split("train")[0] is got_x  # built once per Run
+    assert open_run(recorded).split("train")[0] is got_x  # and once per process (a Dask worker opens it per task)
     assert run.split("val")[0].shape == (8, CONTEXT)
     rep = run.verify()
     assert rep.ok, rep.problems
