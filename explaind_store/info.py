@@ -74,7 +74,7 @@ def format_info(info: dict[str, Any]) -> str:
         + f" ({len(g['tensors'])} tensors)"
         for g, r in zip(opt["groups"], lr_range)
     )
-    splits = ", ".join(f"{k}: {v['n']} samples ({v['mode']})" for k, v in info["data"]["splits"].items())
+    splits = ", ".join(f"{k}: {v['n']} samples ({_split_source(v)})" for k, v in info["data"]["splits"].items())
     spec = info["model_spec"] if isinstance(info["model_spec"], dict) else {}
     factory = spec.get("factory", "?")
     if not (isinstance(factory, str) and factory.isprintable() and len(factory) <= 200):
@@ -102,3 +102,11 @@ def format_info(info: dict[str, Any]) -> str:
 
 
 __all__ = ["format_info", "run_info"]
+
+
+def _split_source(split: dict[str, Any]) -> str:
+    """``stored``, ``reference``, or ``reference to <factory>`` (a data spec; a store string, so made safe)."""
+    spec = split.get("spec")
+    if split.get("mode") == "reference" and isinstance(spec, dict):
+        return f"reference to {safe_text(spec.get('factory'), 100)}"
+    return str(split.get("mode"))

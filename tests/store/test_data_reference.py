@@ -106,9 +106,11 @@ def test_explicit_data_wins_and_is_checked(recorded):
         open_run(recorded, data={"train": (x[1:], y[1:])})
 
 
-def test_cli_verify_and_attribute(recorded, capsys):
+def test_cli_verify_info_and_attribute(recorded, capsys):
     assert cli_main(["verify", str(recorded)]) == 0
     assert "RESULT: OK" in capsys.readouterr().out
+    assert cli_main(["info", str(recorded)]) == 0
+    assert f"train: 512 samples (reference to '{STDLIB}')" in capsys.readouterr().out
     res = engine.attribute(recorded, queries="val[:2]", output="loss", client="sync", progress=False)
     # the engine reads the training data through run.split, built from the data spec: every sample is scored
     assert res.sizes["sample"] == 512 and float(abs(res["data"]).sum()) > 0
