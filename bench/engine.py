@@ -6,7 +6,9 @@ Prints Markdown tables (paste into docs/benchmarks.md, section "Engine"):
 
 (a) Head-to-head on the modular-addition transformer (p=23, 170 training pairs, 100 full-batch AdamW updates with
     lr 1e-3, betas (0.9, 0.98), weight decay 4.0; 10 validation queries, all 23 log-softmax outputs) with
-    d_model 32 / MLP 128 ("tiny") and d_model 64 / MLP 512 ("d64"): ``engine.attribute(..., by=("sample",
+    d_model 32 / MLP 128 ("tiny") and d_model 64 / MLP 512 ("d64"), and a model written the way users write theirs
+    ("perhead", bench/outside_models.py: per-head projections in ModuleLists, attention head by head, 12k
+    parameters; fixed cost of a 10-update window next to the steady state): ``engine.attribute(..., by=("sample",
     "step", "tensor"))`` end to end from the store, on the synchronous scheduler (1 torch thread, and one per
     core) and on the default ``LocalCluster`` (the engine plans query groups and torch threads), each repeated
     ``--repeats`` times interleaved (median, min-max); its max quadrature residual; and the *total max error*, max
@@ -647,6 +649,7 @@ def main() -> None:
                     help="updates the published-style baseline runs (its time is extrapolated to all)")
     ap.add_argument("--cases", default=",".join(HEAD_TO_HEAD), help="head-to-head cases, e.g. tiny or tiny,d64")
     ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument("--skip-f64", action="store_true", help="no d64 run recorded in float64")
     ap.add_argument("--skip-cluster", action="store_true", help="no LocalCluster runs (sync only)")
     ap.add_argument("--per-update", action="store_true",
                     help="only the per-update phase table (CPU ms); the engine is whatever `import engine` finds, so "
@@ -669,7 +672,7 @@ def main() -> None:
         print("\n".join(float64_trained(args, work)))
         return
     out += head_to_head(args, work)
-    if not args.quick:
+    if not args.quick and not args.skip_f64:
         out += float64_trained(args, work)
     if not args.skip_scaling:
         out += scaling(args, work)

@@ -13,9 +13,11 @@ Rules (``parse_rule``):
 * ``"kink[:nodes[:grid]]"`` (default, nodes=3, grid=8): find where piecewise-linear units switch along the segment
   (``engine.ops.kinks``), split ``[0, 1]`` there and put ``nodes`` Gauss-Legendre nodes on each smooth piece (one fewer,
   but at least 2, on pieces shorter than ``1/grid``: see ``_capped``). Without piecewise-linear units this is plain
-  Gauss-Legendre with ``nodes`` nodes. When "arg" units (max, max-pool: a winner index) switch, the pieces are also
-  verified and refined like the adaptive rule (tolerance ``KINK_ARG_TOL``), because a winner that changes twice
-  inside one grid cell is otherwise missed (measured: margin output of the digits CNN, residual 7e-3 -> 1e-14).
+  Gauss-Legendre with ``nodes`` nodes. Switches that leave ``dF/dt`` continuous (units whose outputs never reach
+  the queried outputs) cut no pieces (``_drop_flat_kinks``). When "arg" units (max, max-pool: a winner index)
+  switch, the pieces are also verified and refined like the adaptive rule (tolerance ``KINK_ARG_TOL``), because a
+  winner that changes twice inside one grid cell is otherwise missed (measured: margin output of the digits CNN,
+  residual 7e-3 -> 1e-14).
 * ``"midpoint:n"`` (the published code uses 100), ``"gauss:n"``: fixed rules, no kink search.
 * ``"adaptive[:tol[:nodes[:grid]]]"``: start from the kink rule and refine until
   ``|residual| <= tol * max(1, |f1 - f0|)`` for every query or ``max_nodes`` is reached. Refinement works per
