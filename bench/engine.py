@@ -6,7 +6,9 @@ Prints Markdown tables (paste into docs/benchmarks.md, section "Engine"):
 
 (a) Head-to-head on the modular-addition transformer (p=23, 170 training pairs, 100 full-batch AdamW updates with
     lr 1e-3, betas (0.9, 0.98), weight decay 4.0; 10 validation queries, all 23 log-softmax outputs) with
-    d_model 32 / MLP 128 ("tiny") and d_model 64 / MLP 512 ("d64"): ``engine.attribute(..., by=("sample",
+    d_model 32 / MLP 128 ("tiny") and d_model 64 / MLP 512 ("d64"), and a model written the way users write theirs
+    ("perhead", bench/outside_models.py: per-head projections in ModuleLists, attention head by head, 12k
+    parameters; fixed cost of a 10-update window next to the steady state): ``engine.attribute(..., by=("sample",
     "step", "tensor"))`` end to end from the store, on the synchronous scheduler (1 torch thread, and one per
     core) and on the default ``LocalCluster`` (the engine plans query groups and torch threads), each repeated
     ``--repeats`` times interleaved (median, min-max); its max quadrature residual; and the *total max error*, max
@@ -43,17 +45,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+T_START = time.perf_counter()  # a child's process start, for the cold-call fixed cost
 REPO = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
 # `python bench/engine.py` puts bench/ first on sys.path, where this file would shadow the `engine` package; the repo
 # goes last, so an engine on PYTHONPATH (e.g. an older checkout, for --per-update) takes precedence
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     del sys.path[0]
     sys.path.append(str(REPO))
+# bench/outside_models.py (a model written the way users write theirs) is imported as the top-level module
+# `outside_models`, after the repo so that bench/engine.py never shadows the engine package; children and their
+# Dask workers get the same path and trust it (they rebuild the model from the store's model_spec)
+if str(BENCH) not in sys.path:
+    sys.path.append(str(BENCH))
+OUTSIDE_MODULE = "outside_models"
 HEAD_TO_HEAD = {
     "tiny": {"p": 23, "d_model": 32, "d_mlp": 128},
     "d64": {"p": 23, "d_model": 64, "d_mlp": 512},
+    # per-head ModuleLists, attention head by head over 4 positions, ~12k parameters (issue 13)
+    "perhead": {"p": 23, "d_model": 32, "d_mlp": 96, "outside": True},
 }
-PUBLISHED = {"tiny": (177.0, 0.5, 2.8e-4), "d64": (900.0, 1.5, 2.0e-3)}  # seconds, GB, max error (issue text)
+# the published implementation's one-thread time on the same problem size: seconds, GB, max error (issue texts)
+PUBLISHED = {"tiny": (177.0, 0.5, 2.8e-4), "d64": (900.0, 1.5, 2.0e-3), "perhead": (175.0, 0.57, None)}
 BY = ("sample", "step", "tensor")
 CORES = os.cpu_count() or 1
 
@@ -75,19 +88,33 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _record(path: Path, steps: int, n_train: int, n_val: int, **model: Any) -> None:
-    from explaind_store.examples import modadd
+def _trust_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the repo and bench/ on PYTHONPATH (in that order) and the bench's model module trusted."""
+    path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(path + [p for p in (str(REPO), str(BENCH)) if p not in path])
+    trusted = [m for m in env.get("EXPLAIND_TRUSTED_MODULES", "").split(",") if m.strip()]
+    env["EXPLAIND_TRUSTED_MODULES"] = ",".join(trusted + ([] if OUTSIDE_MODULE in trusted else [OUTSIDE_MODULE]))
+    return env
 
+
+def _record(path: Path, steps: int, n_train: int, n_val: int, **model: Any) -> None:
     if (path / ".bench-done").exists():
         return
-    modadd.train(str(path), steps=steps, n_train=n_train, n_val=n_val, seed=0, progress=False, overwrite=True,
-                 eval_every=0, **model)
+    if model.pop("outside", False):
+        import outside_models
+
+        outside_models.train(str(path), steps=steps, n_train=n_train, n_val=n_val, seed=0, **model)
+    else:
+        from explaind_store.examples import modadd
+
+        modadd.train(str(path), steps=steps, n_train=n_train, n_val=n_val, seed=0, progress=False, overwrite=True,
+                     eval_every=0, **model)
     (path / ".bench-done").write_text("ok")
 
 
 def _child(spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter; returns its JSON result."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = _trust_env(dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -151,8 +178,9 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
                   progress=False)  # first-call costs (lazy imports, torch dispatch caches, zarr): not timed
     cpu0 = _cpu_s() + (sum(client.run(_cpu_s).values()) if n_workers else 0.0)
     t0 = time.perf_counter()
+    window = tuple(spec["steps"]) if spec.get("steps") else None
     ds = attribute(path, queries=f"val[:{q}]", output="log_softmax", by=by, client=client, progress=False,
-                   quadrature=spec.get("quadrature"))
+                   quadrature=spec.get("quadrature"), steps=window)
     seconds = time.perf_counter() - t0
     cpu = _cpu_s() + (sum(client.run(_cpu_s).values()) if n_workers else 0.0) - cpu0
     rss = {"client": _rss_mb()}
@@ -161,6 +189,7 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
             rss[addr] = mb
     out: dict[str, Any] = {
         "seconds": seconds,
+        "since_start": time.perf_counter() - T_START,
         "cpu": cpu,
         "startup": startup,
         "peak_mb": max(rss.values()),
@@ -421,10 +450,11 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
         (f"### Head-to-head ({steps} updates, {n_train} training pairs, {args.queries} queries x 23 log-softmax "
          f"outputs, by=sample+step+tensor)"),
         "",
-        ("| case | params | method | scheduler | time (s), median (min-max) | CPU (s) | vs published-style (time) | peak RSS (MB) | "
-         "max quadrature residual | total max error |"),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        ("| case | params | method | scheduler | time (s), median (min-max) | CPU (s) | vs published-style (time) | "
+         "vs published, 1 thread (time) | peak RSS (MB) | max quadrature residual | total max error |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    fixed: list[str] = []
     for name, model in cases.items():
         path = work / f"{name}-{steps}"
         _record(path, steps, n_train, 100, **model)
@@ -454,23 +484,54 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
         P = base["params"]
         lab = f"published-style, {n_base} of {steps} updates, extrapolated x{x:g}" if n_base < steps else "published-style"
         ext = " (extrap.)" if n_base < steps else ""
+        pub_s = PUBLISHED[name][0] if name in PUBLISHED and not args.quick else None
+
+        def vs_pub(sec: float) -> str:
+            return (f"{pub_s / sec:.0f}x" if pub_s / sec >= 10 else f"{pub_s / sec:.2g}x") if pub_s else ""
+
         lines.append(f"| {name} | {P} | {lab} | 1 process | {_fmt_s(base_s)}{ext} | {_fmt_s(base_cpu)}{ext} | 1.0x | "
-                     f"{base['peak_mb']:.0f} | (midpoint:100) | {base_err['total_error']:.1e} |")
+                     f"{vs_pub(base_s)} | {base['peak_mb']:.0f} | (midpoint:100) | {base_err['total_error']:.1e} |")
         for sched, r in runs.items():
             err = f"{r['total_error']:.1e}" if "total_error" in r else "same"
             start = f" (+{r['startup']:.1f} s cluster start)" if r.get("startup") else ""
             sched = f"{sched}: {r['plan']}" if "plan" in r else sched
             spread = f" ({_fmt_s(r['min'])}-{_fmt_s(r['max'])})" if r.get("n", 1) > 1 else ""
             lines.append(f"| {name} | {P} | ours (kink rule) | {sched}{start} | {_fmt_s(r['seconds'])}{spread} | "
-                         f"{_fmt_s(r['cpu'])} | {base_s / r['seconds']:.0f}x | {r['peak_mb']:.0f} | {r['qres']:.1e} | "
-                         f"{err} |")
-        if name in PUBLISHED and not args.quick:
+                         f"{_fmt_s(r['cpu'])} | {base_s / r['seconds']:.0f}x | {vs_pub(r['seconds'])} | "
+                         f"{r['peak_mb']:.0f} | {r['qres']:.1e} | {err} |")
+        if pub_s:
             s, gb, e = PUBLISHED[name]
             lines.append(f"| {name} | | published implementation (issue text, other machine) | 1 thread | {s:.0f} | | | "
-                         f"{gb * 1024:.0f} | | {e:.1e} |")
+                         f"1x | {gb * 1024:.0f} | | {'' if e is None else f'{e:.1e}'} |")
+        if steps >= 50:
+            fixed.append(_fixed_cost_row(name, path, args, runs["sync, 1 torch thread (warm)"], steps))
         print(f"[bench] {name} done, load {_load()}", file=sys.stderr)
     lines += ["", f"Load average (1/5/15 min) after the table: {_load()}.", ""]
+    if fixed:
+        lines += [
+            "### Fixed cost of a call: a 10-update window (updates 41..50) against the steady state",
+            "",
+            ("| case | steady state, s per update (1 thread, warm, all updates / count) | 10-update window, warm "
+             "call (s) | 10-update window, fresh process: the call / process start to end (s) | fixed cost, warm / "
+             "fresh call (s) |"),
+            "|---|---|---|---|---|",
+            *fixed,
+            "",
+            f"Load average (1/5/15 min) after the table: {_load()}.",
+            "",
+        ]
     return lines
+
+
+def _fixed_cost_row(name: str, path: Path, args: argparse.Namespace, full: dict[str, Any], steps: int) -> str:
+    """One-thread sync: a 10-update window warm (after a 1-update call) and in a fresh process, against 10 x the
+    steady-state seconds per update of the whole run."""
+    win = {"kind": "ours", "path": str(path), "queries": args.queries, "error": False, "steps": [40, 50]}
+    warm = _median_run([_child(dict(win, warm=True)) for _ in range(args.repeats)])
+    cold = _median_run([_child(win) for _ in range(args.repeats)])
+    per = full["seconds"] / steps
+    return (f"| {name} | {per:.3f} | {_fmt_s(warm['seconds'])} | {_fmt_s(cold['seconds'])} / "
+            f"{_fmt_s(cold['since_start'])} | {warm['seconds'] - 10 * per:.2f} / {cold['seconds'] - 10 * per:.2f} |")
 
 
 def float64_trained(args: argparse.Namespace, work: Path) -> list[str]:
@@ -588,6 +649,7 @@ def main() -> None:
                     help="updates the published-style baseline runs (its time is extrapolated to all)")
     ap.add_argument("--cases", default=",".join(HEAD_TO_HEAD), help="head-to-head cases, e.g. tiny or tiny,d64")
     ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument("--skip-f64", action="store_true", help="no d64 run recorded in float64")
     ap.add_argument("--skip-cluster", action="store_true", help="no LocalCluster runs (sync only)")
     ap.add_argument("--per-update", action="store_true",
                     help="only the per-update phase table (CPU ms); the engine is whatever `import engine` finds, so "
@@ -595,6 +657,7 @@ def main() -> None:
     ap.add_argument("--f64-only", action="store_true", help="only the d64 case recorded in float64 (total error)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ.update(_trust_env(dict(os.environ)))  # the bench's own model module, for recording and children
     if args.child:
         spec = json.loads(args.child)
         print(json.dumps(CHILDREN[spec["kind"]](spec)), flush=True)
@@ -609,7 +672,7 @@ def main() -> None:
         print("\n".join(float64_trained(args, work)))
         return
     out += head_to_head(args, work)
-    if not args.quick:
+    if not args.quick and not args.skip_f64:
         out += float64_trained(args, work)
     if not args.skip_scaling:
         out += scaling(args, work)

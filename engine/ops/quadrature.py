@@ -13,9 +13,11 @@ Rules (``parse_rule``):
 * ``"kink[:nodes[:grid]]"`` (default, nodes=3, grid=8): find where piecewise-linear units switch along the segment
   (``engine.ops.kinks``), split ``[0, 1]`` there and put ``nodes`` Gauss-Legendre nodes on each smooth piece (one fewer,
   but at least 2, on pieces shorter than ``1/grid``: see ``_capped``). Without piecewise-linear units this is plain
-  Gauss-Legendre with ``nodes`` nodes. When "arg" units (max, max-pool: a winner index) switch, the pieces are also
-  verified and refined like the adaptive rule (tolerance ``KINK_ARG_TOL``), because a winner that changes twice
-  inside one grid cell is otherwise missed (measured: margin output of the digits CNN, residual 7e-3 -> 1e-14).
+  Gauss-Legendre with ``nodes`` nodes. Switches that leave ``dF/dt`` continuous (units whose outputs never reach
+  the queried outputs) cut no pieces (``_drop_flat_kinks``). When "arg" units (max, max-pool: a winner index)
+  switch, the pieces are also verified and refined like the adaptive rule (tolerance ``KINK_ARG_TOL``), because a
+  winner that changes twice inside one grid cell is otherwise missed (measured: margin output of the digits CNN,
+  residual 7e-3 -> 1e-14).
 * ``"midpoint:n"`` (the published code uses 100), ``"gauss:n"``: fixed rules, no kink search.
 * ``"adaptive[:tol[:nodes[:grid]]]"``: start from the kink rule and refine until
   ``|residual| <= tol * max(1, |f1 - f0|)`` for every query or ``max_nodes`` is reached. Refinement works per
@@ -57,6 +59,10 @@ KINDS = ("kink", "midpoint", "gauss", "adaptive")
 DEFAULT_TOL = 1e-8
 KINK_ARG_TOL = 1e-11  # the kink rule's per-query verification tolerance when "arg" units switch (see path_integral)
 _F64: dict[str, Any] = {"dtype": torch.float64}
+# A switch whose jump in dF/dt is below KINK_JUMP_TOL * max(1, |dF/dt|) is not a piece edge (_drop_flat_kinks);
+# _JUMP_STEP is the step of its finite-difference stencil (rounding of F then contributes ~1e-15 / _JUMP_STEP).
+KINK_JUMP_TOL = 1e-7
+_JUMP_STEP = 1e-5
 
 
 @dataclass(frozen=True)
@@ -435,6 +441,31 @@ def dfdt_at(query_fn: QueryFn, params0: dict[str, Tensor], dparams: dict[str, Te
     return _dfdt(Segment(lambda p, _c: query_fn(p), params0, dparams), ts, None)
 
 
+def _drop_flat_kinks(seg: Segment, kinks: Tensor, krow: Tensor) -> tuple[Tensor, Tensor]:
+    """The kinks (sorted by (row, t)) where ``dF/dt`` really jumps: a unit that switches at ``t*`` changes ``J_F``
+    by ``dF/dy * (its slope change) * dx/dtheta``, and ``dF/dt`` by the same times ``dx/dt != 0``, so a switch with
+    no jump in ``dF/dt`` (for every output) leaves ``J_F`` continuous and needs no piece edge. Such switches are
+    common in models as users write them: units whose outputs are discarded (an MLP run over all positions of
+    which only the last is read), or masked out.
+
+    The jump ``J`` comes from plain forwards at ``t*``, ``t* +- h``, ``t* +- 2h``: with
+    ``D(h) = F(t*+h) + F(t*-h) - 2 F(t*) = J h + h^2 F'' + O(h^4)``, ``(4 D(h) - D(2h)) / (2h) = J + O(h^3)``.
+    A flat switch within ``2h`` of a real one sees that one's jump in its stencil and is kept. The caller checks
+    the residual after dropping (:func:`path_integral`), so a switch dropped wrongly cannot go unnoticed."""
+    n = int(kinks.numel())
+    if n == 0:
+        return kinks, krow
+    h = _JUMP_STEP
+    ts = (kinks[:, None] + torch.tensor([0.0, -h, h, -2 * h, 2 * h], **_F64)).reshape(-1)
+    f = seg.forward(ts, krow.repeat_interleave(5)).reshape(n, 5, -1)
+    d1 = f[:, 1] + f[:, 2] - 2 * f[:, 0]
+    d2 = f[:, 3] + f[:, 4] - 2 * f[:, 0]
+    jump = ((4 * d1 - d2) / (2 * h)).abs().amax(1)
+    scale = ((f[:, 2] - f[:, 1]) / (2 * h)).abs().amax(1).clamp(min=1.0)
+    keep = ~(jump <= KINK_JUMP_TOL * scale)  # NaN: keep
+    return kinks[keep], krow[keep]
+
+
 def _pieces_error(seg: Segment, pieces: _Pieces) -> Tensor:
     """Exact error of each piece's Gauss-Legendre quadrature of dF/dt: ``F(hi) - F(lo) - sum w dF/dt``, (m, K)."""
     m = pieces.lo.numel()
@@ -491,6 +522,7 @@ def path_integral(
     n_rows = seg.n_rows
     n_search = 0
     kinks = empty
+    all_kinks = None  # (kinks, rows) when the kink rule dropped flat switches (checked after phi)
     if rule.kind in ("midpoint", "gauss"):
         unit = torch.tensor([0.0, 1.0], **_F64)
         ts, ws = midpoint_nodes(rule.nodes) if rule.kind == "midpoint" else gauss_nodes(unit, rule.nodes)
@@ -503,9 +535,12 @@ def path_integral(
         n_search = search.n_evals
         f0, f1 = search.f_grid[:, 0], search.f_grid[:, -1]
         if rule.kind == "kink" and search.n_arg == 0:
-            pieces, kinks, _ = _capped(
-                search.kinks, search.interval, n_rows, rule.nodes, rule.max_nodes, short=1.0 / rule.grid
-            )
+            found, frow = _drop_flat_kinks(seg, search.kinks, search.interval)
+            n_search += 5 * int(search.kinks.numel())
+            if found.numel() < search.kinks.numel():
+                all_kinks = (search.kinks, search.interval)
+            pieces, kinks, _ = _capped(found, frow, n_rows, rule.nodes, rule.max_nodes, short=1.0 / rule.grid)
+            kept = (found, frow)
         else:
             # "arg" units (max / max-pool winners) can switch twice inside one grid cell (a -> c -> b), which the
             # refinement on x[a] - x[b] misses: the kink rule then verifies its pieces like the adaptive rule
@@ -520,6 +555,22 @@ def path_integral(
     t_rows, w_rows = t_rows.contiguous(), w_rows.contiguous()
     n_out = f0.numel() // n_rows
     phi = _phi_seg(seg, query_fn, t_rows, w_rows, rule.chunk, rule.node_chunk, n_out)
+    if all_kinks is not None:
+        # The dropped switches also cut pieces, which the smooth part of a long segment may have needed: a row whose
+        # residual (exact, from phi) exceeds KINK_ARG_TOL * max(1, |f1 - f0|) gets all its kinks back, and phi is
+        # recomputed. Short segments (training updates) pass; this check costs one (Q x P) dot product.
+        res = f1 - f0 - _dot(phi, dparams).reshape(f0.shape)
+        bad = (res.abs() > KINK_ARG_TOL * (f1 - f0).abs().clamp(min=1.0)).any(1)
+        if bool(bad.any()):
+            (k_all, r_all), (k_kept, r_kept) = all_kinks, kept
+            k_new = torch.cat([k_kept[~bad[r_kept]], k_all[bad[r_all]]])
+            r_new = torch.cat([r_kept[~bad[r_kept]], r_all[bad[r_all]]])
+            o = lexsort(r_new, k_new)
+            pieces, kinks, _ = _capped(k_new[o], r_new[o], n_rows, rule.nodes, rule.max_nodes, short=1.0 / rule.grid)
+            ts_flat, ws_flat, own = pieces.nodes()
+            t_rows, w_rows = _pad_rows(ts_flat, ws_flat, pieces.row[own], n_rows)
+            t_rows, w_rows = t_rows.contiguous(), w_rows.contiguous()
+            phi = _phi_seg(seg, query_fn, t_rows, w_rows, rule.chunk, rule.node_chunk, n_out)
     f0, f1 = f0.reshape(-1), f1.reshape(-1)
     quad = _dot(phi, dparams) if need_quad else torch.full_like(f0, float("nan"))
     return PathIntegral(

@@ -389,3 +389,26 @@ def test_mode_does_not_leak_on_error() -> None:
         path_integral(query, p0, {"w": torch.ones(2, dtype=DT)}, "kink")
     assert calls["n"] == 1
     assert torch._C._len_torch_function_stack() == 0
+
+
+def test_switches_that_do_not_reach_the_outputs_cut_no_pieces() -> None:
+    """An MLP run over every position of which only one is read (as users write transformers): the units of the
+    other positions switch along the segment but leave J_F continuous, so they cost no pieces (issue 13)."""
+    g = torch.Generator().manual_seed(3)
+    p0 = {"w": torch.randn(6, 4, generator=g, dtype=DT), "v": torch.randn(6, generator=g, dtype=DT)}
+    dp = {"w": torch.randn(6, 4, generator=g, dtype=DT), "v": torch.randn(6, generator=g, dtype=DT)}
+    x = torch.randn(4, 5, 4, generator=g, dtype=DT)  # 4 samples x 5 positions
+
+    def every_position(p: Params) -> Tensor:
+        return (F.relu(x @ p["w"].T) @ p["v"])[:, -1]
+
+    def last_position(p: Params) -> Tensor:
+        return F.relu(x[:, -1] @ p["w"].T) @ p["v"]
+
+    wasteful = path_integral(every_position, p0, dp, "kink:2")
+    lean = path_integral(last_position, p0, dp, "kink:2")
+    assert lean.n_kinks > 0
+    assert wasteful.n_kinks == lean.n_kinks and wasteful.n_nodes == lean.n_nodes
+    assert torch.allclose(wasteful.kinks, lean.kinks, rtol=0, atol=1e-12)
+    assert float(wasteful.residual.abs().max()) < 1e-11
+    assert max_diff(wasteful.phi, lean.phi) < 1e-12
