@@ -373,9 +373,7 @@ class Run:
         model = resolve_factory(spec or {}, self.model_factory)
         if schema.STATIC in self.root:
             integrity.require_chunks(self, integrity.array_paths(self, (schema.STATIC,)))
-            g = self.root[schema.STATIC]
-            sd = {k: torch.from_numpy(np.asarray(v[...])).reshape(model.state_dict()[k].shape) for k, v in g.arrays()}
-            model.load_state_dict(sd, strict=False)
+            _load_static(model, self.root[schema.STATIC])
         return model
 
     def model(self, step: int | None = None) -> nn.Module:
@@ -409,6 +407,36 @@ class Run:
 
 def _as_numpy(a: Any) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def _load_static(model: nn.Module, group: zarr.Group) -> None:
+    """Frozen parameters and buffers stored once under ``static/``, put into ``model``. Non-persistent buffers (not
+    in the state dict, e.g. a causal mask) are copied in place; a name the model does not have or a size that
+    differs is an error, since the store then does not belong to the model its spec builds."""
+    live = dict(model.named_parameters())
+    live.update(model.named_buffers())
+    persistent = set(model.state_dict())
+    loadable: dict[str, torch.Tensor] = {}
+    for name, arr in group.arrays():
+        target = live.get(name)
+        if target is None:
+            raise storage.StoreError(
+                f"the store holds a static tensor {safe_text(name)} that the model built from its spec does not have "
+                "(not a parameter or buffer of it); the model_spec does not match this run"
+            )
+        value = torch.from_numpy(np.asarray(arr[...]))
+        if value.numel() != target.numel():
+            raise storage.StoreError(
+                f"static tensor {safe_text(name)} has {value.numel()} elements in the store but {target.numel()} in "
+                "the model built from the spec; the model_spec kwargs do not match this run"
+            )
+        value = value.reshape(target.shape)
+        if name in persistent:
+            loadable[name] = value
+        else:
+            with torch.no_grad():
+                target.copy_(value)
+    model.load_state_dict(loadable, strict=False)
 
 
 def _fmt_slice(sl: Any) -> str:

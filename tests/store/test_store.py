@@ -425,3 +425,42 @@ def test_refresh_sees_updates_committed_after_a_block_was_read(tmp_path):
     name = run.tensor_names[0]
     assert blk.params[name].shape[0] == 7 and np.isfinite(blk.params[name].numpy()).all()
     torch.testing.assert_close(blk.params[name][:3], first.params[name][2:5], rtol=0, atol=0)
+
+
+class MaskedLinear(torch.nn.Module):
+    """A model with a non-persistent buffer (not in its state dict), as causal masks often are."""
+
+    def __init__(self, with_mask: bool = True) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 10)
+        if with_mask:
+            self.register_buffer("mask", (torch.arange(64) % 3 != 0).float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x * self.mask if hasattr(self, "mask") else x)
+
+
+def test_a_model_with_a_non_persistent_buffer_records_and_rebuilds(tmp_path):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = torch.tensor(d.data[:64], dtype=torch.float32), torch.tensor(d.target[:64])
+    torch.manual_seed(0)
+    model = MaskedLinear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with Recorder(tmp_path / "m.zarr", model, opt, data=(x, y)) as rec:
+        for s in range(3):
+            idx = torch.arange(16 * s, 16 * s + 16)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            rec.record(idx)
+    run = open_run(tmp_path / "m.zarr", model_factory=MaskedLinear)
+    rebuilt = run.model(3)
+    assert torch.equal(rebuilt.mask, model.mask)
+    assert torch.equal(rebuilt(x), model.eval()(x))
+    assert run.verify(chunks=False).ok
+    # a factory that builds another model (no such buffer) is named, not a KeyError
+    other = open_run(tmp_path / "m.zarr", model_factory=lambda: MaskedLinear(with_mask=False))
+    with pytest.raises(StoreError, match="static tensor 'mask'"):
+        other.model(3)
