@@ -449,7 +449,60 @@ def attribute(
         ``rounding_residual`` (and ``param_<tensor>`` with "param"); ``initial + data.sum() +
         weight_decay.sum() + momentum.sum() + residual.sum() == final`` per query and output.
     """
-    # --- every check before any heavy work --------------------------------------------------------------------
+    req = validate(run, inputs, targets, queries=queries, output=output, by=by, steps=steps, quadrature=quadrature,
+                   device=device, out=out, chunk_updates=chunk_updates, method=method, step_bins=step_bins,
+                   residual_tol=residual_tol, max_result_bytes=max_result_bytes)
+    runner = _start_runner(req, client)
+    try:
+        ds, bounds = build(req, runner)
+        result = _compute(req, ds, bounds, runner, progress)
+    finally:
+        runner.close()
+    check_exactness(result, req.traj, req.tol)  # the per-update residual arrays are small (query x output x step)
+    return result
+
+
+# ==============================================================================================================
+# attribute's stages: validate (every check before any heavy work), build (plan and graph), compute
+# ==============================================================================================================
+@dataclass(frozen=True)
+class Request:
+    """One attribution, checked: everything the later stages need, and nothing computed yet but the driver-side
+    context (the float64 model, which also sized the result)."""
+
+    traj: Trajectory
+    problem: Problem
+    ctx: Context
+    meta: Any  # engine.result.ResultMeta
+    qdesc: str
+    store_chunk: int | None
+    chunk_updates: int | None
+    step_bins: int | None
+    out_path: Path | None
+    tol: float | None
+    n_tasks_guess: int
+
+
+def validate(
+    run: Any,
+    inputs: Any = None,
+    targets: Any = None,
+    *,
+    queries: str | None,
+    output: str,
+    by: Any,
+    steps: Any,
+    quadrature: Any,
+    device: str,
+    out: Any,
+    chunk_updates: int | None,
+    method: str,
+    step_bins: int | None,
+    residual_tol: float | None,
+    max_result_bytes: int | str | None,
+) -> Request:
+    """Every check :func:`attribute` makes before any task runs (arguments, queries, window, output path, the
+    store's health, the model factory's trust, the result's size); raises with a message that says what to change."""
     traj = open_trajectory(run)
     if output not in OUTPUT_MODES:
         raise ValueError(f"unknown output={output!r}; use one of {', '.join(OUTPUT_MODES)}")
@@ -466,13 +519,12 @@ def attribute(
         raise ValueError(
             f"output={output!r} needs the query targets: pass targets= (or queries='split[...]', which brings them)"
         )
-    n_updates = int(traj.committed_updates)
-    window = parse_steps(steps, n_updates)
+    window = parse_steps(steps, int(traj.committed_updates))
     store_chunk = int(traj.chunk_updates) if _is_run(traj) else None  # type: ignore[attr-defined]
     if chunk_updates is not None and (not isinstance(chunk_updates, (int, np.integer)) or chunk_updates < 1):
         raise ValueError(f"chunk_updates must be a positive integer, got {chunk_updates!r}")
     guess = plan.plan_chunks(window, store_chunk=store_chunk, chunk_updates=chunk_updates,
-                               n_workers=os.cpu_count() or 1)
+                             n_workers=os.cpu_count() or 1)
     out_path = check_out(out) if out is not None else None
     problem = Problem(x_query=x_q, y_query=y_q, output=output, by=by_set, window=window,
                       rule=quadrature, method=method, device=device)
@@ -481,61 +533,76 @@ def attribute(
     cpu_problem = problem if device == "cpu" else replace(problem, device="cpu")
     ctx = Context(traj, cpu_problem)
     meta = result_meta(traj, cpu_problem, ctx)
-    limit = max_result_limit(max_result_bytes)
     if out_path is None:
-        check_result_size(result_bytes(meta, step_bins), limit, by_set, meta.n_queries, window[1] - window[0])
+        check_result_size(result_bytes(meta, step_bins), max_result_limit(max_result_bytes), by_set,
+                          meta.n_queries, window[1] - window[0])
+    return Request(traj, problem, ctx, meta, qdesc, store_chunk, chunk_updates, step_bins, out_path, tol, len(guess))
 
-    # --- scheduler, graph, compute --------------------------------------------------------------------------
+
+def _start_runner(req: Request, client: Any) -> _sched.Runner:
+    """The runner for ``client`` (our LocalCluster by default), checked for the device before any task runs."""
+    device = req.problem.device
     local = client is None or (isinstance(client, str) and client.strip().lower() in _sched.LOCAL_NAMES)
     if local or (isinstance(client, str) and client.strip().lower() in _sched.SYNC_NAMES):
         _sched.check_local_device(device)  # before starting any worker process
-    n_tasks = len(guess)
+    n_tasks = req.n_tasks_guess
     if local and device != "cpu":  # processes share the GPU(s): a few per device is plenty
         n_tasks = min(n_tasks, 2 * max(1, torch.cuda.device_count()))
     runner = _sched.get_runner(client, n_tasks=n_tasks)
     try:
         runner.check_device(device)
-        sync = isinstance(runner, _sched.SyncRunner)
-        p = plan.plan_attribution(meta, window, store_chunk=store_chunk, chunk_updates=chunk_updates,
-                                  per_query=problem.per_query, sync=sync,
-                                  same_host=bool(getattr(runner, "same_host", False)),
-                                  n_workers=1 if sync else runner.n_workers)
-        groups, threads, chain, bounds = p.groups, p.threads, p.chain, p.bounds
-        if len(groups) == 1:
-            jobs = [_worker.make_job(traj, problem, by_reference=sync, threads=threads)]
-            if sync and device == "cpu":
-                _worker.seed(jobs[0], traj, ctx)  # the tasks run here: reuse the driver's float64 context
-        else:
-            jobs = [_worker.make_job(traj, _graph.group_problem(problem, g), by_reference=sync, threads=threads)
-                    for g in groups]
-        ds = _graph.lazy_result(jobs, meta, bounds, keep_u=p.keep_u, chain=chain)
-        if step_bins is not None:
-            ds = _graph.bin_steps(ds, int(step_bins))
-        ds.attrs.update(
-            explaind_result=RESULT_KIND,
-            run=str(getattr(traj, "path", type(traj).__name__)),
-            queries=qdesc,
-            device=device,
-            scheduler=runner.describe(),
-            n_chunks=len(bounds),
-            query_groups=len(groups),
-            torch_threads=threads or (torch.get_num_threads() if sync else 0),  # 0: the workers' own setting
-            scan="reverse chain" if chain else "parallel chunks",
-            chunk_updates=max(hi - lo for lo, hi in bounds),
-        )
-        if out_path is None:
-            (result,) = runner.compute([ds], progress=progress, desc="attribute")
-            result = check_finite(finalize_attrs(result))
-        else:
-            # output step chunks: the store's (what readers of the run are used to) unless the tasks are shorter, so
-            # an output chunk never waits on more than two tasks' blocks (memory independent of the store's chunks)
-            task_len = max(hi - lo for lo, hi in bounds)
-            written = _write(ds, out_path, runner, min(store_chunk or task_len, task_len), progress)
-            result = check_finite(written, where=str(out_path))
-    finally:
+    except BaseException:
         runner.close()
-    check_exactness(result, traj, tol)  # the per-update residual arrays are small (query x output x step)
-    return result
+        raise
+    return runner
+
+
+def build(req: Request, runner: _sched.Runner) -> tuple[xr.Dataset, list[tuple[int, int]]]:
+    """The plan (query groups, threads, chunks; :func:`engine.plan.plan_attribution`) and the lazy result over the
+    runner's workers, with the attrs that say how it runs; returns it and the chunk bounds."""
+    traj, problem, meta = req.traj, req.problem, req.meta
+    sync = isinstance(runner, _sched.SyncRunner)
+    p = plan.plan_attribution(meta, problem.window, store_chunk=req.store_chunk, chunk_updates=req.chunk_updates,
+                              per_query=problem.per_query, sync=sync,
+                              same_host=bool(getattr(runner, "same_host", False)),
+                              n_workers=1 if sync else runner.n_workers)
+    groups, threads, chain, bounds = p.groups, p.threads, p.chain, p.bounds
+    if len(groups) == 1:
+        jobs = [_worker.make_job(traj, problem, by_reference=sync, threads=threads)]
+        if sync and problem.device == "cpu":
+            _worker.seed(jobs[0], traj, req.ctx)  # the tasks run here: reuse the driver's float64 context
+    else:
+        jobs = [_worker.make_job(traj, _graph.group_problem(problem, g), by_reference=sync, threads=threads)
+                for g in groups]
+    ds = _graph.lazy_result(jobs, meta, bounds, keep_u=p.keep_u, chain=chain)
+    if req.step_bins is not None:
+        ds = _graph.bin_steps(ds, int(req.step_bins))
+    ds.attrs.update(
+        explaind_result=RESULT_KIND,
+        run=str(getattr(traj, "path", type(traj).__name__)),
+        queries=req.qdesc,
+        device=problem.device,
+        scheduler=runner.describe(),
+        n_chunks=len(bounds),
+        query_groups=len(groups),
+        torch_threads=threads or (torch.get_num_threads() if sync else 0),  # 0: the workers' own setting
+        scan="reverse chain" if chain else "parallel chunks",
+        chunk_updates=max(hi - lo for lo, hi in bounds),
+    )
+    return ds, bounds
+
+
+def _compute(req: Request, ds: xr.Dataset, bounds: list[tuple[int, int]], runner: _sched.Runner,
+             progress: bool) -> xr.Dataset:
+    """Compute the lazy result in memory, or stream it to ``out``; a NaN/inf anywhere is an error."""
+    if req.out_path is None:
+        (result,) = runner.compute([ds], progress=progress, desc="attribute")
+        return check_finite(finalize_attrs(result))
+    # output step chunks: the store's (what readers of the run are used to) unless the tasks are shorter, so an
+    # output chunk never waits on more than two tasks' blocks (memory independent of the store's chunks)
+    task_len = max(hi - lo for lo, hi in bounds)
+    written = _write(ds, req.out_path, runner, min(req.store_chunk or task_len, task_len), progress)
+    return check_finite(written, where=str(req.out_path))
 
 
 def _write(ds: xr.Dataset, path: Path, runner: _sched.Runner, step_chunk: int, progress: bool) -> xr.Dataset:
@@ -566,5 +633,5 @@ def _strings_as_objects(ds: xr.Dataset) -> xr.Dataset:
     return ds.assign_coords(fix) if fix else ds
 
 
-__all__ = ["QuerySpec", "ResultTooLargeError", "UnknownSplitError", "attribute", "available_memory",
-           "max_result_limit", "check_store", "open_trajectory", "parse_by", "parse_queries", "parse_steps"]
+__all__ = ["QuerySpec", "Request", "ResultTooLargeError", "UnknownSplitError", "attribute", "available_memory", "build",
+           "max_result_limit", "check_store", "open_trajectory", "parse_by", "parse_queries", "parse_steps", "validate"]
