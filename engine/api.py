@@ -633,5 +633,6 @@ def _strings_as_objects(ds: xr.Dataset) -> xr.Dataset:
     return ds.assign_coords(fix) if fix else ds
 
 
-__all__ = ["QuerySpec", "Request", "ResultTooLargeError", "UnknownSplitError", "attribute", "available_memory", "build",
-           "max_result_limit", "check_store", "open_trajectory", "parse_by", "parse_queries", "parse_steps", "validate"]
+__all__ = ["QuerySpec", "Request", "ResultTooLargeError", "UnknownSplitError", "attribute", "available_memory",
+           "build", "check_store", "max_result_limit", "open_trajectory", "parse_by", "parse_queries", "parse_steps",
+           "validate"]
