@@ -30,7 +30,7 @@ from engine.ops.quadrature import parse_rule
 from engine.result import BY_KEYS, check_finite, finalize_attrs, result_bytes
 from engine.scan.problem import Context, Problem, result_meta
 from engine.settings import format_bytes, parse_bytes
-from explaind_store import schema
+from explaind_store import schema, storage
 from explaind_store.storage import StoreError
 from explaind_store.trajectory import Trajectory
 
@@ -174,12 +174,12 @@ def parse_by(by: Any) -> frozenset[str]:
 # Resolving and checking the inputs
 # ==============================================================================================================
 def open_trajectory(run: Any) -> Trajectory:
-    """A ``Run`` for a path; a ``Trajectory`` as is."""
+    """A ``Run`` for a path or an object-store URL; a ``Trajectory`` as is."""
     if isinstance(run, (str, os.PathLike)):
         from explaind_store.reader import open_run
 
-        p = Path(run)
-        if not p.exists():
+        p = storage.location(run)
+        if not storage.exists(p):
             raise StoreError(f"no store at {p}")
         return open_run(p)
     if isinstance(run, Trajectory):
@@ -310,27 +310,25 @@ def check_loss_supported(traj: Trajectory, output: str) -> None:
         )
 
 
-def check_out(out: Any) -> Path:
-    """The output path; refuses to overwrite anything but an earlier attribution result."""
-    p = Path(out)
-    if p.exists():
-        if not p.is_dir():
-            raise ValueError(f"out={str(p)!r} exists and is not a directory")
-        meta = p / "zarr.json"
-        if any(p.iterdir()):
-            kind = None
-            if meta.exists():
-                import json
+def check_out(out: Any) -> storage.Location:
+    """The output path or object-store URL; refuses to overwrite anything but an earlier attribution result."""
+    p = storage.location(out)
+    if isinstance(p, Path) and p.exists() and not p.is_dir():
+        raise ValueError(f"out={str(p)!r} exists and is not a directory")
+    if storage.has_content(p):
+        import json
 
-                try:
-                    kind = json.loads(meta.read_text()).get("attributes", {}).get("explaind_result")
-                except (OSError, ValueError):
-                    kind = None
-            if kind != RESULT_KIND:
-                raise ValueError(
-                    f"out={str(p)!r} exists and is not an earlier attribution result (a store, or other files); "
-                    "refusing to overwrite it: choose a new path"
-                )
+        kind = None
+        try:
+            meta = storage.read_file(p, "zarr.json")
+            kind = None if meta is None else json.loads(meta).get("attributes", {}).get("explaind_result")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind != RESULT_KIND:
+            raise ValueError(
+                f"out={str(p)!r} exists and is not an earlier attribution result (a store, or other files); "
+                "refusing to overwrite it: choose a new path"
+            )
     return p
 
 
@@ -478,7 +476,7 @@ class Request:
     store_chunk: int | None
     chunk_updates: int | None
     step_bins: int | None
-    out_path: Path | None
+    out_path: storage.Location | None
     tol: float | None
     n_tasks_guess: int
 
@@ -605,9 +603,13 @@ def _compute(req: Request, ds: xr.Dataset, bounds: list[tuple[int, int]], runner
     return check_finite(written, where=str(req.out_path))
 
 
-def _write(ds: xr.Dataset, path: Path, runner: _sched.Runner, step_chunk: int, progress: bool) -> xr.Dataset:
-    """Stream the lazy result into a Zarr store (one write per output chunk) and return it opened."""
+def _write(ds: xr.Dataset, path: storage.Location, runner: _sched.Runner, step_chunk: int,
+           progress: bool) -> xr.Dataset:
+    """Stream the lazy result into a Zarr store (a directory or an object-store URL; one write per output chunk)
+    and return it opened."""
     import zarr
+
+    target = storage.open_store(path)  # pickled into the write tasks: a URL and options, never credentials
 
     step_chunk = step_chunk if "step_bins" not in ds.attrs else ds.sizes["step"]
     ds = _strings_as_objects(ds)
@@ -617,14 +619,14 @@ def _write(ds: xr.Dataset, path: Path, runner: _sched.Runner, step_chunk: int, p
     with warnings.catch_warnings():
         # consolidated metadata is a zarr-python extension in v3; it lets xarray.open_zarr(path) open quietly
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        store = chunked.to_zarr(path, mode="w", compute=False, consolidated=True)
+        store = chunked.to_zarr(target, mode="w", compute=False, consolidated=True)
         runner.compute([_graph.gate_writes(store)], progress=progress, desc="attribute")
-        opened = xr.open_zarr(path)
+        opened = xr.open_zarr(target)
         attrs = finalize_attrs(opened).attrs
-        group = zarr.open_group(path, mode="r+")
+        group = zarr.open_group(store=target, mode="r+")
         group.attrs.update({k: attrs[k] for k in attrs if k.startswith("max_")})
-        zarr.consolidate_metadata(path)
-    return xr.open_zarr(path)
+        zarr.consolidate_metadata(target)
+    return xr.open_zarr(target)
 
 
 def _strings_as_objects(ds: xr.Dataset) -> xr.Dataset:

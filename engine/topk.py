@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from typing import Any
 
 import dask
@@ -18,6 +17,7 @@ import numpy as np
 import xarray as xr
 
 from engine.result import NonFiniteResultError
+from explaind_store import storage
 from explaind_store.schema import OUTPUT, QUERY
 
 CHUNK = 65536  # along-axis chunk for in-memory inputs (keeps the same streaming code path)
@@ -28,13 +28,14 @@ def open_result(result_or_path: Any) -> xr.Dataset:
     if isinstance(result_or_path, xr.Dataset):
         return result_or_path
     if isinstance(result_or_path, (str, os.PathLike)):
-        p = Path(result_or_path)
-        if not p.exists():
+        p = storage.location(result_or_path)  # a directory or an object-store URL
+        if not storage.exists(p):
             raise ValueError(f"no attribution result at {p}")
+        store = storage.open_store(p, read_only=True)
         with contextlib.suppress(Exception):  # no consolidated metadata (written by other tools): read it plainly
-            return xr.open_zarr(p, consolidated=True)
+            return xr.open_zarr(store, consolidated=True)
         try:
-            return xr.open_zarr(p, consolidated=False)
+            return xr.open_zarr(store, consolidated=False)
         except Exception as exc:  # noqa: BLE001 - zarr/xarray raise several types for "not a dataset"
             raise ValueError(f"{p} is not an attribution result readable by xarray.open_zarr: {exc}") from None
     raise TypeError(f"expected an xarray.Dataset or a path, not {type(result_or_path).__name__}")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from . import schema
+from . import schema, storage
 from .specs import safe_text
 
 
@@ -34,8 +34,7 @@ def run_info(path: str | Path) -> dict[str, Any]:
         item = 8 if tinfo["dtype"] == "float64" else (2 if tinfo["dtype"] == "float16" else 4)
         raw += n * item * steps * (1 + len(run.state_names))
     disk = run.nbytes_on_disk()
-    data_disk = sum(f.stat().st_size for f in (run.path / schema.DATA).rglob("*") if f.is_file()) if (
-        run.path / schema.DATA).exists() else 0
+    data_disk = storage.tree_nbytes(storage.join(run.path, schema.DATA))
     traj_disk = disk - data_disk
     opt = run.optimizer_spec
     lr_range = None

@@ -51,9 +51,9 @@ class Run:
         data: dict[str, tuple[Any, Any]] | None = None,
         store: Any = None,
     ) -> None:
-        self.path = Path(path)
+        self.path = storage.location(path)  # a Path, or the URL of a store in an object store
         self.root = storage.open_root(self.path) if store is None else _open_store_root(store, self.path)
-        self._store = store if store is not None else str(self.path)
+        self._store = store
         self.attrs: dict[str, Any] = self.root.attrs.asdict()
         self.model_factory = model_factory
         self._arrays: dict[str, Any] = {}  # opened zarr arrays (their metadata: shapes), dropped by refresh()
@@ -78,7 +78,7 @@ class Run:
 
     def refresh(self) -> Run:
         """Re-read the commit point of a store that is still being written."""
-        if isinstance(self._store, str):
+        if self._store is None:
             self.root = storage.open_root(self.path, check=False)  # polled while recording: metadata was checked on open
         else:
             self.root = _open_store_root(self._store, self.path)
@@ -137,7 +137,7 @@ class Run:
     def _open_group(self, group: str) -> xr.Dataset:
         # the view reads lazily, chunk by chunk, so missing chunk files are looked for once here (a listing)
         integrity.require_chunks(self, integrity.array_paths(self, (group,)))
-        ds = xr.open_zarr(self._store, group=group, consolidated=False, chunks={}, drop_variables=[schema.STEP])
+        ds = xr.open_zarr(self.root.store, group=group, consolidated=False, chunks={}, drop_variables=[schema.STEP])
         t = self.committed_updates
         ds = ds.isel({schema.STEP: slice(0, t + 1)})
         return ds.assign_coords({schema.STEP: np.arange(t + 1)})
@@ -402,7 +402,8 @@ class Run:
         return verify(self, **kwargs)
 
     def nbytes_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        """Bytes the store takes (its files on disk, or its objects' sizes in an object store)."""
+        return storage.tree_nbytes(self.path)
 
 
 def _as_numpy(a: Any) -> np.ndarray:
@@ -445,7 +446,7 @@ def _fmt_slice(sl: Any) -> str:
     return str(sl)
 
 
-def _open_store_root(store: Any, path: Path) -> zarr.Group:
+def _open_store_root(store: Any, path: storage.Location) -> zarr.Group:
     root = zarr.open_group(store, mode="r", zarr_format=3)
     if root.attrs.get(schema.ATTR_FORMAT) != schema.FORMAT_NAME:
         raise storage.StoreError(f"{path} is not an explaind store")
@@ -462,7 +463,8 @@ def open_run(
     """Open a recorded run lazily.
 
     Args:
-        path: the store directory.
+        path: the store: a directory, or an fsspec URL (``s3://bucket/run.zarr``; credentials come from the
+            environment, see docs/format.md, "Object stores").
         model_factory: builds the model (called with the spec's kwargs); needed when the store's factory is not in
             a trusted module (built-in examples, or ``$EXPLAIND_TRUSTED_MODULES``).
         data: splits recorded by reference, ``{"train": (inputs, targets)}``; checked against their fingerprints.

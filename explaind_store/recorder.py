@@ -19,7 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
+import shutil  # noqa: F401 - kept for code that merges in here
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,9 +50,14 @@ def _np(x: ArrayLike) -> np.ndarray:
     return np.asarray(x)
 
 
-def _acquire_lock(path: Path) -> int:
+def _acquire_lock(path: storage.Location) -> int | None:
     """One writer per store: an flock on the store directory, which the OS drops when the process dies (so kill -9
-    never leaves a stale lock) and which adds no file to the Zarr hierarchy."""
+    never leaves a stale lock) and which adds no file to the Zarr hierarchy.
+
+    An object store (a URL) has no lock that dies with its holder, so none is taken there (None): one recorder per
+    URL is the caller's to ensure (docs/format.md, "Object stores")."""
+    if not isinstance(path, Path):
+        return None
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -85,7 +90,7 @@ def _checked_data_spec(split: str, spec: dict[str, Any], fingerprint: str) -> di
     return stored
 
 
-def _killed_during_creation(path: Path) -> bool:
+def _killed_during_creation(path: storage.Location) -> bool:
     """An explaind store whose creation was interrupted before its first commit (``committed_updates`` is -1)."""
     try:
         attrs = storage.open_root(path).attrs.asdict()
@@ -94,8 +99,11 @@ def _killed_during_creation(path: Path) -> bool:
     return int(attrs.get(schema.ATTR_COMMITTED, 0)) < 0
 
 
-def _remove_partials(path: Path) -> None:
-    """Temporary files of writes that a crash interrupted (zarr writes chunks to *.partial, then renames)."""
+def _remove_partials(path: storage.Location) -> None:
+    """Temporary files of writes that a crash interrupted (zarr writes chunks to *.partial, then renames). An object
+    store has none: an object appears whole when its upload completes, or not at all."""
+    if not isinstance(path, Path):
+        return
     for p in path.rglob("*.partial"):
         p.unlink(missing_ok=True)
 
@@ -158,7 +166,8 @@ class Recorder:
     """Records a training run into a Zarr v3 store. Use as a context manager or call ``close()``.
 
     Args:
-        path: directory of the store (one Zarr group per run).
+        path: directory of the store (one Zarr group per run), or an fsspec URL such as ``s3://bucket/run.zarr``
+            (credentials from the environment; no writer lock there, see docs/format.md, "Object stores").
         model: the module being trained; its trainable parameters are recorded.
         optimizer: ``torch.optim.AdamW``, ``Adam`` or ``SGD`` over those parameters.
         data: ``(inputs, targets)`` of the training set; batch indices refer to it.
@@ -211,7 +220,7 @@ class Recorder:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise RecorderError(f"max_grad_norm must be positive (or None when the loop does not clip), got {max_grad_norm!r}")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        self.path = Path(path)
+        self.path = storage.location(path)
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -277,7 +286,7 @@ class Recorder:
         store_data: bool,
         data_specs: dict[str, dict[str, Any]],
     ) -> None:
-        exists = self.path.exists() and any(self.path.iterdir())
+        exists = storage.has_content(self.path)
         if resume and exists and data is not None and _killed_during_creation(self.path):
             # nothing was committed: starting over is the resume (the data arrays may be half-written too)
             self._replace_existing()
@@ -333,8 +342,9 @@ class Recorder:
                 "(`--overwrite`)"
             ) from None
         fd = _acquire_lock(self.path)  # never delete a store another process is writing
-        os.close(fd)
-        shutil.rmtree(self.path)
+        if fd is not None:
+            os.close(fd)
+        storage.remove_tree(self.path)
 
     def _create(
         self,
@@ -361,7 +371,8 @@ class Recorder:
             split: _checked_data_spec(split, spec, storage.fingerprint(*arrays[split]))
             for split, spec in data_specs.items()
         }
-        self.path.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.path, Path):
+            self.path.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _acquire_lock(self.path)
         step_bytes = max(p.numel() * p.element_size() for p in self.params)
         self.chunk_updates = int(chunk_updates or storage.default_chunk_updates(step_bytes))
@@ -376,7 +387,7 @@ class Recorder:
         ]
         order = {n: i for i, n in enumerate(self.names)}
         tensors.sort(key=lambda t: order[t["name"]])
-        root = zarr.open_group(str(self.path), mode="a", zarr_format=3)  # "w" would delete the lock file
+        root = zarr.open_group(store=storage.open_store(self.path), mode="a", zarr_format=3)  # "w" would delete the lock file
         # mark the directory as an explaind store with nothing committed before writing anything else, so a kill
         # during creation leaves a store that --resume / --overwrite recognise rather than an anonymous Zarr group
         root.attrs.update({schema.ATTR_FORMAT: schema.FORMAT_NAME, schema.ATTR_FORMAT_VERSION: schema.FORMAT_VERSION,
@@ -522,8 +533,7 @@ class Recorder:
             # Killed before theta_0 was committed, possibly while the step arrays were being created (the root
             # attributes are written first): nothing was committed, so they are made afresh with the store's codec.
             for gname in (schema.PARAMS, *self.state_names, schema.UPDATES):
-                if (self.path / gname).exists():
-                    shutil.rmtree(self.path / gname)
+                storage.remove_tree(storage.join(self.path, gname))
             codec = attrs.get(schema.ATTR_CODEC) or {}
             lossy = codec.get("lossy") or {}
             self._make_arrays(

@@ -1,6 +1,13 @@
-"""How a run is stored on disk: creating its Zarr v3 group and arrays, codecs, chunking, and opening with checks.
+"""How a run is stored: where (a local directory or an object-store URL), creating its Zarr v3 group and arrays,
+codecs, chunking, and opening with checks.
 
 Names come from ``schema``; this module decides shapes, chunks, codecs and fill values. See docs/format.md.
+
+A store is addressed by a local path or an fsspec URL (``s3://bucket/run.zarr``, ``memory://run.zarr``, ...):
+:func:`location` tells them apart once (a ``Path`` or a URL string) and :func:`open_store` turns either into a zarr
+Store. Credentials are never passed through here: fsspec's filesystems find them in their usual places (for S3,
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ENDPOINT_URL`` or ``~/.aws``), so nothing that could hold
+a secret is written into a store or shipped to Dask workers; each process resolves them from its own environment.
 """
 
 from __future__ import annotations
@@ -8,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +25,7 @@ from typing import Any
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.abc.store import Store
 from zarr.errors import GroupNotFoundError, NodeNotFoundError
 
 from . import schema
@@ -33,6 +43,148 @@ WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 class StoreError(Exception):
     """A path is not a readable explaind store, or the store cannot be used as asked."""
+
+
+# --- where a store lives ----------------------------------------------------------------------------------------
+Location = Path | str  # a local directory, or the URL of a remote one (no trailing slash)
+
+# The package each well-known protocol needs (fsspec names it too, but not as an install command for this project).
+_PROTOCOL_PACKAGES = {"s3": "s3fs (pip install 'explaind-store[s3]')", "s3a": "s3fs (pip install 'explaind-store[s3]')",
+                      "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+
+
+def is_remote(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a URL with a protocol other than ``file://`` (s3://, memory://, gs://, ...)."""
+    if not isinstance(path, str):
+        return False
+    return "://" in path and not path.startswith("file://")
+
+
+def location(path: str | os.PathLike[str]) -> Location:
+    """The store's address: a ``Path`` for a local directory (``file://`` URLs included), else the URL with no
+    trailing slash. An unknown protocol, or one whose filesystem package is missing, is a :class:`StoreError`."""
+    if isinstance(path, str) and path.startswith("file://"):
+        return Path(path[len("file://"):])
+    if not is_remote(path):
+        return Path(path)
+    url = str(path).rstrip("/")
+    protocol, _, rest = url.partition("://")
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:
+        need = _PROTOCOL_PACKAGES.get(protocol, f"the package fsspec names: {exc}")
+        raise StoreError(f"{url}: reading and writing {protocol}:// URLs needs {need}.") from None
+    except ValueError:
+        raise StoreError(
+            f"{url}: unknown storage protocol {protocol!r}. Use a local path, or a URL fsspec knows (s3://bucket/"
+            "run.zarr with s3fs installed, gs://, az://, memory://); check the URL for a typo."
+        ) from None
+    if not rest.strip("/"):
+        raise StoreError(f"{url}: the URL names no store; give a bucket and a path, e.g. {protocol}://bucket/run.zarr")
+    return url
+
+
+def _storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for ``url``. No credentials: the filesystem finds them in the process's environment."""
+    if url.split("://", 1)[0] in ("s3", "s3a"):
+        # Listings feed the missing-chunk check and must see objects written after the store was opened (a run
+        # still being recorded), so s3fs's listing cache is off.
+        return {"use_listings_cache": False}
+    return {}
+
+
+def filesystem(loc: str) -> tuple[Any, str]:
+    """The (synchronous) fsspec filesystem of a remote location and the store's path inside it."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(loc, **_storage_options(loc))
+
+
+def open_store(path: str | os.PathLike[str], *, read_only: bool = False) -> Store:
+    """The zarr Store of a local path or a URL (see :func:`location`)."""
+    loc = location(path)
+    if isinstance(loc, Path):
+        return zarr.storage.LocalStore(loc, read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(loc, storage_options=_storage_options(loc), read_only=read_only)
+
+
+def _remote_call(loc: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args)`` on the store's filesystem, with a failure (no such bucket, refused credentials, no server)
+    turned into a StoreError that says what to check."""
+    try:
+        return fn(*args, **kwargs)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each filesystem raises its own types for access and network errors
+        raise StoreError(
+            f"{loc}: could not {what} ({type(exc).__name__}: {exc}). Check the URL, that the bucket exists, and the "
+            "credentials and endpoint in the environment (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_ENDPOINT_URL or ~/.aws)."
+        ) from None
+
+
+def exists(path: str | os.PathLike[str]) -> bool:
+    """Whether anything (a directory, or objects under the URL's prefix) is at ``path``."""
+    loc = location(path)
+    if isinstance(loc, Path):
+        return loc.exists()
+    fs, root = filesystem(loc)
+    return bool(_remote_call(loc, "look it up", fs.exists, root))
+
+
+def has_content(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` exists and holds at least one file or object."""
+    loc = location(path)
+    if isinstance(loc, Path):
+        return loc.is_dir() and any(loc.iterdir()) or loc.is_file()
+    fs, root = filesystem(loc)
+    try:
+        return bool(_remote_call(loc, "list it", fs.ls, root))
+    except FileNotFoundError:
+        return False
+
+
+def join(loc: Location, *parts: str) -> Location:
+    """``loc`` with store-relative parts appended (``/``-separated for URLs)."""
+    return loc.joinpath(*parts) if isinstance(loc, Path) else "/".join((loc, *parts))
+
+
+def read_file(loc: Location, key: str) -> bytes | None:
+    """The bytes of the file ``key`` (e.g. ``zarr.json``) under ``loc``, or None when there is none."""
+    if isinstance(loc, Path):
+        f = loc / key
+        return f.read_bytes() if f.is_file() else None
+    fs, root = filesystem(loc)
+    try:
+        return bytes(_remote_call(loc, f"read {key}", fs.cat_file, f"{root}/{key}"))
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+
+
+def remove_tree(loc: Location) -> None:
+    """Delete everything under ``loc`` (a directory, or every object under the URL's prefix); absent is fine."""
+    if isinstance(loc, Path):
+        if loc.exists():
+            shutil.rmtree(loc)
+        return
+    fs, root = filesystem(loc)
+    try:
+        _remote_call(loc, "delete it", fs.rm, root, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def tree_nbytes(loc: Location) -> int:
+    """Bytes stored under ``loc`` (files on disk, or object sizes); 0 when there is nothing."""
+    if isinstance(loc, Path):
+        return sum(f.stat().st_size for f in loc.rglob("*") if f.is_file()) if loc.exists() else 0
+    fs, root = filesystem(loc)
+    try:
+        return int(_remote_call(loc, "list it", fs.du, root, total=True))
+    except FileNotFoundError:
+        return 0
 
 
 def compressors(clevel: int = DEFAULT_CLEVEL) -> tuple[Any, ...]:
@@ -170,17 +322,29 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def check_metadata(path: str | Path) -> None:
+def check_metadata(path: str | os.PathLike[str]) -> None:
     """Parse the ``zarr.json`` of every node (root, groups, arrays; chunk folders are not entered), so damaged
     metadata is reported up front with the file's name instead of a bare JSON error from deep inside zarr."""
-    pending = [Path(path)]
+    loc = location(path)
+    if isinstance(loc, Path):
+        def subdirs(node: Location) -> list[Location]:
+            return [sub for sub in node.iterdir() if sub.is_dir()]  # type: ignore[union-attr]
+    else:
+        fs, root = filesystem(loc)
+
+        def subdirs(node: Location) -> list[Location]:
+            rel = str(node)[len(loc):]
+            found = _remote_call(loc, "list it", fs.ls, root + rel, detail=True)
+            return [f"{node}/{e['name'].rstrip('/').rsplit('/', 1)[-1]}" for e in found if e.get("type") == "directory"]
+    pending: list[Location] = [loc]
     while pending:
         node = pending.pop()
-        meta = node / "zarr.json"
-        if not meta.is_file():
+        raw = read_file(node, "zarr.json")
+        if raw is None:
             continue  # not a Zarr node (e.g. an empty folder left by a crash)
+        meta = join(node, "zarr.json")
         try:
-            doc = json.loads(meta.read_bytes())
+            doc = json.loads(raw)
             if not isinstance(doc, dict):
                 raise ValueError(f"a JSON {type(doc).__name__}, not an object")
         except (ValueError, UnicodeDecodeError) as exc:
@@ -190,19 +354,19 @@ def check_metadata(path: str | Path) -> None:
                 "Restore this file from a backup or an intact copy of the store, or record the run again."
             ) from None
         if doc.get("node_type") == "group":
-            pending.extend(sub for sub in node.iterdir() if sub.is_dir())
+            pending.extend(subdirs(node))
 
 
-def open_root(path: str | Path, mode: str = "r", *, check: bool = True) -> zarr.Group:
-    """Open a run's root group and check it is an explaind store this version can read (``check``: also parse
-    every node's metadata, see :func:`check_metadata`)."""
-    p = Path(path)
-    if not p.exists():
+def open_root(path: str | os.PathLike[str], mode: str = "r", *, check: bool = True) -> zarr.Group:
+    """Open a run's root group (a local path or a URL) and check it is an explaind store this version can read
+    (``check``: also parse every node's metadata, see :func:`check_metadata`)."""
+    p = location(path)
+    if not exists(p):
         raise StoreError(f"{p} does not exist. Record a run first (e.g. `explaind record modadd --out {p}`).")
     if check:
         check_metadata(p)
     try:
-        root = zarr.open_group(str(p), mode=mode, zarr_format=3)
+        root = zarr.open_group(store=open_store(p, read_only=mode == "r"), mode=mode, zarr_format=3)
     except (GroupNotFoundError, NodeNotFoundError, FileNotFoundError, ValueError) as exc:
         raise StoreError(f"{p} is not a Zarr v3 group, so it is not an explaind store ({exc}).") from None
     attrs = root.attrs.asdict()

@@ -24,6 +24,7 @@ import torch
 from engine import settings
 from engine.scan.problem import Context, Problem
 from explaind_store.specs import TRUSTED_ENV
+from explaind_store.storage import StoreError
 from explaind_store.trajectory import Trajectory
 
 MATH_LOCK = threading.Lock()
@@ -69,6 +70,11 @@ def make_job(traj: Trajectory, problem: Problem, *, by_reference: bool, threads:
     trusted = os.environ.get(TRUSTED_ENV)
     if by_reference or not isinstance(traj, Run):
         return Job(problem=problem, traj=traj, trusted=trusted, threads=threads)
+    if str(traj.path).startswith("memory://"):
+        raise StoreError(
+            f"{traj.path} lives in this process's memory, which Dask worker processes cannot see; attribute it "
+            "with client='sync', or record it to a directory or an object-store URL (s3://...) instead"
+        )
     attached = dict(getattr(traj, "_attached", {}) or {})
     return Job(problem=problem, path=str(traj.path), model_factory=traj.model_factory, attached=attached,
                trusted=trusted, threads=threads)
