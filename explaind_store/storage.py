@@ -67,8 +67,9 @@ def location(path: str | os.PathLike[str]) -> Location:
         return Path(path[len("file://"):])
     if not is_remote(path):
         return Path(path)
-    url = str(path).rstrip("/")
-    protocol, _, rest = url.partition("://")
+    protocol, _, rest = str(path).partition("://")
+    rest = rest.rstrip("/")
+    url = f"{protocol}://{rest}"
     import fsspec
 
     try:
