@@ -325,37 +325,59 @@ def now_iso() -> str:
 
 def check_metadata(path: str | os.PathLike[str]) -> None:
     """Parse the ``zarr.json`` of every node (root, groups, arrays; chunk folders are not entered), so damaged
-    metadata is reported up front with the file's name instead of a bare JSON error from deep inside zarr."""
+    metadata is reported up front with the file's name instead of a bare JSON error from deep inside zarr. In an
+    object store the documents of one level of the hierarchy are fetched concurrently (one round trip per level)."""
     loc = location(path)
     if isinstance(loc, Path):
+        def documents(nodes: list[Location]) -> list[bytes | None]:
+            return [read_file(node, "zarr.json") for node in nodes]
+
         def subdirs(node: Location) -> list[Location]:
             return [sub for sub in node.iterdir() if sub.is_dir()]  # type: ignore[union-attr]
     else:
         fs, root = filesystem(loc)
 
+        def documents(nodes: list[Location]) -> list[bytes | None]:
+            keys = [f"{root}{str(node)[len(loc):]}/zarr.json" for node in nodes]
+            got = _remote_call(loc, "read its metadata", fs.cat, keys, on_error="return")
+            out: list[bytes | None] = []
+            for key in keys:
+                body = got.get(key, FileNotFoundError(key)) if isinstance(got, dict) else got
+                if isinstance(body, FileNotFoundError):
+                    out.append(None)
+                elif isinstance(body, Exception):
+                    _remote_call(loc, f"read {key}", _raise, body)
+                else:
+                    out.append(bytes(body))
+            return out
+
         def subdirs(node: Location) -> list[Location]:
-            rel = str(node)[len(loc):]
-            found = _remote_call(loc, "list it", fs.ls, root + rel, detail=True)
+            found = _remote_call(loc, "list it", fs.ls, f"{root}{str(node)[len(loc):]}", detail=True)
             return [f"{node}/{e['name'].rstrip('/').rsplit('/', 1)[-1]}" for e in found if e.get("type") == "directory"]
-    pending: list[Location] = [loc]
-    while pending:
-        node = pending.pop()
-        raw = read_file(node, "zarr.json")
-        if raw is None:
-            continue  # not a Zarr node (e.g. an empty folder left by a crash)
-        meta = join(node, "zarr.json")
-        try:
-            doc = json.loads(raw)
-            if not isinstance(doc, dict):
-                raise ValueError(f"a JSON {type(doc).__name__}, not an object")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise StoreError(
-                f"the store's metadata is damaged: {meta} cannot be read ({exc}). The file was truncated or "
-                "overwritten (a full disk, an interrupted copy, an edit); the data chunks next to it may be intact. "
-                "Restore this file from a backup or an intact copy of the store, or record the run again."
-            ) from None
-        if doc.get("node_type") == "group":
-            pending.extend(subdirs(node))
+    level: list[Location] = [loc]
+    while level:
+        below: list[Location] = []
+        for node, raw in zip(level, documents(level)):
+            if raw is None:
+                continue  # not a Zarr node (e.g. an empty folder left by a crash)
+            try:
+                doc = json.loads(raw)
+                if not isinstance(doc, dict):
+                    raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise StoreError(
+                    f"the store's metadata is damaged: {join(node, 'zarr.json')} cannot be read ({exc}). The file "
+                    "was truncated or overwritten (a full disk, an interrupted copy, an edit); the data chunks next "
+                    "to it may be intact. Restore this file from a backup or an intact copy of the store, or record "
+                    "the run again."
+                ) from None
+            if doc.get("node_type") == "group":
+                below.extend(subdirs(node))
+        level = below
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 def open_root(path: str | os.PathLike[str], mode: str = "r", *, check: bool = True) -> zarr.Group:

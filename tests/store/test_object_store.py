@@ -148,6 +148,10 @@ def test_a_missing_object_is_a_named_error(s3, local_run):
     assert not rep.ok and "params/0.weight" in rep.table()
     with pytest.raises(StoreError, match=r"params/0\.weight"):
         engine.attribute(url, queries="val[:1]", client="sync", progress=False)
+    meta = "runs/damaged.zarr/momentum_buffer/2.weight/zarr.json"
+    s3["fs"].pipe_file(meta, s3["fs"].cat_file(meta)[:40])  # a truncated upload of one array's metadata
+    with pytest.raises(StoreError, match=r"metadata is damaged: s3://runs/damaged\.zarr/momentum_buffer/2\.weight/"):
+        open_run(url)
     s3["fs"].rm("runs/damaged.zarr/zarr.json")
     with pytest.raises(StoreError, match="not a Zarr v3 group"):
         open_run(url)
