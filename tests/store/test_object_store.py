@@ -117,13 +117,19 @@ def test_attribute_on_workers_from_s3_with_out_to_s3(s3, s3_result, s3_run, loca
     assert objects(s3["fs"], "runs/digits.zarr") == before
 
 
-def test_cli_records_at_a_url(s3, capsys):
+def test_cli_records_attributes_and_reads_results_at_urls(s3, s3_run, capsys):
+    from explaind_app.cli import main as app_main
+
     url = "s3://runs/cli/modadd.zarr"
     assert cli_main(["record", "modadd", "--out", url, "--steps", "2", "--p", "7", "--quiet"]) == 0
     assert "modadd.zarr" in capsys.readouterr().out  # the summary (sizes listed from the bucket)
     assert open_run(url).committed_updates == 2
     assert cli_main(["record", "modadd", "--out", url, "--steps", "2", "--p", "7", "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
+    res = "s3://runs/cli/result.zarr"
+    assert app_main(["attribute", s3_run, "--queries", "val[:1]", "--sync", "--quiet", "--out", res]) == 0
+    assert app_main(["top", res]) == 0
+    assert "query 0" in capsys.readouterr().out.lower()
 
 
 def test_credentials_are_never_written_into_a_store(s3, s3_run, s3_result):
