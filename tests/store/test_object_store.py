@@ -124,10 +124,12 @@ def test_cli_records_attributes_and_reads_results_at_urls(s3, s3_run, capsys):
     assert cli_main(["record", "modadd", "--out", url, "--steps", "2", "--p", "7", "--quiet"]) == 0
     assert "modadd.zarr" in capsys.readouterr().out  # the summary (sizes listed from the bucket)
     assert open_run(url).committed_updates == 2
+    assert "runs/cli/modadd.zarr/zarr.json" in objects(s3["fs"], "runs/cli/modadd.zarr")  # in the bucket, not ./s3:
     assert cli_main(["record", "modadd", "--out", url, "--steps", "2", "--p", "7", "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
     res = "s3://runs/cli/result.zarr"
     assert app_main(["attribute", s3_run, "--queries", "val[:1]", "--sync", "--quiet", "--out", res]) == 0
+    assert "runs/cli/result.zarr/zarr.json" in objects(s3["fs"], "runs/cli/result.zarr")
     assert app_main(["top", res]) == 0
     assert "query 0" in capsys.readouterr().out.lower()
 
