@@ -387,7 +387,8 @@ class Recorder:
         ]
         order = {n: i for i, n in enumerate(self.names)}
         tensors.sort(key=lambda t: order[t["name"]])
-        root = zarr.open_group(store=storage.open_store(self.path), mode="a", zarr_format=3)  # "w" would delete the lock file
+        # "w" would delete the lock file
+        root = zarr.open_group(store=storage.open_store(self.path), mode="a", zarr_format=3)
         # mark the directory as an explaind store with nothing committed before writing anything else, so a kill
         # during creation leaves a store that --resume / --overwrite recognise rather than an anonymous Zarr group
         root.attrs.update({schema.ATTR_FORMAT: schema.FORMAT_NAME, schema.ATTR_FORMAT_VERSION: schema.FORMAT_VERSION,

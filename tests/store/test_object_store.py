@@ -106,6 +106,7 @@ def s3_result(s3, s3_run) -> str:
     return url
 
 
+@pytest.mark.distributed
 def test_attribute_on_workers_from_s3_with_out_to_s3(s3, s3_result, s3_run, local_run):
     ref = engine.attribute(str(local_run), queries="val[:2]", by="sample,tensor", client="sync", progress=False)
     assert "runs/result.zarr/zarr.json" in objects(s3["fs"], "runs/result.zarr")
@@ -134,6 +135,7 @@ def test_cli_records_attributes_and_reads_results_at_urls(s3, s3_run, capsys):
     assert "query 0" in capsys.readouterr().out.lower()
 
 
+@pytest.mark.distributed  # it reads the result the cluster wrote too
 def test_credentials_are_never_written_into_a_store(s3, s3_run, s3_result):
     fs = s3["fs"]
     keys = objects(fs, "runs")
