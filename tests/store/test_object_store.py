@@ -141,8 +141,7 @@ def test_credentials_are_never_written_into_a_store(s3, s3_run, s3_result):
     keys = objects(fs, "runs")
     assert any(k.startswith("runs/digits.zarr/") for k in keys) and any(k.startswith("runs/result.zarr/") for k in keys)
     port = os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]
-    for key in keys:
-        body = fs.cat_file(key)
+    for key, body in fs.cat(keys).items():  # fetched concurrently
         assert SECRET.encode() not in body and KEY_ID.encode() not in body, key
         assert f"127.0.0.1:{port}".encode() not in body, key  # nor the endpoint
 
