@@ -194,6 +194,7 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
         "startup": startup,
         "peak_mb": max(rss.values()),
         "peak_client_mb": rss["client"],
+        "result_mb": float(ds.nbytes) / 2**20,
         "qres": float(ds.attrs["max_quadrature_residual"]),
         "residual": float(ds.attrs["max_abs_residual"]),
         "load": _load(),
@@ -451,10 +452,11 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
          f"outputs, by=sample+step+tensor)"),
         "",
         ("| case | params | method | scheduler | time (s), median (min-max) | CPU (s) | vs published-style (time) | "
-         "vs published, 1 thread (time) | peak RSS (MB) | max quadrature residual | total max error |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+         "vs published, 1 thread (time) | peak RSS (MB) | result (MB) | max quadrature residual | total max error |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fixed: list[str] = []
+    summary: list[str] = []
     for name, model in cases.items():
         path = work / f"{name}-{steps}"
         _record(path, steps, n_train, 100, **model)
@@ -490,7 +492,7 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
             return (f"{pub_s / sec:.0f}x" if pub_s / sec >= 10 else f"{pub_s / sec:.2g}x") if pub_s else ""
 
         lines.append(f"| {name} | {P} | {lab} | 1 process | {_fmt_s(base_s)}{ext} | {_fmt_s(base_cpu)}{ext} | 1.0x | "
-                     f"{vs_pub(base_s)} | {base['peak_mb']:.0f} | (midpoint:100) | {base_err['total_error']:.1e} |")
+                     f"{vs_pub(base_s)} | {base['peak_mb']:.0f} | | (midpoint:100) | {base_err['total_error']:.1e} |")
         for sched, r in runs.items():
             err = f"{r['total_error']:.1e}" if "total_error" in r else "same"
             start = f" (+{r['startup']:.1f} s cluster start)" if r.get("startup") else ""
@@ -498,15 +500,29 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
             spread = f" ({_fmt_s(r['min'])}-{_fmt_s(r['max'])})" if r.get("n", 1) > 1 else ""
             lines.append(f"| {name} | {P} | ours (kink rule) | {sched}{start} | {_fmt_s(r['seconds'])}{spread} | "
                          f"{_fmt_s(r['cpu'])} | {base_s / r['seconds']:.0f}x | {vs_pub(r['seconds'])} | "
-                         f"{r['peak_mb']:.0f} | {r['qres']:.1e} | {err} |")
+                         f"{r['peak_mb']:.0f} | {r['result_mb']:.0f} | {r['qres']:.1e} | {err} |")
         if pub_s:
             s, gb, e = PUBLISHED[name]
             lines.append(f"| {name} | | published implementation (issue text, other machine) | 1 thread | {s:.0f} | | | "
-                         f"1x | {gb * 1024:.0f} | | {'' if e is None else f'{e:.1e}'} |")
+                         f"1x | {gb * 1024:.0f} | | | {'' if e is None else f'{e:.1e}'} |")
+        fixed_cost = None
         if steps >= 50:
-            fixed.append(_fixed_cost_row(name, path, args, runs["sync, 1 torch thread (warm)"], steps))
+            row, fixed_cost = _fixed_cost_row(name, path, args, runs["sync, 1 torch thread (warm)"], steps)
+            fixed.append(row)
+        summary.append(_summary_row(name, P, runs, pub_s, fixed_cost))
         print(f"[bench] {name} done, load {_load()}", file=sys.stderr)
     lines += ["", f"Load average (1/5/15 min) after the table: {_load()}.", ""]
+    lines = [
+        "### Summary: one thread against one thread, and the default client (same run as the tables below)",
+        "",
+        ("| case | params | 1 thread (warm): CPU s / wall s | vs published, 1 thread (CPU) | default client: wall s / "
+         "CPU s | peak RSS 1 thread / default (MB) | result (MB) | fixed cost of a 10-update window, warm / fresh "
+         "process (s) |"),
+        "|---|---|---|---|---|---|---|---|",
+        *summary,
+        "",
+        *lines,
+    ]
     if fixed:
         lines += [
             "### Fixed cost of a call: a 10-update window (updates 41..50) against the steady state",
@@ -523,15 +539,32 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
     return lines
 
 
-def _fixed_cost_row(name: str, path: Path, args: argparse.Namespace, full: dict[str, Any], steps: int) -> str:
+def _fixed_cost_row(
+    name: str, path: Path, args: argparse.Namespace, full: dict[str, Any], steps: int
+) -> tuple[str, tuple[float, float]]:
     """One-thread sync: a 10-update window warm (after a 1-update call) and in a fresh process, against 10 x the
-    steady-state seconds per update of the whole run."""
+    steady-state seconds per update of the whole run. Returns the table row and (warm, fresh) fixed cost."""
     win = {"kind": "ours", "path": str(path), "queries": args.queries, "error": False, "steps": [40, 50]}
     warm = _median_run([_child(dict(win, warm=True)) for _ in range(args.repeats)])
     cold = _median_run([_child(win) for _ in range(args.repeats)])
     per = full["seconds"] / steps
+    cost = (warm["seconds"] - 10 * per, cold["seconds"] - 10 * per)
     return (f"| {name} | {per:.3f} | {_fmt_s(warm['seconds'])} | {_fmt_s(cold['seconds'])} / "
-            f"{_fmt_s(cold['since_start'])} | {warm['seconds'] - 10 * per:.2f} / {cold['seconds'] - 10 * per:.2f} |")
+            f"{_fmt_s(cold['since_start'])} | {cost[0]:.2f} / {cost[1]:.2f} |"), cost
+
+
+def _summary_row(name: str, P: int, runs: dict[str, dict[str, Any]], pub_s: float | None,
+                 fixed: tuple[float, float] | None) -> str:
+    """The issue-13 summary: one thread (CPU seconds are the honest number on a shared machine), the default
+    client, peak RSS next to the result's size, the fixed cost of a short window."""
+    one = runs["sync, 1 torch thread (warm)"]
+    dflt = next((r for k, r in runs.items() if k.startswith("default")), None)
+    ratio = f"{pub_s / one['cpu']:.0f}x" if pub_s else ""
+    cl = f"{_fmt_s(dflt['seconds'])} / {_fmt_s(dflt['cpu'])}" if dflt else "(skipped)"
+    peak = f"{one['peak_mb']:.0f} / {dflt['peak_mb']:.0f}" if dflt else f"{one['peak_mb']:.0f}"
+    fc = f"{fixed[0]:.2f} / {fixed[1]:.2f}" if fixed else ""
+    return (f"| {name} | {P} | {_fmt_s(one['cpu'])} / {_fmt_s(one['seconds'])} | {ratio} | {cl} | {peak} | "
+            f"{one['result_mb']:.0f} | {fc} |")
 
 
 def float64_trained(args: argparse.Namespace, work: Path) -> list[str]:
