@@ -567,6 +567,55 @@ def _summary_row(name: str, P: int, runs: dict[str, dict[str, Any]], pub_s: floa
             f"{one['result_mb']:.0f} | {fc} |")
 
 
+def summary_only(args: argparse.Namespace, work: Path) -> list[str]:
+    """Only the issue-13 summary (no published-style baseline, no cold / 2-thread rows): per case one warm
+    one-thread run (with its errors), the default client unless ``--skip-cluster``, and the fixed cost of a
+    10-update window. For a machine too loaded for the full head-to-head in the time at hand."""
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    rows = []
+    for name in names:
+        path = work / f"{name}-100"
+        _record(path, 100, 170, 100, **HEAD_TO_HEAD[name])
+        base = {"kind": "ours", "path": str(path), "queries": args.queries}
+        runs = {"sync, 1 torch thread (warm)": _child(dict(base, warm=True))}
+        if not args.skip_cluster and name not in args.no_cluster_for.split(","):
+            runs[f"default LocalCluster ({CORES} workers)"] = _child(dict(base, workers=CORES, error=False))
+        row, cost = _fixed_cost_row(name, path, args, runs["sync, 1 torch thread (warm)"], 100)
+        one = runs["sync, 1 torch thread (warm)"]
+        P = sum(p.numel() for p in _model_params(path))
+        rows.append((_summary_row(name, P, runs, PUBLISHED[name][0], cost), row,
+                     f"| {name} | {one['qres']:.1e} | {one['total_error']:.1e} | {one['plan']} |"))
+        print(f"[bench] {name} done, load {_load()}", file=sys.stderr)
+    return [
+        "### Summary: one thread against one thread, and the default client",
+        "",
+        ("| case | params | 1 thread (warm): CPU s / wall s | vs published, 1 thread (CPU) | default client: wall s / "
+         "CPU s | peak RSS 1 thread / default (MB) | result (MB) | fixed cost of a 10-update window, warm / fresh "
+         "process (s) |"),
+        "|---|---|---|---|---|---|---|---|",
+        *(r[0] for r in rows),
+        "",
+        "| case | max quadrature residual | total max error | plan |",
+        "|---|---|---|---|",
+        *(r[2] for r in rows),
+        "",
+        ("| case | steady state, s per update (1 thread, warm, all updates / count) | 10-update window, warm "
+         "call (s) | 10-update window, fresh process: the call / process start to end (s) | fixed cost, warm / "
+         "fresh call (s) |"),
+        "|---|---|---|---|---|",
+        *(r[1] for r in rows),
+        "",
+        f"Load average (1/5/15 min) after the tables: {_load()}.",
+        "",
+    ]
+
+
+def _model_params(path: Path) -> list[Any]:
+    from explaind_store.reader import open_run
+
+    return list(open_run(str(path)).build_model().parameters())
+
+
 def float64_trained(args: argparse.Namespace, work: Path) -> list[str]:
     """The d64 case recorded in float64: the total max error without float32 training rounding."""
     path = work / "d64-100-float64"
@@ -688,6 +737,9 @@ def main() -> None:
                     help="only the per-update phase table (CPU ms); the engine is whatever `import engine` finds, so "
                          "PYTHONPATH=<old checkout> measures an older engine on the same runs")
     ap.add_argument("--f64-only", action="store_true", help="only the d64 case recorded in float64 (total error)")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="only the summary table (warm one thread, default client, fixed cost) for --cases")
+    ap.add_argument("--no-cluster-for", default="", help="with --summary-only: cases without the default client run")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.update(_trust_env(dict(os.environ)))  # the bench's own model module, for recording and children
@@ -703,6 +755,9 @@ def main() -> None:
     out = ["## Engine", "", f"Machine: {machine()}.", ""]
     if args.f64_only:
         print("\n".join(float64_trained(args, work)))
+        return
+    if args.summary_only:
+        print("\n".join(out + summary_only(args, work)))
         return
     out += head_to_head(args, work)
     if not args.quick and not args.skip_f64:
