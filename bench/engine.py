@@ -557,7 +557,8 @@ def _fixed_cost_row(
     cost = (warm["cpu"] - 10 * per_cpu, cold["cpu"] - 10 * per_cpu)
     return (f"| {name} | {per:.3f} / {per_cpu:.3f} | {_fmt_s(warm['seconds'])} / {_fmt_s(warm['cpu'])} | "
             f"{_fmt_s(cold['seconds'])} / {_fmt_s(cold['cpu'])} / {_fmt_s(cold['since_start'])} | "
-            f"{warm['seconds'] - 10 * per:.2f} / {cold['seconds'] - 10 * per:.2f} | {cost[0]:.2f} / {cost[1]:.2f} |"), cost
+            f"{warm['seconds'] - 10 * per:.2f} / {cold['seconds'] - 10 * per:.2f} | "
+            f"{cost[0]:.2f} / {cost[1]:.2f} |"), cost
 
 
 def _summary_row(name: str, P: int, runs: dict[str, dict[str, Any]], pub_s: float | None,
