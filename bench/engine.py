@@ -194,6 +194,7 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
         "startup": startup,
         "peak_mb": max(rss.values()),
         "peak_client_mb": rss["client"],
+        "result_mb": float(ds.nbytes) / 2**20,
         "qres": float(ds.attrs["max_quadrature_residual"]),
         "residual": float(ds.attrs["max_abs_residual"]),
         "load": _load(),
@@ -451,10 +452,11 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
          f"outputs, by=sample+step+tensor)"),
         "",
         ("| case | params | method | scheduler | time (s), median (min-max) | CPU (s) | vs published-style (time) | "
-         "vs published, 1 thread (time) | peak RSS (MB) | max quadrature residual | total max error |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+         "vs published, 1 thread (time) | peak RSS (MB) | result (MB) | max quadrature residual | total max error |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fixed: list[str] = []
+    summary: list[str] = []
     for name, model in cases.items():
         path = work / f"{name}-{steps}"
         _record(path, steps, n_train, 100, **model)
@@ -490,7 +492,7 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
             return (f"{pub_s / sec:.0f}x" if pub_s / sec >= 10 else f"{pub_s / sec:.2g}x") if pub_s else ""
 
         lines.append(f"| {name} | {P} | {lab} | 1 process | {_fmt_s(base_s)}{ext} | {_fmt_s(base_cpu)}{ext} | 1.0x | "
-                     f"{vs_pub(base_s)} | {base['peak_mb']:.0f} | (midpoint:100) | {base_err['total_error']:.1e} |")
+                     f"{vs_pub(base_s)} | {base['peak_mb']:.0f} | | (midpoint:100) | {base_err['total_error']:.1e} |")
         for sched, r in runs.items():
             err = f"{r['total_error']:.1e}" if "total_error" in r else "same"
             start = f" (+{r['startup']:.1f} s cluster start)" if r.get("startup") else ""
@@ -498,23 +500,35 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
             spread = f" ({_fmt_s(r['min'])}-{_fmt_s(r['max'])})" if r.get("n", 1) > 1 else ""
             lines.append(f"| {name} | {P} | ours (kink rule) | {sched}{start} | {_fmt_s(r['seconds'])}{spread} | "
                          f"{_fmt_s(r['cpu'])} | {base_s / r['seconds']:.0f}x | {vs_pub(r['seconds'])} | "
-                         f"{r['peak_mb']:.0f} | {r['qres']:.1e} | {err} |")
+                         f"{r['peak_mb']:.0f} | {r['result_mb']:.0f} | {r['qres']:.1e} | {err} |")
         if pub_s:
             s, gb, e = PUBLISHED[name]
             lines.append(f"| {name} | | published implementation (issue text, other machine) | 1 thread | {s:.0f} | | | "
-                         f"1x | {gb * 1024:.0f} | | {'' if e is None else f'{e:.1e}'} |")
+                         f"1x | {gb * 1024:.0f} | | | {'' if e is None else f'{e:.1e}'} |")
+        fixed_cost = None
         if steps >= 50:
-            fixed.append(_fixed_cost_row(name, path, args, runs["sync, 1 torch thread (warm)"], steps))
+            row, fixed_cost = _fixed_cost_row(name, path, args, runs["sync, 1 torch thread (warm)"], steps)
+            fixed.append(row)
+        summary.append(_summary_row(name, P, runs, pub_s, fixed_cost))
         print(f"[bench] {name} done, load {_load()}", file=sys.stderr)
     lines += ["", f"Load average (1/5/15 min) after the table: {_load()}.", ""]
+    lines = [
+        "### Summary: one thread against one thread, and the default client (same run as the tables below)",
+        "",
+        ("| case | params | 1 thread (warm): CPU s / wall s | vs published, 1 thread (CPU) | default client: wall s / "
+         "CPU s | peak RSS 1 thread / default (MB) | result (MB) | fixed cost of a 10-update window, warm / fresh "
+         "process (CPU s) |"),
+        "|---|---|---|---|---|---|---|---|",
+        *summary,
+        "",
+        *lines,
+    ]
     if fixed:
         lines += [
             "### Fixed cost of a call: a 10-update window (updates 41..50) against the steady state",
             "",
-            ("| case | steady state, s per update (1 thread, warm, all updates / count) | 10-update window, warm "
-             "call (s) | 10-update window, fresh process: the call / process start to end (s) | fixed cost, warm / "
-             "fresh call (s) |"),
-            "|---|---|---|---|---|",
+            FIXED_HEADER,
+            "|---|---|---|---|---|---|",
             *fixed,
             "",
             f"Load average (1/5/15 min) after the table: {_load()}.",
@@ -523,15 +537,89 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
     return lines
 
 
-def _fixed_cost_row(name: str, path: Path, args: argparse.Namespace, full: dict[str, Any], steps: int) -> str:
+FIXED_HEADER = (
+    "| case | steady state per update, wall / CPU s (1 thread, warm, all updates / count) | 10-update window, warm "
+    "call: wall / CPU s | 10-update window, fresh process: the call's wall / CPU s / process start to end (s) | "
+    "fixed cost by wall, warm / fresh call (s) | fixed cost by CPU, warm / fresh call (s) |"
+)
+
+
+def _fixed_cost_row(
+    name: str, path: Path, args: argparse.Namespace, full: dict[str, Any], steps: int
+) -> tuple[str, tuple[float, float]]:
     """One-thread sync: a 10-update window warm (after a 1-update call) and in a fresh process, against 10 x the
-    steady-state seconds per update of the whole run."""
+    steady-state seconds per update of the whole run. Returns the table row and (warm, fresh) fixed cost."""
     win = {"kind": "ours", "path": str(path), "queries": args.queries, "error": False, "steps": [40, 50]}
     warm = _median_run([_child(dict(win, warm=True)) for _ in range(args.repeats)])
     cold = _median_run([_child(win) for _ in range(args.repeats)])
-    per = full["seconds"] / steps
-    return (f"| {name} | {per:.3f} | {_fmt_s(warm['seconds'])} | {_fmt_s(cold['seconds'])} / "
-            f"{_fmt_s(cold['since_start'])} | {warm['seconds'] - 10 * per:.2f} / {cold['seconds'] - 10 * per:.2f} |")
+    per, per_cpu = full["seconds"] / steps, full["cpu"] / steps
+    # CPU seconds: on a shared machine wall times of a loaded process are not comparable between runs
+    cost = (warm["cpu"] - 10 * per_cpu, cold["cpu"] - 10 * per_cpu)
+    return (f"| {name} | {per:.3f} / {per_cpu:.3f} | {_fmt_s(warm['seconds'])} / {_fmt_s(warm['cpu'])} | "
+            f"{_fmt_s(cold['seconds'])} / {_fmt_s(cold['cpu'])} / {_fmt_s(cold['since_start'])} | "
+            f"{warm['seconds'] - 10 * per:.2f} / {cold['seconds'] - 10 * per:.2f} | "
+            f"{cost[0]:.2f} / {cost[1]:.2f} |"), cost
+
+
+def _summary_row(name: str, P: int, runs: dict[str, dict[str, Any]], pub_s: float | None,
+                 fixed: tuple[float, float] | None) -> str:
+    """The issue-13 summary: one thread (CPU seconds are the honest number on a shared machine), the default
+    client, peak RSS next to the result's size, the fixed cost of a short window."""
+    one = runs["sync, 1 torch thread (warm)"]
+    dflt = next((r for k, r in runs.items() if k.startswith("default")), None)
+    ratio = f"{pub_s / one['cpu']:.0f}x" if pub_s else ""
+    cl = f"{_fmt_s(dflt['seconds'])} / {_fmt_s(dflt['cpu'])}" if dflt else "(skipped)"
+    peak = f"{one['peak_mb']:.0f} / {dflt['peak_mb']:.0f}" if dflt else f"{one['peak_mb']:.0f}"
+    fc = f"{fixed[0]:.2f} / {fixed[1]:.2f}" if fixed else ""  # CPU seconds
+    return (f"| {name} | {P} | {_fmt_s(one['cpu'])} / {_fmt_s(one['seconds'])} | {ratio} | {cl} | {peak} | "
+            f"{one['result_mb']:.0f} | {fc} |")
+
+
+def summary_only(args: argparse.Namespace, work: Path) -> list[str]:
+    """Only the issue-13 summary (no published-style baseline, no cold / 2-thread rows): per case one warm
+    one-thread run (with its errors), the default client unless ``--skip-cluster``, and the fixed cost of a
+    10-update window. For a machine too loaded for the full head-to-head in the time at hand."""
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    rows = []
+    for name in names:
+        path = work / f"{name}-100"
+        _record(path, 100, 170, 100, **HEAD_TO_HEAD[name])
+        base = {"kind": "ours", "path": str(path), "queries": args.queries}
+        runs = {"sync, 1 torch thread (warm)": _child(dict(base, warm=True))}
+        if not args.skip_cluster and name not in args.no_cluster_for.split(","):
+            runs[f"default LocalCluster ({CORES} workers)"] = _child(dict(base, workers=CORES, error=False))
+        row, cost = _fixed_cost_row(name, path, args, runs["sync, 1 torch thread (warm)"], 100)
+        one = runs["sync, 1 torch thread (warm)"]
+        P = sum(p.numel() for p in _model_params(path))
+        rows.append((_summary_row(name, P, runs, PUBLISHED[name][0], cost), row,
+                     f"| {name} | {one['qres']:.1e} | {one['total_error']:.1e} | {one['plan']} |"))
+        print(f"[bench] {name} done, load {_load()}", file=sys.stderr)
+    return [
+        "### Summary: one thread against one thread, and the default client",
+        "",
+        ("| case | params | 1 thread (warm): CPU s / wall s | vs published, 1 thread (CPU) | default client: wall s / "
+         "CPU s | peak RSS 1 thread / default (MB) | result (MB) | fixed cost of a 10-update window, warm / fresh "
+         "process (CPU s) |"),
+        "|---|---|---|---|---|---|---|---|",
+        *(r[0] for r in rows),
+        "",
+        "| case | max quadrature residual | total max error | plan |",
+        "|---|---|---|---|",
+        *(r[2] for r in rows),
+        "",
+        FIXED_HEADER,
+        "|---|---|---|---|---|---|",
+        *(r[1] for r in rows),
+        "",
+        f"Load average (1/5/15 min) after the tables: {_load()}.",
+        "",
+    ]
+
+
+def _model_params(path: Path) -> list[Any]:
+    from explaind_store.reader import open_run
+
+    return list(open_run(str(path)).build_model().parameters())
 
 
 def float64_trained(args: argparse.Namespace, work: Path) -> list[str]:
@@ -655,6 +743,9 @@ def main() -> None:
                     help="only the per-update phase table (CPU ms); the engine is whatever `import engine` finds, so "
                          "PYTHONPATH=<old checkout> measures an older engine on the same runs")
     ap.add_argument("--f64-only", action="store_true", help="only the d64 case recorded in float64 (total error)")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="only the summary table (warm one thread, default client, fixed cost) for --cases")
+    ap.add_argument("--no-cluster-for", default="", help="with --summary-only: cases without the default client run")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.update(_trust_env(dict(os.environ)))  # the bench's own model module, for recording and children
@@ -670,6 +761,9 @@ def main() -> None:
     out = ["## Engine", "", f"Machine: {machine()}.", ""]
     if args.f64_only:
         print("\n".join(float64_trained(args, work)))
+        return
+    if args.summary_only:
+        print("\n".join(out + summary_only(args, work)))
         return
     out += head_to_head(args, work)
     if not args.quick and not args.skip_f64:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from engine.cluster.handoff import inline_sink
 from engine.cluster.worker import Job, running
 from engine.result import (
     QO,
@@ -96,11 +97,24 @@ def _pass2_chain_task(
     ``sums_next`` the next chunk's running sums (:func:`_sums`), added in place to this chunk's arrays, so the
     window's first chunk ends up holding the totals over the window and no chunk's copy outlives the next task."""
     with running(job) as (traj, ctx):
-        res = pass2(traj, job.problem, lo, hi, carry, None, u_in=u_next, ctx=ctx)
+        res = pass2(traj, job.problem, lo, hi, carry, None, u_in=u_next, ctx=ctx, data_out=_data_sink(job, ctx, lo, hi))
         arrays = res.arrays
         for key, total in (sums_next or {}).items():
             np.add(arrays[key], total, out=arrays[key])
         return arrays, _to_cpu(res.u_out)
+
+
+def _data_sink(job: Job, ctx: Any, lo: int, hi: int) -> torch.Tensor | None:
+    """This chunk's part of the whole-window ``data`` array when the synchronous scheduler runs the graph in this
+    process (:func:`engine.cluster.handoff.inline_sink`): pass 2 then writes its scores in place, so the result is
+    never held twice (as blocks and as the joined array). None otherwise (blocks as usual)."""
+    by = job.problem.by
+    if "sample" not in by or "step" not in by or torch.device(ctx.device).type != "cpu":
+        return None
+    a, b = ctx.window
+    whole = inline_sink(job.token, "data", (ctx.R, ctx.n_samples, b - a, len(ctx.names) if ctx.per_tensor else 1),
+                        np.dtype(np.float64))
+    return None if whole is None else torch.from_numpy(whole)[:, :, lo - a : hi - a]
 
 
 def _sums(arrays: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, np.ndarray]:

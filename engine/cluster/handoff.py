@@ -15,6 +15,7 @@ scheduler keeps the normal gather.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import shutil
 import tempfile
@@ -97,21 +98,64 @@ def _big_vars(ds: xr.Dataset) -> list[str]:
     return [k for k, v in ds.data_vars.items() if dask.is_dask_collection(v.data) and v.nbytes >= min_bytes]
 
 
-def _per_var(blocks: dict[str, np.ndarray], results: list[Any]) -> dict[str, np.ndarray]:
-    """Split the flat results of all variables' blocks back into one object array of blocks per variable."""
-    it = iter(results)
-    out = {}
-    for name, bs in blocks.items():
-        arr = np.empty(bs.shape, dtype=object)
-        for idx in np.ndindex(bs.shape):
-            arr[idx] = next(it)
-        out[name] = arr
-    return out
+# Whole-window arrays that pass-2 tasks of this process write into directly (see :func:`inline_sink`): set only
+# while :func:`compute_inline` runs, i.e. under the synchronous scheduler, where every task shares this process.
+_SINKS: contextvars.ContextVar[dict[tuple[str, str], np.ndarray] | None] = contextvars.ContextVar(
+    "explaind_inline_sinks", default=None)
 
 
-def _joined(arrays: np.ndarray) -> np.ndarray:
-    """One array from an object array of numpy blocks (no copy for a single block)."""
-    return arrays.flat[0] if arrays.size == 1 else np.block(arrays.tolist())
+def inline_sink(token: str, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+    """The whole-window array ``key`` of job ``token`` (allocated on first request, pages untouched) for a task to
+    write its block into in place, or None outside :func:`compute_inline` or when another job already took one
+    for ``key`` (query groups: their blocks are copied as usual)."""
+    sinks = _SINKS.get()
+    if sinks is None:
+        return None
+    got = sinks.get((token, key))
+    if got is None:
+        if any(k == key for _, k in sinks):
+            return None
+        got = sinks[(token, key)] = np.empty(shape, dtype=dtype)
+    return got if got.shape == tuple(shape) and got.dtype == dtype else None
+
+
+class _Whole:
+    """The whole array of one variable, allocated once; its blocks are copied in as they finish (same process).
+    ``np.empty`` does not touch the pages, so memory grows only as blocks arrive."""
+
+    def __init__(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.key, self.shape, self.dtype = key, shape, dtype
+        self._array: np.ndarray | None = None
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            # the tasks wrote straight into a sink of this variable: adopt it (same size; a reshape is a view)
+            sinks = [a for (_, k), a in (_SINKS.get() or {}).items() if k == self.key]
+            size = int(np.prod(self.shape, dtype=np.int64))
+            if len(sinks) == 1 and sinks[0].size == size and sinks[0].dtype == self.dtype:
+                self._array = sinks[0].reshape(self.shape)
+            else:
+                self._array = np.empty(self.shape, dtype=self.dtype)
+        return self._array
+
+
+def _put(block: np.ndarray, whole: _Whole, region: tuple[slice, ...]) -> None:
+    """Copy one finished block into its place (nothing to do where the task wrote it there already); returning
+    nothing lets the scheduler free the block at once (the peak is the result plus the blocks not yet copied,
+    not the blocks plus a joined copy)."""
+    dest = whole.array[region]
+    if not np.shares_memory(dest, block):
+        dest[...] = block
+
+
+def _regions(chunks: tuple[tuple[int, ...], ...]) -> dict[tuple[int, ...], tuple[slice, ...]]:
+    """Block index -> the slices it covers in the whole array."""
+    starts = [np.cumsum((0, *c)) for c in chunks]
+    return {
+        idx: tuple(slice(int(st[i]), int(st[i + 1])) for st, i in zip(starts, idx))
+        for idx in np.ndindex(*(len(c) for c in chunks))
+    }
 
 
 def _with(ds: xr.Dataset, rest: xr.Dataset, data: dict[str, np.ndarray]) -> xr.Dataset:
@@ -131,8 +175,21 @@ def compute_inline(ds: xr.Dataset, compute: Callable[[list[Any]], list[Any]]) ->
     if not big:
         return compute([ds])[0]
     blocks = {name: ds[name].data.to_delayed(optimize_graph=False) for name in big}
-    rest, *got = compute([ds.drop_vars(big), *(b for bs in blocks.values() for b in bs.flat)])
-    return _with(ds, rest, {name: _joined(bs) for name, bs in _per_var(blocks, got).items()})
+    single = [name for name in big if blocks[name].size == 1]  # returned as they are: no copy
+    wholes = {name: _Whole(name, ds[name].shape, ds[name].dtype) for name in big if name not in single}
+    puts = [
+        dask.delayed(_put, pure=False)(blocks[name][idx], whole, region)
+        for name, whole in wholes.items()
+        for idx, region in _regions(ds[name].data.chunks).items()
+    ]
+    reset = _SINKS.set({})
+    try:
+        rest, *got = compute([ds.drop_vars(big), *(blocks[name].flat[0] for name in single), *puts])
+        data = {name: whole.array for name, whole in wholes.items()}
+    finally:
+        _SINKS.reset(reset)
+    data.update(zip(single, got[: len(single)]))
+    return _with(ds, rest, {name: data[name] for name in big})
 
 
 def compute_dataset(
@@ -180,4 +237,4 @@ def compute_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["compute_dataset", "compute_inline", "shm_root"]
+__all__ = ["compute_dataset", "compute_inline", "inline_sink", "shm_root"]

@@ -336,15 +336,16 @@ class ParamLine(TorchFunctionMode):
             return func(*args, **kwargs)
         if func in _META:
             return func(*args, **kwargs)
-        flat, spec = tree_flatten((list(args), kwargs))
-        hit = [i for i, a in enumerate(flat) if isinstance(a, Tensor) and id(a) in pairs]
         nd = _WEIGHT_BIAS.get(func)
-        if nd is not None:
+        if nd is not None:  # linear / conv: the common case, before any pytree work
             out = self._weight_bias(func, nd, args, kwargs)
             if out is not None:
                 return out
-        elif (
-            len(hit) == 1
+        flat, spec = tree_flatten((list(args), kwargs))
+        hit = [i for i, a in enumerate(flat) if isinstance(a, Tensor) and id(a) in pairs]
+        if (
+            nd is None
+            and len(hit) == 1
             and (func in _MULTILINEAR or (hit[0] == 0 and (func in _UNARY or func in _INDEX)))
             and not (func is F.embedding and _get(args, kwargs, 3, ("max_norm",)) is not None)  # renorms in place
         ):

@@ -128,16 +128,21 @@ class Pass2State:
 
 def start(
     ctx: Context, problem: Problem, block: TrajectoryBlock, carry: Carry, p1: Pass1 | None,
-    u_in: Vectors | None,
+    u_in: Vectors | None, data_out: torch.Tensor | None = None,
 ) -> Pass2State:
     """Allocate the outputs, take the accumulator from ``u_in`` or the carry, and, for a chunk whose pass 1 skipped
-    the path integrals, rebuild its momentum forward (``L x P`` per part)."""
+    the path integrals, rebuild its momentum forward (``L x P`` per part). ``data_out`` (zeroed here) replaces the
+    ``data`` array when given: a view into the caller's whole-window array, so no block of it is allocated."""
     lo, hi = block.lo, block.hi
     terms, R, L, names, dev, by = ctx.terms, ctx.R, hi - lo, ctx.names, ctx.device, problem.by
     T, N = len(names), ctx.n_samples
     kept = (p1.u, p1.g) if p1 is not None and p1.u is not None and p1.g is not None else None
     Td = T if ctx.per_tensor else 1
-    if "sample" in by:
+    if data_out is not None:
+        if tuple(data_out.shape) != ((R, N, L, Td) if "step" in by else (R, N, Td)) or "sample" not in by:
+            raise ValueError(f"data_out has shape {tuple(data_out.shape)}, not this chunk's data block")
+        data = data_out.zero_()
+    elif "sample" in by:
         data = torch.zeros((R, N, L, Td) if "step" in by else (R, N, Td), dtype=F64, device=dev)
     else:
         data = torch.zeros((R, L, T) if "step" in by else (R, T), dtype=F64, device=dev)
@@ -379,6 +384,7 @@ def pass2(
     *,
     u_in: Vectors | None = None,
     ctx: Context | None = None,
+    data_out: torch.Tensor | None = None,
 ) -> ChunkResult:
     """Second pass over chunk ``(lo, hi]``: scores of every update's batch, walking backward from ``hi``.
 
@@ -393,6 +399,8 @@ def pass2(
 
     With two or more torch threads on the CPU the updates run as a two-stage pipeline (:mod:`engine.scan.pipeline`):
     :func:`produce` one update ahead in a second thread, :func:`consume` here.
+
+    ``data_out`` (float64 CPU, the ``data`` block's shape, by sample): written in place and returned as ``data``.
     """
     ctx = ctx or context(traj, problem)
     check_chunk(ctx, lo, hi)
@@ -401,7 +409,7 @@ def pass2(
     if p1 is not None and p1.u is not None and (p1.lo, p1.hi) != (lo, hi):
         raise ValueError(f"pass-1 result is for chunk ({p1.lo}, {p1.hi}], not ({lo}, {hi}]")
     block = traj.block(lo, hi)
-    state = start(ctx, problem, block, carry, p1, u_in)
+    state = start(ctx, problem, block, carry, p1, u_in, data_out)
     threads = pipeline.pipeline_threads(ctx.device)
     if threads is not None and state.by_sample and not _grads_ahead(ctx, block):
         threads = None  # the consumer would have to take the per-sample gradients (torch.func): one thread
