@@ -609,7 +609,10 @@ def add_demo_command(subparsers: Any) -> None:
         description="Record the built-in modular-addition task while it groks, run the ExPLAIND engine on a local "
                     "Dask process cluster and write DIR/report.html. Finished stages are reused on a second call.",
     )
-    demo.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    demo.add_argument("which", nargs="?", choices=("modadd", "lm"), default="modadd",
+                      help="modadd (default): the grokking transformer; lm: a GPT-2 byte-level language model trained "
+                           "with the Hugging Face Trainer on the Python standard library (explaind_app.demo_lm)")
+    demo.add_argument("--out", default=None, help="output directory (default: demo-out, or demo-lm-out for lm)")
     demo.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds (no grokking)")
     demo.add_argument("--seed", type=int, default=None, help=f"seed of data split and initialisation (default {DEMO.seed})")
     demo.add_argument("--steps", type=int, default=None, help=f"optimizer updates to record (default {DEMO.steps})")
@@ -620,6 +623,16 @@ def add_demo_command(subparsers: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.which == "lm":
+        from explaind_app.demo_lm import run_lm_demo
+
+        if args.seed is not None or args.workers is not None or args.sync:
+            raise ValueError("--seed, --workers and --sync apply to the modadd demo; the lm demo runs the engine in "
+                             "this process with its own configuration (explaind_app.demo_lm.LM_DEMO)")
+        res = run_lm_demo(args.out or "demo-lm-out", quick=args.quick, steps=args.steps)
+        return 0 if Path(res["report"]).exists() else 1
+    if args.out is None:
+        args.out = "demo-out"
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     res = run_demo(args.out, quick=args.quick, seed=args.seed, steps=args.steps, workers=args.workers,
