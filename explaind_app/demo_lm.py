@@ -5,7 +5,8 @@ and decomposed exactly (issue 16).
 Stages (each resumable like ``explaind demo``: a finished stage is reused when its parameters are unchanged):
 
 1. ``record``      train with the Trainer (AdamW, weight decay, warm-up + cosine decay, ``max_grad_norm=1.0``) and
-                   record every update (``run.zarr``), the validation split stored with it.
+                   record every update (``run.zarr``); the training and validation splits are recorded by
+                   reference (the built-in corpus factory and a fingerprint), not copied.
 2. ``curves``      the training loss of every update (recorded) and the validation loss (mean over all validation
                    tokens) at evenly spaced steps, evaluated from the recorded parameters.
 3. ``components``  ``engine.attribute`` of a few validation sequences' loss ``by=("step", "tensor")`` over the whole
@@ -107,11 +108,18 @@ def byte_text(ids: np.ndarray) -> str:
     return b.decode("utf-8", errors="replace")
 
 
+CORPUS = "explaind_store.examples.corpus:stdlib_bytes"
+
+
+def _corpus_kwargs(cfg: LMDemoConfig, split: str) -> dict[str, Any]:
+    n = cfg.train_sequences if split == "train" else cfg.val_sequences
+    return {"split": split, "context": cfg.context, "max_sequences": n, "seed": cfg.seed}
+
+
 def _load(cfg: LMDemoConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
     from explaind_store.examples.corpus import stdlib_bytes
 
-    n = cfg.train_sequences if split == "train" else cfg.val_sequences
-    return stdlib_bytes(split, context=cfg.context, max_sequences=n, seed=cfg.seed)
+    return stdlib_bytes(**_corpus_kwargs(cfg, split))
 
 
 def unigram_entropy(targets: np.ndarray) -> float:
@@ -135,6 +143,7 @@ def _record(cfg: LMDemoConfig, run_path: Path, out: Path) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from explaind_store.integrations.hf import ExplaindCallback
+    from explaind_store.specs import data_spec
 
     x, y = _load(cfg, "train")
     xv, yv = _load(cfg, "val")
@@ -147,7 +156,9 @@ def _record(cfg: LMDemoConfig, run_path: Path, out: Path) -> dict[str, Any]:
         lr_scheduler_type=cfg.scheduler, lr_scheduler_kwargs=_scheduler_kwargs(cfg), max_grad_norm=cfg.max_grad_norm, report_to=[], save_strategy="no",
         logging_steps=10**9, disable_tqdm=True, seed=cfg.seed, use_cpu=True, dataloader_num_workers=0,
     )
-    cb = ExplaindCallback(run_path, overwrite=True, splits={"val": (xv, yv)})
+    # both splits by reference (the built-in corpus factory + a fingerprint): the store does not copy the tokens
+    specs = {k: data_spec(CORPUS, **_corpus_kwargs(cfg, k)) for k in ("train", "val")}
+    cb = ExplaindCallback(run_path, overwrite=True, splits={"val": (xv, yv)}, data_specs=specs)
     trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[cb])
     for c in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(c)  # the callback asks for a log line per update (the gradient norm)

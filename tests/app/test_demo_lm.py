@@ -32,6 +32,10 @@ def test_demo_lm_quick_end_to_end(tmp_path, capsys):
     for name in ("components", "samples"):
         info = json.loads((out / "stages" / f"{name}.json").read_text())["info"]
         assert info["max_ratio"] < 1e-4, (name, info)
+    from explaind_store import open_run
+
+    splits = open_run(out / "run.zarr").attrs["data"]["splits"]  # the callback recorded both splits by reference
+    assert all(splits[k]["mode"] == "reference" for k in ("train", "val")) and not (out / "run.zarr" / "data").exists()
     curves = np.load(out / "curves.npz")
     assert curves["val_loss"][-1] < curves["val_loss"][0]
     capsys.readouterr()
