@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
-import math
 import re
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from explaind_app.demo import Stages, _digest, _table, _threads, human_bytes
+from explaind_app.stages import Stages, _digest, _table, _threads
 
 LM_STAGES = ("record", "curves", "components", "split", "samples", "report")
 
