@@ -25,12 +25,13 @@ from engine.cluster import graph as _graph
 from engine.cluster import runners as _sched
 from engine.cluster import worker as _worker
 from engine.guard import DEFAULT_RESIDUAL_TOL, check_exactness, check_residual_tol
-from engine.ops.output_modes import NEEDS_TARGETS, OUTPUT_MODES
+from engine.ops.output_modes import CAUSAL_LM_MODES, NEEDS_TARGETS, OUTPUT_MODES
 from engine.ops.quadrature import parse_rule
 from engine.result import BY_KEYS, check_finite, finalize_attrs, result_bytes
 from engine.scan.problem import Context, Problem, result_meta
 from engine.settings import format_bytes, parse_bytes
 from explaind_store import schema, storage
+from explaind_store.specs import IGNORE_INDEX
 from explaind_store.storage import StoreError
 from explaind_store.trajectory import Trajectory
 
@@ -301,12 +302,36 @@ def check_store(traj: Trajectory, window: tuple[int, int]) -> None:
 
 def check_loss_supported(traj: Trajectory, output: str) -> None:
     """Output modes the run's loss supports: a token-level ``causal_lm`` run's outputs are sequences of logits, so
-    its queries are sequences and their output is their own loss (the mean over their predicted tokens)."""
+    its queries are sequences and their output is their own loss (the mean over their predicted tokens) or the
+    log-probability of chosen next tokens ("token_logprob"), which only such runs have."""
     kind = dict(traj.loss).get("kind")
-    if kind == "causal_lm" and output != "loss":
+    if kind == "causal_lm" and output not in CAUSAL_LM_MODES:
         raise ValueError(
             f"output={output!r} is not defined for a causal language model run (loss causal_lm: its outputs are "
-            "logits for every position and token); use output='loss', the loss of each query sequence"
+            "logits for every position and token); use output='loss', the loss of each query sequence, or "
+            "output='token_logprob' with targets from engine.next_token_targets"
+        )
+    if kind != "causal_lm" and output == "token_logprob":
+        raise ValueError(
+            f"output='token_logprob' is for causal language model runs (loss causal_lm); this run's loss is {kind!r}: "
+            "use output='target_logprob' for the log-probability of a target class"
+        )
+
+
+def check_token_targets(y: torch.Tensor | None, x: torch.Tensor) -> None:
+    """``token_logprob`` targets: labels shaped like the query sequences, each with a chosen token to score."""
+    if y is None:
+        return
+    if tuple(y.shape) != tuple(x.shape) or y.is_floating_point():
+        raise ValueError(
+            f"output='token_logprob' needs integer labels shaped like the query sequences {tuple(x.shape)}, got "
+            f"{tuple(y.shape)} {y.dtype}: build them with engine.next_token_targets(inputs, positions, tokens)"
+        )
+    bad = torch.nonzero((y[:, 1:] != IGNORE_INDEX).sum(1) == 0).flatten()
+    if bad.numel():
+        raise ValueError(
+            f"query sequences {bad.tolist()[:10]} have no labelled next token (every label after position 0 is "
+            f"{IGNORE_INDEX}): build the targets with engine.next_token_targets(inputs, positions, tokens)"
         )
 
 
@@ -419,7 +444,8 @@ def attribute(
             "target_logprob", "margin").
         queries: instead of tensors, a split selection: ``"val"``, ``"val[:10]"``, ``"train[0:3]"``,
             ``"val[[1,5,7]]"`` (targets come from the split).
-        output: "log_softmax" (every class), "logits", "loss", "target_logprob" or "margin".
+        output: "log_softmax" (every class), "logits", "loss", "target_logprob" or "margin"; for a causal LM run
+            "loss" (each query sequence's mean token loss) or "token_logprob" (targets: engine.next_token_targets).
         by: any of "sample", "step", "tensor", "param" (a list or "sample,step").
         steps: ``slice(a, b)`` decomposes ``F(theta_b) - F(theta_a)`` (default: the whole run).
         quadrature: rule string ("kink" default, "gauss:4", "midpoint:100", "adaptive:1e-8") or QuadratureRule.
@@ -517,6 +543,8 @@ def validate(
         raise ValueError(
             f"output={output!r} needs the query targets: pass targets= (or queries='split[...]', which brings them)"
         )
+    if output == "token_logprob":
+        check_token_targets(y_q, x_q)
     window = parse_steps(steps, int(traj.committed_updates))
     store_chunk = int(traj.chunk_updates) if _is_run(traj) else None  # type: ignore[attr-defined]
     if chunk_updates is not None and (not isinstance(chunk_updates, (int, np.integer)) or chunk_updates < 1):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import shutil
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from explaind_app.stages import Stages, _digest, _jsonable, _table, _threads, human_bytes
 
 STAGES = ("record", "curves", "components", "samples", "report")
 
@@ -113,88 +114,8 @@ QUICK = DemoConfig(
 
 
 # ==============================================================================================================
-# Stage bookkeeping
+# Helpers (the stage bookkeeping is explaind_app.stages)
 # ==============================================================================================================
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    return obj
-
-
-def _digest(params: Any) -> str:
-    return hashlib.sha256(json.dumps(_jsonable(params), sort_keys=True).encode()).hexdigest()[:16]
-
-
-class Stages:
-    """Markers ``stages/<name>.json``: ``{"params": ..., "digest": ..., "seconds": ..., "info": {...}}``."""
-
-    def __init__(self, out_dir: Path, log: Callable[[str], None]):
-        self.dir = out_dir / "stages"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.log = log
-        self.reused: list[str] = []
-        self.ran: list[str] = []
-        self.seconds: dict[str, float] = {}
-        self.info: dict[str, dict[str, Any]] = {}
-
-    def path(self, name: str) -> Path:
-        return self.dir / f"{name}.json"
-
-    def finished(self, name: str, params: Any, outputs: list[Path]) -> dict[str, Any] | None:
-        """The marker of a finished stage with these parameters whose outputs all exist, else None."""
-        p = self.path(name)
-        if not p.exists() or not all(o.exists() for o in outputs):
-            return None
-        try:
-            marker = json.loads(p.read_text())
-        except (OSError, ValueError):
-            return None
-        if marker.get("digest") != _digest(params):
-            return None
-        return marker
-
-    def reuse(self, name: str, marker: dict[str, Any]) -> None:
-        self.reused.append(name)
-        self.seconds[name] = float(marker.get("seconds", 0.0))
-        self.info[name] = dict(marker.get("info", {}))
-        self.log(f"reusing finished stage {name} (computed in {self.seconds[name]:.1f} s; delete "
-                 f"{self.path(name)} to recompute it)")
-
-    def start(self, name: str) -> None:
-        self.path(name).unlink(missing_ok=True)
-        self.log(f"stage {name} ...")
-
-    def done(self, name: str, params: Any, seconds: float, info: dict[str, Any] | None = None) -> None:
-        self.ran.append(name)
-        self.seconds[name] = seconds
-        self.info[name] = _jsonable(info or {})
-        marker = {"stage": name, "params": _jsonable(params), "digest": _digest(params), "seconds": seconds,
-                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "info": self.info[name]}
-        tmp = self.path(name).with_suffix(".tmp")
-        tmp.write_text(json.dumps(marker, indent=2))
-        tmp.replace(self.path(name))
-        self.log(f"stage {name} done in {seconds:.1f} s")
-
-
-# ==============================================================================================================
-# Helpers
-# ==============================================================================================================
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def disk_needed(cfg: DemoConfig) -> int:
     """Bytes the run store needs: parameters and both AdamW moments for steps 0..steps (they barely compress:
     ~1.1x measured, so none is assumed), plus the data and ~10% for the results and the report."""
@@ -235,12 +156,6 @@ def pick_queries(n: int, k: int, seed: int, mask: np.ndarray | None = None) -> l
     if len(pool) < k:
         pool = np.arange(n)
     return sorted(int(i) for i in rng.choice(pool, size=min(k, len(pool)), replace=False))
-
-
-def _table(rows: list[tuple[str, str]]) -> str:
-    w = max(len(k) for k, _ in rows)
-    line = "-" * (w + 3 + max(len(v) for _, v in rows))
-    return "\n".join([line, *(f"{k.ljust(w)}   {v}" for k, v in rows), line])
 
 
 # ==============================================================================================================
@@ -442,24 +357,6 @@ def _run_demo(
     }
 
 
-class _threads:
-    """Run torch with ``n`` threads inside the block, restoring the thread count after.
-
-    The demo uses one thread in this process: its models are small, Dask parallelises the engine over processes,
-    and on a busy machine two OpenMP threads per tiny matmul are slower than one (they wait for each other).
-    """
-
-    def __init__(self, torch: Any, n: int):
-        self.torch, self.n = torch, n
-
-    def __enter__(self) -> None:
-        self.before = self.torch.get_num_threads()
-        self.torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        self.torch.set_num_threads(self.before)
-
-
 def _record(cfg: DemoConfig, run_path: Path, st: Stages, params: dict[str, Any], progress: bool,
             log: Callable[[str], None]) -> None:
 
@@ -609,7 +506,10 @@ def add_demo_command(subparsers: Any) -> None:
         description="Record the built-in modular-addition task while it groks, run the ExPLAIND engine on a local "
                     "Dask process cluster and write DIR/report.html. Finished stages are reused on a second call.",
     )
-    demo.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    demo.add_argument("which", nargs="?", choices=("modadd", "lm"), default="modadd",
+                      help="modadd (default): the grokking transformer; lm: a GPT-2 byte-level language model trained "
+                           "with the Hugging Face Trainer on the Python standard library (explaind_app.demo_lm)")
+    demo.add_argument("--out", default=None, help="output directory (default: demo-out, or demo-lm-out for lm)")
     demo.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds (no grokking)")
     demo.add_argument("--seed", type=int, default=None, help=f"seed of data split and initialisation (default {DEMO.seed})")
     demo.add_argument("--steps", type=int, default=None, help=f"optimizer updates to record (default {DEMO.steps})")
@@ -620,6 +520,16 @@ def add_demo_command(subparsers: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.which == "lm":
+        from explaind_app.demo_lm import run_lm_demo
+
+        if args.seed is not None or args.workers is not None or args.sync:
+            raise ValueError("--seed, --workers and --sync apply to the modadd demo; the lm demo runs the engine in "
+                             "this process with its own configuration (explaind_app.demo_lm.LM_DEMO)")
+        res = run_lm_demo(args.out or "demo-lm-out", quick=args.quick, steps=args.steps)
+        return 0 if Path(res["report"]).exists() else 1
+    if args.out is None:
+        args.out = "demo-out"
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     res = run_demo(args.out, quick=args.quick, seed=args.seed, steps=args.steps, workers=args.workers,

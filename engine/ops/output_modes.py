@@ -8,6 +8,11 @@ The query function is ``F(theta) = mode(functional_call(model, theta, x_query))`
 - ``"loss"``: the query's training loss (the run's loss spec, e.g. cross entropy) against ``y_query`` (``O = 1``);
 - ``"target_logprob"``: the log-probability of the target class ``y_query`` (``O = 1``);
 - ``"margin"``: target logit minus the largest other logit (``O = 1``; a kink where the runner-up changes).
+- ``"token_logprob"`` (causal language models): the log-probability of a chosen next token at a chosen position
+  (``O = 1``). The targets are labels ``(Q, T)`` in the ``causal_lm`` convention, ``IGNORE_INDEX`` (-100) except at
+  the chosen position ``p``, which holds the chosen token: the output is ``log softmax(logits[q, p - 1])[token]``,
+  the log-probability of that token after the prefix ``inputs[q, :p]`` (:func:`next_token_targets` builds them;
+  several labelled positions give the sum of their log-probabilities, a continuation's log-probability).
 
 Every function here is written for ``torch.func`` (vmap / jacrev / jvp over ``functional_call``): no in-place ops,
 no data-dependent Python control flow.
@@ -22,11 +27,37 @@ from torch import nn
 from torch.func import functional_call
 
 from engine.ops.quadrature import SampleQuery
-from explaind_store.specs import per_sample_loss
+from explaind_store.specs import IGNORE_INDEX, per_sample_loss
 
-OUTPUT_MODES = ("log_softmax", "logits", "loss", "target_logprob", "margin")
-NEEDS_TARGETS = frozenset({"loss", "target_logprob", "margin"})
-SINGLE_OUTPUT = frozenset({"loss", "target_logprob", "margin"})
+OUTPUT_MODES = ("log_softmax", "logits", "loss", "target_logprob", "margin", "token_logprob")
+NEEDS_TARGETS = frozenset({"loss", "target_logprob", "margin", "token_logprob"})
+SINGLE_OUTPUT = frozenset({"loss", "target_logprob", "margin", "token_logprob"})
+# the modes defined for a causal language model run (outputs: logits for every position and token)
+CAUSAL_LM_MODES = ("loss", "token_logprob")
+
+
+def next_token_targets(
+    inputs: torch.Tensor, positions: torch.Tensor | list[int], tokens: torch.Tensor | list[int] | None = None
+) -> torch.Tensor:
+    """Targets for ``output="token_logprob"``: labels ``(Q, T)`` that are ``IGNORE_INDEX`` except at
+    ``positions[q]`` (1 <= p < T), which holds ``tokens[q]`` (default: the token that really follows,
+    ``inputs[q, p]``). The output is then the log-probability of that token after ``inputs[q, :p]``."""
+    inputs = torch.as_tensor(inputs)
+    if inputs.ndim != 2:
+        raise ValueError(f"inputs must be token ids (Q, T), got shape {tuple(inputs.shape)}")
+    q, t = inputs.shape
+    pos = torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
+    if len(pos) != q:
+        raise ValueError(f"positions has {len(pos)} entries but there are {q} query sequences: give one per query")
+    if bool(((pos < 1) | (pos >= t)).any()):
+        raise ValueError(f"positions must lie in 1..{t - 1} (position p is predicted from the tokens before it), "
+                         f"got {pos.tolist()}")
+    tok = inputs[torch.arange(q), pos] if tokens is None else torch.as_tensor(tokens, dtype=torch.int64).reshape(-1)
+    if len(tok) != q:
+        raise ValueError(f"tokens has {len(tok)} entries but there are {q} query sequences: give one per query")
+    labels = torch.full((q, t), IGNORE_INDEX, dtype=torch.int64)
+    labels[torch.arange(q), pos] = tok
+    return labels
 
 
 def validate_mode(mode: str, y_query: torch.Tensor | None, n_queries: int) -> None:
@@ -53,6 +84,12 @@ def apply_mode(
     if mode == "target_logprob":
         logp = torch.log_softmax(out, dim=-1)
         return logp.gather(-1, y.reshape(-1, 1))
+    if mode == "token_logprob":
+        logp = torch.log_softmax(out[:, :-1], dim=-1)
+        labels = y[:, 1:]
+        keep = labels != IGNORE_INDEX
+        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(keep, picked, torch.zeros_like(picked)).sum(dim=1, keepdim=True)
     if mode == "margin":
         target = out.gather(-1, y.reshape(-1, 1))
         # not F.one_hot: it reads the labels' values, which fails under vmap (per-query quadrature)

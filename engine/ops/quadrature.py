@@ -12,8 +12,10 @@ Rules (``parse_rule``):
 
 * ``"kink[:nodes[:grid]]"`` (default, nodes=3, grid=8): find where piecewise-linear units switch along the segment
   (``engine.ops.kinks``), split ``[0, 1]`` there and put ``nodes`` Gauss-Legendre nodes on each smooth piece (one fewer,
-  but at least 2, on pieces shorter than ``1/grid``: see ``_capped``). Without piecewise-linear units this is plain
-  Gauss-Legendre with ``nodes`` nodes. Switches that leave ``dF/dt`` continuous (units whose outputs never reach
+  but at least 2, on pieces shorter than ``1/grid``: see ``_capped``). A row that no kink cuts (a smooth query:
+  GELU, LayerNorm, softmax attention) starts from ``nodes`` Gauss-Legendre nodes on ``[0, 1]`` and is verified and
+  refined like the adaptive rule to ``SMOOTH_TOL`` (``_refine_smooth_rows``): the order doubles while the exactly
+  known error falls. Switches that leave ``dF/dt`` continuous (units whose outputs never reach
   the queried outputs) cut no pieces (``_drop_flat_kinks``). When "arg" units (max, max-pool: a winner index)
   switch, the pieces are also verified and refined like the adaptive rule (tolerance ``KINK_ARG_TOL``), because a
   winner that changes twice inside one grid cell is otherwise missed (measured: margin output of the digits CNN,
@@ -58,6 +60,8 @@ from .kinks import QueryFn, Segment, lexsort, merge_sorted, search_kinks
 KINDS = ("kink", "midpoint", "gauss", "adaptive")
 DEFAULT_TOL = 1e-8
 KINK_ARG_TOL = 1e-11  # the kink rule's per-query verification tolerance when "arg" units switch (see path_integral)
+# The kink rule's tolerance on rows no kink cuts (smooth queries; see _refine_smooth_rows), relative to max(1, |change|)
+SMOOTH_TOL = 1e-11
 _F64: dict[str, Any] = {"dtype": torch.float64}
 # A switch whose jump in dF/dt is below KINK_JUMP_TOL * max(1, |dF/dt|) is not a piece edge (_drop_flat_kinks);
 # _JUMP_STEP is the step of its finite-difference stencil (rounding of F then contributes ~1e-15 / _JUMP_STEP).
@@ -466,6 +470,66 @@ def _drop_flat_kinks(seg: Segment, kinks: Tensor, krow: Tensor) -> tuple[Tensor,
     return kinks[keep], krow[keep]
 
 
+def _refine_smooth_rows(
+    seg: Segment, rule: QuadratureRule, pieces: _Pieces, kinks: Tensor, krow: Tensor, f_grid: Tensor
+) -> tuple[_Pieces, Tensor, Tensor, int]:
+    """Rows that no kink cuts (smooth models: GELU, LayerNorm, softmax attention) get as many nodes as they need.
+
+    On a short piece between kinks, ``nodes`` Gauss-Legendre nodes are plenty; on the whole of ``[0, 1]`` of a
+    smooth but strongly curved query (a large update of a transformer) they are not (measured on a 2-layer GPT-2:
+    3 nodes leave a residual of 1e-3 of the change). Such rows are verified and refined like the adaptive rule
+    (exact per-piece errors from forward mode: 2 forwards and one ``jvp`` per node, no ``(Q, P)`` Jacobian) to
+    ``SMOOTH_TOL * max(1, |f1 - f0|)``: the order doubles while the error falls. Rows with kinks (ReLU models) are
+    untouched, so their cost does not change; so are smooth rows whose error, estimated for free from the kink
+    search's coarse grid ``f_grid`` (rows, grid + 1, K) on ``[0, 1]`` (:func:`_grid_error_weights`), is well below
+    the tolerance (small updates). Returns the pieces (sorted by (row, lo)), the kinks (``kinks`` and any
+    the refinement found, sorted by (row, t)) and the evaluations spent."""
+    n_rows = seg.n_rows
+    f0, f1 = f_grid[:, 0], f_grid[:, -1]
+    smooth = torch.bincount(krow, minlength=n_rows) == 0
+    if f_grid.shape[1] >= 5:  # the coarse grid's own estimate (free) clears rows that already meet the tolerance
+        est = torch.einsum("g,rgk->rk", _grid_error_weights(f_grid.shape[1] - 1, rule.nodes), f_grid).abs()
+        thresh = SMOOTH_TOL * (f1 - f0).abs().clamp(min=1.0)
+        smooth &= ~(est <= 0.1 * thresh).all(1)
+    if not bool(smooth.any()):
+        return pieces, kinks, krow, 0
+    idx = torch.nonzero(smooth).flatten()
+    sub = seg if seg.ctx is None else Segment(seg.fn, seg.params0, seg.dparams, ctx=seg.rows(idx))
+    srule = QuadratureRule(kind="adaptive", nodes=rule.nodes, grid=rule.grid, tol=SMOOTH_TOL,
+                           max_nodes=rule.max_nodes, chunk=rule.chunk, node_chunk=rule.node_chunk)
+    empty = torch.zeros(0, **_F64)
+    new, k_new, kr_new, n_evals = _adaptive(sub, srule, empty, empty.long(), f0[idx], f1[idx])
+    new.row = idx[new.row]
+    out = _merge_pieces(pieces, ~smooth[pieces.row], new, torch.ones_like(new.row, dtype=torch.bool))
+    k_all, kr_all = torch.cat([kinks, k_new]), torch.cat([krow, idx[kr_new]])
+    o = lexsort(kr_all, k_all)
+    return out, k_all[o], kr_all[o], n_evals
+
+
+@functools.lru_cache(maxsize=16)
+def _grid_error_weights(grid: int, nodes: int) -> Tensor:
+    """Weights ``c`` with ``sum_g c_g F(g / grid)`` = the error of ``nodes``-point Gauss-Legendre on ``dF/dt`` over
+    ``[0, 1]`` for the degree-``grid`` polynomial through the ``grid + 1`` equispaced values: an estimate of the
+    rule's error on ``F`` itself when ``F`` is smooth on the grid's scale (exact for polynomials of that degree)."""
+    x = np.linspace(-1.0, 1.0, grid + 1)
+    tn, wn = np.polynomial.legendre.leggauss(nodes)
+    # Lagrange basis g: its derivative at the nodes (d/dt = 2 d/dx), from the exact interpolating fit.
+    basis = np.polynomial.legendre.legfit(x, np.eye(grid + 1), grid)  # (grid + 1 coefficients, grid + 1 bases)
+    dvals = 2.0 * np.polynomial.legendre.legval(tn, np.polynomial.legendre.legder(basis))  # (bases, nodes)
+    c = -(dvals @ (0.5 * wn))
+    c[-1] += 1.0
+    c[0] -= 1.0
+    return torch.tensor(c, **_F64)
+
+
+def _merge_pieces(a: _Pieces, keep_a: Tensor, b: _Pieces, keep_b: Tensor) -> _Pieces:
+    """The pieces of ``a`` where ``keep_a`` and of ``b`` where ``keep_b``, sorted by (row, lo)."""
+    lo = torch.cat([a.lo[keep_a], b.lo[keep_b]])
+    row = torch.cat([a.row[keep_a], b.row[keep_b]])
+    o = lexsort(row, lo)
+    return _Pieces(lo[o], torch.cat([a.hi[keep_a], b.hi[keep_b]])[o], row[o], torch.cat([a.n[keep_a], b.n[keep_b]])[o])
+
+
 def _pieces_error(seg: Segment, pieces: _Pieces) -> Tensor:
     """Exact error of each piece's Gauss-Legendre quadrature of dF/dt: ``F(hi) - F(lo) - sum w dF/dt``, (m, K)."""
     m = pieces.lo.numel()
@@ -539,8 +603,9 @@ def path_integral(
             n_search += 5 * int(search.kinks.numel())
             if found.numel() < search.kinks.numel():
                 all_kinks = (search.kinks, search.interval)
-            pieces, kinks, _ = _capped(found, frow, n_rows, rule.nodes, rule.max_nodes, short=1.0 / rule.grid)
-            kept = (found, frow)
+            pieces, kinks, krow = _capped(found, frow, n_rows, rule.nodes, rule.max_nodes, short=1.0 / rule.grid)
+            pieces, kinks, krow, n_est = _refine_smooth_rows(seg, rule, pieces, kinks, krow, search.f_grid)
+            n_search += n_est
         else:
             # "arg" units (max / max-pool winners) can switch twice inside one grid cell (a -> c -> b), which the
             # refinement on x[a] - x[b] misses: the kink rule then verifies its pieces like the adaptive rule
@@ -562,11 +627,13 @@ def path_integral(
         res = f1 - f0 - _dot(phi, dparams).reshape(f0.shape)
         bad = (res.abs() > KINK_ARG_TOL * (f1 - f0).abs().clamp(min=1.0)).any(1)
         if bool(bad.any()):
-            (k_all, r_all), (k_kept, r_kept) = all_kinks, kept
-            k_new = torch.cat([k_kept[~bad[r_kept]], k_all[bad[r_all]]])
-            r_new = torch.cat([r_kept[~bad[r_kept]], r_all[bad[r_all]]])
-            o = lexsort(r_new, k_new)
-            pieces, kinks, _ = _capped(k_new[o], r_new[o], n_rows, rule.nodes, rule.max_nodes, short=1.0 / rule.grid)
+            # only the bad rows are rebuilt: the others keep their pieces (refined smooth rows included)
+            k_all, r_all = all_kinks
+            kb, rb = k_all[bad[r_all]], r_all[bad[r_all]]
+            rebuilt, kb, rb = _capped(kb, rb, n_rows, rule.nodes, rule.max_nodes, short=1.0 / rule.grid)
+            pieces = _merge_pieces(pieces, ~bad[pieces.row], rebuilt, bad[rebuilt.row])
+            k_new, r_new = torch.cat([kinks[~bad[krow]], kb]), torch.cat([krow[~bad[krow]], rb])
+            kinks = k_new[lexsort(r_new, k_new)]
             ts_flat, ws_flat, own = pieces.nodes()
             t_rows, w_rows = _pad_rows(ts_flat, ws_flat, pieces.row[own], n_rows)
             t_rows, w_rows = t_rows.contiguous(), w_rows.contiguous()

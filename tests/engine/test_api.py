@@ -554,3 +554,19 @@ def test_a_trainer_run_of_a_causal_lm_decomposes_exactly_with_token_weights(tmp_
     with pytest.raises(ValueError, match="output='loss'"):
         engine.attribute(tmp_path / "lm.zarr", queries="train[:2]", output="log_softmax", client="sync",
                          progress=False)
+    # the log-probability of a chosen next token, through the public API; the tied embedding is one tensor
+    x = torch.stack([r["input_ids"] for r in _dataset()[:2]])
+    y = engine.next_token_targets(x, positions=[3, 4], tokens=[7, 9])
+    tok = engine.attribute(tmp_path / "lm.zarr", x, y, output="token_logprob", by=("tensor",), client="sync",
+                           progress=False)
+    assert identity_error(tok) <= 1e-10 and list(tok["output"].values) == ["token_logprob"]
+    names = [str(t) for t in tok["tensor"].values]
+    assert names.count("transformer.wte.weight") == 1 and not any("lm_head" in n for n in names)
+    with pytest.raises(ValueError, match="no labelled next token"):
+        engine.attribute(tmp_path / "lm.zarr", x, torch.full_like(x, -100), output="token_logprob", client="sync",
+                         progress=False)
+
+
+def test_token_logprob_is_for_causal_lm_runs(digits_store):
+    with pytest.raises(ValueError, match="use output='target_logprob'"):
+        engine.attribute(digits_store, queries="val[:2]", output="token_logprob", client="sync", progress=False)

@@ -171,6 +171,64 @@ def train(
     return TrainedRun(f"{model}-{opt}", traj, rebuilt, x, y, xq, yq, {"clipped_updates": clips})
 
 
+def padded_sequences(n: int, t: int, vocab: int, min_len: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token sequences of random lengths: (input ids with 0 under the padding, labels with -100)."""
+    ids = torch.randint(1, vocab, (n, t), generator=gen)
+    lens = torch.randint(min_len, t + 1, (n,), generator=gen)
+    pad = torch.arange(t)[None] >= lens[:, None]
+    return ids.masked_fill(pad, 0), ids.masked_fill(pad, -100)
+
+
+def gpt2_config(vocab: int = 16, t: int = 8) -> dict[str, Any]:
+    """A 2-layer GPT-2 of width 8 (no dropout), as the kwargs of ``integrations.hf.causal_lm_from_config``."""
+    from transformers import GPT2Config
+
+    cfg = GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=vocab, n_positions=t, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return cfg.to_dict()
+
+
+def train_causal_lm(n_updates: int = 6, batch_size: int = 4, n: int = 12, t: int = 8, vocab: int = 16,
+                    seed: int = 0) -> TrainedRun:
+    """A 2-layer GPT-2 trained in float64 with AdamW (warm-up, clipping) on right-padded sequences of different
+    lengths, with the Trainer's loss (token-loss sum over the batch's labelled next tokens / their count); the
+    queries are 3 more such sequences and their labels."""
+    from explaind_store.integrations.hf import causal_lm_from_config
+
+    config = gpt2_config(vocab, t)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = padded_sequences(n, t, vocab, 3, gen)
+    xq, yq = padded_sequences(3, t, vocab, 3, gen)
+    torch.manual_seed(seed + 1)
+
+    def factory() -> nn.Module:
+        return causal_lm_from_config(**config).double().eval()
+
+    net = factory()
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def rebuilt() -> nn.Module:
+        m = factory()
+        m.load_state_dict(start)
+        return m
+
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.02, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: min(1.0, (e + 1) / 3))
+    traj = InMemoryTrajectory.start(net, optimizer, rebuilt, {"train": (x, y), "val": (xq, yq)}, loss_spec("causal_lm"))
+    for idx in batch_plan(n, n_updates, batch_size, seed):
+        optimizer.zero_grad()
+        logits = net(x[idx])
+        lab = y[idx][:, 1:]
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), lab.reshape(-1), ignore_index=-100, reduction="sum")
+        (loss / (lab != -100).sum()).backward()
+        total = float(torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5))
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        optimizer.step()
+        traj.record(net, optimizer, idx, lrs, min(1.0, 0.5 / (total + 1e-6)))
+        sched.step()
+    return TrainedRun("gpt2-adamw", traj, rebuilt, x, y, xq, yq)
+
+
 # ==============================================================================================================
 # Query function (written independently of engine.outputs)
 # ==============================================================================================================
@@ -184,6 +242,20 @@ def query_values(model: nn.Module, params: dict, xq: torch.Tensor, yq: torch.Ten
         v = F.cross_entropy(out, yq, reduction="none")[:, None]
     elif output == "target_logprob":
         v = (out - torch.logsumexp(out, dim=-1, keepdim=True))[torch.arange(len(yq)), yq][:, None]
+    elif output == "lm_loss":  # causal LM: each sequence's mean loss over its labelled next tokens
+        rows = []
+        for q in range(len(yq)):
+            terms = [-(out[q, p - 1] - torch.logsumexp(out[q, p - 1], -1))[yq[q, p]] for p in range(1, yq.shape[1])
+                     if int(yq[q, p]) != -100]
+            rows.append(torch.stack(terms).sum() / len(terms))
+        v = torch.stack(rows)[:, None]
+    elif output == "token_logprob":  # causal LM: log-probability of each labelled next token, summed per sequence
+        rows = []
+        for q in range(len(yq)):
+            terms = [(out[q, p - 1] - torch.logsumexp(out[q, p - 1], -1))[yq[q, p]] for p in range(1, yq.shape[1])
+                     if int(yq[q, p]) != -100]
+            rows.append(torch.stack(terms).sum())
+        v = torch.stack(rows)[:, None]
     elif output == "margin":
         rows = []
         for q in range(len(yq)):
@@ -297,9 +369,19 @@ def oracle(
     f = np.stack([fq(th).detach().numpy() for th in theta])
     R = f.shape[1]
 
-    def sample_grad(params: dict, k: int) -> dict:
+    lm = dict(traj.loss).get("kind") == "causal_lm"
+
+    def sample_grad(params: dict, k: int, batch: list[int]) -> dict:
+        """Gradient of sample k's share of the batch loss, times the batch size (the caller divides by it)."""
         p = {n: params[n].clone().requires_grad_(True) for n in names}
-        loss = F.cross_entropy(functional_call(model, p, (x[k : k + 1],)), run.y[k : k + 1])
+        out = functional_call(model, p, (x[k : k + 1],))
+        if lm:  # the Trainer's loss: token-loss sum over the tokens of the whole batch, so k weighs by its tokens
+            lab = run.y[k, 1:]
+            tok_sum = F.cross_entropy(out[0, :-1], lab, ignore_index=-100, reduction="sum")
+            n_batch = sum(int((run.y[j, 1:] != -100).sum()) for j in batch)
+            loss = tok_sum * len(batch) / n_batch
+        else:
+            loss = F.cross_entropy(out, run.y[k : k + 1])
         return dict(zip(names, torch.autograd.grad(loss, [p[n] for n in names])))
 
     kind = spec.type
@@ -335,7 +417,7 @@ def oracle(
         # raw inputs of update s (what enters the gradient g'_s), as new pieces
         new: dict[tuple, dict[str, torch.Tensor]] = {}
         for k in batch:
-            g = sample_grad(th0, k)
+            g = sample_grad(th0, k, batch)
             key = ("data", k, s)
             if key not in new:
                 new[key] = {n: torch.zeros_like(th0[n]) for n in names}

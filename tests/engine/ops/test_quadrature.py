@@ -267,8 +267,11 @@ def test_adaptive_finds_double_crossings_the_grid_misses() -> None:
         return torch.stack([torch.relu(s) * p["u"][1], torch.tanh(p["v"][1]) + torch.relu(s) ** 2])
 
     assert find_kinks(query, p0, dp, grid=2).numel() == 0  # the caveat: missed between grid points 0, .5, 1
-    plain = path_integral(query, p0, dp, "kink:2:2")
+    plain = path_integral(query, p0, dp, "gauss:4")
     assert plain.residual.abs().max() > 1e-4
+    # The kink rule finds no kink, so it verifies the row like the adaptive rule and catches the crossings too.
+    kink = path_integral(query, p0, dp, "kink:2:2")
+    assert kink.residual.abs().max() <= 1e-11 and kink.n_kinks == 2
     r = path_integral(query, p0, dp, QuadratureRule(kind="adaptive", tol=1e-12, nodes=2, grid=2))
     assert bool((r.residual.abs() <= 1e-12 * (r.f1 - r.f0).abs().clamp(min=1)).all())
     assert r.n_kinks == 2 and torch.allclose(r.kinks, torch.tensor([0.1, 0.4], dtype=DT), atol=1e-10)
@@ -281,7 +284,7 @@ def test_adaptive_meets_tolerance(tol: float) -> None:
     thresh = tol * (r.f1 - r.f0).abs().clamp(min=1.0)
     assert bool((r.residual.abs() <= thresh).all())
     assert r.n_nodes <= 256
-    base = path_integral(query, p0, dp, "kink:2")
+    base = path_integral(query, p0, dp, "gauss:2")  # (the kink rule refines smooth rows by itself)
     assert base.residual.abs().max() > tol  # adaptive really had to refine
     assert r.n_nodes > base.n_nodes
 
@@ -412,3 +415,29 @@ def test_switches_that_do_not_reach_the_outputs_cut_no_pieces() -> None:
     assert torch.allclose(wasteful.kinks, lean.kinks, rtol=0, atol=1e-12)
     assert float(wasteful.residual.abs().max()) < 1e-11
     assert max_diff(wasteful.phi, lean.phi) < 1e-12
+
+
+def test_default_rule_refines_smooth_queries_until_exact() -> None:
+    """GPT-2 (GELU, LayerNorm, softmax attention) has no kinks: the default rule must notice that its single piece
+    [0, 1] needs more than 3 nodes on a large update, while staying at 3 where they already suffice."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=16, n_positions=8, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+    cfg._attn_implementation = "eager"
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    x = torch.randint(0, 16, (2, 6))
+
+    def fn(p: Params, xb: Tensor) -> Tensor:
+        logits = functional_call(model, p, (xb,)).logits
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), xb[:, 1:], reduction="none").mean(1, keepdim=True)
+
+    p0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    dp = {k: 0.02 * torch.randn(v.shape, generator=g, dtype=DT).sign() for k, v in p0.items()}  # an early AdamW step
+    for query in (SampleQuery(fn, x), lambda p: fn(p, x).reshape(-1)):
+        r = path_integral(query, p0, dp)
+        assert r.n_kinks == 0 and r.n_nodes > 3
+        assert float(r.residual.abs().max()) <= 1e-9 * float((r.f1 - r.f0).abs().max())
+        assert rel_res(path_integral(query, p0, dp, "gauss:3")) > 1e-6  # what the default gave before
+        small = path_integral(query, p0, {k: 1e-4 * v for k, v in dp.items()})
+        assert small.n_nodes == 3 and rel_res(small) <= 1e-9  # late-training sized steps: no extra nodes
