@@ -135,3 +135,31 @@ def test_cli_records_with_checkpoint_every(tmp_path, one_thread):
     run = open_run(out)
     assert run.checkpoint_every == 2 and run.checkpoint_steps.tolist() == [0, 2, 4, 5]
     assert np.isfinite(run.load_params(3)[run.tensor_names[0]].numpy()).all()
+
+
+def test_verify_reports_the_replay_residual_per_checkpoint(tmp_path, one_thread, capsys):
+    import json
+
+    import zarr
+
+    from tests.support.compare import MLP_SPEC
+
+    train(tmp_path / "r", 10, kind="adamw", chunk_updates=4, checkpoint_every=4, model_spec=MLP_SPEC)
+    report = open_run(tmp_path / "r").verify()
+    assert report.ok and [c["step"] for c in report.checkpoint_replay] == [4, 8, 10]
+    assert all(c["max_abs"] == 0.0 for c in report.checkpoint_replay)  # one thread: bit-exact
+    arr = zarr.open_array(str(tmp_path / "r" / "params" / "0.weight"), mode="r+")
+    value = np.asarray(arr[8])
+    value[0] += 1e-2  # a checkpoint changed after recording
+    arr[8] = value
+    report = open_run(tmp_path / "r").verify(gradients=False)
+    assert not report.ok and "checkpoint 8" in report.problems[-1]
+    by_step = {c["step"]: c for c in report.checkpoint_replay}
+    assert by_step[4]["max_abs"] == 0.0 and by_step[8]["max_abs"] == pytest.approx(1e-2, rel=1e-4)
+    assert "checkpoint 8: replayed - stored" in report.table()
+    assert cli_main(["verify", str(tmp_path / "r"), "--json", "--no-gradients"]) != 0
+    out = json.loads(capsys.readouterr().out)
+    assert [c["step"] for c in out["checkpoint_replay"]] == [4, 8, 10]
+    train(tmp_path / "nospec", 6, kind="adamw", chunk_updates=4, checkpoint_every=4)
+    report = open_run(tmp_path / "nospec").verify(gradients=False)
+    assert not report.ok and "could not be replayed" in report.problems[-1] and "model_factory" in report.problems[-1]
