@@ -38,7 +38,9 @@ _BUILT: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = Ordere
 _BUILT_MAX = 2  # a train and a val split
 
 
-SEGMENT_CACHE = 2  # replayed segments kept per Run
+# replayed segments kept per Run: the most recent ones within this many bytes, and always the last two (a view read
+# tensor by tensor asks for every segment once per tensor; a block may span two segments)
+SEGMENT_CACHE_BYTES = 256 * 2**20
 
 
 class CorruptChunkError(storage.StoreError):
@@ -381,7 +383,7 @@ class Run:
                 self._replayer = Replayer(self)
             seg = self._replayer.segment(start, end)
             self._segments[key] = seg
-            while len(self._segments) > SEGMENT_CACHE:
+            while len(self._segments) > 2 and sum(s.nbytes for s in self._segments.values()) > SEGMENT_CACHE_BYTES:
                 self._segments.popitem(last=False)
             return seg
 
