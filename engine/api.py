@@ -288,9 +288,10 @@ def check_store(traj: Trajectory, window: tuple[int, int]) -> None:
         )
     if nonfinite:  # the replay of diverged updates (outside the window) would fail for the wrong reason
         return
-    # steps=window: damage outside the window (e.g. a missing chunk) does not stop decomposing inside it
+    # steps=window: damage outside the window (e.g. a missing chunk) does not stop decomposing inside it;
+    # checkpoints=False: a sparse run's replay is compared with its checkpoints by the scan (replay_residual)
     rep = traj.verify(  # type: ignore[attr-defined]
-        gradients=False, chunks=False, max_updates=settings.get("verify_updates"), steps=window
+        gradients=False, chunks=False, max_updates=settings.get("verify_updates"), steps=window, checkpoints=False
     )
     if not rep.ok:
         raise StoreError(

@@ -364,25 +364,25 @@ class Run:
             lr=None if step == 0 else [float(v) for v in lr], weight_decay=None if step == 0 else [float(v) for v in wd],
         )
 
-    def _segment_for(self, step: int) -> Segment:
-        """The replayed segment holding ``step`` as a replayed row: from the last checkpoint before it."""
+    def _segment_for(self, step: int, upto: int | None = None) -> Segment:
+        """The replayed segment holding ``step`` as a replayed row: from the last checkpoint before it, to the next
+        checkpoint (or only to ``upto``, when that is all the caller needs: a block ending inside the segment)."""
         ck = self.checkpoint_steps
         i = int(np.searchsorted(ck, step, side="left")) - 1  # last checkpoint < step
         start = int(ck[max(i, 0)])
         end = int(ck[i + 1]) if i + 1 < len(ck) else self.committed_updates
-        return self._segment(start, end)
+        return self._segment(start, end if upto is None else max(int(step), min(end, int(upto))))
 
     def _segment(self, start: int, end: int) -> Segment:
         with self._replay_lock:  # dask's threads may ask for the same segment at once: replay it once
-            key = (start, end)
-            hit = self._segments.get(key)
-            if hit is not None:
-                self._segments.move_to_end(key)
-                return hit
+            for key, hit in reversed(self._segments.items()):  # a longer replay from the same checkpoint holds it
+                if key[0] == start and key[1] >= end:
+                    self._segments.move_to_end(key)
+                    return hit
             if self._replayer is None:
                 self._replayer = Replayer(self)
             seg = self._replayer.segment(start, end)
-            self._segments[key] = seg
+            self._segments[(start, end)] = seg
             while len(self._segments) > 2 and sum(s.nbytes for s in self._segments.values()) > SEGMENT_CACHE_BYTES:
                 self._segments.popitem(last=False)
             return seg
@@ -446,14 +446,14 @@ class Run:
             ck = self.checkpoint_data(lo)
             first_p, first_s = ck.params, ck.state
         else:
-            seg = self._segment_for(lo)
+            seg = self._segment_for(lo, upto=hi)
             first_p = {n: seg.params[n][lo - seg.start] for n in names}
             first_s = {sn: {n: seg.state[sn][n][lo - seg.start] for n in names} for sn in snames}
         rows_p = {n: [first_p[n][None]] for n in names}
         rows_s = {sn: {n: [first_s[sn][n][None]] for n in names} for sn in snames}
         s = lo + 1
         while s <= hi:
-            seg = self._segment_for(s)
+            seg = self._segment_for(s, upto=hi)
             stop = min(hi, seg.end)
             a, b = s - seg.start, stop - seg.start + 1
             for n in names:
