@@ -21,7 +21,7 @@ import torch
 
 from . import modes
 from . import optim as optim_mod
-from . import schema
+from . import schema, storage
 from .specs import batch_loss
 
 if TYPE_CHECKING:
@@ -67,10 +67,16 @@ class Replayer:
         self.state_names = list(run.state_names)
         model = modes.apply_modes(run.build_model(), run.attrs.get(schema.ATTR_TRAIN_MODE))
         dtypes = {t["name"]: getattr(torch, str(t["dtype"])) for t in run.tensors}
+        if len(set(dtypes.values())) == 1:  # a model trained in one dtype (e.g. model.double()): buffers too
+            model = model.to(next(iter(dtypes.values())))
         own = dict(model.named_parameters())
         missing = [n for n in self.names if n not in own]
         if missing:
-            raise ValueError(f"the model built for this run has no parameters {missing}")
+            raise storage.StoreError(
+                f"the model built from this run's model_spec lacks the recorded tensors {missing[:5]}, so the steps "
+                "between its checkpoints cannot be replayed; the model_spec (or the model_factory passed to "
+                "open_run) does not build the model that was trained"
+            )
         for n, p in own.items():
             p.requires_grad_(n in dtypes)
             if n in dtypes and p.dtype != dtypes[n]:
@@ -88,7 +94,6 @@ class Replayer:
         """Replay updates ``start+1 .. end`` from the checkpoint stored at ``start``."""
         run = self.run
         ck = run.checkpoint_data(start)
-        recs = run.update_records(start, end) if end > start else None
         with torch.no_grad():
             for n, p in zip(self.names, self.params):
                 p.copy_(ck.params[n])
@@ -100,8 +105,8 @@ class Replayer:
         )
         rows_p = {n: [ck.params[n].clone()] for n in self.names}
         rows_s = {s: {n: [ck.state[s][n].clone()] for n in self.names} for s in self.state_names}
-        for r in range(end - start):
-            assert recs is not None
+        recs = run.update_records(start, end) if end > start else None
+        for r in range(end - start if recs is not None else 0):
             for g, group in enumerate(self.optimizer.param_groups):
                 group["lr"] = float(recs.lr[r, g])
                 group["weight_decay"] = float(recs.weight_decay[r, g])

@@ -108,12 +108,14 @@ def test_perturbed_checkpoint_shows_as_a_replay_residual_of_its_size(stores, tmp
     assert _relative_identity_error(ds) <= 1e-10
 
 
-def test_workers_replay_their_chunks(stores, dense_result, cluster):
+def test_workers_replay_their_chunks(stores, dense_result):
     """On a LocalCluster each chunk task opens the run and replays its segment itself. Workers may use two torch
     threads, so replay need not be bit-exact there: the results then differ from the dense run's by about the
     reported replay residual, and the identity still closes."""
-    ds = engine.attribute(open_run(stores / "k4"), queries="val[:2]", by=BY, client=cluster, chunk_updates=4,
+    # client=None: the engine's own LocalCluster (another test may have closed the session's one)
+    ds = engine.attribute(open_run(stores / "k4"), queries="val[:2]", by=BY, client=None, chunk_updates=4,
                           progress=False)
+    assert "workers" in ds.attrs["scheduler"]
     assert ds.attrs["n_chunks"] >= 5
     assert _relative_identity_error(ds) <= 1e-10
     reported = float(np.abs(np.asarray(ds["replay_residual"])).sum(axis=-1).max())
