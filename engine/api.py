@@ -289,9 +289,10 @@ def check_store(traj: Trajectory, window: tuple[int, int]) -> None:
         )
     if nonfinite:  # the replay of diverged updates (outside the window) would fail for the wrong reason
         return
-    # steps=window: damage outside the window (e.g. a missing chunk) does not stop decomposing inside it
+    # steps=window: damage outside the window (e.g. a missing chunk) does not stop decomposing inside it;
+    # checkpoints=False: a sparse run's replay is compared with its checkpoints by the scan (replay_residual)
     rep = traj.verify(  # type: ignore[attr-defined]
-        gradients=False, chunks=False, max_updates=settings.get("verify_updates"), steps=window
+        gradients=False, chunks=False, max_updates=settings.get("verify_updates"), steps=window, checkpoints=False
     )
     if not rep.ok:
         raise StoreError(
@@ -505,6 +506,7 @@ class Request:
     out_path: storage.Location | None
     tol: float | None
     n_tasks_guess: int
+    checkpoints: tuple[int, ...] | None = None  # a run with sparse checkpoints: its stored steps (chunk boundaries)
 
 
 def validate(
@@ -549,8 +551,10 @@ def validate(
     store_chunk = int(traj.chunk_updates) if _is_run(traj) else None  # type: ignore[attr-defined]
     if chunk_updates is not None and (not isinstance(chunk_updates, (int, np.integer)) or chunk_updates < 1):
         raise ValueError(f"chunk_updates must be a positive integer, got {chunk_updates!r}")
+    checkpoints = (tuple(int(c) for c in traj.checkpoint_steps)  # type: ignore[attr-defined]
+                   if _is_run(traj) and traj.sparse else None)  # type: ignore[attr-defined]
     guess = plan.plan_chunks(window, store_chunk=store_chunk, chunk_updates=chunk_updates,
-                             n_workers=os.cpu_count() or 1)
+                             n_workers=os.cpu_count() or 1, checkpoints=checkpoints)
     out_path = check_out(out) if out is not None else None
     problem = Problem(x_query=x_q, y_query=y_q, output=output, by=by_set, window=window,
                       rule=quadrature, method=method, device=device)
@@ -562,7 +566,8 @@ def validate(
     if out_path is None:
         check_result_size(result_bytes(meta, step_bins), max_result_limit(max_result_bytes), by_set,
                           meta.n_queries, window[1] - window[0])
-    return Request(traj, problem, ctx, meta, qdesc, store_chunk, chunk_updates, step_bins, out_path, tol, len(guess))
+    return Request(traj, problem, ctx, meta, qdesc, store_chunk, chunk_updates, step_bins, out_path, tol, len(guess),
+                   checkpoints)
 
 
 def _start_runner(req: Request, client: Any) -> _sched.Runner:
@@ -591,7 +596,7 @@ def build(req: Request, runner: _sched.Runner) -> tuple[xr.Dataset, list[tuple[i
     p = plan.plan_attribution(meta, problem.window, store_chunk=req.store_chunk, chunk_updates=req.chunk_updates,
                               per_query=problem.per_query, sync=sync,
                               same_host=bool(getattr(runner, "same_host", False)),
-                              n_workers=1 if sync else runner.n_workers)
+                              n_workers=1 if sync else runner.n_workers, checkpoints=req.checkpoints)
     groups, threads, chain, bounds = p.groups, p.threads, p.chain, p.bounds
     if len(groups) == 1:
         jobs = [_worker.make_job(traj, problem, by_reference=sync, threads=threads)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from engine import settings
@@ -84,6 +85,7 @@ def plan_chunks(
     n_workers: int = 1,
     max_updates: int | None = None,
     fill: bool | None = None,
+    checkpoints: Sequence[int] | None = None,
 ) -> list[tuple[int, int]]:
     """Chunks ``(lo, hi]`` tiling the window, none longer than ``max_updates``.
 
@@ -100,7 +102,13 @@ def plan_chunks(
     shorter. When the store's chunks are so long that the window would give fewer tasks than ``n_workers``, the
     default splits the window evenly instead (tasks then re-read parts of one store chunk: cheap next to the math).
     Without a store (in-memory trajectories) chunks of ``chunk_updates`` (default 16) start at the window start.
+
+    ``checkpoints`` (a store with sparse checkpoints: the stored steps): every checkpoint inside the window is a
+    boundary, so each chunk replays its updates from the checkpoint it starts at and the replay residual is taken at
+    the checkpoint it ends on; ``chunk_updates`` and ``max_updates`` may split a segment further.
     """
+    if checkpoints is not None:
+        return _checkpoint_chunks(window, checkpoints, chunk_updates, max_updates)
     a, b = window
     length = b - a
     cap = None if max_updates is None else max(1, int(max_updates))
@@ -127,6 +135,22 @@ def plan_chunks(
         return _capped(chunk_bounds(window, k), cap)
     edges = [a, *range((a // k + 1) * k, b, k), b]
     return _capped(list(itertools.pairwise(edges)), cap)
+
+
+def _checkpoint_chunks(
+    window: tuple[int, int], checkpoints: Sequence[int], chunk_updates: int | None, max_updates: int | None
+) -> list[tuple[int, int]]:
+    """Chunks of a window over a run with sparse checkpoints: one per segment between checkpoints, split further at
+    multiples of ``chunk_updates`` (when given) and to at most ``max_updates``."""
+    a, b = window
+    edges = {a, b, *(int(c) for c in checkpoints if a < int(c) < b)}
+    if chunk_updates is not None:
+        k = int(chunk_updates)
+        if k < 1:
+            raise ValueError(f"chunk_updates must be >= 1, got {chunk_updates}")
+        edges.update(range((a // k + 1) * k, b, k))
+    cap = None if max_updates is None else max(1, int(max_updates))
+    return _capped(list(itertools.pairwise(sorted(edges))), cap)
 
 
 def _capped(bounds: list[tuple[int, int]], cap: int | None) -> list[tuple[int, int]]:
@@ -230,6 +254,7 @@ def plan_attribution(
     sync: bool,
     same_host: bool,
     n_workers: int,
+    checkpoints: Sequence[int] | None = None,
 ) -> Plan:
     """Workers first take groups of queries (independent scans, no repeated work), then chunks of updates.
 
@@ -243,7 +268,7 @@ def plan_attribution(
     spare = 1 if threads else n_workers // len(groups)
     chain = spare <= 1
     bounds = plan_chunks(window, store_chunk=store_chunk, chunk_updates=chunk_updates, n_workers=spare,
-                         max_updates=task_updates(meta, rows, chain=chain), fill=chain)
+                         max_updates=task_updates(meta, rows, chain=chain), fill=chain, checkpoints=checkpoints)
     n_params = sum(math.prod(s) for s in meta.tensor_shapes)
     keep_u = not chain and keeps_u(window[1] - window[0], rows, n_params)
     return Plan(groups, threads, chain, bounds, keep_u)

@@ -16,7 +16,13 @@ Step semantics (stored in the Dataset's ``attrs["step_semantics"]``):
   are per update ``s`` (the update that moved ``theta_{s-1} -> theta_s``): ``delta = F(theta_s) - F(theta_{s-1})``,
   ``quadrature_residual = delta - <phi_s, dtheta_s>``, ``rounding_residual = <phi_s, dtheta_s - rebuilt_s>`` where
   ``rebuilt_s`` is the movement rebuilt in float64 from the recomputed gradients, ``movement[part]`` is
-  ``<phi_s, part of rebuilt_s>``. ``residual = quadrature_residual + rounding_residual``.
+  ``<phi_s, part of rebuilt_s>``. ``residual = quadrature_residual + rounding_residual + replay_residual``.
+- ``replay_residual`` (runs with sparse checkpoints, zero elsewhere) sits at the last update of each chunk that ends
+  on a stored checkpoint ``c``: ``F(theta_c stored) - F(theta_c replayed)``. A chunk replays its updates from the
+  checkpoint it starts at, and the next chunk starts from the stored ``theta_c``, so this is the jump between them.
+  The optimizer state is not compared there: the engine carries its own rebuilt momentum across chunks, so a
+  difference between the stored and the replayed state at ``c`` enters the ``rounding_residual`` of the updates
+  after ``c``, like any other disagreement between record and rebuild.
 
 Identity: ``initial + data.sum() + weight_decay.sum() + momentum + residual.sum(step) == final`` (float64 rounding),
 with sums over every dimension except ``query`` / ``output``; ``movement.sum(step)`` equals the origin-step totals.
@@ -41,13 +47,15 @@ PART = "part"
 PARTS = ("data", "weight_decay", "momentum")
 BY_KEYS = ("sample", "step", "tensor", "param")
 PARAM_PREFIX = "param:"  # ChunkResult key of element-wise scores: "param:<tensor name>"
-STEP_VARS = ("quadrature_residual", "rounding_residual", "delta", "movement", "nodes", "kinks")
+STEP_VARS = ("quadrature_residual", "rounding_residual", "replay_residual", "delta", "movement", "nodes", "kinks")
 
 STEP_SEMANTICS = (
     "data[step=i] and (Adam, SGD) weight_decay[step=i]: contribution of batch i's gradients / of the coupled decay "
     "of theta_{i-1} through update i and all later updates of the window (origin update); AdamW weight_decay[step=s]:"
     " the decoupled decay of update s. momentum: the optimizer momentum stored at the window start (no step). delta, "
     "quadrature_residual, rounding_residual, residual, movement, nodes, kinks: per update s (theta_{s-1} -> theta_s)."
+    " replay_residual[step=c]: F(stored theta_c) - F(replayed theta_c) at a checkpoint c that ends a chunk (sparse "
+    "checkpoints; zero elsewhere)."
 )
 IDENTITY = (
     "initial + data.sum() + weight_decay.sum() + momentum.sum() + residual.sum(step) == final, summing every "
@@ -108,6 +116,7 @@ def chunk_layout(meta: ResultMeta) -> dict[str, tuple[str, ...]]:
         "movement": (QO, STEP, PART, *opt("tensor", TENSOR)),
         "quadrature_residual": (QO, STEP),
         "rounding_residual": (QO, STEP),
+        "replay_residual": (QO, STEP),
         "delta": (QO, STEP),
         "nodes": (STEP,),
         "kinks": (STEP,),
@@ -209,7 +218,7 @@ def assemble(problem: Any, meta: ResultMeta, arrays: Mapping[str, Any] | Sequenc
         else:
             data_vars[key] = (dd, arr)
     q_dims, q_arr = data_vars["quadrature_residual"]
-    data_vars["residual"] = (q_dims, q_arr + data_vars["rounding_residual"][1])
+    data_vars["residual"] = (q_dims, q_arr + data_vars["rounding_residual"][1] + data_vars["replay_residual"][1])
     coords: dict[str, Any] = {
         QUERY: np.arange(meta.n_queries),
         OUTPUT: np.asarray(meta.output_labels),
@@ -242,13 +251,16 @@ def finalize_attrs(ds: xr.Dataset) -> xr.Dataset:
     """Fill the residual summary attrs (in place; call after computing a lazy result):
 
     ``max_abs_residual`` = max over query/output of ``|residual.sum(step)|`` (the unexplained part of the change),
-    ``max_quadrature_residual`` / ``max_rounding_residual`` = largest per-update absolute value, ``max_abs_change``
+    ``max_quadrature_residual`` / ``max_rounding_residual`` / ``max_replay_residual`` = largest per-update absolute
+    value, ``max_abs_change``
     = max ``|final - initial|`` (the scale to judge them against).
     """
     # skipna=False: xarray's sum skips NaN by default, which would report a NaN residual as 0
     ds.attrs["max_abs_residual"] = float(np.abs(np.asarray(ds["residual"].sum(STEP, skipna=False))).max(initial=0.0))
     ds.attrs["max_quadrature_residual"] = float(np.abs(np.asarray(ds["quadrature_residual"])).max(initial=0.0))
     ds.attrs["max_rounding_residual"] = float(np.abs(np.asarray(ds["rounding_residual"])).max(initial=0.0))
+    if "replay_residual" in ds:  # results written before sparse checkpoints lack it
+        ds.attrs["max_replay_residual"] = float(np.abs(np.asarray(ds["replay_residual"])).max(initial=0.0))
     ds.attrs["max_abs_change"] = float(np.abs(np.asarray(ds["final"] - ds["initial"])).max(initial=0.0))
     return ds
 

@@ -37,6 +37,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
 
 
 def _train_example(args: argparse.Namespace) -> None:
+    rec_kwargs = None if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}
     if args.task == "modadd":
         from .examples import modadd
 
@@ -44,12 +45,12 @@ def _train_example(args: argparse.Namespace) -> None:
         if args.p is not None:
             kwargs["p"] = args.p
         modadd.train(args.out, steps=args.steps, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
-                     progress=not args.quiet, **kwargs)
+                     progress=not args.quiet, recorder_kwargs=rec_kwargs, **kwargs)
     else:
         from .examples import digits_cnn
 
         digits_cnn.train(args.out, steps=args.steps, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
-                         progress=not args.quiet)
+                         progress=not args.quiet, recorder_kwargs=rec_kwargs)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -88,6 +89,9 @@ def build_parser(*extensions: Callable[[Any], None]) -> argparse.ArgumentParser:
     rec.add_argument("--p", type=int, default=None,
                      help="modadd: the modulus (default 113; a table of p*p pairs smaller than 6,000 is split 2:1 "
                           "into training and validation pairs)")
+    rec.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                     help="store parameters and optimizer state only every K updates (and at the end); the steps "
+                          "between are rebuilt by replaying the optimizer when read (default 1: every update)")
     rec.add_argument("--resume", action="store_true", help="continue a killed or shorter run at --out")
     rec.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -26,13 +26,14 @@ def run_info(path: str | Path) -> dict[str, Any]:
     run = open_run(path)
     t = run.committed_updates
     steps = t + 1
+    stored = len(run.checkpoint_steps)  # sparse checkpoints: parameters and state only at these steps
     raw = 0
     for tinfo in run.tensors:
         n = 1
         for d in tinfo["shape"]:
             n *= d
         item = 8 if tinfo["dtype"] == "float64" else (2 if tinfo["dtype"] == "float16" else 4)
-        raw += n * item * steps * (1 + len(run.state_names))
+        raw += n * item * stored * (1 + len(run.state_names))
     disk = run.nbytes_on_disk()
     data_disk = storage.tree_nbytes(storage.join(run.path, schema.DATA))
     traj_disk = disk - data_disk
@@ -50,6 +51,8 @@ def run_info(path: str | Path) -> dict[str, Any]:
         "parameters": sum(int(math.prod(x["shape"])) for x in run.tensors),
         "state": run.state_names,
         "chunk_updates": run.chunk_updates,
+        "checkpoint_every": run.checkpoint_every,
+        "checkpoints": stored,
         "bytes_on_disk": disk,
         "trajectory_bytes_raw": raw,
         "compression_ratio": raw / traj_disk if traj_disk else None,
@@ -95,6 +98,9 @@ def format_info(info: dict[str, Any]) -> str:
         f"level {info['codec']['compressor']['clevel']} + {info['codec']['checksum']}"
         + (f"; LOSSY bitround keepbits={info['codec']['lossy']['bitround_keepbits']}" if info["codec"]["lossy"] else ""),
     ]
+    if info.get("checkpoint_every", 1) > 1:
+        lines.append(f"checkpoints    every {info['checkpoint_every']} updates and the last ({info['checkpoints']} "
+                     "stored); the steps between are replayed when read")
     if info["nonfinite_updates"]:
         lines.append(f"WARNING        non-finite parameters after updates {info['nonfinite_updates'][:10]}")
     return "\n".join(lines)

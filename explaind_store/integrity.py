@@ -3,7 +3,9 @@
 Zarr reads a missing chunk file as the array's fill value (NaN or 0), so a deleted or never-copied chunk would
 otherwise read as plausible numbers. Every chunk a run should have follows from its metadata: step-indexed arrays
 (``params``, optimizer state, ``updates``) need the chunk rows holding steps ``0..committed_updates`` and all of
-their inner chunks; data and static arrays need their whole chunk grid. The chunk files present are listed once per
+their inner chunks (in a run with sparse checkpoints, parameters and optimizer state only the chunks holding its
+checkpoint steps: one step per chunk there, the steps between are replayed); data and static arrays need their
+whole chunk grid. The chunk files present are listed once per
 array (one directory walk for a local store, ``list_prefix`` for any other zarr Store) and cached on the ``Run``
 until ``refresh()``.
 
@@ -111,6 +113,14 @@ def _listing(run: Run, path: str, arr: Any) -> frozenset[str]:
     return cache[path]
 
 
+def _sparse_tensor(run: Run, path: str) -> bool:
+    """Whether ``path`` holds parameters or optimizer state of a run with sparse checkpoints (its ``step``
+    coordinate arrays are written at every step)."""
+    group, _, name = path.partition("/")
+    return (run.checkpoint_every > 1 and group in (schema.PARAMS, *schema.STATE_GROUPS)
+            and name != schema.STEP)
+
+
 def _lenient(run: Run) -> bool:
     return not run.attrs.get(schema.ATTR_EVERY_CHUNK, False)
 
@@ -131,7 +141,10 @@ def missing_in(run: Run, path: str, steps: tuple[int, int] | None = None) -> lis
         a, b = (0, t) if steps is None else (max(0, int(steps[0])), min(t, int(steps[1])))
         if b < a:
             return []
-        rows = range(a // chunks[0], b // chunks[0] + 1)
+        rows: Any = range(a // chunks[0], b // chunks[0] + 1)
+        if _sparse_tensor(run, path):  # only the chunks of the stored checkpoints are written
+            ck = run.checkpoint_steps
+            rows = sorted({int(c) // chunks[0] for c in ck[(ck >= a) & (ck <= b)]})
         inner_shape, inner_chunks = shape[1:], chunks[1:]
     else:
         rows = range(math.ceil(shape[0] / chunks[0]))

@@ -231,3 +231,53 @@ def implied_gradient_bound(
         return ulps * eps * b1_.double().abs()
     damp = float(hp.get("dampening", 0.0))
     return ulps * eps * (b1_.double().abs() + mu * b0.double().abs()) / (1 - damp)
+
+
+def build_optimizer(kind: str, groups: list[dict[str, Any]] | tuple[dict[str, Any], ...],
+                    params: list[list[torch.Tensor]]) -> torch.optim.Optimizer:
+    """A real torch optimizer of the recorded ``kind`` with the recorded static hyperparameters of each group
+    (``groups``, as in a store's ``optimizer`` attribute) over ``params[g]`` (the tensors of group ``g``). Learning
+    rate and weight decay are set per update by the caller."""
+    torch_groups = []
+    for hp, ps in zip(groups, params):
+        g: dict[str, Any] = {"params": ps, "lr": float(hp.get("lr", 0.0)), "weight_decay": float(hp.get("weight_decay", 0.0))}
+        for key in STATIC_KEYS[kind]:
+            if key in hp:
+                g[key] = tuple(hp[key]) if key == "betas" else hp[key]
+        torch_groups.append(g)
+    if kind == "AdamW":
+        return torch.optim.AdamW(torch_groups)
+    if kind == "Adam":
+        return torch.optim.Adam(torch_groups)
+    if kind == "SGD":
+        return torch.optim.SGD(torch_groups)
+    raise UnsupportedOptimizerError(f"optimizer {kind!r} cannot be rebuilt; supported: {SUPPORTED}")
+
+
+def load_recorded_state(
+    optimizer: torch.optim.Optimizer,
+    kind: str,
+    params: list[torch.Tensor],
+    state: list[dict[str, torch.Tensor]],
+    opt_step: int,
+    lrs: Any = None,
+    wds: Any = None,
+) -> None:
+    """Put the recorded optimizer state of one step into ``optimizer``: ``state[i]`` holds the state tensors of
+    ``params[i]`` by store name, ``opt_step`` is torch's step counter there (no state when it is 0: a fresh
+    optimizer), and ``lrs`` / ``wds`` (per group) the learning rates and weight decays of that update."""
+    sd = optimizer.state_dict()
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    new: dict[int, dict[str, Any]] = {}
+    if opt_step > 0:
+        for p, st in zip(params, state):
+            entry: dict[str, Any] = dict(st)
+            if kind in ("AdamW", "Adam"):
+                entry["step"] = torch.tensor(float(opt_step), dtype=torch.float32)
+            if entry:
+                new[index[id(p)]] = entry
+    sd["state"] = new
+    if lrs is not None and wds is not None:
+        for g, lr, wd in zip(sd["param_groups"], lrs, wds):
+            g["lr"], g["weight_decay"] = float(lr), float(wd)
+    optimizer.load_state_dict(sd)

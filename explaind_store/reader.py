@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from functools import cached_property
@@ -26,7 +27,8 @@ from . import storage
 from . import integrity, schema
 from .integrity import DataChecksumError, MissingChunkError  # noqa: F401 - re-exported for callers
 from .specs import data_factory, resolve_data, resolve_factory, safe_text
-from .trajectory import OptimizerSpec, TrajectoryBlock
+from .replay import CheckpointData, Replayer, Segment
+from .trajectory import OptimizerSpec, TrajectoryBlock, UpdateRecords
 
 
 # Splits built from a data spec and checked, per process: a Dask worker opens the run once per task, and a corpus of
@@ -34,6 +36,11 @@ from .trajectory import OptimizerSpec, TrajectoryBlock
 # the few most recent are kept.
 _BUILT: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _BUILT_MAX = 2  # a train and a val split
+
+
+# replayed segments kept per Run: the most recent ones within this many bytes, and always the last two (a view read
+# tensor by tensor asks for every segment once per tensor; a block may span two segments)
+SEGMENT_CACHE_BYTES = 256 * 2**20
 
 
 class CorruptChunkError(storage.StoreError):
@@ -61,6 +68,10 @@ class Run:
         self._verified_splits: set[str] = set()  # stored splits whose checksum matched
         self._attached: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._built: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # reference splits built from their spec
+        # sparse checkpoints: replayed segments, a few most recent (each is K steps of parameters and state)
+        self._segments: OrderedDict[tuple[int, int], Segment] = OrderedDict()
+        self._replay_lock = threading.RLock()
+        self._replayer: Replayer | None = None
         for split, (x, y) in (data or {}).items():
             self.attach_data(split, x, y)
         if self.committed_updates < 0:
@@ -87,7 +98,9 @@ class Run:
         self._chunk_keys = {}  # new commits wrote new chunk files
         self.__dict__.pop("params", None)
         self.__dict__.pop("updates", None)
+        self.__dict__.pop("_checkpoints", None)
         self._state_cache: dict[str, xr.Dataset] = {}
+        self._segments.clear()  # the last segment grows with new commits
         return self
 
     @property
@@ -119,6 +132,38 @@ class Run:
         return int(self.attrs[schema.ATTR_CHUNK_UPDATES])
 
     @property
+    def checkpoint_every(self) -> int:
+        """K: parameters and optimizer state are stored at updates 0, K, 2K, ... and the last (1: every update)."""
+        return int(self.attrs.get(schema.ATTR_CHECKPOINT_EVERY, 1))
+
+    @property
+    def checkpoint_steps(self) -> np.ndarray:
+        """The steps whose parameters and optimizer state are stored (all of 0..T unless the run is sparse)."""
+        hit = self.__dict__.get("_checkpoints")
+        if hit is None:
+            t = self.committed_updates
+            path = f"{schema.UPDATES}/{schema.CHECKPOINT}"
+            if self.checkpoint_every == 1 or schema.CHECKPOINT not in self.root[schema.UPDATES]:
+                hit = np.arange(t + 1)
+            else:
+                flags = np.asarray(self._read(path, slice(0, t + 1)), dtype=bool)
+                flags[0] = True
+                hit = np.flatnonzero(flags)
+            self.__dict__["_checkpoints"] = hit
+        return hit
+
+    @property
+    def sparse(self) -> bool:
+        """Whether some steps are not stored but rebuilt by replaying the optimizer (``checkpoint_every > 1``)."""
+        return len(self.checkpoint_steps) < self.committed_updates + 1
+
+    def is_stored(self, step: int) -> bool:
+        """Whether ``step``'s parameters and optimizer state are stored (else they are replayed)."""
+        ck = self.checkpoint_steps
+        i = int(np.searchsorted(ck, step))
+        return i < len(ck) and int(ck[i]) == int(step)
+
+    @property
     def splits(self) -> list[str]:
         return list(self.attrs[schema.ATTR_DATA]["splits"])
 
@@ -140,7 +185,39 @@ class Run:
         ds = xr.open_zarr(self.root.store, group=group, consolidated=False, chunks={}, drop_variables=[schema.STEP])
         t = self.committed_updates
         ds = ds.isel({schema.STEP: slice(0, t + 1)})
-        return ds.assign_coords({schema.STEP: np.arange(t + 1)})
+        if group != schema.UPDATES and self.sparse:
+            ds = ds.assign({n: (ds[n].dims, self._replayed_view(group, n, ds[n])) for n in ds.data_vars})
+        stored = np.zeros(t + 1, dtype=bool)
+        stored[self.checkpoint_steps] = True
+        return ds.assign_coords({schema.STEP: np.arange(t + 1), schema.STORED: (schema.STEP, stored)})
+
+    def _replayed_view(self, group: str, name: str, var: xr.DataArray) -> Any:
+        """A dask array of ``group/name`` for steps 0..T: one block per segment between checkpoints, each read
+        (checkpoints) or replayed (the steps between) when computed."""
+        import dask
+        import dask.array as da
+
+        t = self.committed_updates
+        ck = [int(c) for c in self.checkpoint_steps]
+        edges = sorted({0, *(c + 1 for c in ck if c < t), t + 1})
+        blocks = []
+        for a, b in zip(edges[:-1], edges[1:]):
+            shape = (b - a, *var.shape[1:])
+            rows = dask.delayed(self._rows, pure=True)(group, name, a, b - 1)
+            blocks.append(da.from_delayed(rows, shape, dtype=var.dtype))
+        return da.concatenate(blocks, axis=0)
+
+    def _rows(self, group: str, name: str, a: int, b: int) -> np.ndarray:
+        """Steps ``a..b`` of one tensor of ``params`` or an optimizer state: stored where stored, else replayed."""
+        out = []
+        for s in range(a, b + 1):
+            if self.is_stored(s):
+                out.append(self._read(f"{group}/{name}", s))
+            else:
+                seg = self._segment_for(s)
+                src = seg.params if group == schema.PARAMS else seg.state[group]
+                out.append(src[name][s - seg.start].numpy())
+        return np.stack(out)
 
     @cached_property
     def params(self) -> xr.Dataset:
@@ -259,27 +336,66 @@ class Run:
         return out
 
     def load_params(self, step: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """All parameters at one step as tensors (reads one chunk per tensor)."""
+        """All parameters at one step as tensors (reads one chunk per tensor; a step between sparse checkpoints is
+        replayed from the checkpoint before it)."""
         self._check_steps(step)
-        out = {n: torch.from_numpy(self._read(f"{schema.PARAMS}/{n}", step)) for n in self.tensor_names}
+        if self.is_stored(step):
+            out = {n: torch.from_numpy(self._read(f"{schema.PARAMS}/{n}", step)) for n in self.tensor_names}
+        else:
+            seg = self._segment_for(int(step))
+            out = {n: v[int(step) - seg.start].clone() for n, v in seg.params.items()}
         return {k: v.to(dtype) for k, v in out.items()} if dtype is not None else out
 
-    def block(self, lo: int, hi: int) -> TrajectoryBlock:
-        """Updates ``lo+1..hi``: parameters and state at steps lo..hi and the per-update records (float64 math)."""
-        t = self.committed_updates
-        if not (0 <= lo < hi <= t):
-            raise IndexError(f"block ({lo}, {hi}] is outside the recorded updates: steps run 0..{t}")
-        sl = slice(lo, hi + 1)
-        us = slice(lo + 1, hi + 1)
-        u = schema.UPDATES
+    # --- sparse checkpoints: replay ---------------------------------------------------------------------------
+    def checkpoint_data(self, step: int) -> CheckpointData:
+        """What the checkpoint at ``step`` stores (parameters, optimizer state, step counter, lr and decay)."""
+        if not self.is_stored(step):
+            raise IndexError(f"step {step} is not a checkpoint of this run; its checkpoints: "
+                             f"{self.checkpoint_steps[:10].tolist()}...")
         groups = [schema.PARAMS, *self.state_names]
-        scalars = (schema.BATCH_SIZE, schema.BATCH, schema.LR, schema.WEIGHT_DECAY, schema.OPT_STEP, schema.GRAD_SCALE)
-        reqs = [(f"{g}/{n}", sl) for g in groups for n in self.tensor_names] + [(f"{u}/{k}", us) for k in scalars]
+        u = schema.UPDATES
+        reqs = [(f"{g}/{n}", step) for g in groups for n in self.tensor_names]
+        reqs += [(f"{u}/{k}", step) for k in (schema.OPT_STEP, schema.LR, schema.WEIGHT_DECAY)]
         it = iter(self._read_many(reqs))
-        per_group = {g: {n: torch.from_numpy(next(it)) for n in self.tensor_names} for g in groups}
-        params = per_group.pop(schema.PARAMS)
-        state = per_group
-        rec = {k: next(it) for k in scalars}
+        per_group = {g: {n: torch.from_numpy(np.array(next(it))) for n in self.tensor_names} for g in groups}
+        opt_step, lr, wd = next(it), next(it), next(it)
+        return CheckpointData(
+            step=int(step), params=per_group.pop(schema.PARAMS), state=per_group, opt_step=int(opt_step),
+            lr=None if step == 0 else [float(v) for v in lr], weight_decay=None if step == 0 else [float(v) for v in wd],
+        )
+
+    def _segment_for(self, step: int, upto: int | None = None) -> Segment:
+        """The replayed segment holding ``step`` as a replayed row: from the last checkpoint before it, to the next
+        checkpoint (or only to ``upto``, when that is all the caller needs: a block ending inside the segment)."""
+        ck = self.checkpoint_steps
+        i = int(np.searchsorted(ck, step, side="left")) - 1  # last checkpoint < step
+        start = int(ck[max(i, 0)])
+        end = int(ck[i + 1]) if i + 1 < len(ck) else self.committed_updates
+        return self._segment(start, end if upto is None else max(int(step), min(end, int(upto))))
+
+    def _segment(self, start: int, end: int) -> Segment:
+        with self._replay_lock:  # dask's threads may ask for the same segment at once: replay it once
+            for key, hit in reversed(self._segments.items()):  # a longer replay from the same checkpoint holds it
+                if key[0] == start and key[1] >= end:
+                    self._segments.move_to_end(key)
+                    return hit
+            if self._replayer is None:
+                self._replayer = Replayer(self)
+            seg = self._replayer.segment(start, end)
+            self._segments[(start, end)] = seg
+            while len(self._segments) > 2 and sum(s.nbytes for s in self._segments.values()) > SEGMENT_CACHE_BYTES:
+                self._segments.popitem(last=False)
+            return seg
+
+    def update_records(self, lo: int, hi: int) -> UpdateRecords:
+        """The per-update records of updates ``lo+1..hi`` (batches, lr, weight decay, step counter, clip scale)."""
+        u = schema.UPDATES
+        us = slice(lo + 1, hi + 1)
+        scalars = (schema.BATCH_SIZE, schema.BATCH, schema.LR, schema.WEIGHT_DECAY, schema.OPT_STEP, schema.GRAD_SCALE)
+        rec = dict(zip(scalars, self._read_many([(f"{u}/{k}", us) for k in scalars])))
+        return self._records(lo, rec)
+
+    def _records(self, lo: int, rec: dict[str, np.ndarray]) -> UpdateRecords:
         sizes, raw = rec[schema.BATCH_SIZE], rec[schema.BATCH]
         batches = []
         for r, (row, n) in enumerate(zip(raw, sizes)):
@@ -290,16 +406,72 @@ class Run:
                     f"store is inconsistent (run `explaind verify {self.path}`)."
                 )
             batches.append(torch.from_numpy(b.copy()))
-        return TrajectoryBlock(
-            lo=lo,
-            hi=hi,
-            params=params,
-            state=state,
+        return UpdateRecords(
             lr=torch.from_numpy(rec[schema.LR]),
             weight_decay=torch.from_numpy(rec[schema.WEIGHT_DECAY]),
             opt_step=torch.from_numpy(rec[schema.OPT_STEP]),
             grad_scale=torch.from_numpy(rec[schema.GRAD_SCALE]),
             batches=batches,
+        )
+
+    def block(self, lo: int, hi: int) -> TrajectoryBlock:
+        """Updates ``lo+1..hi``: parameters and state at steps lo..hi and the per-update records (float64 math).
+
+        In a sparse run row ``lo`` is as :meth:`load_params` gives it, and each later step ``s`` comes from the
+        replay that starts at the last checkpoint before ``s``; so a block that starts at a checkpoint and holds no
+        other one but maybe ``hi`` (the engine's chunks) is one continuous replay, and ``stored_end`` then holds the
+        stored parameters of checkpoint ``hi`` to compare with the replayed row ``hi``."""
+        t = self.committed_updates
+        if not (0 <= lo < hi <= t):
+            raise IndexError(f"block ({lo}, {hi}] is outside the recorded updates: steps run 0..{t}")
+        if self.sparse:
+            return self._replayed_block(lo, hi)
+        sl = slice(lo, hi + 1)
+        us = slice(lo + 1, hi + 1)
+        u = schema.UPDATES
+        groups = [schema.PARAMS, *self.state_names]
+        scalars = (schema.BATCH_SIZE, schema.BATCH, schema.LR, schema.WEIGHT_DECAY, schema.OPT_STEP, schema.GRAD_SCALE)
+        reqs = [(f"{g}/{n}", sl) for g in groups for n in self.tensor_names] + [(f"{u}/{k}", us) for k in scalars]
+        it = iter(self._read_many(reqs))
+        per_group = {g: {n: torch.from_numpy(next(it)) for n in self.tensor_names} for g in groups}
+        params = per_group.pop(schema.PARAMS)
+        state = per_group
+        rec = self._records(lo, {k: next(it) for k in scalars})
+        return TrajectoryBlock(lo=lo, hi=hi, params=params, state=state, lr=rec.lr, weight_decay=rec.weight_decay,
+                               opt_step=rec.opt_step, grad_scale=rec.grad_scale, batches=rec.batches)
+
+    def _replayed_block(self, lo: int, hi: int) -> TrajectoryBlock:
+        names, snames = self.tensor_names, self.state_names
+        if self.is_stored(lo):
+            ck = self.checkpoint_data(lo)
+            first_p, first_s = ck.params, ck.state
+        else:
+            seg = self._segment_for(lo, upto=hi)
+            first_p = {n: seg.params[n][lo - seg.start] for n in names}
+            first_s = {sn: {n: seg.state[sn][n][lo - seg.start] for n in names} for sn in snames}
+        rows_p = {n: [first_p[n][None]] for n in names}
+        rows_s = {sn: {n: [first_s[sn][n][None]] for n in names} for sn in snames}
+        s = lo + 1
+        while s <= hi:
+            seg = self._segment_for(s, upto=hi)
+            stop = min(hi, seg.end)
+            a, b = s - seg.start, stop - seg.start + 1
+            for n in names:
+                rows_p[n].append(seg.params[n][a:b])
+                for sn in snames:
+                    rows_s[sn][n].append(seg.state[sn][n][a:b])
+            s = stop + 1
+        rec = self.update_records(lo, hi)
+        stored_end = None
+        if self.is_stored(hi):
+            stored_end = {n: torch.from_numpy(v) for n, v in zip(
+                names, self._read_many([(f"{schema.PARAMS}/{n}", hi) for n in names]))}
+        return TrajectoryBlock(
+            lo=lo, hi=hi,
+            params={n: torch.cat(v) for n, v in rows_p.items()},
+            state={sn: {n: torch.cat(v) for n, v in d.items()} for sn, d in rows_s.items()},
+            lr=rec.lr, weight_decay=rec.weight_decay, opt_step=rec.opt_step, grad_scale=rec.grad_scale,
+            batches=rec.batches, stored_end=stored_end,
         )
 
     def split(self, name: str = schema.TRAIN_SPLIT) -> tuple[torch.Tensor, torch.Tensor]:

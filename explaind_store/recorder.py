@@ -130,9 +130,10 @@ def _json_state(state: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _encode_commit_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
-    """Writer side: the scheduler state of the committing row, as JSON."""
-    if schema.ATTR_SCHEDULER_STATE in attrs:
-        attrs = {**attrs, schema.ATTR_SCHEDULER_STATE: _json_state(attrs[schema.ATTR_SCHEDULER_STATE])}
+    """Writer side: the scheduler states of the committing row (and of its last checkpoint), as JSON."""
+    for key in (schema.ATTR_SCHEDULER_STATE, schema.ATTR_CHECKPOINT_SCHEDULER):
+        if key in attrs:
+            attrs = {**attrs, key: _json_state(attrs[key])}
     return attrs
 
 
@@ -186,6 +187,11 @@ class Recorder:
             trust rule as model factories) and check its fingerprint. Other splits follow ``store_data``.
         max_grad_norm: the ``max_norm`` the loop clips gradients to; ``record()`` then takes ``grad_norm=`` (the
             total norm ``clip_grad_norm_`` returned) and stores the exact clipping scale.
+        checkpoint_every: store parameters and optimizer state only at updates 0, K, 2K, ... and the last one
+            (default 1: every update). Every update still stores what replaying it needs (batch, lr, weight
+            decay, clipping scale, loss); readers rebuild the steps between checkpoints by replaying the optimizer
+            from the checkpoint before them (``explaind_store.replay``). A killed sparse recording resumes from its
+            last checkpoint: the updates after it are recorded again.
 
     The training forward must be reproducible from the store: dropout (p > 0) and BatchNorm in train mode, and
     buffers that change during training, are refused with a RecorderError (see ``explaind_store.modes``); the mode
@@ -216,7 +222,14 @@ class Recorder:
         data_specs: dict[str, dict[str, Any]] | None = None,
         queue_chunks: int = 4,
         max_grad_norm: float | None = None,
+        checkpoint_every: int | None = None,
     ) -> None:
+        if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every or checkpoint_every < 1):
+            raise RecorderError(f"checkpoint_every must be a whole number >= 1, got {checkpoint_every!r}")
+        self.checkpoint_every = 1 if checkpoint_every is None else int(checkpoint_every)
+        self._explicit_k = checkpoint_every is not None
+        self._ckpt_sched: Any = None  # scheduler state of the last checkpoint (see schema.ATTR_CHECKPOINT_SCHEDULER)
+        self._last_checkpoint = 0
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise RecorderError(f"max_grad_norm must be positive (or None when the loop does not clip), got {max_grad_norm!r}")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -430,6 +443,7 @@ class Recorder:
                 schema.ATTR_NONFINITE: [],
                 schema.ATTR_EVERY_CHUNK: True,
                 schema.ATTR_TRAIN_MODE: self._modes,
+                schema.ATTR_CHECKPOINT_EVERY: self.checkpoint_every,
             }
         )
         self._make_arrays(root, create=True, clevel=clevel, lossy_keepbits=lossy_keepbits)
@@ -452,13 +466,15 @@ class Recorder:
         arrays: dict[str, zarr.Array] = {}
         filters = storage.float_filters(lossy_keepbits)
         n_groups = len(self.optimizer.param_groups)
+        # sparse checkpoints: one step per chunk, so the steps between checkpoints have no chunk files at all
+        k_tensor = k if self.checkpoint_every == 1 else 1
         for gname in (schema.PARAMS, *self.state_names):
             g = root.require_group(gname) if create else root[gname]
             for n, p in zip(self.names, self.params):
                 key = f"{gname}/{n}"
                 if create:
                     arrays[key] = storage.create_stepped(
-                        g, n, tuple(p.shape), _np(p).dtype, schema.stepped_dims(n, p.ndim), k,
+                        g, n, tuple(p.shape), _np(p).dtype, schema.stepped_dims(n, p.ndim), k_tensor,
                         fill_value=np.nan, clevel=clevel, filters=filters,
                     )
                 else:
@@ -477,6 +493,8 @@ class Recorder:
             (schema.OPT_STEP, (), np.int64, (schema.STEP,), -1),
             (schema.STEP, (), np.int64, (schema.STEP,), -1),
         ]
+        if create or schema.CHECKPOINT in u:  # stores from before sparse checkpoints lack it: every step stored
+            specs.append((schema.CHECKPOINT, (), np.bool_, (schema.STEP,), False))
         for name, shape, dtype, dims, fill in specs:
             arrays[f"{schema.UPDATES}/{name}"] = (
                 storage.create_stepped(u, name, shape, dtype, dims, k, fill_value=fill) if create
@@ -527,6 +545,13 @@ class Recorder:
             )
         self.root = root
         self.chunk_updates = int(attrs[schema.ATTR_CHUNK_UPDATES])
+        stored_k = int(attrs.get(schema.ATTR_CHECKPOINT_EVERY, 1))
+        if self._explicit_k and self.checkpoint_every != stored_k:
+            raise RecorderError(
+                f"cannot resume {self.path} with checkpoint_every={self.checkpoint_every}: it was recorded with "
+                f"checkpoint_every={stored_k}. Resume with the store's value (or leave checkpoint_every out)."
+            )
+        self.checkpoint_every = stored_k
         c = int(attrs[schema.ATTR_COMMITTED])
         self.committed_at_open = c
         self.n_train = int(attrs[schema.ATTR_DATA]["splits"][schema.TRAIN_SPLIT]["n"])
@@ -544,10 +569,23 @@ class Recorder:
             self._sgd_count = self._initial_sgd_count()
             return
         self._make_arrays(root, create=False)
+        flags = self._arrays.get(f"{schema.UPDATES}/{schema.CHECKPOINT}")
+        if flags is not None and c > 0:
+            # a sparse run continues from its last checkpoint: the updates after it are recorded again
+            stored = np.flatnonzero(np.asarray(flags[: c + 1]))
+            ck = int(stored[-1]) if len(stored) else 0
+            if ck < c:
+                attrs[schema.ATTR_SCHEDULER_STATE] = attrs.get(schema.ATTR_CHECKPOINT_SCHEDULER)
+                nonfinite = [s for s in attrs.get(schema.ATTR_NONFINITE, []) if s <= ck]
+                root.attrs.update({schema.ATTR_COMMITTED: ck, schema.ATTR_NONFINITE: nonfinite,
+                                   schema.ATTR_SCHEDULER_STATE: attrs[schema.ATTR_SCHEDULER_STATE]})
+                c = self.committed_at_open = ck
         # Hide anything written past the commit point before a crash.
         for arr in (*self._arrays.values(), self._batch_array):
             if arr.shape[0] > c + 1:
                 arr.resize((c + 1, *arr.shape[1:]))
+        self._last_checkpoint = c
+        self._ckpt_sched = attrs.get(schema.ATTR_SCHEDULER_STATE)
         self._restore(c, attrs)
 
     def _restore(self, c: int, attrs: dict[str, Any]) -> None:
@@ -556,25 +594,15 @@ class Recorder:
             for n, p in zip(self.names, self.params):
                 p.copy_(torch.from_numpy(np.asarray(self._arrays[f"{schema.PARAMS}/{n}"][c])))
         opt_step = int(self._arrays[f"{schema.UPDATES}/{schema.OPT_STEP}"][c])
-        sd = self.optimizer.state_dict()
-        index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
-        state: dict[int, dict[str, Any]] = {}
-        if opt_step > 0:
-            for n, p in zip(self.names, self.params):
-                st: dict[str, Any] = {
-                    s: torch.from_numpy(np.asarray(self._arrays[f"{s}/{n}"][c])) for s in self.state_names
-                }
-                if self.kind in ("AdamW", "Adam"):
-                    st["step"] = torch.tensor(float(opt_step), dtype=torch.float32)
-                if st:
-                    state[index[id(p)]] = st
-        sd["state"] = state
+        state = [
+            {s: torch.from_numpy(np.asarray(self._arrays[f"{s}/{n}"][c])) for s in self.state_names}
+            for n in self.names
+        ] if opt_step > 0 else [{} for _ in self.names]
+        lrs = wds = None
         if c > 0:
             lrs = np.asarray(self._arrays[f"{schema.UPDATES}/{schema.LR}"][c])
             wds = np.asarray(self._arrays[f"{schema.UPDATES}/{schema.WEIGHT_DECAY}"][c])
-            for g, lr, wd in zip(sd["param_groups"], lrs, wds):
-                g["lr"], g["weight_decay"] = float(lr), float(wd)
-        self.optimizer.load_state_dict(sd)
+        optim_mod.load_recorded_state(self.optimizer, self.kind, self.params, state, opt_step, lrs, wds)
         self._sgd_count = opt_step
         sched_state = attrs.get(schema.ATTR_SCHEDULER_STATE)
         if self.scheduler is not None and sched_state is not None and c > 0:
@@ -727,10 +755,14 @@ class Recorder:
             schema.GRAD_SCALE: np.float64(1.0 if grad_scale is None else float(grad_scale)),
             schema.OPT_STEP: np.int64(self._opt_step()),
         }
-        row = self._row(s, upd)
+        checkpoint = s % self.checkpoint_every == 0
+        if checkpoint:
+            self._last_checkpoint, self._ckpt_sched = s, self._pending["scheduler"]
+        row = self._row(s, upd, checkpoint=checkpoint)
         row.batch = batch.astype(np.int64)
         row.commit_attrs = {
             schema.ATTR_SCHEDULER_STATE: self._pending["scheduler"], schema.ATTR_TRAIN_MODE: self._modes,
+            schema.ATTR_CHECKPOINT_SCHEDULER: self._ckpt_sched,
         }
         self._writer.put(row)
         self.updates_done = s
@@ -827,12 +859,16 @@ class Recorder:
             out.append(val.detach() if val is not None else torch.zeros(p.shape, dtype=p.dtype, device=p.device))
         return out
 
-    def _row(self, index: int, updates: dict[str, Any]) -> Row:
+    def _row(self, index: int, updates: dict[str, Any], checkpoint: bool = True) -> Row:
+        """The row of step ``index``: its per-update records, and parameters and optimizer state if it is a
+        checkpoint (between checkpoints nothing of the model is copied)."""
         arrays: dict[str, Any] = {}
         packed: dict[str, Any] = {}
         ready = None
         any_cuda = any(p.is_cuda for p in self.params)
-        for g in (schema.PARAMS, *self.state_names):
+        if f"{schema.UPDATES}/{schema.CHECKPOINT}" in self._arrays:
+            updates = {**updates, schema.CHECKPOINT: np.bool_(checkpoint)}
+        for g in (schema.PARAMS, *self.state_names) if checkpoint else ():
             tensors = self._tensors(g)
             if g in self._packs and all(t.dtype == self._packs[g][1] for t in tensors):
                 packed[g] = _snapshot(torch.cat([t.reshape(-1) for t in tensors]), copy=False)
@@ -843,7 +879,7 @@ class Recorder:
             arrays[f"{g}/{schema.STEP}"] = np.int64(index)
         for k, v in updates.items():
             arrays[f"{schema.UPDATES}/{k}"] = v
-        if any_cuda:
+        if any_cuda and checkpoint:
             ready = torch.cuda.Event()
             ready.record()
         return Row(index=index, arrays=arrays, ready=ready, packed=packed)
@@ -861,8 +897,29 @@ class Recorder:
             h.remove()
         try:
             self._writer.close()
+            if self.updates_done > self._last_checkpoint:
+                self._write_final_checkpoint(self.updates_done)
         finally:
             self._release_lock()
+
+    def _write_final_checkpoint(self, s: int) -> None:
+        """A sparse run ends with a checkpoint: parameters and state of the last update, written once the writer is
+        done, then flagged. A kill in between leaves the flag unset, so readers replay that step instead."""
+        row = self._row(s, {})
+        if row.ready is not None:
+            row.ready.synchronize()
+        flat = {g: _np(t) for g, t in row.packed.items()}
+        for g, (segs, _) in self._packs.items():
+            if g in flat:
+                for seg in segs:
+                    row.arrays[seg.path] = flat[g][seg.start : seg.stop].reshape(seg.shape)
+        for path, value in row.arrays.items():
+            if path.startswith(f"{schema.UPDATES}/") or path.endswith(f"/{schema.STEP}"):
+                continue
+            self._arrays[path][s] = _np(value).reshape(self._arrays[path].shape[1:])
+        self._arrays[f"{schema.UPDATES}/{schema.CHECKPOINT}"][s] = True
+        self.root.attrs.update({schema.ATTR_CHECKPOINT_SCHEDULER: self.root.attrs.get(schema.ATTR_SCHEDULER_STATE)})
+        self._last_checkpoint = s
 
     @property
     def committed_updates(self) -> int:

@@ -43,6 +43,10 @@ GRAD_SCALE = "grad_scale"  # (step,) float64: gradient-clipping scale applied be
 OPT_STEP = "opt_step"  # (step,) int64: torch's own per-parameter step counter after update s
 BATCH = "batch"  # (step, slot) int64: sample indices of B_s, padded with BATCH_PAD
 BATCH_PAD = -1
+# (step,) bool: True where parameters and optimizer state are stored (a checkpoint); other steps are rebuilt by
+# replaying the optimizer from the checkpoint before them (explaind_store.replay). Stores without it store every step.
+CHECKPOINT = "checkpoint"
+STORED = "stored"  # reader views: boolean coordinate on the step axis, True where the step is stored, not replayed
 
 # --- arrays inside DATA/<split> -----------------------------------------------------------------------------------
 INPUTS = "inputs"
@@ -72,6 +76,10 @@ ATTR_EVERY_CHUNK = "every_chunk_written"
 # parameters that require grad but received no gradient at the first update (an unused pooler or positional table):
 # torch's optimizers skip them, so they never change; stored once under STATIC and left out of ATTR_TENSORS
 ATTR_CONSTANTS = "constant_tensors"
+ATTR_CHECKPOINT_EVERY = "checkpoint_every"  # K: parameters and optimizer state stored at updates 0, K, 2K, ... and the end
+# scheduler state (as ATTR_SCHEDULER_STATE) of the last checkpoint at or before the commit point: a sparse run resumes
+# from that checkpoint, not from the committed update
+ATTR_CHECKPOINT_SCHEDULER = "checkpoint_scheduler_state"
 ATTR_TRAIN_MODE = "train_mode"  # {"training": bool, "differ": [module names]}: the mode the model trained in
 
 

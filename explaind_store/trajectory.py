@@ -64,6 +64,9 @@ class TrajectoryBlock:
     opt_step: torch.Tensor  # (hi-lo,) int64: torch's step counter after the update (for bias corrections)
     grad_scale: torch.Tensor  # (hi-lo,) float64: clipping scale applied to the gradient (1.0 if none)
     batches: list[torch.Tensor]  # hi-lo int64 tensors of sample indices
+    # sparse checkpoints: the stored parameters at ``hi`` when ``hi`` is a checkpoint whose row was replayed (the
+    # replayed row continues the block's trajectory; the stored one is where the next block starts)
+    stored_end: dict[str, torch.Tensor] | None = None
 
     @property
     def updates(self) -> range:
@@ -76,6 +79,17 @@ class TrajectoryBlock:
     def state_at(self, name: str, step: int) -> dict[str, torch.Tensor]:
         r = step - self.lo
         return {k: v[r] for k, v in self.state[name].items()}
+
+
+@dataclass
+class UpdateRecords:
+    """The per-update records of updates ``lo+1 .. hi`` (``hi - lo`` rows), as in :class:`TrajectoryBlock`."""
+
+    lr: torch.Tensor
+    weight_decay: torch.Tensor
+    opt_step: torch.Tensor
+    grad_scale: torch.Tensor
+    batches: list[torch.Tensor]
 
 
 @runtime_checkable

@@ -8,6 +8,12 @@
    as fill values), and decode every chunk of every array; chunks failing their CRC32C checksum are listed by array
    and index. Stored data splits are compared with the sha256 fingerprint recorded at creation.
 Also flags non-finite parameters.
+
+A run with sparse checkpoints is read segment by segment: the steps after each checkpoint are replayed from it
+(explaind_store.replay), and at the next checkpoint the replayed parameters are compared with the stored ones; that
+difference is reported per checkpoint (``checkpoint_replay``), relative to how far the parameters moved over the
+segment. One torch thread replays training bit for bit (0); other thread counts differ in the last bits; a wrong
+record (batches, lr, state, a changed checkpoint) misses by far more.
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ class VerifyReport:
     gradient_max_rel_error: float | None = None
     gradient_worst_update: int | None = None
     gradient_checked: bool = False
+    # sparse checkpoints: per checkpoint c > 0, {"step", "max_abs", "relative", "excess"}: stored theta_c against
+    # theta_c replayed from the checkpoint before it ("relative": to the movement over that segment)
+    checkpoint_replay: list[dict[str, Any]] = field(default_factory=list)
     chunks_checked: int = 0
     bad_chunks: list[dict[str, Any]] = field(default_factory=list)
     missing_chunks: list[dict[str, Any]] = field(default_factory=list)
@@ -84,6 +93,11 @@ class VerifyReport:
                 "" if not self.gradient_checked else (
                     "ok" if (self.gradient_max_rel_error or 0) <= GRADIENT_TOL else "FAIL"),
             ),
+            *([(
+                "checkpoint replay (rel. to segment)",
+                fmt_num(max((c["relative"] for c in self.checkpoint_replay), default=0.0)),
+                "ok" if all(c["excess"] <= 1 for c in self.checkpoint_replay) else "FAIL",
+            )] if self.checkpoint_replay else []),
             ("missing chunks", str(len(self.missing_chunks)), "ok" if not self.missing_chunks else "FAIL"),
             (
                 "data checksums",
@@ -101,6 +115,9 @@ class VerifyReport:
         for mc in self.missing_chunks[:20]:
             what = "steps" if mc["axis"] == schema.STEP else "rows"
             lines.append(f"  missing chunk: {mc['array']} chunk {mc['chunk']} ({what} {mc['first']}..{mc['last']})")
+        for c in self.checkpoint_replay[:20]:
+            lines.append(f"  checkpoint {c['step']}: replayed - stored max |{c['max_abs']:.3e}|, "
+                         f"{c['relative']:.3e} of the segment's movement")
         for bc in self.bad_chunks[:20]:
             lines.append(f"  bad chunk: {bc['array']} chunk {bc['chunk']} ({bc['error']})")
         lines.extend(f"warning: {w}" for w in self.warnings)
@@ -145,11 +162,15 @@ def verify(
     max_updates: int | None = None,
     progress: bool = False,
     steps: tuple[int, int] | None = None,
+    checkpoints: bool = True,
 ) -> VerifyReport:
     """Run the three checks; ``max_updates`` checks that many evenly spaced updates instead of all.
 
     The missing-chunk check (a listing) always runs; ``chunks`` adds decoding every chunk and the data checksums.
     ``steps=(a, b)`` limits the missing-chunk check of step arrays and the replay to the window ``(a, b]``.
+    ``checkpoints=False`` skips the replay of a run with sparse checkpoints (its steps between checkpoints are
+    replayed, so only the comparison at checkpoints tells anything; the engine reports that as its replay
+    residual). With ``max_updates`` only the segments holding the sampled updates are replayed.
     """
     t = run.committed_updates
     rep = VerifyReport(path=str(run.path), updates=t, nonfinite_updates=run.nonfinite_updates)
@@ -174,7 +195,7 @@ def verify(
                 "is damaged there: re-record, or restrict analysis to the steps before the first bad chunk"
             )
             return rep  # the numeric checks would only repeat the decode errors
-    if t == 0:
+    if t == 0 or (run.sparse and not checkpoints):
         return rep
     a, b = (0, t) if steps is None else steps
     updates = list(range(a + 1, b + 1))
@@ -203,11 +224,26 @@ def verify(
     worst_match: GradientMatch | None = None
     k = run.chunk_updates
     todo = set(updates)
-    for lo in tqdm(range(a, b, k), desc="verify", disable=not progress, leave=False):
-        hi = min(lo + k, b)  # inside the window only: damage outside it is not read
+    if run.sparse:  # one block per segment: replayed from its checkpoint, compared with the next one
+        edges = sorted({a, b, *(int(c) for c in run.checkpoint_steps if a < c < b)})
+        bounds = list(zip(edges[:-1], edges[1:]))
+    else:
+        bounds = [(lo, min(lo + k, b)) for lo in range(a, b, k)]  # inside the window only: damage outside it is not read
+    for lo, hi in tqdm(bounds, desc="verify", disable=not progress, leave=False):
         if not todo.intersection(range(lo + 1, hi + 1)):
             continue
-        blk = run.block(lo, hi)
+        try:
+            blk = run.block(lo, hi)
+        except (storage.StoreError, UntrustedFactoryError, FactorySpecError) as exc:
+            if not run.sparse:
+                raise
+            rep.problems.append(
+                f"the steps between checkpoints could not be replayed (this run stores parameters every "
+                f"{run.checkpoint_every} updates, and replay rebuilds the model): {exc}"
+            )
+            return rep
+        if blk.stored_end is not None:
+            rep.checkpoint_replay.append(_checkpoint_replay(blk))
         for s in blk.updates:
             if s not in todo:
                 continue
@@ -247,6 +283,15 @@ def verify(
             f"parameters by {rep.replay_max_residual:.2e} of the update size: parameters and optimizer state "
             "disagree (a different optimizer, or state edited outside optimizer.step())"
         )
+    bad_ck = [c for c in rep.checkpoint_replay if not c["excess"] <= 1]
+    if bad_ck:
+        first = bad_ck[0]  # later checkpoints fail too when a wrong one was replayed from
+        rep.problems.append(
+            f"replaying the updates before checkpoint {first['step']} from the checkpoint before it misses the "
+            f"stored parameters by {first['relative']:.2e} of how far they moved ({len(bad_ck)} checkpoint(s) fail): "
+            "the per-update records (batches, learning rates, clipping) or a checkpoint do not match what training "
+            "did, or the model's forward is not reproducible (dropout, changing buffers)"
+        )
     if rep.gradient_checked and (worst_g > GRADIENT_TOL or math.isnan(worst_g)):
         rep.problems.append(
             f"update {rep.gradient_worst_update}: the gradient recomputed from the recorded batch differs from the "
@@ -256,6 +301,18 @@ def verify(
             + (f" {worst_match.explain()}" if worst_match is not None else "")
         )
     return rep
+
+
+def _checkpoint_replay(blk: Any) -> dict[str, Any]:
+    """Stored against replayed parameters at the checkpoint ``blk.hi`` that ends a replayed block."""
+    err = move = ulps = 0.0
+    for name, stored in blk.stored_end.items():
+        replayed = blk.params[name][-1]
+        err = max(err, (stored.double() - replayed.double()).abs().max().item())
+        move = max(move, (stored.double() - blk.params[name][0].double()).abs().max().item())
+        ulps = max(ulps, 8 * torch.finfo(stored.dtype).eps * stored.double().abs().max().item())
+    return {"step": int(blk.hi), "max_abs": err, "relative": err / max(move, 1e-30),
+            "excess": err / (REPLAY_TOL * move + ulps + 1e-300)}
 
 
 def _check_data(run: Run, missing_arrays: set[str], problems: list[str]) -> dict[str, str]:

@@ -174,18 +174,31 @@ class ChunkWriter:
         n = i1 + 1
         blocks = self._unpacked(rows)
         jobs: list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]] = []
+        grow: list[zarr.Array] = []
         for path, arr in self.arrays.items():
-            block = blocks[path] if path in blocks else np.stack([_to_numpy(r.arrays[path]) for r in rows])
-            jobs.append((arr, (slice(i0, n),), block))
-            self.bytes_written += block.nbytes
-            if self.check_finite and block.dtype.kind == "f" and path.startswith(schema.PARAMS + "/"):
-                bad = ~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
-                for r, b in zip(rows, bad):
-                    if b and r.index not in self.nonfinite and len(self.nonfinite) < 100:
-                        self.nonfinite.append(r.index)
+            # sparse checkpoints: rows between checkpoints carry no parameters or state, and write no chunk for them
+            have = rows if path in blocks or all(path in r.arrays for r in rows) else [
+                r for r in rows if path in r.arrays]
+            if not have:
+                grow.append(arr)
+                continue
+            if len(have) == len(rows):
+                parts = [(slice(i0, n), rows, blocks[path] if path in blocks else
+                          np.stack([_to_numpy(r.arrays[path]) for r in rows]))]
+            else:
+                grow.append(arr)
+                parts = [(slice(r.index, r.index + 1), [r], _to_numpy(r.arrays[path])[None]) for r in have]
+            for sel, part_rows, block in parts:
+                jobs.append((arr, (sel,), block))
+                self.bytes_written += block.nbytes
+                if self.check_finite and block.dtype.kind == "f" and path.startswith(schema.PARAMS + "/"):
+                    bad = ~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
+                    for r, b in zip(part_rows, bad):
+                        if b and r.index not in self.nonfinite and len(self.nonfinite) < 100:
+                            self.nonfinite.append(r.index)
         jobs.append(self._batch_job(rows, i0, n))
         # All arrays at once: zarr's per-call synchronisation dominated when arrays were written one by one.
-        sync(_grow_and_write(jobs, n))
+        sync(_grow_and_write(jobs, n, grow))
         attrs = dict(rows[-1].commit_attrs)
         if self.encode_attrs is not None:
             attrs = self.encode_attrs(attrs)
@@ -224,8 +237,10 @@ class ChunkWriter:
         return arr, (slice(i0, n), slice(0, width)), block
 
 
-async def _grow_and_write(jobs: list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]], n: int) -> None:
-    grow = [a for a, _, _ in jobs if a.shape[0] < n]
+async def _grow_and_write(
+    jobs: list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]], n: int, also: list[zarr.Array] = ()
+) -> None:
+    grow = list({id(a): a for a in [*(a for a, _, _ in jobs), *also] if a.shape[0] < n}.values())
     await asyncio.gather(
         *(a.async_array.resize((n, *a.shape[1:]), delete_outside_chunks=False) for a in grow)
     )

@@ -355,6 +355,13 @@ def finish(state: Pass2State) -> ChunkResult:
     if not per_tensor:
         momentum = momentum.sum(dim=-1)
     npy = lambda x: x.detach().cpu().numpy()
+    replay = torch.zeros_like(st.qres)
+    f_end = st.f1[:, -1]
+    stored = state.block.stored_end
+    if stored is not None:  # a chunk ending on a sparse checkpoint: the jump to the stored parameters
+        jump = ctx.f_at(stored) - ctx.f_at(ctx.params(state.block, state.block.hi))
+        replay[:, -1] = jump.to(replay.device)
+        f_end = f_end + replay[:, -1]
     arrays = {
         "data": npy(data),
         "weight_decay": npy(wd),
@@ -362,11 +369,12 @@ def finish(state: Pass2State) -> ChunkResult:
         "movement": npy(mov),
         "quadrature_residual": npy(st.qres),
         "rounding_residual": npy(rounding),
+        "replay_residual": npy(replay),
         "delta": npy(st.f1 - st.f0),
         "nodes": npy(st.nodes),
         "kinks": npy(st.kinks),
         "f_start": npy(st.f0[:, 0]),
-        "f_end": npy(st.f1[:, -1]),
+        "f_end": npy(f_end),
     }
     if state.param is not None:
         for n in names:

@@ -168,6 +168,13 @@ class Context:
         r = step - block.lo
         return {n: block.params[n][r].to(device=self.device, dtype=F64) for n in self.names}
 
+    def f_at(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``F(theta)`` of every query row (``R``, float64) at one parameter vector (replay residuals)."""
+        theta = {n: params[n].to(device=self.device, dtype=F64) for n in self.names}
+        with torch.no_grad():
+            out = torch.func.functional_call(self.model, theta, (self.x_query,))
+            return output_modes.apply_mode(self.problem.output, out, self.y_query, self.loss).reshape(-1)
+
     def batch(self, block: TrajectoryBlock, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = block.batches[s - block.lo - 1].to(device=self.device, dtype=torch.int64)
         return idx, self.x_train[idx], self.y_train[idx]
