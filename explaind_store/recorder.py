@@ -34,7 +34,7 @@ from . import modes
 from . import optim as optim_mod
 from . import schema
 from .specs import data_spec, normalize_loss, resolve_data
-from .writer import ChunkWriter, Row, Segment
+from .writer import Row, Segment, make_writer, writer_kind
 
 
 class RecorderError(RuntimeError):
@@ -177,6 +177,9 @@ class Recorder:
             trust rule as model factories) and check its fingerprint. Other splits follow ``store_data``.
         max_grad_norm: the ``max_norm`` the loop clips gradients to; ``record()`` then takes ``grad_norm=`` (the
             total norm ``clip_grad_norm_`` returned) and stores the exact clipping scale.
+        writer: ``"process"`` (encode and write in a separate process, off the training process's GIL; the
+            default, or ``$EXPLAIND_WRITER``) or ``"thread"`` (a background thread; also used for stores that are
+            not a local directory).
 
     The training forward must be reproducible from the store: dropout (p > 0) and BatchNorm in train mode, and
     buffers that change during training, are refused with a RecorderError (see ``explaind_store.modes``); the mode
@@ -207,7 +210,12 @@ class Recorder:
         data_specs: dict[str, dict[str, Any]] | None = None,
         queue_chunks: int = 4,
         max_grad_norm: float | None = None,
+        writer: str | None = None,
     ) -> None:
+        try:
+            self._writer_kind = writer_kind(writer)
+        except ValueError as exc:
+            raise RecorderError(str(exc)) from None
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise RecorderError(f"max_grad_norm must be positive (or None when the loop does not clip), got {max_grad_norm!r}")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -247,9 +255,10 @@ class Recorder:
         self._static_fp = optim_mod.static_fingerprint(optimizer)
         self._scheduler_checked = False
         self._packs = self._pack_layout()
-        self._writer = ChunkWriter(
-            self.root, self._arrays, self._batch_array, self.chunk_updates, queue_size=queue_chunks,
+        self._writer = make_writer(
+            self._writer_kind, self.root, self._arrays, self._batch_array, self.chunk_updates, queue_size=queue_chunks,
             packs={g: segs for g, (segs, _) in self._packs.items()}, encode_attrs=_encode_commit_attrs,
+            lock_fd=self._lock_fd,
         )
         if self.committed_at_open < 0:
             self._writer.put(self._row(0, self._initial_updates_row()))

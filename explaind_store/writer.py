@@ -10,7 +10,7 @@ attributes deferred to the writer, because every microsecond here is paid by the
 
 from __future__ import annotations
 
-import asyncio
+import os
 import queue
 import threading
 import time
@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.core.sync import sync
 
-from . import schema
+from . import chunkio, schema
 
 
 class WriterError(RuntimeError):
@@ -51,6 +50,11 @@ class Segment:
     stop: int
     shape: tuple[int, ...]
 
+
+WRITER_KINDS = ("thread", "process")
+# The measured-best default (docs/benchmarks.md, "Recording overhead (issue 14)"); EXPLAIND_WRITER overrides it.
+DEFAULT_WRITER = "process"
+WRITER_ENV = "EXPLAIND_WRITER"
 
 _FLUSH = object()
 _STOP = object()
@@ -171,28 +175,17 @@ class ChunkWriter:
         for r in rows:
             if r.ready is not None:
                 r.ready.synchronize()
-        n = i1 + 1
         blocks = self._unpacked(rows)
-        jobs: list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]] = []
-        for path, arr in self.arrays.items():
-            block = blocks[path] if path in blocks else np.stack([_to_numpy(r.arrays[path]) for r in rows])
-            jobs.append((arr, (slice(i0, n),), block))
-            self.bytes_written += block.nbytes
-            if self.check_finite and block.dtype.kind == "f" and path.startswith(schema.PARAMS + "/"):
-                bad = ~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
-                for r, b in zip(rows, bad):
-                    if b and r.index not in self.nonfinite and len(self.nonfinite) < 100:
-                        self.nonfinite.append(r.index)
-        jobs.append(self._batch_job(rows, i0, n))
-        # All arrays at once: zarr's per-call synchronisation dominated when arrays were written one by one.
-        sync(_grow_and_write(jobs, n))
+        for path in self.arrays:
+            if path not in blocks:
+                blocks[path] = np.stack([_to_numpy(r.arrays[path]) for r in rows])
         attrs = dict(rows[-1].commit_attrs)
         if self.encode_attrs is not None:
             attrs = self.encode_attrs(attrs)
-        attrs[schema.ATTR_NONFINITE] = sorted(self.nonfinite)
-        attrs[schema.ATTR_COMMITTED] = i1
-        # The commit point: only now do readers see updates i0..i1.
-        self.root.attrs.update(attrs)
+        self.bytes_written += chunkio.write_chunk(
+            self.root, self.arrays, self.batch_array, i0, blocks, chunkio.batch_block([r.batch for r in rows]),
+            attrs, self.nonfinite, check_finite=self.check_finite,
+        )
         self.busy_seconds += time.perf_counter() - t0
         if self.on_commit is not None:
             self.on_commit(i1)
@@ -212,21 +205,35 @@ class ChunkWriter:
                 out[seg.path] = flat[:, seg.start : seg.stop].reshape(len(rows), *seg.shape)
         return out
 
-    def _batch_job(self, rows: list[Row], i0: int, n: int) -> tuple[zarr.Array, tuple[slice, ...], np.ndarray]:
-        arr = self.batch_array
-        width = max([len(r.batch) for r in rows if r.batch is not None] + [arr.shape[1], 1])
-        if arr.shape[1] < width:
-            arr.resize((arr.shape[0], width))
-        block = np.full((len(rows), width), schema.BATCH_PAD, dtype=np.int64)
-        for j, r in enumerate(rows):
-            if r.batch is not None:
-                block[j, : len(r.batch)] = r.batch
-        return arr, (slice(i0, n), slice(0, width)), block
+
+def writer_kind(kind: str | None) -> str:
+    """The writer to build: ``kind`` if given, else ``$EXPLAIND_WRITER``, else :data:`DEFAULT_WRITER`; refused
+    (before anything is written) if it is not one of :data:`WRITER_KINDS`."""
+    chosen = kind or os.environ.get(WRITER_ENV) or DEFAULT_WRITER
+    if chosen not in WRITER_KINDS:
+        source = "writer=" if kind else f"${WRITER_ENV}="
+        raise ValueError(
+            f"{source}{chosen!r} is not a writer kind; use 'process' (encode and write in a separate process, "
+            "off the training process's GIL) or 'thread' (a background thread of the training process)."
+        )
+    return chosen
 
 
-async def _grow_and_write(jobs: list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]], n: int) -> None:
-    grow = [a for a, _, _ in jobs if a.shape[0] < n]
-    await asyncio.gather(
-        *(a.async_array.resize((n, *a.shape[1:]), delete_outside_chunks=False) for a in grow)
-    )
-    await asyncio.gather(*(a.async_array.setitem(sel, block) for a, sel, block in jobs))
+def make_writer(
+    kind: str,
+    root: zarr.Group,
+    arrays: dict[str, zarr.Array],
+    batch_array: zarr.Array,
+    chunk_updates: int,
+    *,
+    lock_fd: int | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A :class:`ChunkWriter` or a :class:`~explaind_store.writer_process.ProcessChunkWriter` (same interface).
+    ``lock_fd`` (the store's lock) is held by a writer process too, so the store stays locked while it writes. A
+    store that is not a local directory gets the thread writer (another process could not open it)."""
+    from .writer_process import ProcessChunkWriter, store_dir
+
+    if kind == "process" and store_dir(root) is not None:
+        return ProcessChunkWriter(root, arrays, batch_array, chunk_updates, lock_fd=lock_fd, **kwargs)
+    return ChunkWriter(root, arrays, batch_array, chunk_updates, **kwargs)
