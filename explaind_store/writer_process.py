@@ -74,7 +74,11 @@ def _send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None
 
 
 class WriterProcessFailed(RuntimeError):
-    """What went wrong inside the writer process (its traceback is the message)."""
+    """What went wrong inside the writer process: ``summary`` in one line, the message with its traceback."""
+
+    def __init__(self, message: str, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or message
 
 
 class ProcessChunkWriter:
@@ -141,6 +145,11 @@ class ProcessChunkWriter:
             child_sock.close()
         self._wait_for("ready", _STARTUP_S)
 
+    @property
+    def pid(self) -> int:
+        """The writer process's id."""
+        return self._proc.pid
+
     # --- the arrays the process writes (the recorder changes them while the writer is idle) ---------------------
     @property
     def arrays(self) -> dict[str, zarr.Array]:
@@ -191,7 +200,7 @@ class ProcessChunkWriter:
             self._drain(block=False)
         if self._error is not None:
             raise WriterError(
-                f"writing the trajectory failed: {self._error}. Updates up to committed_updates="
+                f"writing the trajectory failed: {getattr(self._error, 'summary', self._error)}. Updates up to committed_updates="
                 f"{self._committed_on_disk()} are safe on disk; resume with resume=True (`--resume` on the command "
                 "line)."
             ) from self._error
@@ -334,7 +343,11 @@ class ProcessChunkWriter:
                 self._free.append(msg["slot"])
                 self._in_flight -= 1
             elif op == "error":
-                self._error = WriterProcessFailed(msg["traceback"].rstrip())
+                tb = msg["traceback"].rstrip()
+                last = tb.splitlines()[-1] if tb else "unknown error"
+                self._error = WriterProcessFailed(
+                    "the writer process failed; its traceback:\n" + tb, f"the writer process failed with {last}"
+                )
                 return False
             if "cpu" in msg:
                 self.cpu_seconds = msg["cpu"]
