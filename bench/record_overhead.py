@@ -81,8 +81,8 @@ def bench_task(name: str, train: Callable[..., Any], steps: int, repeats: int, t
                     train(None if out is None else str(out), steps=n, **common, **extra)
                 wall.setdefault((arm, n), []).append(time.perf_counter() - t0)
                 cpu.setdefault((arm, n), []).append(_cpu() - c0)
-                print(f"  {name} repeat {r} N={n} {arm}: {wall[(arm, n)][-1]:.2f} s wall, {cpu[(arm, n)][-1]:.2f} s CPU, "
-                      f"load {_load()}", file=sys.stderr, flush=True)
+                print(f"  {name} repeat {r} N={n} {arm}: {wall[(arm, n)][-1]:.2f} s wall, "
+                      f"{cpu[(arm, n)][-1]:.2f} s CPU, load {_load()}", file=sys.stderr, flush=True)
                 if out is not None:
                     info[arm] = run_info(out)
                     shutil.rmtree(out)

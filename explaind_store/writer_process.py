@@ -138,12 +138,14 @@ class ProcessChunkWriter:
         }
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOTSTRAP, str(Path(__file__).parent), str(child_sock.fileno()), json.dumps(args)],
+                [sys.executable, "-c", _BOOTSTRAP, str(Path(__file__).parent), str(child_sock.fileno()),
+                 json.dumps(args)],
                 pass_fds=fds, stdin=subprocess.DEVNULL,
             )
         finally:
             child_sock.close()
         self._wait_for("ready", _STARTUP_S)
+        self.raise_if_failed()
 
     @property
     def pid(self) -> int:
@@ -200,7 +202,8 @@ class ProcessChunkWriter:
             self._drain(block=False)
         if self._error is not None:
             raise WriterError(
-                f"writing the trajectory failed: {getattr(self._error, 'summary', self._error)}. Updates up to committed_updates="
+                f"writing the trajectory failed: {getattr(self._error, 'summary', self._error)}. Updates up to "
+                f"committed_updates="
                 f"{self._committed_on_disk()} are safe on disk; resume with resume=True (`--resume` on the command "
                 "line)."
             ) from self._error
@@ -286,6 +289,7 @@ class ProcessChunkWriter:
         """A free shared-memory slot of at least ``size`` bytes (waits while ``queue_size`` chunks are in flight)."""
         while self._in_flight >= self._max_in_flight:
             self._wait_for("committed")
+            self.raise_if_failed()
         while self._free:
             sid = self._free.pop()
             if len(self._slots[sid]) >= size:
@@ -439,6 +443,9 @@ class _Child:
 
 def child_main(sock_fd: str, args_json: str) -> None:
     """Entry point of the writer process (see the module docstring); not for direct use."""
+    # Ctrl-C in a terminal reaches the whole process group: the training process decides (its close() still
+    # flushes what was handed over), so the writer must not die of it first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=int(sock_fd))
     child: _Child | None = None
     try:

@@ -133,7 +133,8 @@ def test_a_script_without_a_main_guard_records_with_the_writer_process(tmp_path)
         from tests.support.store_helpers import train
         train({str(tmp_path / "s.zarr")!r}, 6, chunk_updates=2, writer="process")
     """))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+    repo = str(Path(__file__).parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert open_run(tmp_path / "s.zarr").committed_updates == 6
