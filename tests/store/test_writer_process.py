@@ -149,3 +149,13 @@ def test_an_unknown_writer_kind_is_refused_before_anything_is_written(tmp_path, 
     with pytest.raises(RecorderError, match="EXPLAIND_WRITER"):
         Recorder(tmp_path / "w", model, torch.optim.SGD(model.parameters(), lr=0.1), data=(x, y))
     assert not (tmp_path / "w").exists()
+
+
+def test_close_joins_the_writer_process_and_unmaps_its_shared_memory(tmp_path):
+    rec, model, opt, sched = _recorder(tmp_path / "closed.zarr")
+    _steps(rec, model, opt, sched, 5)  # two chunks handed over, the fifth update still staged
+    assert _memfds() != [] and rec._writer._proc.poll() is None
+    rec.close()
+    assert rec._writer._proc.returncode == 0  # exited by itself after the last commit, not killed
+    assert _memfds() == []
+    assert open_run(tmp_path / "closed.zarr").committed_updates == 5
