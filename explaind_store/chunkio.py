@@ -19,6 +19,17 @@ from . import schema
 MAX_NONFINITE = 100  # steps listed in the nonfinite attribute at most
 
 
+class WriterError(RuntimeError):
+    """The background writer failed; the message names the cause. Committed data is intact."""
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A CPU tensor (without copying) or anything array-like, as numpy."""
+    if hasattr(value, "detach"):  # a torch.Tensor, recognised without importing torch
+        return value.detach().numpy()
+    return np.asarray(value)
+
+
 def batch_block(batches: Sequence[np.ndarray | None]) -> np.ndarray:
     """The rows' sample indices as one ``(rows, width)`` int64 block padded with ``BATCH_PAD``."""
     width = max([len(b) for b in batches if b is not None] + [1])

@@ -177,9 +177,9 @@ class Recorder:
             trust rule as model factories) and check its fingerprint. Other splits follow ``store_data``.
         max_grad_norm: the ``max_norm`` the loop clips gradients to; ``record()`` then takes ``grad_norm=`` (the
             total norm ``clip_grad_norm_`` returned) and stores the exact clipping scale.
-        writer: ``"process"`` (encode and write in a separate process, off the training process's GIL; the
-            default, or ``$EXPLAIND_WRITER``) or ``"thread"`` (a background thread; also used for stores that are
-            not a local directory).
+        writer: ``"thread"`` (a background thread; the default, or ``$EXPLAIND_WRITER``) or ``"process"`` (encode
+            and write in a separate process fed through shared memory, off the training process's GIL; stores that
+            are not a local directory get the thread).
 
     The training forward must be reproducible from the store: dropout (p > 0) and BatchNorm in train mode, and
     buffers that change during training, are refused with a RecorderError (see ``explaind_store.modes``); the mode

@@ -19,14 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 
 from . import chunkio, schema
-
-
-class WriterError(RuntimeError):
-    """The background writer failed; the message names the cause. Committed data is intact."""
+from .chunkio import WriterError
+from .chunkio import to_numpy as _to_numpy
 
 
 @dataclass
@@ -52,18 +49,13 @@ class Segment:
 
 
 WRITER_KINDS = ("thread", "process")
-# The measured-best default (docs/benchmarks.md, "Recording overhead (issue 14)"); EXPLAIND_WRITER overrides it.
-DEFAULT_WRITER = "process"
+# The writer process did not measure better than the thread on the 2-core development machine (docs/benchmarks.md,
+# "Recording overhead (issue 14)"), so the thread stays the default; EXPLAIND_WRITER overrides it.
+DEFAULT_WRITER = "thread"
 WRITER_ENV = "EXPLAIND_WRITER"
 
 _FLUSH = object()
 _STOP = object()
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().numpy()
-    return np.asarray(value)
 
 
 class ChunkWriter:

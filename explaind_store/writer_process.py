@@ -41,6 +41,7 @@ import numpy as np
 import zarr
 
 from . import chunkio, schema
+from .chunkio import WriterError
 
 _RECV = 1 << 16  # messages are small JSON; chunk data travels through shared memory
 _STARTUP_S = 120.0  # how long the first answer of a starting process may take (a busy machine, a cold disk)
@@ -98,8 +99,6 @@ class ProcessChunkWriter:
         encode_attrs: Any = None,
         lock_fd: int | None = None,
     ) -> None:
-        from .writer import WriterError
-
         path = store_dir(root)
         if path is None:
             raise WriterError(
@@ -196,8 +195,6 @@ class ProcessChunkWriter:
         self.raise_if_failed()
 
     def raise_if_failed(self) -> None:
-        from .writer import WriterError
-
         if self._error is None and not self._stopped:
             self._drain(block=False)
         if self._error is not None:
@@ -226,7 +223,7 @@ class ProcessChunkWriter:
         if not self._staged:
             return
         rows, self._staged = self._staged, []
-        from .writer import WriterError, _to_numpy
+        _to_numpy = chunkio.to_numpy
 
         i0, n = rows[0].index, len(rows)
         if [r.index for r in rows] != list(range(i0, i0 + n)):
