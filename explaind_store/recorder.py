@@ -34,7 +34,7 @@ from . import modes
 from . import optim as optim_mod
 from . import schema
 from .specs import data_spec, normalize_loss, resolve_data
-from .writer import ChunkWriter, Row, Segment
+from .writer import Row, Segment, make_writer, writer_kind
 
 
 class RecorderError(RuntimeError):
@@ -192,6 +192,9 @@ class Recorder:
             decay, clipping scale, loss); readers rebuild the steps between checkpoints by replaying the optimizer
             from the checkpoint before them (``explaind_store.replay``). A killed sparse recording resumes from its
             last checkpoint: the updates after it are recorded again.
+        writer: ``"thread"`` (a background thread; the default, or ``$EXPLAIND_WRITER``) or ``"process"`` (encode
+            and write in a separate process fed through shared memory, off the training process's GIL; stores that
+            are not a local directory, and sparse runs (``checkpoint_every > 1``), get the thread).
 
     The training forward must be reproducible from the store: dropout (p > 0) and BatchNorm in train mode, and
     buffers that change during training, are refused with a RecorderError (see ``explaind_store.modes``); the mode
@@ -223,7 +226,12 @@ class Recorder:
         queue_chunks: int = 4,
         max_grad_norm: float | None = None,
         checkpoint_every: int | None = None,
+        writer: str | None = None,
     ) -> None:
+        try:
+            self._writer_kind = writer_kind(writer)
+        except ValueError as exc:
+            raise RecorderError(str(exc)) from None
         if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every or checkpoint_every < 1):
             raise RecorderError(f"checkpoint_every must be a whole number >= 1, got {checkpoint_every!r}")
         self.checkpoint_every = 1 if checkpoint_every is None else int(checkpoint_every)
@@ -269,9 +277,12 @@ class Recorder:
         self._static_fp = optim_mod.static_fingerprint(optimizer)
         self._scheduler_checked = False
         self._packs = self._pack_layout()
-        self._writer = ChunkWriter(
-            self.root, self._arrays, self._batch_array, self.chunk_updates, queue_size=queue_chunks,
+        # Rows between sparse checkpoints carry no parameters; only the thread writer writes such rows.
+        kind = "thread" if self.checkpoint_every > 1 else self._writer_kind
+        self._writer = make_writer(
+            kind, self.root, self._arrays, self._batch_array, self.chunk_updates, queue_size=queue_chunks,
             packs={g: segs for g, (segs, _) in self._packs.items()}, encode_attrs=_encode_commit_attrs,
+            lock_fd=self._lock_fd,
         )
         if self.committed_at_open < 0:
             self._writer.put(self._row(0, self._initial_updates_row()))

@@ -10,7 +10,7 @@ attributes deferred to the writer, because every microsecond here is paid by the
 
 from __future__ import annotations
 
-import asyncio
+import os
 import queue
 import threading
 import time
@@ -19,15 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
-from zarr.core.sync import sync
 
-from . import schema
-
-
-class WriterError(RuntimeError):
-    """The background writer failed; the message names the cause. Committed data is intact."""
+from . import chunkio, schema
+from .chunkio import WriterError
+from .chunkio import to_numpy as _to_numpy
 
 
 @dataclass
@@ -52,14 +48,14 @@ class Segment:
     shape: tuple[int, ...]
 
 
+WRITER_KINDS = ("thread", "process")
+# The writer process did not measure better than the thread on the 2-core development machine (docs/benchmarks.md,
+# "Recording overhead (issue 14)"), so the thread stays the default; EXPLAIND_WRITER overrides it.
+DEFAULT_WRITER = "thread"
+WRITER_ENV = "EXPLAIND_WRITER"
+
 _FLUSH = object()
 _STOP = object()
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().numpy()
-    return np.asarray(value)
 
 
 class ChunkWriter:
@@ -171,41 +167,25 @@ class ChunkWriter:
         for r in rows:
             if r.ready is not None:
                 r.ready.synchronize()
-        n = i1 + 1
         blocks = self._unpacked(rows)
-        jobs: list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]] = []
-        grow: list[zarr.Array] = []
-        for path, arr in self.arrays.items():
-            # sparse checkpoints: rows between checkpoints carry no parameters or state, and write no chunk for them
-            have = rows if path in blocks or all(path in r.arrays for r in rows) else [
-                r for r in rows if path in r.arrays]
-            if not have:
-                grow.append(arr)
+        # Sparse checkpoints: rows between checkpoints carry no parameters or state; those arrays get the rows
+        # that have them, one step at a time (their chunks hold one step).
+        partial: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for path in self.arrays:
+            if path in blocks:
                 continue
+            have = [r for r in rows if path in r.arrays]
             if len(have) == len(rows):
-                parts = [(slice(i0, n), rows, blocks[path] if path in blocks else
-                          np.stack([_to_numpy(r.arrays[path]) for r in rows]))]
+                blocks[path] = np.stack([_to_numpy(r.arrays[path]) for r in rows])
             else:
-                grow.append(arr)
-                parts = [(slice(r.index, r.index + 1), [r], _to_numpy(r.arrays[path])[None]) for r in have]
-            for sel, part_rows, block in parts:
-                jobs.append((arr, (sel,), block))
-                self.bytes_written += block.nbytes
-                if self.check_finite and block.dtype.kind == "f" and path.startswith(schema.PARAMS + "/"):
-                    bad = ~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
-                    for r, b in zip(part_rows, bad):
-                        if b and r.index not in self.nonfinite and len(self.nonfinite) < 100:
-                            self.nonfinite.append(r.index)
-        jobs.append(self._batch_job(rows, i0, n))
-        # All arrays at once: zarr's per-call synchronisation dominated when arrays were written one by one.
-        sync(_grow_and_write(jobs, n, grow))
+                partial[path] = [(r.index, _to_numpy(r.arrays[path])) for r in have]
         attrs = dict(rows[-1].commit_attrs)
         if self.encode_attrs is not None:
             attrs = self.encode_attrs(attrs)
-        attrs[schema.ATTR_NONFINITE] = sorted(self.nonfinite)
-        attrs[schema.ATTR_COMMITTED] = i1
-        # The commit point: only now do readers see updates i0..i1.
-        self.root.attrs.update(attrs)
+        self.bytes_written += chunkio.write_chunk(
+            self.root, self.arrays, self.batch_array, i0, blocks, chunkio.batch_block([r.batch for r in rows]),
+            attrs, self.nonfinite, check_finite=self.check_finite, partial=partial,
+        )
         self.busy_seconds += time.perf_counter() - t0
         if self.on_commit is not None:
             self.on_commit(i1)
@@ -225,23 +205,35 @@ class ChunkWriter:
                 out[seg.path] = flat[:, seg.start : seg.stop].reshape(len(rows), *seg.shape)
         return out
 
-    def _batch_job(self, rows: list[Row], i0: int, n: int) -> tuple[zarr.Array, tuple[slice, ...], np.ndarray]:
-        arr = self.batch_array
-        width = max([len(r.batch) for r in rows if r.batch is not None] + [arr.shape[1], 1])
-        if arr.shape[1] < width:
-            arr.resize((arr.shape[0], width))
-        block = np.full((len(rows), width), schema.BATCH_PAD, dtype=np.int64)
-        for j, r in enumerate(rows):
-            if r.batch is not None:
-                block[j, : len(r.batch)] = r.batch
-        return arr, (slice(i0, n), slice(0, width)), block
+
+def writer_kind(kind: str | None) -> str:
+    """The writer to build: ``kind`` if given, else ``$EXPLAIND_WRITER``, else :data:`DEFAULT_WRITER`; refused
+    (before anything is written) if it is not one of :data:`WRITER_KINDS`."""
+    chosen = kind or os.environ.get(WRITER_ENV) or DEFAULT_WRITER
+    if chosen not in WRITER_KINDS:
+        source = "writer=" if kind else f"${WRITER_ENV}="
+        raise ValueError(
+            f"{source}{chosen!r} is not a writer kind; use 'process' (encode and write in a separate process, "
+            "off the training process's GIL) or 'thread' (a background thread of the training process)."
+        )
+    return chosen
 
 
-async def _grow_and_write(
-    jobs: list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]], n: int, also: list[zarr.Array] = ()
-) -> None:
-    grow = list({id(a): a for a in [*(a for a, _, _ in jobs), *also] if a.shape[0] < n}.values())
-    await asyncio.gather(
-        *(a.async_array.resize((n, *a.shape[1:]), delete_outside_chunks=False) for a in grow)
-    )
-    await asyncio.gather(*(a.async_array.setitem(sel, block) for a, sel, block in jobs))
+def make_writer(
+    kind: str,
+    root: zarr.Group,
+    arrays: dict[str, zarr.Array],
+    batch_array: zarr.Array,
+    chunk_updates: int,
+    *,
+    lock_fd: int | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A :class:`ChunkWriter` or a :class:`~explaind_store.writer_process.ProcessChunkWriter` (same interface).
+    ``lock_fd`` (the store's lock) is held by a writer process too, so the store stays locked while it writes. A
+    store that is not a local directory gets the thread writer (another process could not open it)."""
+    from .writer_process import ProcessChunkWriter, store_dir
+
+    if kind == "process" and store_dir(root) is not None:
+        return ProcessChunkWriter(root, arrays, batch_array, chunk_updates, lock_fd=lock_fd, **kwargs)
+    return ChunkWriter(root, arrays, batch_array, chunk_updates, **kwargs)
