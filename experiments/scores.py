@@ -14,15 +14,22 @@ import torch
 Arrays = Mapping[str, np.ndarray]
 
 
-def importance_from_scores(param_scores: Arrays, sum_axes: tuple[int, ...] = (0, 1, 2)) -> dict[str, np.ndarray]:
+def importance_from_scores(
+    param_scores: Arrays, sum_axes: tuple[int, ...] = (0, 1, 2), abs_sum_axes: tuple[int, ...] = ()
+) -> dict[str, np.ndarray]:
     """Importance of every parameter element: ``|sum of its element-wise contributions|``.
 
-    ``param_scores[name]`` has the leading axes ``sum_axes`` (e.g. query, output, part of the engine's
-    ``param_<tensor>`` variables) followed by the tensor's own shape; the contributions are summed over those axes
-    *with their signs* (a parameter whose effects on different queries cancel is unimportant for the held-out set
-    as a whole) and the absolute value is taken last.
+    ``param_scores[name]`` has leading axes (e.g. query, output, part of the engine's ``param_<tensor>`` variables)
+    followed by the tensor's own shape. The contributions are summed over ``sum_axes`` *with their signs* (a
+    parameter whose effects on different queries cancel is unimportant for the held-out set as a whole), then the
+    absolute value is taken, then summed over ``abs_sum_axes`` (axes of the array left after the first sum; e.g.
+    the output axis, so that effects on different classes cannot cancel).
     """
-    return {name: np.abs(np.asarray(s, dtype=np.float64).sum(axis=sum_axes)) for name, s in param_scores.items()}
+    out = {}
+    for name, s in param_scores.items():
+        v = np.abs(np.asarray(s, dtype=np.float64).sum(axis=sum_axes))
+        out[name] = v.sum(axis=abs_sum_axes) if abs_sum_axes else v
+    return out
 
 
 def magnitude_importance(params: Arrays) -> dict[str, np.ndarray]:

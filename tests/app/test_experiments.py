@@ -22,6 +22,14 @@ def test_importance_sums_with_signs_then_takes_the_absolute_value() -> None:
     np.testing.assert_allclose(imp2["w"], [0.0, 4.0, 0.5])
 
 
+def test_importance_per_output_takes_the_absolute_value_before_summing_outputs() -> None:
+    # (output, part, 2): element 0 moves output 0 by +1 and output 1 by -1 (cancels when summed with signs)
+    s = np.array([[[1.0, 0.0], [0.0, 0.5]], [[-1.0, 0.0], [0.0, 0.0]]])
+    np.testing.assert_allclose(scores.importance_from_scores({"w": s}, sum_axes=(0, 1))["w"], [0.0, 0.5])
+    np.testing.assert_allclose(scores.importance_from_scores({"w": s}, sum_axes=(1,), abs_sum_axes=(0,))["w"],
+                               [2.0, 0.5])
+
+
 def test_global_mask_ranks_all_tensors_together() -> None:
     imp = {"a": np.array([10.0, 9.0, 8.0, 7.0]), "b": np.array([[1.0, 2.0], [3.0, 4.0]])}
     m = scores.global_mask(imp, 0.5)  # 4 of 8 elements: all of "a", none of "b"
