@@ -173,12 +173,15 @@ def plot(agg: list[dict[str, Any]], path: Path) -> None:
                 sel = sorted((a for a in agg if a["method"] == m and a["scope"] == scope), key=lambda a: a["kept"])
                 x = np.array([1 - a["kept"] for a in sel])
                 mu = np.array([a[f"{metric}_mean"] for a in sel])
-                sd = np.array([a[f"{metric}_std"] for a in sel])
+                sd = np.array([a[f"{metric}_std"] or 0.0 for a in sel])
+                lo, hi = mu - sd, mu + sd
+                if metric == "kl":  # KL >= 0 on a log axis: floor at 1e-7 (float rounding of an unchanged model)
+                    mu, lo, hi = (np.maximum(v, 1e-7) for v in (mu, lo, hi))
                 ax.plot(x, mu, "o-", ms=3, color=colors[m], label=m)
-                ax.fill_between(x, mu - sd, mu + sd, color=colors[m], alpha=0.2)
+                ax.fill_between(x, lo, hi, color=colors[m], alpha=0.2)
             ax.set_xscale("log")
             if metric == "kl":
-                ax.set_yscale("symlog", linthresh=1e-3)
+                ax.set_yscale("log")
             ax.set_xlabel("pruned fraction (1 - kept)")
             ax.set_ylabel(label)
             ax.set_title(f"{scope.replace('_', '-')} pruning")
