@@ -277,6 +277,42 @@ def decompose(run_path: Path, work: Path, window: tuple[int, int], piece: int, q
     return times
 
 
+def component_table(work: Path, times: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per update and component (``explaind_app.report.component_series``), the change of the mean validation loss
+    split into data and weight decay, over the decomposed pieces in order."""
+    import xarray as xr
+
+    from explaind_app.report import component_series
+
+    out: dict[str, Any] = {"step": [], "data": {}, "weight_decay": {}}
+    for t in sorted(times, key=lambda t: t["window"][0]):
+        lo, hi = t["window"]
+        ser = component_series(xr.open_zarr(work / f"decompose_{lo}_{hi}.zarr"))
+        out["step"] += [int(v) for v in ser["step"]["step"]]
+        for part in ("data", "weight_decay"):
+            for comp, y in ser[part].items():
+                out[part].setdefault(comp, []).extend(float(v) for v in y)
+    return out
+
+
+def plot_components(series: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), constrained_layout=True)
+    for ax, part in zip(axes, ("data", "weight_decay")):
+        for comp, y in series[part].items():
+            ax.plot(series["step"], np.cumsum(y), label=comp)
+        ax.set_title(f"{part.replace('_', ' ')}: cumulative change of the mean validation loss")
+        ax.set_xlabel("update")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.grokking", description=__doc__.split("\n\n")[0])
     ap.add_argument("--stage", nargs="+", default=["train", "pipeline"], choices=["train", "pipeline", "decompose"])
@@ -333,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         common.write_json(res / "decompose.json", times)
         rows = [[f"({t['window'][0]}, {t['window'][1]}]", f"{t['seconds']:.0f}", f"{t['max_abs_residual']:.2e}",
                  f"{t['max_abs_change']:.3g}"] for t in times]
+        series = component_table(work, times)
+        common.write_json(res / "components.json", series)
+        plot_components(series, res / "components.png")
         (res / "decompose.md").write_text(
             f"Loss of {args.queries} validation points by step and tensor, seed {RECORDED_SEED}, one process, one "
             "torch thread.\n\n" + common.md_table(["window", "seconds", "max abs residual", "max abs change"], rows))

@@ -192,6 +192,10 @@ before the run itself does.
                    f"process); the whole recorded run ({full} updates) would take about {secs / max(n, 1) * full / 3600:.1f} "
                    "hours at that rate, so only this window was decomposed here. The stage is resumable: "
                    "`python -m experiments.grokking --stage decompose --window A:B` adds pieces.\n")
+        comp = _img(d / "components.png", docs, "experiments_grokking_components.png")
+        if comp:
+            out.append("Cumulative change of the mean loss of the 64 validation points per component over the decomposed "
+                       "window, from the training data (left) and from weight decay (right):\n\n" + comp + "\n")
     else:
         out.append("Not run in this session (`python -m experiments.grokking --stage decompose`): see the stage "
                    "times below when it has.\n")
