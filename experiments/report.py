@@ -33,16 +33,23 @@ Everything below is written by `python -m experiments.report` from the results t
 
 REPRO = """## Reproduce
 
+The commands that produced the results above (each resumable; work files under `experiments-work/`, or
+`$EXPLAIND_EXPERIMENTS_WORK`):
+
 ```bash
-python -m experiments.pruning            # 5 seeds; resumable (work files under experiments-work/pruning)
-python -m experiments.lds                # 100 subsets x 64 validation points; resumable
-python -m experiments.grokking --stage train pipeline     # 5 seeds (43 recorded), then the pipeline test
-python -m experiments.grokking --stage decompose --window A:B   # resumable pieces of 20 updates
-python -m experiments.report             # this page and docs/img/experiments_*.png
+python -m experiments.pruning                    # 5 seeds: record, score 148 validation points element-wise, prune
+python -m experiments.lds                        # 100 subsets x 64 validation points
+python -m experiments.grokking --stage train --seeds 43                        # recorded, up to 4,000 updates
+python -m experiments.grokking --stage train --seeds 0 1 2 3 --max-steps 1200  # the other seeds, as run here
+python -m experiments.grokking --stage train pipeline --seeds 43 0 1 2 3       # tables, curves, pipeline test
+python -m experiments.grokking --stage decompose --seeds 43 --window 0:300 --piece 50
+python -m experiments.report                     # this page and docs/img/experiments_*.png
 ```
 
-Set `EXPLAIND_EXPERIMENTS_WORK` to move the bulky work files (stores, score arrays) elsewhere. The tests of the
-pure pieces (importance, masks, metrics, Spearman, LDS) are in `tests/app/test_experiments.py`.
+`python -m experiments.grokking --stage train` without `--max-steps` runs every seed to 4,000 updates (the
+paper's budget). The tests of the pure pieces (importance, masks, metrics, Spearman, LDS) and of the pipeline
+query are in `tests/app/test_experiments.py`; `notebooks/05_experiments.ipynb` redraws the plots from
+`experiments/results/`.
 """
 
 
