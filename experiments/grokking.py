@@ -55,10 +55,10 @@ def _sets(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {**data, "val_novel": (xv[novel], yv[novel]), "val_mirror": (xv[~novel], yv[~novel])}
 
 
-def train_seed(seed: int, work: Path, max_steps: int = MAX_STEPS) -> dict[str, Any]:
+def train_seed(seed: int, work: Path, max_steps: int = MAX_STEPS, record: bool | None = None) -> dict[str, Any]:
     """Train one seed for up to ``max_steps`` updates, stopping when training and validation accuracy are both 100%.
 
-    :data:`RECORDED_SEED` is recorded to ``work/modadd_seed<seed>.zarr`` and resumes from it when the store is
+    ``record`` (default: only :data:`RECORDED_SEED`) records to ``work/modadd_seed<seed>.zarr`` and resumes from it when the store is
     already there (an interrupted call loses nothing committed); its curves are evaluated from the store. The other
     seeds are trained without a store and evaluated every :data:`EVERY` updates during training.
     """
@@ -89,7 +89,8 @@ def train_seed(seed: int, work: Path, max_steps: int = MAX_STEPS) -> dict[str, A
 
     kw = dict(CONFIG)
     t = common.Timer()
-    if seed == RECORDED_SEED:
+    record = seed == RECORDED_SEED if record is None else record
+    if record:
         path = work / f"modadd_seed{seed}.zarr"
         done = 0
         if path.exists():
@@ -115,7 +116,7 @@ def train_seed(seed: int, work: Path, max_steps: int = MAX_STEPS) -> dict[str, A
     ph = find_phases({"step": c["step"], "train_acc": c["train_acc"], "val_acc": c["val_acc"],
                       "val_novel_acc": c["val_novel_acc"]})
     result = {"seed": seed, "updates": updates, "max_steps": max_steps, "converged": converged[0],
-              "seconds": secs, "recorded": seed == RECORDED_SEED,
+              "seconds": secs, "recorded": record,
               "phases": {k: ph[k] for k in ("memorised", "rise", "grokked", "grokking")},
               "train100": _first(c, "train_acc", 1.0), "val100": _first(c, "val_acc", 1.0),
               "curves": {k: np.asarray(v).tolist() for k, v in c.items()}}
@@ -319,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[43, 0, 1, 2, 3])
     ap.add_argument("--window", default=None, help="decompose updates A:B (default: 100 updates before the "
                                                    "novel-validation-accuracy rise to 100 after it)")
+    ap.add_argument("--record", type=int, nargs="+", default=[RECORDED_SEED],
+                    help=f"seeds to record to a store (default {RECORDED_SEED}); the pipeline test runs on each")
     ap.add_argument("--max-steps", type=int, default=MAX_STEPS,
                     help=f"stop each seed after this many updates (default {MAX_STEPS}, the paper's budget)")
     ap.add_argument("--piece", type=int, default=20, help="updates per resumable decomposition piece")
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     work, res = common.work_dir("grokking", args.work), common.results_dir("grokking", args.results)
     if "train" in args.stage:
-        results = [train_seed(s, work, args.max_steps) for s in args.seeds]
+        results = [train_seed(s, work, args.max_steps, record=s in args.record) for s in args.seeds]
         summary = [{k: v for k, v in r.items() if k != "curves"} for r in results]
         common.write_json(res / "seeds.json", summary)
         # curves thinned to every 50 updates for the committed results (the full ones stay under --work)
@@ -342,21 +345,26 @@ def main(argv: list[str] | None = None) -> int:
     if "pipeline" in args.stage:
         from explaind_store import open_run
 
-        if rec is None:
-            raise SystemExit(f"run --stage train with seed {RECORDED_SEED} first (it records the store)")
-        f = work / "pipeline.json"
-        if f.exists():
-            al = common.read_json(f)
-        else:
-            t = common.Timer()
-            al = pipeline_alignment(open_run(work / f"modadd_seed{RECORDED_SEED}.zarr"))
-            al["seconds"] = t()
-            common.write_json(f, al)
-        common.write_json(res / "pipeline.json", {"step": al["step"][::2], "seconds": al.get("seconds"),
-                                                  "variants": {v: {k: x[::2] for k, x in d.items()}
-                                                               for v, d in al["variants"].items()}})
-        (res / "pipeline.md").write_text(pipeline_summary(al, rec["phases"]))
-        plot_pipeline(al, rec["phases"], res / "pipeline.png")
+        for seed in args.record:
+            cf = work / f"seed{seed}_curves.json"
+            if not cf.exists() or not (work / f"modadd_seed{seed}.zarr").exists():
+                raise SystemExit(f"run --stage train --seeds {seed} --record {seed} first (it records the store)")
+            sfx = "" if seed == RECORDED_SEED else f"_seed{seed}"
+            f = work / f"pipeline{sfx}.json"
+            if f.exists():
+                al = common.read_json(f)
+            else:
+                t = common.Timer()
+                al = pipeline_alignment(open_run(work / f"modadd_seed{seed}.zarr"))
+                al["seconds"] = t()
+                common.write_json(f, al)
+            phases = common.read_json(cf)["phases"]
+            common.write_json(res / f"pipeline{sfx}.json", {"seed": seed, "step": al["step"][::2],
+                                                           "seconds": al.get("seconds"),
+                                                           "variants": {v: {k: x[::2] for k, x in d.items()}
+                                                                        for v, d in al["variants"].items()}})
+            (res / f"pipeline{sfx}.md").write_text(pipeline_summary(al, phases))
+            plot_pipeline(al, phases, res / f"pipeline{sfx}.png")
     if "decompose" in args.stage:
         if rec is None:
             raise SystemExit(f"run --stage train with seed {RECORDED_SEED} first (it records the store)")

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from experiments import common
+from experiments.grokking import phase_text
 
 HEAD = """# Experiments: the paper's findings recomputed exactly
 
@@ -188,6 +189,12 @@ before the run itself does.
         out.append(_img(d / "pipeline.png", docs, "experiments_pipeline.png") or "")
     else:
         out.append("Not run yet (`python -m experiments.grokking --stage pipeline`).\n")
+    for f in sorted(d.glob("pipeline_seed*.md")):
+        seed = f.stem.split("seed")[-1]
+        r = seeds.get(int(seed))
+        out.append(f"\n**Seed {seed}** (also recorded" + (f"; {phase_text(r)}" if r else "") + "), the same test:\n")
+        out.append(f.read_text())
+        out.append(_img(d / f"pipeline_seed{seed}.png", docs, f"experiments_pipeline_seed{seed}.png") or "")
     out.append("\n### Decomposition of seed 43\n")
     if (d / "decompose.md").exists():
         out.append((d / "decompose.md").read_text())
