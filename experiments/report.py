@@ -41,9 +41,9 @@ The commands that produced the results above (each resumable; work files under `
 python -m experiments.pruning                    # 5 seeds: record, score 148 validation points element-wise, prune
 python -m experiments.lds                        # 100 subsets x 64 validation points
 python -m experiments.grokking --stage train --seeds 43                        # recorded, up to 4,000 updates
-python -m experiments.grokking --stage train --seeds 0 1 2 3 --max-steps 1200  # the other seeds, as run here
-python -m experiments.grokking --stage train pipeline --seeds 43 0 1 2 3       # tables, curves, pipeline test
-python -m experiments.grokking --stage decompose --seeds 43 --window 0:300 --piece 50
+python -m experiments.grokking --stage train --seeds 0 1 2 --max-steps 1200    # the other seeds, as run here
+python -m experiments.grokking --stage train pipeline --seeds 43 0 1 2 3 --record 43 3 --max-steps 1200
+python -m experiments.grokking --stage decompose --seeds 43 --window 0:1000 --piece 50
 python -m experiments.report                     # this page and docs/img/experiments_*.png
 ```
 
