@@ -21,6 +21,7 @@ Stages (``--stage``; each resumable, a finished piece is reused):
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -378,7 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = [[f"({t['window'][0]}, {t['window'][1]}]", f"{t['seconds']:.0f}", f"{t['max_abs_residual']:.2e}",
                  f"{t['max_abs_change']:.3g}"] for t in times]
         series = component_table(work, times)
-        common.write_json(res / "components.json", series)
+        # 4 significant digits, no indentation: the committed file stays small
+        small = {"step": series["step"], **{part: {c: [float(f"{v:.4g}") for v in y] for c, y in series[part].items()}
+                                            for part in ("data", "weight_decay")}}
+        (res / "components.json").write_text(json.dumps(small))
         plot_components(series, res / "components.png")
         (res / "decompose.md").write_text(
             f"Loss of {args.queries} validation points by step and tensor, seed {RECORDED_SEED}, one process, one "
