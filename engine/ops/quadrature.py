@@ -364,6 +364,44 @@ def _plan_batches(count: Tensor, sample_chunk: int, call_cost: float) -> list[Te
     return batches
 
 
+def _split_width(count: Tensor) -> int:
+    """Nodes per vmapped entry for one batch of rows with ``count`` nodes each: splitting a long row into several
+    entries of ``m`` nodes (added up afterwards) avoids padding every row to the longest one. Minimises
+    ``entries * m + _COPY_NODES * (entries - rows)`` (padded sample-nodes plus adding the extra entries' Jacobians)
+    over the distinct counts, with at most two entries per row on average (memory); ``max(count)``: no split."""
+    c = count.clamp(min=1)
+    top = int(c.max())
+    best, best_m = float(c.numel() * top), top
+    for m in sorted({int(v) for v in c.unique().tolist()}):
+        n_e = int(torch.div(c + m - 1, m, rounding_mode="floor").sum())
+        cost = n_e * m + _COPY_NODES * (n_e - c.numel())
+        if n_e <= 2 * c.numel() and cost < best:
+            best, best_m = cost, m
+    return best_m
+
+
+def _split_rows(ts: Tensor, ws: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's nonzero-weight nodes in entries of at most ``m`` (padded with weight 0): ``(E, m)`` nodes and
+    weights and the row of each entry; the first ``rows`` entries are the rows' first entries, in row order."""
+    n = ts.shape[0]
+    nz = ws != 0
+    per = torch.div(nz.sum(1) + m - 1, m, rounding_mode="floor").clamp(min=1)
+    o = torch.argsort((~nz).to(torch.int8), dim=1, stable=True)  # nonzero weights first, in their order
+    t_s, w_s = ts.gather(1, o), ws.gather(1, o)
+    width = int(per.max()) * m
+    if width > ts.shape[1]:
+        t_s = torch.cat([t_s, torch.full((n, width - ts.shape[1]), 0.5, **_F64)], 1)
+        w_s = torch.cat([w_s, torch.zeros((n, width - ts.shape[1]), **_F64)], 1)
+    t_s, w_s = t_s[:, :width].reshape(n, -1, m), w_s[:, :width].reshape(n, -1, m)
+    slot = torch.arange(t_s.shape[1])[None, :].expand(n, -1)
+    keep = slot < per[:, None]
+    row = torch.arange(n)[:, None].expand_as(slot)
+    first = (slot == 0) & keep
+    extra = (slot > 0) & keep
+    return (torch.cat([t_s[first], t_s[extra]]), torch.cat([w_s[first], w_s[extra]]),
+            torch.cat([row[first], row[extra]]))
+
+
 def _phi_rows(
     seg: Segment, ts: Tensor, ws: Tensor, chunk: int | None, sample_chunk: int, call_cost: float = 8.0
 ) -> dict[str, Tensor]:
@@ -371,13 +409,17 @@ def _phi_rows(
 
     Samples go through ``vmap`` (over samples) of ``jacrev`` (over their K outputs) of the node-weighted sum of
     the outputs at their nodes (``vmap`` over nodes, parameters shared via :class:`~engine.ops.kinks.ParamLine`).
-    Samples are batched by node count (:func:`_plan_batches`), so little work goes into zero-weight padding.
+    Samples are batched by node count (:func:`_plan_batches`), and within a batch rows with many nodes are split
+    into several entries (:func:`_split_width`), so little work goes into zero-weight padding.
     """
     n_rows = ts.shape[0]
     out: dict[str, Tensor] = {}
     count = (ws != 0).sum(1)
     for rows in _plan_batches(count, max(1, sample_chunk), call_cost):
-        m = max(1, int(count[rows].max()))
+        if rows.numel() == n_rows:  # one batch: keep the samples' own order (no copy)
+            rows = torch.arange(n_rows)
+        m = _split_width(count[rows])
+        t_e, w_e, row_e = _split_rows(ts[rows], ws[rows], m)
 
         def per(t_row: Tensor, w_row: Tensor, c: Any) -> dict[str, Tensor]:
             def g(p0: dict[str, Tensor]) -> Tensor:
@@ -385,10 +427,11 @@ def _phi_rows(
 
             return jacrev(g, chunk_size=chunk)(seg.params0)
 
-        if rows.numel() == n_rows:  # one batch: keep the samples' own order (no copy)
-            rows = torch.arange(n_rows)
-        jac = vmap(per)(ts[rows, :m], ws[rows, :m], seg.rows(rows))
-        if rows.numel() == n_rows:
+        jac = vmap(per)(t_e, w_e, seg.rows(rows[row_e]))
+        n_b = rows.numel()
+        if row_e.numel() > n_b:  # the rows' extra entries are added to their first ones (a view: no copy)
+            jac = {k: v[:n_b].index_add_(0, row_e[n_b:], v[n_b:]) for k, v in jac.items()}
+        if n_b == n_rows:
             out = jac
             break
         for k, v in jac.items():

@@ -380,6 +380,33 @@ def test_sample_query_equals_opaque_query() -> None:
     assert max_diff(g.phi, path_integral(query, p0, dp, "gauss:3").phi) < 1e-13
 
 
+def test_per_sample_phi_with_uneven_node_counts_is_split_and_exact() -> None:
+    """Rows with many more nodes than the others are cut into several vmapped entries (added up afterwards) instead
+    of padding every row to the longest: phi must still equal each sample's own node-batched reverse pass."""
+    from engine.ops.quadrature import _phi_rows, _segment, _split_rows, _split_width
+
+    model = TinyTransformer().double()
+    x = torch.randint(0, 7, (4, 3))
+    query, p0, dp = make(model, x, scale=0.05)
+    sq = SampleQuery(lambda p, xb: functional_call(model, p, (xb,)), x)
+    counts = [3, 3, 3, 9]
+    m = 9
+    ts, ws = torch.full((4, m), 0.5, dtype=DT), torch.zeros((4, m), dtype=DT)
+    for r, c in enumerate(counts):
+        t, w = gauss_nodes(torch.linspace(0, 1, c // 3 + 1, dtype=DT), 3)
+        ts[r, :c], ws[r, :c] = t, w
+    ws[1, 1], ts[1, 1] = 0.0, 0.3  # a zero weight between nonzero ones (padding need not be trailing)
+    assert _split_width(torch.tensor(counts)) == 3
+    t_e, w_e, row_e = _split_rows(ts, ws, 3)
+    assert row_e.tolist() == [0, 1, 2, 3, 3, 3] and bool((w_e != 0).sum(1).le(3).all())
+    phi = _phi_rows(_segment(sq, p0, dp), ts, ws, None, 32)
+    for r in range(4):
+        one = SampleQuery(sq.fn, x[r : r + 1])
+        ref = phi_nodes(one, p0, dp, ts[r], ws[r])
+        k = ref[next(iter(ref))].shape[0]
+        assert max(float((phi[n][r * k : (r + 1) * k] - v).abs().max()) for n, v in ref.items()) < 1e-13
+
+
 def test_mode_does_not_leak_on_error() -> None:
     calls = {"n": 0}
 
