@@ -4,6 +4,8 @@ settings to change; the plain-loop recorder API for micro-batches and clipping n
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -254,3 +256,101 @@ def test_callback_refuses_a_collator_that_changes_the_rows_and_keeps_what_was_re
         trainer.train()
     run = open_run(tmp_path / "run.zarr")
     assert run.committed_updates == 1 and run.verify().ok
+
+
+# --- resuming a killed Trainer run (train(resume_from_checkpoint=...)) ------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-for-bit comparisons need the same summation order in both runs: one torch thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _train(store, out, max_steps: int, save_steps: int, kill_at: int | None = None, resume: str | None = None,
+           flush: bool = True, **cb_kwargs) -> ExplaindCallback:
+    """A Trainer run recorded into ``store`` that saves a Trainer checkpoint every ``save_steps`` updates; with
+    ``kill_at`` the process dies right after update ``kill_at`` was recorded (and committed with ``flush``: the
+    store then runs ahead of the Trainer's last checkpoint)."""
+    import os
+
+    torch.manual_seed(0)
+    cb = ExplaindCallback(store, **cb_kwargs)
+
+    class Kill(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.global_step == kill_at:
+                if flush:
+                    cb.recorder.flush()
+                os._exit(0)
+
+    args = _args(Path(out), max_steps=max_steps, save_strategy="steps", save_steps=save_steps)
+    trainer = Trainer(model=GPT2LMHeadModel(_config()), args=args, train_dataset=_dataset(), callbacks=[cb, Kill()])
+    trainer.train(resume_from_checkpoint=resume)
+    return cb
+
+
+def _killed(store, out, max_steps: int, save_steps: int, kill_at: int, flush: bool = True, **cb_kwargs) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "from tests.store.test_hf import _train\n"
+        f"_train({str(store)!r}, {str(out)!r}, {max_steps}, {save_steps}, kill_at={kill_at}, flush={flush}, **{cb_kwargs!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env)
+
+
+def _assert_same_store(a, b) -> None:
+    from tests.support.store_helpers import arrays_of
+
+    x, y = arrays_of(a), arrays_of(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        np.testing.assert_array_equal(y[key], x[key], err_msg=key)
+
+
+def test_trainer_resumed_from_its_checkpoint_continues_the_store_bit_for_bit(tmp_path, one_thread):
+    ref, store = tmp_path / "ref.zarr", tmp_path / "run.zarr"
+    _train(ref, tmp_path / "a", 7, save_steps=2)
+    # killed after update 5 was committed to the store; the Trainer's last checkpoint is update 4 (mid-epoch:
+    # 3 updates per epoch, so the resumed Trainer skips the first 2 micro-batches of the epoch's permutation)
+    _killed(store, tmp_path / "b", 7, save_steps=2, kill_at=5)
+    assert open_run(store).committed_updates == 5
+    # a checkpoint the store has not reached (update 6 of the uninterrupted run) is refused; the store is kept
+    with pytest.raises(RecorderError, match="holds only 5 committed updates"):
+        _train(store, tmp_path / "b", 7, save_steps=2, resume=str(tmp_path / "a" / "out" / "checkpoint-6"))
+    assert open_run(store).committed_updates == 5
+    with pytest.raises(RecorderError, match="overwrite=True would delete"):
+        _train(store, tmp_path / "b", 7, save_steps=2, resume=str(tmp_path / "b" / "out" / "checkpoint-4"), overwrite=True)
+    _train(store, tmp_path / "b", 7, save_steps=2, resume=str(tmp_path / "b" / "out" / "checkpoint-4"))
+    run = open_run(store)
+    assert run.committed_updates == 7
+    assert [len(b) for b in run.block(0, 7).batches] == [8, 8, 4, 8, 8, 4, 8]
+    _assert_same_store(ref, store)  # params, AdamW state, batch indices, lrs, clip scales, losses
+    rep = run.verify()
+    assert rep.ok, rep.table()
+
+
+def test_sparse_trainer_recording_resumes_between_its_checkpoints(tmp_path, one_thread):
+    ref, store = tmp_path / "ref.zarr", tmp_path / "run.zarr"
+    _train(ref, tmp_path / "a", 9, save_steps=5, checkpoint_every=4)
+    # killed after update 7, with nothing committed after the Trainer saved its checkpoint of update 5 (the
+    # callback commits the store whenever the Trainer saves); the store's last checkpoint is update 4
+    _killed(store, tmp_path / "b", 9, save_steps=5, kill_at=7, flush=False, checkpoint_every=4)
+    assert open_run(store).committed_updates == 5
+    _train(store, tmp_path / "b", 9, save_steps=5, resume=str(tmp_path / "b" / "out" / "checkpoint-5"), checkpoint_every=4)
+    run = open_run(store)
+    assert run.committed_updates == 9 and run.checkpoint_steps.tolist() == [0, 4, 8, 9]
+    _assert_same_store(ref, store)
+    rep = run.verify()
+    assert rep.ok, rep.table()
