@@ -354,3 +354,45 @@ def test_sparse_trainer_recording_resumes_between_its_checkpoints(tmp_path, one_
     _assert_same_store(ref, store)
     rep = run.verify()
     assert rep.ok, rep.table()
+
+
+def test_recorder_resume_at_continues_from_the_callers_own_checkpoint(tmp_path, one_thread):
+    import copy
+
+    from explaind_store import Recorder
+    from tests.support.compare import MLP_SPEC
+    from tests.support.store_helpers import digits, make_mlp
+
+    x, y = digits(64)
+
+    def loop(path, steps, model, opt, saved=None, **kw):
+        with Recorder(path, model, opt, data=(x, y), model_spec=MLP_SPEC, **kw) as rec:
+            for step in steps:
+                idx = torch.arange(8 * step, 8 * step + 8)
+                torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+                opt.zero_grad()
+                rec.record(idx)
+                if saved is not None and step == 2:  # the loop's own checkpoint of update 3
+                    saved.update(model=copy.deepcopy(model.state_dict()), opt=copy.deepcopy(opt.state_dict()))
+
+    def fresh():
+        torch.manual_seed(0)
+        model = make_mlp()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+    loop(tmp_path / "ref", range(6), *fresh())
+    saved: dict = {}
+    loop(tmp_path / "r", range(6), *fresh(), saved=saved)
+    model, opt = fresh()
+    with pytest.raises(RecorderError, match="optimizer has taken 0 steps, the store's update 3 3"):
+        loop(tmp_path / "r", range(3, 6), model, opt, resume_at=3)
+    opt.load_state_dict(saved["opt"])  # the optimizer restored, the model not: nothing is dropped
+    with pytest.raises(RecorderError, match="params/0.weight differs from the store's update 3"):
+        loop(tmp_path / "r", range(3, 6), model, opt, resume_at=3)
+    model.load_state_dict(saved["model"])
+    with pytest.raises(RecorderError, match="holds only 6 committed updates"):
+        loop(tmp_path / "r", range(9, 10), model, opt, resume_at=9)
+    assert open_run(tmp_path / "r").committed_updates == 6
+    loop(tmp_path / "r", range(3, 6), model, opt, resume_at=3)
+    _assert_same_store(tmp_path / "ref", tmp_path / "r")
