@@ -636,8 +636,11 @@ class Recorder:
         self._ckpt_sched = None if later else attrs.get(schema.ATTR_CHECKPOINT_SCHEDULER)
         nonfinite = [u for u in attrs.get(schema.ATTR_NONFINITE, []) if u <= s]
         # the commit point moves first: a kill from here on leaves a store that ends at update s
-        self.root.attrs.update({schema.ATTR_COMMITTED: s, schema.ATTR_NONFINITE: nonfinite,
-                                schema.ATTR_CHECKPOINT_SCHEDULER: self._ckpt_sched})
+        moved = {schema.ATTR_COMMITTED: s, schema.ATTR_NONFINITE: nonfinite,
+                 schema.ATTR_CHECKPOINT_SCHEDULER: self._ckpt_sched}
+        if c > s:  # the stored scheduler state is update c's; update s's is not kept (the caller restored it)
+            moved[schema.ATTR_SCHEDULER_STATE] = None
+        self.root.attrs.update(moved)
         for arr in (*self._arrays.values(), self._batch_array):
             if arr.shape[0] > s + 1:
                 arr.resize((s + 1, *arr.shape[1:]))

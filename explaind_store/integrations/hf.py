@@ -295,7 +295,9 @@ class ExplaindCallback(TrainerCallback):
             raise self._refuse(
                 "a training micro-batch differs from the dataset rows its sampled indices name: a data collator "
                 "that changes input_ids or labels (masking, dynamic padding) is not supported; pad and label the "
-                "rows in the dataset and use the default collator."
+                "rows in the dataset and use the default collator. (In a run resumed from a Trainer checkpoint it can "
+                "also mean that the Trainer skipped other batches than the callback expected: record with the "
+                "Trainer's default sampler.)"
             )
         self._micro.append(idx)
         items = kwargs.get("num_items_in_batch")
