@@ -277,8 +277,8 @@ class Recorder:
         self.n_train = None if data is None else len(data[0])
 
         try:
-            self._open_or_create(data, loss, model_spec, splits, resume or resume_at is not None, overwrite, chunk_updates, lossy_keepbits,
-                                 clevel, store_data, data_specs or {})
+            self._open_or_create(data, loss, model_spec, splits, resume or resume_at is not None, overwrite,
+                                 chunk_updates, lossy_keepbits, clevel, store_data, data_specs or {})
         except BaseException:
             self._release_lock()
             raise
@@ -320,12 +320,13 @@ class Recorder:
         data_specs: dict[str, dict[str, Any]],
     ) -> None:
         exists = storage.has_content(self.path)
-        if self._resume_at and not exists:
+        if self._resume_at and (not exists or _killed_during_creation(self.path)):
             raise RecorderError(
-                f"cannot resume {self.path} at update {self._resume_at}: there is no store there. A store records a "
-                "run from its first update: record the run from the start (or give the path of its store)."
+                f"cannot resume {self.path} at update {self._resume_at}: there is no store there (or only one killed "
+                "before its first update). A store records a run from its first update: record the run from the "
+                "start (or give the path of its store)."
             )
-        if resume and exists and data is not None and _killed_during_creation(self.path) and not self._resume_at:
+        if resume and exists and data is not None and _killed_during_creation(self.path):
             # nothing was committed: starting over is the resume (the data arrays may be half-written too)
             self._replace_existing()
             exists = False
@@ -655,7 +656,8 @@ class Recorder:
             (float(self.optimizer.state.get(p, {}).get("step", 0)) for p in self.params), default=0))
         problems = []
         if live_step != opt_step:
-            problems.append(f"the optimizer has taken {live_step} steps, the store's update {s} {opt_step}")
+            problems.append(
+                f"the optimizer has taken {live_step} steps, at update {s} the store's had taken {opt_step}")
         codec = self.root.attrs.get(schema.ATTR_CODEC) or {}
         if held and not problems and not codec.get("lossy"):  # lossy stores hold rounded values: no exact check
             for g in (schema.PARAMS, *self.state_names):

@@ -304,7 +304,8 @@ def _killed(store, out, max_steps: int, save_steps: int, kill_at: int, flush: bo
         "import torch\n"
         "torch.set_num_threads(1)\n"
         "from tests.store.test_hf import _train\n"
-        f"_train({str(store)!r}, {str(out)!r}, {max_steps}, {save_steps}, kill_at={kill_at}, flush={flush}, **{cb_kwargs!r})\n"
+        f"_train({str(store)!r}, {str(out)!r}, {max_steps}, {save_steps}, kill_at={kill_at}, flush={flush}, "
+        f"**{cb_kwargs!r})\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env)
@@ -330,9 +331,10 @@ def test_trainer_resumed_from_its_checkpoint_continues_the_store_bit_for_bit(tmp
     with pytest.raises(RecorderError, match="holds only 5 committed updates"):
         _train(store, tmp_path / "b", 7, save_steps=2, resume=str(tmp_path / "a" / "out" / "checkpoint-6"))
     assert open_run(store).committed_updates == 5
+    mine = tmp_path / "b" / "out" / "checkpoint-4"
     with pytest.raises(RecorderError, match="overwrite=True would delete"):
-        _train(store, tmp_path / "b", 7, save_steps=2, resume=str(tmp_path / "b" / "out" / "checkpoint-4"), overwrite=True)
-    _train(store, tmp_path / "b", 7, save_steps=2, resume=str(tmp_path / "b" / "out" / "checkpoint-4"))
+        _train(store, tmp_path / "b", 7, save_steps=2, resume=str(mine), overwrite=True)
+    _train(store, tmp_path / "b", 7, save_steps=2, resume=str(mine))
     run = open_run(store)
     assert run.committed_updates == 7
     assert [len(b) for b in run.block(0, 7).batches] == [8, 8, 4, 8, 8, 4, 8]
@@ -348,7 +350,8 @@ def test_sparse_trainer_recording_resumes_between_its_checkpoints(tmp_path, one_
     # callback commits the store whenever the Trainer saves); the store's last checkpoint is update 4
     _killed(store, tmp_path / "b", 9, save_steps=5, kill_at=7, flush=False, checkpoint_every=4)
     assert open_run(store).committed_updates == 5
-    _train(store, tmp_path / "b", 9, save_steps=5, resume=str(tmp_path / "b" / "out" / "checkpoint-5"), checkpoint_every=4)
+    mine = tmp_path / "b" / "out" / "checkpoint-5"
+    _train(store, tmp_path / "b", 9, save_steps=5, resume=str(mine), checkpoint_every=4)
     run = open_run(store)
     assert run.committed_updates == 9 and run.checkpoint_steps.tolist() == [0, 4, 8, 9]
     _assert_same_store(ref, store)
@@ -385,7 +388,7 @@ def test_recorder_resume_at_continues_from_the_callers_own_checkpoint(tmp_path, 
     saved: dict = {}
     loop(tmp_path / "r", range(6), *fresh(), saved=saved)
     model, opt = fresh()
-    with pytest.raises(RecorderError, match="optimizer has taken 0 steps, the store's update 3 3"):
+    with pytest.raises(RecorderError, match="optimizer has taken 0 steps, at update 3 the store's had taken 3"):
         loop(tmp_path / "r", range(3, 6), model, opt, resume_at=3)
     opt.load_state_dict(saved["opt"])  # the optimizer restored, the model not: nothing is dropped
     with pytest.raises(RecorderError, match="params/0.weight differs from the store's update 3"):
