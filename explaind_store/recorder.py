@@ -177,6 +177,11 @@ class Recorder:
         splits: extra named data splits, e.g. ``{"val": (x_val, y_val)}`` (queries can then say ``"val[:10]"``).
         scheduler: an lr scheduler whose state is saved with each commit so ``resume=True`` can restore it.
         resume: continue a store (model, optimizer and scheduler are restored to the last committed update).
+        resume_at: continue a store at update ``S`` instead (implies ``resume``), keeping the model, optimizer and
+            scheduler as the caller restored them from its own checkpoint of update ``S`` (a ``Trainer`` checkpoint):
+            the store's updates after ``S`` are dropped and recorded again. The live state is first compared with
+            the store's update ``S`` where the store holds it (refused if they differ: nothing is dropped then); a
+            store with fewer than ``S`` committed updates is refused.
         overwrite: replace an existing store at ``path``.
         chunk_updates: steps per chunk (the flush interval); by default ~4 MB chunks for the largest tensor.
         lossy_keepbits: opt-in lossy BitRound of float mantissas (relative error <= 2^-(keepbits+1)).
@@ -217,6 +222,7 @@ class Recorder:
         splits: dict[str, tuple[ArrayLike, ArrayLike]] | None = None,
         scheduler: Any = None,
         resume: bool = False,
+        resume_at: int | None = None,
         overwrite: bool = False,
         chunk_updates: int | None = None,
         lossy_keepbits: int | None = None,
@@ -234,6 +240,9 @@ class Recorder:
             raise RecorderError(str(exc)) from None
         if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every or checkpoint_every < 1):
             raise RecorderError(f"checkpoint_every must be a whole number >= 1, got {checkpoint_every!r}")
+        if resume_at is not None and (int(resume_at) != resume_at or resume_at < 0):
+            raise RecorderError(f"resume_at must be a whole number >= 0 (an update index), got {resume_at!r}")
+        self._resume_at = None if resume_at is None else int(resume_at)
         self.checkpoint_every = 1 if checkpoint_every is None else int(checkpoint_every)
         self._explicit_k = checkpoint_every is not None
         self._ckpt_sched: Any = None  # scheduler state of the last checkpoint (see schema.ATTR_CHECKPOINT_SCHEDULER)
@@ -268,8 +277,8 @@ class Recorder:
         self.n_train = None if data is None else len(data[0])
 
         try:
-            self._open_or_create(data, loss, model_spec, splits, resume, overwrite, chunk_updates, lossy_keepbits,
-                                 clevel, store_data, data_specs or {})
+            self._open_or_create(data, loss, model_spec, splits, resume or resume_at is not None, overwrite,
+                                 chunk_updates, lossy_keepbits, clevel, store_data, data_specs or {})
         except BaseException:
             self._release_lock()
             raise
@@ -311,6 +320,12 @@ class Recorder:
         data_specs: dict[str, dict[str, Any]],
     ) -> None:
         exists = storage.has_content(self.path)
+        if self._resume_at and (not exists or _killed_during_creation(self.path)):
+            raise RecorderError(
+                f"cannot resume {self.path} at update {self._resume_at}: there is no store there (or only one killed "
+                "before its first update). A store records a run from its first update: record the run from the "
+                "start (or give the path of its store)."
+            )
         if resume and exists and data is not None and _killed_during_creation(self.path):
             # nothing was committed: starting over is the resume (the data arrays may be half-written too)
             self._replace_existing()
@@ -566,6 +581,13 @@ class Recorder:
         c = int(attrs[schema.ATTR_COMMITTED])
         self.committed_at_open = c
         self.n_train = int(attrs[schema.ATTR_DATA]["splits"][schema.TRAIN_SPLIT]["n"])
+        if self._resume_at is not None and c < self._resume_at:
+            raise RecorderError(
+                f"cannot resume {self.path} at update {self._resume_at}: the store holds only {max(c, 0)} committed "
+                f"updates (the recording stopped before it reached the checkpoint the training resumed from). "
+                f"Resume the training from a checkpoint at or before update {max(c, 0)}, or record the run anew "
+                "into another path."
+            )
         if c < 0:
             # Killed before theta_0 was committed, possibly while the step arrays were being created (the root
             # attributes are written first): nothing was committed, so they are made afresh with the store's codec.
@@ -581,6 +603,9 @@ class Recorder:
             return
         self._make_arrays(root, create=False)
         flags = self._arrays.get(f"{schema.UPDATES}/{schema.CHECKPOINT}")
+        if self._resume_at is not None:
+            self._truncate_to(self._resume_at, c, attrs, flags)
+            return
         if flags is not None and c > 0:
             # a sparse run continues from its last checkpoint: the updates after it are recorded again
             stored = np.flatnonzero(np.asarray(flags[: c + 1]))
@@ -598,6 +623,57 @@ class Recorder:
         self._last_checkpoint = c
         self._ckpt_sched = attrs.get(schema.ATTR_SCHEDULER_STATE)
         self._restore(c, attrs)
+
+    def _truncate_to(self, s: int, c: int, attrs: dict[str, Any], flags: Any) -> None:
+        """``resume_at=s``: check that the live model and optimizer are the store's update ``s`` (where the store
+        holds it), then drop updates ``s+1 .. c``. Nothing is restored: the caller restored its own checkpoint."""
+        ck = s
+        if flags is not None:
+            stored = np.flatnonzero(np.asarray(flags[: s + 1]))
+            ck = int(stored[-1]) if len(stored) else 0
+        self._check_live_state(s, held=ck == s)
+        later = flags is not None and bool(np.any(np.asarray(flags[s + 1 : c + 1])))
+        # the scheduler state of checkpoint ck is only known while no later checkpoint replaced it in the attrs
+        self._ckpt_sched = None if later else attrs.get(schema.ATTR_CHECKPOINT_SCHEDULER)
+        nonfinite = [u for u in attrs.get(schema.ATTR_NONFINITE, []) if u <= s]
+        # the commit point moves first: a kill from here on leaves a store that ends at update s
+        moved = {schema.ATTR_COMMITTED: s, schema.ATTR_NONFINITE: nonfinite,
+                 schema.ATTR_CHECKPOINT_SCHEDULER: self._ckpt_sched}
+        if c > s:  # the stored scheduler state is update c's; update s's is not kept (the caller restored it)
+            moved[schema.ATTR_SCHEDULER_STATE] = None
+        self.root.attrs.update(moved)
+        for arr in (*self._arrays.values(), self._batch_array):
+            if arr.shape[0] > s + 1:
+                arr.resize((s + 1, *arr.shape[1:]))
+        self.committed_at_open = s
+        self._last_checkpoint = ck
+        self._sgd_count = int(self._arrays[f"{schema.UPDATES}/{schema.OPT_STEP}"][s])
+
+    def _check_live_state(self, s: int, held: bool) -> None:
+        """Refuse to continue at update ``s`` from a model or optimizer that is not the store's update ``s``."""
+        opt_step = int(self._arrays[f"{schema.UPDATES}/{schema.OPT_STEP}"][s])
+        live_step = opt_step if self.kind == "SGD" else int(max(
+            (float(self.optimizer.state.get(p, {}).get("step", 0)) for p in self.params), default=0))
+        problems = []
+        if live_step != opt_step:
+            problems.append(
+                f"the optimizer has taken {live_step} steps, at update {s} the store's had taken {opt_step}")
+        codec = self.root.attrs.get(schema.ATTR_CODEC) or {}
+        if held and not problems and not codec.get("lossy"):  # lossy stores hold rounded values: no exact check
+            for g in (schema.PARAMS, *self.state_names):
+                for n, t in zip(self.names, self._tensors(g)):
+                    if not np.array_equal(np.asarray(self._arrays[f"{g}/{n}"][s]), _np(t)):
+                        problems.append(f"{g}/{n} differs from the store's update {s}")
+                        break
+                if problems:
+                    break
+        if problems:
+            raise RecorderError(
+                f"cannot resume {self.path} at update {s}: the model and optimizer given are not the state the store "
+                f"recorded at update {s} (" + "; ".join(problems) + "). The checkpoint restored is from another "
+                "run or another update: resume the training from this run's checkpoint of update "
+                f"{s}, or record to another path. The store was not changed."
+            )
 
     def _restore(self, c: int, attrs: dict[str, Any]) -> None:
         """Put model, optimizer and scheduler back exactly where update ``c`` left them."""

@@ -25,6 +25,12 @@ What the callback takes from the Trainer, and how (transformers 5.23):
 - Clipping: the Trainer clips at ``max_grad_norm`` before the step and logs the total norm; the callback asks for
   a log at every update and stores ``clip_scale(grad_norm, max_grad_norm)``, exactly torch's factor (so the
   Trainer prints a log line per update).
+- Resuming: ``trainer.train(resume_from_checkpoint=...)`` with a new callback on the same path continues the
+  store at the Trainer's checkpoint update S (``Recorder(resume_at=S)``): the store's updates after S are dropped
+  and recorded again, the model and optimizer the Trainer restored are checked against the store's update S, and
+  the indices of the batches the resumed Trainer skips are skipped too. The callback commits the store whenever
+  the Trainer saves a checkpoint, so a run killed after a checkpoint can resume from it; a store behind the
+  checkpoint (killed between the Trainer's save and the commit) is refused.
 - Dropout: refused at ``on_train_begin``, naming the config settings to set to 0 (the store cannot replay random
   masks yet). Mixed precision, label smoothing and several processes are refused too.
 """
@@ -137,16 +143,20 @@ def dataset_arrays(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _IndexTap:
-    """Wraps a sampler: every index it yields is also appended to ``fifo`` (a new epoch starts a new list)."""
+    """Wraps a sampler: every index it yields is also appended to ``fifo`` (a new epoch starts a new list), except
+    the first ``skip`` of its next pass (the samples of the batches a resumed Trainer skips without training)."""
 
-    def __init__(self, sampler: Any, fifo: deque[int]) -> None:
+    def __init__(self, sampler: Any, fifo: deque[int], skip: int = 0) -> None:
         self.__dict__["sampler"] = sampler
         self.__dict__["fifo"] = fifo
+        self.__dict__["skip"] = skip
 
     def __iter__(self) -> Any:
         self.fifo.clear()
-        for i in self.sampler:
-            self.fifo.append(int(i))
+        skip, self.__dict__["skip"] = self.skip, 0
+        for k, i in enumerate(self.sampler):
+            if k >= skip:
+                self.fifo.append(int(i))
             yield i
 
     def __len__(self) -> int:
@@ -154,6 +164,18 @@ class _IndexTap:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["sampler"], name)
+
+
+def _skipped_samples(args: Any, resumed: int, train_dataloader: Any, batch_sampler: Any) -> int:
+    """How many sampled indices a Trainer resumed at update ``resumed`` draws and skips before it trains again:
+    the micro-batches of the resumed epoch's first ``resumed % updates_per_epoch`` updates (the rule of
+    ``Trainer._init_training_state``; none with ``ignore_data_skip``)."""
+    if not resumed or getattr(args, "ignore_data_skip", False):
+        return 0
+    accum = int(args.gradient_accumulation_steps)
+    micro = len(train_dataloader)
+    per_epoch = max(micro // accum + int(micro % accum > 0), 1)
+    return (resumed % per_epoch) * accum * int(batch_sampler.batch_size)
 
 
 class ExplaindCallback(TrainerCallback):
@@ -213,15 +235,23 @@ class ExplaindCallback(TrainerCallback):
                 "the Trainer's dataloader has no batch sampler with a .sampler to take the sample indices from "
                 "(a custom batch sampler or an iterable dataset); use a map-style dataset and the default sampler"
             )
+        resumed = int(state.global_step)  # > 0: train(resume_from_checkpoint=...) restored update `resumed`
+        if resumed and self.overwrite:
+            raise RecorderError(
+                f"the Trainer resumed from its checkpoint of update {resumed}, but overwrite=True would delete the "
+                f"store of the updates before it. Leave overwrite out to continue the store at {self.path}."
+            )
+        skip = _skipped_samples(args, resumed, train_dataloader, batch_sampler)
         self._tapped = (batch_sampler, batch_sampler.sampler)
-        batch_sampler.sampler = _IndexTap(batch_sampler.sampler, self._fifo)
+        batch_sampler.sampler = _IndexTap(batch_sampler.sampler, self._fifo, skip)
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
         spec = self.model_spec if self.model_spec is not None else causal_lm_spec(model)
         max_norm = float(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None
         self._loss_spec = loss_spec("causal_lm", count=trainer_token_count(model))
+        extra = {"resume_at": resumed} if resumed else {}
         self.recorder = Recorder(
             self.path, model, inner, data=(ids, labels), loss=self._loss_spec, model_spec=spec,
-            overwrite=self.overwrite, max_grad_norm=max_norm, **self.recorder_kwargs,
+            overwrite=self.overwrite, max_grad_norm=max_norm, **extra, **self.recorder_kwargs,
         )
         self._hooks.append(model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._post_forward))
@@ -265,7 +295,9 @@ class ExplaindCallback(TrainerCallback):
             raise self._refuse(
                 "a training micro-batch differs from the dataset rows its sampled indices name: a data collator "
                 "that changes input_ids or labels (masking, dynamic padding) is not supported; pad and label the "
-                "rows in the dataset and use the default collator."
+                "rows in the dataset and use the default collator. (In a run resumed from a Trainer checkpoint it can "
+                "also mean that the Trainer skipped other batches than the callback expected: record with the "
+                "Trainer's default sampler.)"
             )
         self._micro.append(idx)
         items = kwargs.get("num_items_in_batch")
@@ -304,6 +336,11 @@ class ExplaindCallback(TrainerCallback):
         assert self.recorder is not None
         self.recorder.record(list(self._micro), loss=self._loss, grad_norm=grad_norm)
         self._micro, self._items, self._loss, self._pending = [], [], 0.0, False
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Commit the store up to the Trainer's checkpoint, so that a run killed after it can resume from it.
+        if self.recorder is not None and not self._pending:
+            self.recorder.flush()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.close()

@@ -4,6 +4,8 @@ settings to change; the plain-loop recorder API for micro-batches and clipping n
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -254,3 +256,146 @@ def test_callback_refuses_a_collator_that_changes_the_rows_and_keeps_what_was_re
         trainer.train()
     run = open_run(tmp_path / "run.zarr")
     assert run.committed_updates == 1 and run.verify().ok
+
+
+# --- resuming a killed Trainer run (train(resume_from_checkpoint=...)) ------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-for-bit comparisons need the same summation order in both runs: one torch thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _train(store, out, max_steps: int, save_steps: int, kill_at: int | None = None, resume: str | None = None,
+           flush: bool = True, **cb_kwargs) -> ExplaindCallback:
+    """A Trainer run recorded into ``store`` that saves a Trainer checkpoint every ``save_steps`` updates; with
+    ``kill_at`` the process dies right after update ``kill_at`` was recorded (and committed with ``flush``: the
+    store then runs ahead of the Trainer's last checkpoint)."""
+    import os
+
+    torch.manual_seed(0)
+    cb = ExplaindCallback(store, **cb_kwargs)
+
+    class Kill(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.global_step == kill_at:
+                if flush:
+                    cb.recorder.flush()
+                os._exit(0)
+
+    args = _args(Path(out), max_steps=max_steps, save_strategy="steps", save_steps=save_steps)
+    trainer = Trainer(model=GPT2LMHeadModel(_config()), args=args, train_dataset=_dataset(), callbacks=[cb, Kill()])
+    trainer.train(resume_from_checkpoint=resume)
+    return cb
+
+
+def _killed(store, out, max_steps: int, save_steps: int, kill_at: int, flush: bool = True, **cb_kwargs) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "from tests.store.test_hf import _train\n"
+        f"_train({str(store)!r}, {str(out)!r}, {max_steps}, {save_steps}, kill_at={kill_at}, flush={flush}, "
+        f"**{cb_kwargs!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env)
+
+
+def _assert_same_store(a, b) -> None:
+    from tests.support.store_helpers import arrays_of
+
+    x, y = arrays_of(a), arrays_of(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        np.testing.assert_array_equal(y[key], x[key], err_msg=key)
+
+
+def test_trainer_resumed_from_its_checkpoint_continues_the_store_bit_for_bit(tmp_path, one_thread):
+    ref, store = tmp_path / "ref.zarr", tmp_path / "run.zarr"
+    _train(ref, tmp_path / "a", 7, save_steps=2)
+    # killed after update 5 was committed to the store; the Trainer's last checkpoint is update 4 (mid-epoch:
+    # 3 updates per epoch, so the resumed Trainer skips the first 2 micro-batches of the epoch's permutation)
+    _killed(store, tmp_path / "b", 7, save_steps=2, kill_at=5)
+    assert open_run(store).committed_updates == 5
+    # a checkpoint the store has not reached (update 6 of the uninterrupted run) is refused; the store is kept
+    with pytest.raises(RecorderError, match="holds only 5 committed updates"):
+        _train(store, tmp_path / "b", 7, save_steps=2, resume=str(tmp_path / "a" / "out" / "checkpoint-6"))
+    assert open_run(store).committed_updates == 5
+    mine = tmp_path / "b" / "out" / "checkpoint-4"
+    with pytest.raises(RecorderError, match="overwrite=True would delete"):
+        _train(store, tmp_path / "b", 7, save_steps=2, resume=str(mine), overwrite=True)
+    _train(store, tmp_path / "b", 7, save_steps=2, resume=str(mine))
+    run = open_run(store)
+    assert run.committed_updates == 7
+    assert [len(b) for b in run.block(0, 7).batches] == [8, 8, 4, 8, 8, 4, 8]
+    _assert_same_store(ref, store)  # params, AdamW state, batch indices, lrs, clip scales, losses
+    rep = run.verify()
+    assert rep.ok, rep.table()
+
+
+def test_sparse_trainer_recording_resumes_between_its_checkpoints(tmp_path, one_thread):
+    ref, store = tmp_path / "ref.zarr", tmp_path / "run.zarr"
+    _train(ref, tmp_path / "a", 9, save_steps=5, checkpoint_every=4)
+    # killed after update 7, with nothing committed after the Trainer saved its checkpoint of update 5 (the
+    # callback commits the store whenever the Trainer saves); the store's last checkpoint is update 4
+    _killed(store, tmp_path / "b", 9, save_steps=5, kill_at=7, flush=False, checkpoint_every=4)
+    assert open_run(store).committed_updates == 5
+    mine = tmp_path / "b" / "out" / "checkpoint-5"
+    _train(store, tmp_path / "b", 9, save_steps=5, resume=str(mine), checkpoint_every=4)
+    run = open_run(store)
+    assert run.committed_updates == 9 and run.checkpoint_steps.tolist() == [0, 4, 8, 9]
+    _assert_same_store(ref, store)
+    rep = run.verify()
+    assert rep.ok, rep.table()
+
+
+def test_recorder_resume_at_continues_from_the_callers_own_checkpoint(tmp_path, one_thread):
+    import copy
+
+    from explaind_store import Recorder
+    from tests.support.compare import MLP_SPEC
+    from tests.support.store_helpers import digits, make_mlp
+
+    x, y = digits(64)
+
+    def loop(path, steps, model, opt, saved=None, **kw):
+        with Recorder(path, model, opt, data=(x, y), model_spec=MLP_SPEC, **kw) as rec:
+            for step in steps:
+                idx = torch.arange(8 * step, 8 * step + 8)
+                torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+                opt.zero_grad()
+                rec.record(idx)
+                if saved is not None and step == 2:  # the loop's own checkpoint of update 3
+                    saved.update(model=copy.deepcopy(model.state_dict()), opt=copy.deepcopy(opt.state_dict()))
+
+    def fresh():
+        torch.manual_seed(0)
+        model = make_mlp()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+    loop(tmp_path / "ref", range(6), *fresh())
+    saved: dict = {}
+    loop(tmp_path / "r", range(6), *fresh(), saved=saved)
+    model, opt = fresh()
+    with pytest.raises(RecorderError, match="optimizer has taken 0 steps, at update 3 the store's had taken 3"):
+        loop(tmp_path / "r", range(3, 6), model, opt, resume_at=3)
+    opt.load_state_dict(saved["opt"])  # the optimizer restored, the model not: nothing is dropped
+    with pytest.raises(RecorderError, match="params/0.weight differs from the store's update 3"):
+        loop(tmp_path / "r", range(3, 6), model, opt, resume_at=3)
+    model.load_state_dict(saved["model"])
+    with pytest.raises(RecorderError, match="holds only 6 committed updates"):
+        loop(tmp_path / "r", range(9, 10), model, opt, resume_at=9)
+    assert open_run(tmp_path / "r").committed_updates == 6
+    loop(tmp_path / "r", range(3, 6), model, opt, resume_at=3)
+    _assert_same_store(tmp_path / "ref", tmp_path / "r")
