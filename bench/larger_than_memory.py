@@ -1,21 +1,22 @@
-"""A store larger than memory, proven (issue 14, part 4): the engine's worker memory is flat in the store size.
+"""A store larger than memory (issue 14, part 4): does the engine's worker memory stay flat in the store size?
 
-    python bench/larger_than_memory.py [--quick] [--workdir DIR] [--updates 80] [--hidden 2560] [--k10]
-                                       [--memory-limit 2GB] [--keep]
+    python bench/larger_than_memory.py [--quick] [--workdir DIR] [--updates 100] [--hidden 1024] [--k10]
+                                       [--memory-limit 3GB] [--keep]
 
-Records a WIDE Tanh MLP (64 -> hidden -> hidden -> 10; ~13M float32 parameters at hidden 2560) trained with AdamW
-for ``--updates`` updates (batches of 64 random Gaussian samples, 10 classes) with parameters and optimizer state
-stored after every update (K=1): about 160 MB per update, so 80 updates make a ~13 GB store, several times the
-memory a worker gets. The same model is also recorded for a tenth of the updates, and (``--k10``) for all the
-updates with a checkpoint every 10 updates (the steps between are replayed by the workers).
+Records a WIDE Tanh MLP (64 -> hidden -> hidden -> 10; 1.1M float32 parameters at hidden 1024, 13M at 2560)
+trained with AdamW for ``--updates`` updates (batches of 64 random Gaussian samples, 10 classes) with parameters
+and optimizer state stored after every update (K=1): about 12 bytes per parameter per update before compression
+(13M parameters: 160 MB per update). The same model is also recorded for a tenth of the updates, and (``--k10``)
+for all the updates with a checkpoint every 10 updates (the steps between are replayed by the workers).
 
 For each store, ``engine.attribute(store, queries="val[:2]", output="loss", by=("step", "tensor"))`` (per-step,
 per-tensor components, no per-sample axis) runs on a ``LocalCluster`` of 2 worker processes x 1 thread with an
 explicit per-worker memory limit (``--memory-limit``; the nanny kills a worker at 95% of it, so a run that needed
 more would fail, not just report more; pausing at 80% is turned off, as a paused worker would wait forever). A task
 holds O(R x P) float64 for its R query rows and P parameters plus its chunk's rebuilt momentum and parameters
-(bounded by the engine's budgets), whatever the store size; R is kept small here: 4 queries x 10 logits of a
-13M-parameter model need more than 4 GB per worker (R x P alone is 4.3 GB). A thread samples the RSS of the client and of every process it
+(bounded by the engine's budgets); R is kept small here: 4 queries x 10 logits of a 13M-parameter model need
+more than 4 GB per worker (R x P alone is 4.3 GB). But the carries task holds every chunk's totals, O(chunks x R x
+P), which grows with the window (docs/benchmarks.md). A thread samples the RSS of the client and of every process it
 started (the nannies and the workers, psutil, every 50 ms). Each measurement runs in a fresh subprocess. The table
 gives the peak RSS per worker process, wall and CPU time (client + workers), the store size on disk and the largest
 replay residual. The stores go under ``--workdir`` (default /tmp/bigmem) and are deleted at the end unless
@@ -137,10 +138,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="hidden 256, 10 updates: about a minute")
     ap.add_argument("--workdir", default="/tmp/bigmem")
-    ap.add_argument("--updates", type=int, default=None, help="updates of the long run (default 80; quick 10)")
-    ap.add_argument("--hidden", type=int, default=None, help="hidden width (default 2560; quick 256)")
+    ap.add_argument("--updates", type=int, default=None, help="updates of the long run (default 100; quick 10)")
+    ap.add_argument("--hidden", type=int, default=None, help="hidden width (default 1024; quick 256)")
     ap.add_argument("--k10", action="store_true", help="also record the long run at checkpoint_every=10")
-    ap.add_argument("--memory-limit", default=None, help="per-worker memory limit (default 2GB)")
+    ap.add_argument("--memory-limit", default=None, help="per-worker memory limit (default 3GB)")
     ap.add_argument("--queries", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep the stores")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -148,9 +149,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    updates = args.updates or (10 if args.quick else 80)
-    hidden = args.hidden or (256 if args.quick else 2560)
-    limit = args.memory_limit or "2GB"
+    updates = args.updates or (10 if args.quick else 100)
+    hidden = args.hidden or (256 if args.quick else 1024)
+    limit = args.memory_limit or "3GB"
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     configs = [(max(1, updates // 10), 1), (updates, 1)] + ([(updates, 10)] if args.k10 else [])
