@@ -102,9 +102,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from result_memory import Sampler
 
     # no pausing at 80%: a paused worker waits forever here instead of failing; the nanny still kills a worker at
-    # 95% of the limit, so a run that needed more memory fails
-    config = {**runners._cluster_config(), "distributed.worker.memory.pause": False}
-    with runners._own_environ(), dask.config.set(config):
+    # 95% of the limit, so a run that needed more memory fails. Set for the whole process (not a context), so that
+    # workers the nanny restarts later get it too.
+    dask.config.set({"distributed.worker.memory.pause": False})
+    with runners._own_environ(), dask.config.set(runners._cluster_config()):
         cluster = LocalCluster(n_workers=spec["workers"], threads_per_worker=1, processes=True,
                                memory_limit=spec["memory_limit"], dashboard_address=None,
                                env=dict(runners.WORKER_ENV))
