@@ -164,6 +164,12 @@ def _count(n: object, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+def _replay_note(attrs: dict) -> str:
+    """", replay X" for a run with sparse checkpoints (results of older engines lack the attribute)."""
+    value = attrs.get("max_replay_residual")
+    return "" if value is None else f", replay {float(value):.2e}"
+
+
 def summarize(ds: xr.Dataset, top: int = 5, max_queries: int = 5) -> str:
     """A few lines: window, residuals, the total of each part, and the top training samples of the first queries."""
     from engine.result import NonFiniteResultError
@@ -181,7 +187,7 @@ def summarize(ds: xr.Dataset, top: int = 5, max_queries: int = 5) -> str:
          f"{_count(attrs.get('query_groups', 1), 'query group')}); device {attrs.get('device', 'cpu')}"),
         (f"residual       max |residual| {attrs.get('max_abs_residual', float('nan')):.3e} (quadrature "
          f"{attrs.get('max_quadrature_residual', float('nan')):.2e}, rounding "
-         f"{attrs.get('max_rounding_residual', float('nan')):.2e}) against max |final - initial| "
+         f"{attrs.get('max_rounding_residual', float('nan')):.2e}{_replay_note(attrs)}) against max |final - initial| "
          f"{attrs.get('max_abs_change', float('nan')):.3e}"),
         (f"totals         {totals}; final - initial {float(change.sum()):+.6g} (summed over queries and "
          "outputs)"),

@@ -392,6 +392,9 @@ def fig_residuals(results: Mapping[str, xr.Dataset]) -> Figure:
                         label="|quadrature residual|")
             ax.semilogy(steps, np.maximum(_per_step_max(ds, "rounding_residual"), tiny), color="C1", lw=0.8,
                         label="|rounding residual|")
+        if "max_replay_residual" in ds.attrs and "replay_residual" in ds:  # sparse checkpoints: at chunk ends only
+            ax.semilogy(steps, np.maximum(_per_step_max(ds, "replay_residual"), tiny), "v", color="C2", ms=4,
+                        label=f"|replay residual| (max {float(ds.attrs['max_replay_residual']):.1e})")
         ax.axhline(res.max(), color="C3", ls="--", lw=0.8, label=f"max per update {res.max():.1e}")
         total = np.abs(np.asarray(ds["residual"].sum("step").values, dtype=float)).max()
         change = np.abs(np.asarray((ds["final"] - ds["initial"]).values, dtype=float)).max()
@@ -616,8 +619,13 @@ def make_report(
             chg = max(abs(r["final"] - r["initial"]) for r in idr)
             rows.append([name, f"{ds.attrs.get('window')}", ds.attrs.get("rule", ""), f"{chg:.4g}", f"{res:.2e}",
                          f"{err:.1e}"])
-        ident = _table(rows, ["result", "window", "quadrature", "max |F(end) - F(start)|", "max |total residual|",
-                              "max identity error"])
+        header = ["result", "window", "quadrature", "max |F(end) - F(start)|", "max |total residual|",
+                  "max identity error"]
+        if any("max_replay_residual" in ds.attrs for ds in res_sets.values()):  # a run with sparse checkpoints
+            header.append("max replay residual")
+            for row, ds in zip(rows, res_sets.values()):
+                row.append(f"{float(ds.attrs.get('max_replay_residual', 0.0)):.2e}")
+        ident = _table(rows, header)
         add("residuals", fig_residuals(res_sets), TITLE_RESIDUAL,
             "The only approximation is the 1-D path integral of each update; its error (the <b>quadrature "
             "residual</b>) is known exactly from two forward passes. The <b>rounding residual</b> is the difference "

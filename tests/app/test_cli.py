@@ -32,3 +32,15 @@ def test_explaind_settings_lists_the_store_and_engine_settings(capsys, monkeypat
     assert all(r["meaning"] for r in rows.values())
     assert main(["settings"]) == 0
     assert "EXPLAIND_KEEP_U_BYTES" in capsys.readouterr().out
+
+
+def test_attribute_summary_shows_the_replay_residual_of_a_sparse_run(tmp_path):
+    import engine
+    from explaind_app.cli import summarize
+    from tests.support.compare import MLP_SPEC
+    from tests.support.store_helpers import train
+
+    train(tmp_path / "run", 8, kind="sgd_momentum", chunk_updates=4, checkpoint_every=4, model_spec=MLP_SPEC)
+    ds = engine.attribute(str(tmp_path / "run"), queries="val[:1]", by="step", client="sync", progress=False)
+    line = next(x for x in summarize(ds).splitlines() if x.startswith("residual"))
+    assert f"replay {ds.attrs['max_replay_residual']:.2e}" in line
