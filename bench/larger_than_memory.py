@@ -43,6 +43,7 @@ BENCH = Path(__file__).resolve().parent
 # bench/engine.py would shadow the engine package when this script's folder leads sys.path; bench/ goes last so
 # that result_memory (the RSS sampler) stays importable
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+sys.path.insert(0, str(BENCH.parent))  # the repo's engine package, ahead of an editable install's finder
 sys.path.append(str(BENCH))
 
 IN_DIM, N_OUT, BATCH, N_TRAIN = 64, 10, 64, 4096
