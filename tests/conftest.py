@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.support.compare import MLP_SPEC
 
@@ -57,3 +58,13 @@ def cluster():
     client = engine.local_client(2)
     yield client
     engine.close_local_client()
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-for-bit comparisons (replay, resume, writer kinds) need the same summation order in both runs: one torch
+    thread (multi-threaded CPU kernels are not reproducible run to run)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

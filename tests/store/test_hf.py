@@ -263,14 +263,6 @@ def test_callback_refuses_a_collator_that_changes_the_rows_and_keeps_what_was_re
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def one_thread():
-    """Bit-for-bit comparisons need the same summation order in both runs: one torch thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _train(store, out, max_steps: int, save_steps: int, kill_at: int | None = None, resume: str | None = None,
            flush: bool = True, **cb_kwargs) -> ExplaindCallback:

@@ -19,14 +19,6 @@ from explaind_store.integrity import MissingChunkError
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def one_thread():
-    """Replay is bit-exact only when training and replay sum in the same order: one torch thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _chunk_steps(path: Path, array: str) -> list[int]:
     """Steps that have a chunk file (``params`` arrays of a sparse run hold one step per chunk)."""

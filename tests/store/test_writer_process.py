@@ -23,14 +23,6 @@ from explaind_store.verify import verify
 from explaind_store.writer import WriterError
 
 
-@pytest.fixture
-def one_thread():
-    """Bit-identical comparisons need one torch thread (multi-threaded CPU kernels are not reproducible)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _memfds() -> list[str]:
     """The writer's shared memory still open or mapped in this process."""
