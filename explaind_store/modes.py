@@ -1,7 +1,8 @@
 """Train/eval mode and forward-pass state: what makes a model's training forward reproducible from the store.
 
 The decomposition recomputes every batch gradient from the stored parameters, batch and data. That is exact only
-when the forward pass is a pure function of those: no random masks (dropout in train mode), no batch statistics
+when the forward pass is a pure function of those (and of the generator states the recorder keeps for dropout,
+:mod:`explaind_store.dropout`): no random numbers drawn outside ``torch.nn.functional.dropout``, no batch statistics
 that couple the samples of a batch (BatchNorm in train mode, or without running statistics), and no state the
 forward changes behind the recorder's back (running statistics, other buffers; they are stored once, at creation).
 :func:`forward_problems` names the modules that break this, :func:`describe_modes` / :func:`apply_modes` record
@@ -24,6 +25,11 @@ _DROPOUT_ATTRS = ("dropout", "dropout_p", "attention_dropout")
 def _dropout_p(m: nn.Module) -> float:
     if isinstance(m, nn.modules.dropout._DropoutNd):
         return float(m.p)
+    return _internal_dropout_p(m)
+
+
+def _internal_dropout_p(m: nn.Module) -> float:
+    """The dropout probability of a module that applies dropout inside its own kernels (not an nn.Dropout)."""
     for attr in _DROPOUT_ATTRS:
         v = getattr(m, attr, None)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
@@ -34,15 +40,21 @@ def _dropout_p(m: nn.Module) -> float:
 def forward_problems(model: nn.Module) -> list[str]:
     """Modules whose training forward the store cannot reproduce, one line each (empty when the model is fine).
 
-    Checked in each module's current mode: dropout with ``p > 0`` in train mode, BatchNorm in train mode (batch
-    statistics, and it updates its running buffers), BatchNorm without running statistics (batch statistics in
-    every mode), and any other normalisation layer that updates running statistics in train mode.
+    Checked in each module's current mode: modules that apply dropout inside their own kernels
+    (``nn.MultiheadAttention(dropout=...)``, RNN dropout; alpha dropout) with ``p > 0`` in train mode, BatchNorm
+    in train mode (batch statistics, and it updates its running buffers), BatchNorm without running statistics
+    (batch statistics in every mode), and any other normalisation layer that updates running statistics in train
+    mode. ``nn.Dropout`` / ``Dropout1d/2d/3d`` in train mode are fine: the recorder keeps the generator state of
+    every training forward and readers regenerate their masks (:mod:`explaind_store.dropout`).
     """
     out = []
     for name, m in model.named_modules():
         label = name or type(model).__name__
-        if m.training and _dropout_p(m) > 0:
-            out.append(f"{label} ({type(m).__name__}, dropout p={_dropout_p(m):g}) is in train mode")
+        alpha = isinstance(m, (nn.AlphaDropout, nn.FeatureAlphaDropout)) and m.p > 0
+        if m.training and (_internal_dropout_p(m) > 0 or alpha):
+            p = m.p if alpha else _internal_dropout_p(m)
+            out.append(f"{label} ({type(m).__name__}, dropout p={p:g}) is in train mode and draws its random "
+                       "numbers where they cannot be replayed (only nn.Dropout / F.dropout masks can)")
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             if not m.track_running_stats or m.running_mean is None:
                 out.append(f"{label} ({type(m).__name__}) normalises with batch statistics (track_running_stats=False)")
@@ -59,12 +71,13 @@ def watched_modules(model: nn.Module) -> list[nn.Module]:
 
 
 FORWARD_ADVICE = (
-    "Each recorded update must be reproducible from the stored parameters, batch and data alone: dropout draws "
-    "random masks the store does not hold, and BatchNorm in train mode mixes the samples of a batch and changes "
-    "running buffers the store keeps only from the start, so a decomposition of such a run would not add up. Put "
-    "those modules in eval mode for training (module.eval(); the recorded mode is used to rebuild the model), set "
-    "dropout p=0, and use LayerNorm/GroupNorm (or BatchNorm in eval mode with fixed statistics) instead of "
-    "train-mode BatchNorm."
+    "Each recorded update must be reproducible from the stored parameters, batch, data and generator states alone: "
+    "dropout inside a module's own kernels (nn.MultiheadAttention(dropout=...), RNN dropout) or alpha dropout draws "
+    "random numbers whose masks cannot be regenerated, and BatchNorm in train mode mixes the samples of a batch and "
+    "changes running buffers the store keeps only from the start, so a decomposition of such a run would not add "
+    "up. Use nn.Dropout modules for dropout (they are recorded), or put those modules in eval mode for training "
+    "(module.eval(); the recorded mode is used to rebuild the model) or set their dropout to 0, and use "
+    "LayerNorm/GroupNorm (or BatchNorm in eval mode with fixed statistics) instead of train-mode BatchNorm."
 )
 
 

@@ -28,6 +28,7 @@ from . import integrity, schema
 from .integrity import DataChecksumError, MissingChunkError  # noqa: F401 - re-exported for callers
 from .specs import data_factory, resolve_data, resolve_factory, safe_text
 from .replay import CheckpointData, Replayer, Segment
+from .dropout import RngRecord
 from .trajectory import OptimizerSpec, TrajectoryBlock, UpdateRecords
 
 
@@ -391,9 +392,31 @@ class Run:
         """The per-update records of updates ``lo+1..hi`` (batches, lr, weight decay, step counter, clip scale)."""
         u = schema.UPDATES
         us = slice(lo + 1, hi + 1)
-        scalars = (schema.BATCH_SIZE, schema.BATCH, schema.LR, schema.WEIGHT_DECAY, schema.OPT_STEP, schema.GRAD_SCALE)
+        scalars = self._record_names()
         rec = dict(zip(scalars, self._read_many([(f"{u}/{k}", us) for k in scalars])))
         return self._records(lo, rec)
+
+    @property
+    def rng_info(self) -> dict[str, Any] | None:
+        """Where the run's training forwards drew random numbers (``{"device", "dtype"}``), or None: a run without
+        ``updates/rng_state`` drew none (see :mod:`explaind_store.dropout`)."""
+        info = self.attrs.get(schema.ATTR_RNG)
+        if info is None or schema.RNG_STATE not in self.root[schema.UPDATES]:
+            return None
+        if not (isinstance(info, dict) and info.get("device") in ("cpu", "cuda")
+                and info.get("dtype") in ("float16", "bfloat16", "float32", "float64")):
+            raise storage.StoreError(
+                f"the store's {schema.ATTR_RNG} attribute is malformed ({safe_text(info)}); it was edited or damaged: "
+                "re-record the run"
+            )
+        return dict(info)
+
+    def _record_names(self) -> tuple[str, ...]:
+        names = (schema.BATCH_SIZE, schema.BATCH, schema.LR, schema.WEIGHT_DECAY, schema.OPT_STEP, schema.GRAD_SCALE,
+                 schema.LOSS)
+        if self.rng_info is not None:
+            names += (schema.RNG_STATE, schema.MICRO_SIZE)
+        return names
 
     def _records(self, lo: int, rec: dict[str, np.ndarray]) -> UpdateRecords:
         sizes, raw = rec[schema.BATCH_SIZE], rec[schema.BATCH]
@@ -406,12 +429,29 @@ class Run:
                     f"store is inconsistent (run `explaind verify {self.path}`)."
                 )
             batches.append(torch.from_numpy(b.copy()))
+        rng = None
+        if schema.RNG_STATE in rec:
+            rng = []
+            for r, (states, micro) in enumerate(zip(rec[schema.RNG_STATE], rec[schema.MICRO_SIZE])):
+                m = int(np.count_nonzero(micro))
+                if m == 0:
+                    rng.append(None)
+                    continue
+                if np.any(micro[:m] <= 0) or np.any(micro[m:] != 0) or int(micro.sum()) != len(batches[r]):
+                    raise storage.StoreError(
+                        f"update {lo + 1 + r}: the micro-batch sizes {micro[:m].tolist()} of its generator states do "
+                        f"not split its batch of {len(batches[r])} samples; the store is inconsistent (run "
+                        f"`explaind verify {self.path}`)."
+                    )
+                rng.append(RngRecord(states=np.asarray(states[:m], dtype=np.uint8), sizes=tuple(int(v) for v in micro[:m])))
         return UpdateRecords(
             lr=torch.from_numpy(rec[schema.LR]),
             weight_decay=torch.from_numpy(rec[schema.WEIGHT_DECAY]),
             opt_step=torch.from_numpy(rec[schema.OPT_STEP]),
             grad_scale=torch.from_numpy(rec[schema.GRAD_SCALE]),
             batches=batches,
+            rng=rng,
+            loss=torch.from_numpy(np.asarray(rec[schema.LOSS], dtype=np.float64)) if schema.LOSS in rec else None,
         )
 
     def block(self, lo: int, hi: int) -> TrajectoryBlock:
@@ -430,7 +470,7 @@ class Run:
         us = slice(lo + 1, hi + 1)
         u = schema.UPDATES
         groups = [schema.PARAMS, *self.state_names]
-        scalars = (schema.BATCH_SIZE, schema.BATCH, schema.LR, schema.WEIGHT_DECAY, schema.OPT_STEP, schema.GRAD_SCALE)
+        scalars = self._record_names()
         reqs = [(f"{g}/{n}", sl) for g in groups for n in self.tensor_names] + [(f"{u}/{k}", us) for k in scalars]
         it = iter(self._read_many(reqs))
         per_group = {g: {n: torch.from_numpy(next(it)) for n in self.tensor_names} for g in groups}
@@ -438,7 +478,8 @@ class Run:
         state = per_group
         rec = self._records(lo, {k: next(it) for k in scalars})
         return TrajectoryBlock(lo=lo, hi=hi, params=params, state=state, lr=rec.lr, weight_decay=rec.weight_decay,
-                               opt_step=rec.opt_step, grad_scale=rec.grad_scale, batches=rec.batches)
+                               opt_step=rec.opt_step, grad_scale=rec.grad_scale, batches=rec.batches, rng=rec.rng,
+                               loss=rec.loss)
 
     def _replayed_block(self, lo: int, hi: int) -> TrajectoryBlock:
         names, snames = self.tensor_names, self.state_names
@@ -471,7 +512,7 @@ class Run:
             params={n: torch.cat(v) for n, v in rows_p.items()},
             state={sn: {n: torch.cat(v) for n, v in d.items()} for sn, d in rows_s.items()},
             lr=rec.lr, weight_decay=rec.weight_decay, opt_step=rec.opt_step, grad_scale=rec.grad_scale,
-            batches=rec.batches, stored_end=stored_end,
+            batches=rec.batches, stored_end=stored_end, rng=rec.rng, loss=rec.loss,
         )
 
     def split(self, name: str = schema.TRAIN_SPLIT) -> tuple[torch.Tensor, torch.Tensor]:

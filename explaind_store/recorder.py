@@ -30,6 +30,7 @@ import zarr
 from torch import nn
 
 from . import storage
+from . import dropout
 from . import modes
 from . import optim as optim_mod
 from . import schema
@@ -157,6 +158,15 @@ def _batch_array(batch_indices: Any) -> np.ndarray:
     return np.asarray(_np(torch.as_tensor(batch_indices))).reshape(-1)
 
 
+def _micro_sizes(batch_indices: Any) -> list[int]:
+    """The number of samples of each micro-batch ``record()`` was given (one entry for a plain batch)."""
+    if isinstance(batch_indices, (list, tuple)) and batch_indices and all(
+        isinstance(b, (list, tuple, np.ndarray, torch.Tensor)) for b in batch_indices
+    ):
+        return [int(_batch_array(b).size) for b in batch_indices]
+    return [int(_batch_array(batch_indices).size)]
+
+
 def _tensor_default(o: Any) -> Any:
     if isinstance(o, torch.Tensor) and o.numel() == 1:
         return o.item()
@@ -200,10 +210,18 @@ class Recorder:
         writer: ``"thread"`` (a background thread; the default, or ``$EXPLAIND_WRITER``) or ``"process"`` (encode
             and write in a separate process fed through shared memory, off the training process's GIL; stores that
             are not a local directory, and sparse runs (``checkpoint_every > 1``), get the thread).
+        micro_batches: runs with dropout: the most micro-batches (training forwards) one update accumulates, which
+            sizes the record of generator states (default: as many as the first update with dropout had; an update
+            with more is refused).
 
-    The training forward must be reproducible from the store: dropout (p > 0) and BatchNorm in train mode, and
-    buffers that change during training, are refused with a RecorderError (see ``explaind_store.modes``); the mode
-    each module trains in is recorded (``train_mode``) and used to rebuild the model.
+    The training forward must be reproducible from the store: BatchNorm in train mode, modules with internal
+    dropout (``nn.MultiheadAttention(dropout=...)``, RNN dropout), and buffers that change during training, are
+    refused with a RecorderError (see ``explaind_store.modes``); the mode each module trains in is recorded
+    (``train_mode``) and used to rebuild the model. Dropout through ``torch.nn.functional.dropout`` (``nn.Dropout``
+    modules, ``F.dropout`` calls) is recorded: when a training forward (one run with gradients enabled) moves the
+    generator, the generator state at the start of every training forward is stored (``updates/rng_state``) and
+    readers regenerate the masks from it (``explaind_store.dropout``). Each update's training forwards must then
+    be its micro-batches, in the order given to ``record()``.
 
     Parameters that get no gradient at the first update (an unused pooler or positional table; torch's optimizers
     skip them, so they never change) are stored once under ``static/`` as constants (``constant_tensors``) and left
@@ -233,6 +251,7 @@ class Recorder:
         max_grad_norm: float | None = None,
         checkpoint_every: int | None = None,
         writer: str | None = None,
+        micro_batches: int | None = None,
     ) -> None:
         try:
             self._writer_kind = writer_kind(writer)
@@ -243,6 +262,9 @@ class Recorder:
         if resume_at is not None and (int(resume_at) != resume_at or resume_at < 0):
             raise RecorderError(f"resume_at must be a whole number >= 0 (an update index), got {resume_at!r}")
         self._resume_at = None if resume_at is None else int(resume_at)
+        if micro_batches is not None and (int(micro_batches) != micro_batches or micro_batches < 1):
+            raise RecorderError(f"micro_batches must be a whole number >= 1, got {micro_batches!r}")
+        self.micro_batches = None if micro_batches is None else int(micro_batches)
         self.checkpoint_every = 1 if checkpoint_every is None else int(checkpoint_every)
         self._explicit_k = checkpoint_every is not None
         self._ckpt_sched: Any = None  # scheduler state of the last checkpoint (see schema.ATTR_CHECKPOINT_SCHEDULER)
@@ -263,6 +285,10 @@ class Recorder:
         self._constants: list[str] | None = None  # decided at the first update (see _settle_constants)
         self._constant_params: dict[str, torch.Tensor] = {}
         self._settled = False
+        # training forwards since the last record(): (generator state at their start, whether they drew from it)
+        self._forwards: list[tuple[np.ndarray, bool]] = []
+        self._fwd_state: np.ndarray | None = None
+        self._rng_device = dropout.generator_device(model)
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
@@ -299,6 +325,8 @@ class Recorder:
         self.updates_done = max(self.committed_at_open, 0)
         self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
         self._hooks.append(optimizer.register_step_post_hook(self._post_step))
+        self._hooks.append(model.register_forward_pre_hook(self._pre_forward))
+        self._hooks.append(model.register_forward_hook(self._post_forward))
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -521,6 +549,10 @@ class Recorder:
         ]
         if create or schema.CHECKPOINT in u:  # stores from before sparse checkpoints lack it: every step stored
             specs.append((schema.CHECKPOINT, (), np.bool_, (schema.STEP,), False))
+        if not create:  # made at the first update whose forward drew random numbers (_ensure_rng_arrays)
+            for name in (schema.RNG_STATE, schema.MICRO_SIZE):
+                if name in u:
+                    arrays[f"{schema.UPDATES}/{name}"] = storage.writable(u[name])
         for name, shape, dtype, dims, fill in specs:
             arrays[f"{schema.UPDATES}/{name}"] = (
                 storage.create_stepped(u, name, shape, dtype, dims, k, fill_value=fill) if create
@@ -795,6 +827,81 @@ class Recorder:
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._steps_since_record += 1
 
+    def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled():  # a training forward (evaluation runs without gradients)
+            self._fwd_state = dropout.rng_state(self._rng_device)
+
+    def _post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._fwd_state is not None:
+            moved = not np.array_equal(dropout.rng_state(self._rng_device), self._fwd_state)
+            self._forwards.append((self._fwd_state, moved))
+            self._fwd_state = None
+
+    def _rng_row(self, s: int, batch_indices: Any) -> dict[str, np.ndarray]:
+        """Update ``s``'s generator states (see ``schema.RNG_STATE``): one per training forward when one of them drew
+        random numbers; nothing (or an empty row) when none did. Checked before anything of ``s`` is written."""
+        forwards, self._forwards = self._forwards, []
+        u = schema.UPDATES
+        have = f"{u}/{schema.RNG_STATE}" in self._arrays
+        if not any(moved for _, moved in forwards):
+            if not have:
+                return {}
+            width, nbytes = self._arrays[f"{u}/{schema.RNG_STATE}"].shape[1:]
+            return {f"{u}/{schema.RNG_STATE}": np.zeros((width, nbytes), np.uint8),
+                    f"{u}/{schema.MICRO_SIZE}": np.zeros(width, np.int64)}
+        sizes = _micro_sizes(batch_indices)
+        if len(forwards) != len(sizes):
+            raise RecorderError(
+                f"update {s} drew random numbers in its forward (dropout), and ran {len(forwards)} training forward(s) "
+                f"(forwards with gradients enabled) but record() got {len(sizes)} micro-batch(es). Each forward's "
+                "random state is recorded for its micro-batch, so they must match: pass the micro-batches of an "
+                "accumulated update as a list, rec.record([idx_1, idx_2, ...]), in the order they were run, and run "
+                "other forwards (evaluation) under torch.no_grad(). The updates recorded before this one are kept."
+            )
+        states = np.stack([st for st, _ in forwards])
+        self._ensure_rng_arrays(s, len(sizes), states.shape[1])
+        width, nbytes = self._arrays[f"{u}/{schema.RNG_STATE}"].shape[1:]
+        if len(sizes) > width or states.shape[1] != nbytes:
+            raise RecorderError(
+                f"update {s} ran {len(sizes)} micro-batches with generator states of {states.shape[1]} bytes, but this "
+                f"store keeps at most {width} per update, of {nbytes} bytes (set by its first update with dropout): "
+                "keep the number of micro-batches per update (gradient accumulation) and the device fixed for a run, "
+                "or record into a new store. The updates recorded before this one are kept."
+            )
+        row = np.zeros((width, nbytes), np.uint8)
+        row[: len(sizes)] = states
+        micro = np.zeros(width, np.int64)
+        micro[: len(sizes)] = sizes
+        return {f"{u}/{schema.RNG_STATE}": row, f"{u}/{schema.MICRO_SIZE}": micro}
+
+    def _ensure_rng_arrays(self, s: int, width: int, nbytes: int) -> None:
+        """Create ``updates/rng_state`` and ``updates/micro_size`` at the first update that drew random numbers: the
+        steps before it are written as fill values (no record), as every chunk of a store is written."""
+        u = schema.UPDATES
+        if f"{u}/{schema.RNG_STATE}" in self._arrays:
+            return
+        self._writer.flush()  # the writer is idle from here on: its arrays may change
+        g = self.root[u]
+        width = max(width, self.micro_batches or 0)
+        n = s  # steps 0 .. s-1 are committed
+        arrays = {
+            schema.RNG_STATE: storage.create_stepped(g, schema.RNG_STATE, (width, nbytes), np.uint8,
+                                                     (schema.STEP, schema.MICRO, schema.BYTE), self.chunk_updates,
+                                                     fill_value=0, inner_chunks=(width, nbytes)),
+            schema.MICRO_SIZE: storage.create_stepped(g, schema.MICRO_SIZE, (width,), np.int64,
+                                                      (schema.STEP, schema.MICRO), self.chunk_updates, fill_value=0,
+                                                      inner_chunks=(width,)),
+        }
+        for name, arr in arrays.items():
+            arr.resize((n, *arr.shape[1:]))
+            arr[0:n] = np.zeros(arr.shape, arr.dtype)
+            self._arrays[f"{u}/{name}"] = storage.writable(arr)
+        dtypes = {p.dtype for p in self.params}
+        dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+        self.root.attrs.update({schema.ATTR_RNG: {"device": self._rng_device.type,
+                                                  "dtype": str(dtype).replace("torch.", "")}})
+        self._writer.arrays = self._arrays
+
     # --- public API ------------------------------------------------------------------------------------------
     def record(
         self,
@@ -832,6 +939,7 @@ class Recorder:
             )
         s = self.updates_done + 1
         self._check_still_reproducible(s)
+        rng_row = self._rng_row(s, batch_indices)
         assert self._pending is not None
         self._sgd_count += 1
         upd = {
@@ -846,6 +954,7 @@ class Recorder:
         if checkpoint:
             self._last_checkpoint, self._ckpt_sched = s, self._pending["scheduler"]
         row = self._row(s, upd, checkpoint=checkpoint)
+        row.arrays.update(rng_row)
         row.batch = batch.astype(np.int64)
         row.commit_attrs = {
             schema.ATTR_SCHEDULER_STATE: self._pending["scheduler"], schema.ATTR_TRAIN_MODE: self._modes,

@@ -7,6 +7,9 @@ training mode, loaded with the checkpoint before it; then, per update, the batch
 batch (the store's loss spec), times the recorded clipping scale, and one ``step()`` of a real torch optimizer of
 the recorded type, loaded with the checkpoint's state and given the recorded learning rate and weight decay.
 
+A run whose forward drew random numbers (dropout) is replayed with the generator set, before each micro-batch's
+forward, to the state recorded for it (``explaind_store.dropout``), so every mask is the one training drew.
+
 With the same torch build and one torch thread this reproduces training bit for bit; multi-threaded or GPU kernels
 (and micro-batched gradient accumulation, whose sum order differs) can differ in the last bits. Readers report
 that difference at each checkpoint instead of hiding it (the engine's ``replay_residual``, ``explaind verify``).
@@ -19,10 +22,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import modes
+from . import dropout, modes
 from . import optim as optim_mod
 from . import schema, storage
-from .specs import batch_loss
+from .dropout import RngRecord
+from .specs import batch_loss, loss_weights
 
 if TYPE_CHECKING:
     from .reader import Run
@@ -90,6 +94,30 @@ class Replayer:
         self.optimizer = optim_mod.build_optimizer(self.spec.type, self.spec.groups, per_group)
         self.x, self.y = run.split(schema.TRAIN_SPLIT)
 
+    def _random_forwards(self, batch: torch.Tensor, rng: RngRecord) -> None:
+        """An update whose forward drew random numbers (dropout): each micro-batch's forward and backward with the
+        generator at the state recorded for it, its loss weighted by its share of the update's batch loss."""
+        info = self.run.rng_info or {}
+        device = torch.device(str(info.get("device", "cpu")))
+        if device.type != dropout.generator_device(self.model).type:
+            raise storage.StoreError(
+                f"this run drew its dropout masks on {device.type}, so its steps between checkpoints are replayed on "
+                f"{device.type} too; build the model there (open the store on a machine with that device)"
+            )
+        y = self.y[batch]
+        if len(rng.sizes) == 1:
+            with dropout.generator_at(rng.states[0], device):
+                batch_loss(self.run.loss, self.model(self.x[batch]), y).backward()
+            return
+        w = loss_weights(self.run.loss, y)
+        start = 0
+        for state, n in zip(rng.states, rng.sizes):
+            sl = slice(start, start + n)
+            share = float(w[sl].sum()) / len(batch)
+            with dropout.generator_at(state, device):
+                (batch_loss(self.run.loss, self.model(self.x[batch[sl]]), y[sl]) * share).backward()
+            start += n
+
     def segment(self, start: int, end: int) -> Segment:
         """Replay updates ``start+1 .. end`` from the checkpoint stored at ``start``."""
         run = self.run
@@ -112,9 +140,13 @@ class Replayer:
                 group["weight_decay"] = float(recs.weight_decay[r, g])
             batch = recs.batches[r]
             self.optimizer.zero_grad(set_to_none=True)
+            rng = recs.rng[r] if recs.rng is not None else None
             with torch.enable_grad():
-                loss = batch_loss(run.loss, self.model(self.x[batch]), self.y[batch])
-                loss.backward()
+                if rng is None:
+                    loss = batch_loss(run.loss, self.model(self.x[batch]), self.y[batch])
+                    loss.backward()
+                else:
+                    self._random_forwards(batch, rng)
             scale = float(recs.grad_scale[r])
             if scale == scale and scale != 1.0:  # NaN: not recorded (index 0 only)
                 for p in self.params:

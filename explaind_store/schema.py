@@ -18,6 +18,8 @@ STEP = "step"  # index s = after s updates
 GROUP = "group"  # optimizer parameter group
 SLOT = "slot"  # position inside a recorded batch
 SAMPLE = "sample"  # training (or split) sample index
+MICRO = "micro"  # one training forward (micro-batch) of an update
+BYTE = "byte"  # one byte of a generator state
 QUERY = "query"  # engine: one query input
 OUTPUT = "output"  # engine: one scalar output of a query (e.g. a class log-prob)
 TENSOR = "tensor"  # engine: one parameter tensor
@@ -46,6 +48,12 @@ BATCH_PAD = -1
 # (step,) bool: True where parameters and optimizer state are stored (a checkpoint); other steps are rebuilt by
 # replaying the optimizer from the checkpoint before them (explaind_store.replay). Stores without it store every step.
 CHECKPOINT = "checkpoint"
+# Runs whose training forward drew random numbers (dropout): per update and training forward (micro-batch, in
+# order), the default generator state of the model's device when that forward began, and its number of samples
+# (the next micro_size entries of the update's batch; 0: no forward). Created at the first update that drew, so
+# stores of deterministic runs lack them; rows before it hold fill values (no record). explaind_store.dropout.
+RNG_STATE = "rng_state"  # (step, micro, byte) uint8, fill 0
+MICRO_SIZE = "micro_size"  # (step, micro) int64, fill 0
 STORED = "stored"  # reader views: boolean coordinate on the step axis, True where the step is stored, not replayed
 
 # --- arrays inside DATA/<split> -----------------------------------------------------------------------------------
@@ -81,6 +89,9 @@ ATTR_CHECKPOINT_EVERY = "checkpoint_every"  # K: parameters and optimizer state 
 # from that checkpoint, not from the committed update
 ATTR_CHECKPOINT_SCHEDULER = "checkpoint_scheduler_state"
 ATTR_TRAIN_MODE = "train_mode"  # {"training": bool, "differ": [module names]}: the mode the model trained in
+# {"device": "cpu" | "cuda", "dtype": "float32", ...}: the generator RNG_STATE holds states of, and the dtype
+# training's dropout masks were drawn in (only in stores with RNG_STATE)
+ATTR_RNG = "rng"
 
 
 

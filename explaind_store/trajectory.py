@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import schema
+from .dropout import RngRecord
 from .optim import optimizer_kind, state_names
 
 
@@ -67,6 +68,10 @@ class TrajectoryBlock:
     # sparse checkpoints: the stored parameters at ``hi`` when ``hi`` is a checkpoint whose row was replayed (the
     # replayed row continues the block's trajectory; the stored one is where the next block starts)
     stored_end: dict[str, torch.Tensor] | None = None
+    # runs with dropout (explaind_store.dropout): per update, its training forwards' generator states (None: the
+    # update drew nothing), and the training loss recorded for each update (NaN: not given)
+    rng: list[RngRecord | None] | None = None
+    loss: torch.Tensor | None = None
 
     @property
     def updates(self) -> range:
@@ -90,6 +95,8 @@ class UpdateRecords:
     opt_step: torch.Tensor
     grad_scale: torch.Tensor
     batches: list[torch.Tensor]
+    rng: list[RngRecord | None] | None = None
+    loss: torch.Tensor | None = None
 
 
 @runtime_checkable

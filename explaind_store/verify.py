@@ -30,6 +30,7 @@ import zarr
 from tqdm import tqdm
 
 from . import storage
+from . import dropout
 from . import integrity
 from . import modes
 from . import optim as optim_mod
@@ -271,7 +272,13 @@ def verify(
                 if res > rep.replay_max_residual or math.isnan(res):
                     rep.replay_max_residual, rep.replay_worst_update = res, s
             if checker is not None:
-                match = checker.check(blk, s, lo)
+                try:
+                    match = checker.check(blk, s, lo)
+                except dropout.DropoutReplayError as exc:
+                    rep.problems.append(str(exc))
+                    checker, rep.gradient_checked = None, False
+                    rep.checked_updates += 1
+                    continue
                 if match.rel_error > worst_g or math.isnan(match.rel_error):
                     worst_g, rep.gradient_worst_update, worst_match = match.rel_error, s, match
             rep.checked_updates += 1
@@ -410,9 +417,32 @@ class GradientChecker:
         coarse = [getattr(torch, d) for d in ("float16", "float32") if d in dtypes]
         self.train_dtype = coarse[0] if coarse else None
         self.model_train = copy.deepcopy(self.model).to(self.train_dtype) if self.train_dtype is not None else None
+        self.rng = run.rng_info
+        if self.rng is not None:  # dropout: masks regenerated from the recorded generator states, as constants
+            dropout.install(self.model)
+            if self.model_train is not None:
+                dropout.install(self.model_train)
         self.x, self.y = run.split(schema.TRAIN_SPLIT)
         self.spec = run.optimizer_spec
         self.group_of = self.spec.group_of()
+
+    def _masks(self, blk: Any, r: int, s: int, prev: dict[str, torch.Tensor], batch: torch.Tensor) -> list[torch.Tensor] | None:
+        """Update ``s``'s dropout masks regenerated from its recorded generator states (None: it drew none); raises
+        :class:`~explaind_store.dropout.DropoutReplayError` when they do not give the recorded training loss."""
+        rec = None if blk.rng is None else blk.rng[r]
+        if rec is None or self.rng is None:
+            return None
+        ps = {k: v.to(torch.float64) for k, v in prev.items()}
+        xb = self.x[batch]
+        xb = xb.double() if xb.is_floating_point() else xb
+        yb = self.y[batch]
+        masks, out = dropout.draw_masks(
+            self.model, lambda sl: torch.func.functional_call(self.model, ps, (xb[sl],)), rec, self.rng["device"],
+            getattr(torch, self.rng["dtype"]),
+        )
+        if blk.loss is not None:
+            dropout.check_loss(s, float(blk.loss[r]), float(batch_loss(self.run.loss, out, yb.double() if yb.is_floating_point() else yb)))
+        return masks
 
     def update(self, s: int) -> GradientMatch:
         """Check update ``s`` alone (reads one update of the store)."""
@@ -426,9 +456,10 @@ class GradientChecker:
         prev, nxt = blk.params_at(s - 1), blk.params_at(s)
         scale = float(blk.grad_scale[r])
         batch = blk.batches[r]
-        grads = _batch_gradient(self.model, run, prev, self.x, self.y, batch, torch.float64)
+        masks = self._masks(blk, r, s, prev, batch)
+        grads = _batch_gradient(self.model, run, prev, self.x, self.y, batch, torch.float64, masks)
         coarse = (
-            _batch_gradient(self.model_train, run, prev, self.x, self.y, batch, self.train_dtype)
+            _batch_gradient(self.model_train, run, prev, self.x, self.y, batch, self.train_dtype, masks)
             if self.model_train is not None else None
         )
         over = ref = dot = imp = 0.0
@@ -467,14 +498,17 @@ def _batch_gradient(
     y: torch.Tensor,
     batch: torch.Tensor,
     dtype: torch.dtype,
+    masks: list[torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The batch-mean loss gradient at ``params``, computed in ``dtype`` (``model`` must be in that dtype)."""
+    """The batch-mean loss gradient at ``params``, computed in ``dtype`` (``model`` must be in that dtype), with
+    the update's dropout ``masks`` applied (runs with dropout)."""
     ps = {k: v.detach().to(dtype, copy=True).requires_grad_(True) for k, v in params.items()}
     xb = x[batch]
     xb = xb.to(dtype) if xb.is_floating_point() else xb
     yb = y[batch]
     yb = yb.to(dtype) if yb.is_floating_point() else yb
-    out = torch.func.functional_call(model, ps, (xb,))
+    with dropout.masks_applied(model, masks):
+        out = torch.func.functional_call(model, ps, (xb,))
     loss = batch_loss(run.loss, out, yb)
     grads = torch.autograd.grad(loss, list(ps.values()))
     return dict(zip(ps.keys(), grads))

@@ -14,6 +14,10 @@ optimizer's gradient is the batch mean of these (``reduction="mean"``), each wei
 whole batch: 1 for per-sample losses, a sequence's token count over the batch's mean for the token-level
 ``causal_lm`` loss (whose batch loss is the mean over all the batch's tokens). Every per-sample gradient here is of
 ``w_k l_k``, so dot products and batch means need no further weighting.
+
+Runs with dropout: ``masks`` (the update's dropout masks, each ``(|B|, ...)`` with the batch first, from
+:func:`explaind_store.dropout.draw_masks`) are applied as constants at the model's dropout calls, sample ``k``
+getting row ``k`` of each (``None``: no dropout).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from explaind_store.dropout import masks_applied
 from explaind_store.specs import loss_weights, per_sample_loss
 
 METHODS = ("auto", "grad", "jvp")
@@ -60,29 +65,37 @@ def batch_weights(loss_spec: dict[str, str], y: torch.Tensor) -> torch.Tensor | 
     return loss_weights(loss_spec, y).to(y.device)
 
 
+Masks = list[torch.Tensor] | None
+
+
 def _sample_loss_fn(model: nn.Module, loss_spec: dict[str, str]) -> Callable:
-    def one(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, params, (x.unsqueeze(0),))
+    def one(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+            masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        with masks_applied(model, None if masks is None else [m.unsqueeze(0) for m in masks]):
+            out = functional_call(model, params, (x.unsqueeze(0),))
         return per_sample_loss(loss_spec, out, y.unsqueeze(0)).sum()
 
     return one
 
 
 def _batch_losses_fn(
-    model: nn.Module, loss_spec: dict[str, str], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
+    model: nn.Module, loss_spec: dict[str, str], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None,
+    masks: Masks = None,
 ) -> Callable:
     def losses(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = per_sample_loss(loss_spec, functional_call(model, params, (x,)), y)
+        with masks_applied(model, masks):
+            out = per_sample_loss(loss_spec, functional_call(model, params, (x,)), y)
         return out if w is None else out * w.to(out.dtype)
 
     return losses
 
 
 def batch_mean_grad(
-    model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, loss_spec: dict[str, str]
+    model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, loss_spec: dict[str, str],
+    masks: Masks = None,
 ) -> dict[str, torch.Tensor]:
     """The optimizer's (unclipped) batch gradient ``g = mean_k w_k grad l_k(params)``, one reverse pass."""
-    losses = _batch_losses_fn(model, loss_spec, x, y, batch_weights(loss_spec, y))
+    losses = _batch_losses_fn(model, loss_spec, x, y, batch_weights(loss_spec, y), masks)
     return grad(lambda p: losses(p).mean())(params)
 
 
@@ -94,17 +107,20 @@ def batch_mean_grads(
     loss_spec: dict[str, str],
     *,
     max_rows: int = 4096,
+    masks: list[Masks] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """:func:`batch_mean_grad` of several updates at once: ``params`` holds each tensor stacked over the updates
-    (``(L, *shape)``), ``xs`` / ``ys`` their batches. Batches of one size go through one ``vmap`` over updates in
-    groups of at most ``max_rows`` samples (one call's fixed overhead shared by several updates; docs/benchmarks.md);
-    otherwise one update at a time."""
+    (``(L, *shape)``), ``xs`` / ``ys`` their batches (``masks``: each update's dropout masks). Batches of one size
+    go through one ``vmap`` over updates in groups of at most ``max_rows`` samples (one call's fixed overhead shared
+    by several updates; docs/benchmarks.md); otherwise (or with dropout masks) one update at a time."""
     n = len(xs)
     if n == 0:
         return []
     same = all(x.shape == xs[0].shape for x in xs) and all(y.shape == ys[0].shape for y in ys)
-    if not same or n == 1 or batch_weights(loss_spec, ys[0]) is not None:  # weights: per update (not vmapped)
-        return [batch_mean_grad(model, {k: v[i] for k, v in params.items()}, xs[i], ys[i], loss_spec) for i in range(n)]
+    dropped = masks is not None and any(m is not None for m in masks)
+    if not same or n == 1 or batch_weights(loss_spec, ys[0]) is not None or dropped:  # per update (not vmapped)
+        return [batch_mean_grad(model, {k: v[i] for k, v in params.items()}, xs[i], ys[i], loss_spec,
+                                None if masks is None else masks[i]) for i in range(n)]
 
     def mean_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return per_sample_loss(loss_spec, functional_call(model, p, (x,)), y).mean()
@@ -127,15 +143,16 @@ def sample_grads(
     loss_spec: dict[str, str],
     *,
     sample_chunk: int = 512,
+    masks: Masks = None,
 ) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
     """Per-sample gradients ``grad l_k(params)`` of the batch, ``sample_chunk`` samples at a time: yields
     ``(slice of the batch, name -> (chunk, *shape))``. Lazy, so a consumer holds one chunk at a time."""
-    psg = vmap(grad(_sample_loss_fn(model, loss_spec)), in_dims=(None, 0, 0))
+    psg = vmap(grad(_sample_loss_fn(model, loss_spec)), in_dims=(None, 0, 0, None if masks is None else 0))
     B = x.shape[0]
     w = batch_weights(loss_spec, y)  # of the whole batch, before it is cut into chunks
     for c0 in range(0, B, sample_chunk):
         sl = slice(c0, min(B, c0 + sample_chunk))
-        G = psg(params, x[sl], y[sl])
+        G = psg(params, x[sl], y[sl], None if masks is None else [m[sl] for m in masks])
         if w is not None:
             G = {n: g.mul_(w[sl].to(g.dtype).reshape(-1, *([1] * (g.ndim - 1)))) for n, g in G.items()}
         yield sl, G
@@ -197,6 +214,7 @@ def sample_dots(
     sample_chunk: int = 512,
     want_mean_grad: bool = False,
     scale: dict[str, float] | None = None,
+    masks: Masks = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """``dots[r, k(, t)] = <V[r], grad l_k(params)>`` (restricted to tensor ``t`` when ``per_tensor``).
 
@@ -207,7 +225,7 @@ def sample_dots(
     """
     B = x.shape[0]
     if method == "grad":
-        return grad_dots(sample_grads(model, params, x, y, loss_spec, sample_chunk=sample_chunk), V, B,
+        return grad_dots(sample_grads(model, params, x, y, loss_spec, sample_chunk=sample_chunk, masks=masks), V, B,
                          per_tensor=per_tensor, want_mean_grad=want_mean_grad, scale=scale)
     if method != "jvp":
         raise ValueError(f"unknown method {method!r}; use 'grad' or 'jvp'")
@@ -221,7 +239,8 @@ def sample_dots(
     w = batch_weights(loss_spec, y)
     for c0 in range(0, B, sample_chunk):
         sl = slice(c0, min(B, c0 + sample_chunk))
-        losses = _batch_losses_fn(model, loss_spec, x[sl], y[sl], None if w is None else w[sl])
+        losses = _batch_losses_fn(model, loss_spec, x[sl], y[sl], None if w is None else w[sl],
+                                  None if masks is None else [m[sl] for m in masks])
         if per_tensor:
             for t, n in enumerate(names):
 
@@ -242,5 +261,5 @@ def sample_dots(
                 v = {n: V[n][r0 : r0 + rows] if sc[n] == 1.0 else V[n][r0 : r0 + rows] * sc[n] for n in names}
                 out[r0 : r0 + rows, sl] = vmap(tangent)(v)
     if want_mean_grad:
-        mean = batch_mean_grad(model, params, x, y, loss_spec)
+        mean = batch_mean_grad(model, params, x, y, loss_spec, masks)
     return out, mean

@@ -89,6 +89,7 @@ class UpdateInputs:
     pi: Any = None  # the PathIntegral when pass 2 made it (its scalars)
     g: Vectors | None = None  # batch-mean gradient, when taken
     grads: list[tuple[slice, Vectors]] | None = None  # per-sample gradients, taken ahead
+    masks: list[torch.Tensor] | None = None  # the update's dropout masks (runs with dropout)
 
 
 @dataclass
@@ -192,11 +193,13 @@ def produce(state: Pass2State, s: int) -> UpdateInputs:
         kx = {n: ctx.terms.k(block, s, n, ctx.device) for n in ctx.names}
     idx, xb, yb = ctx.batch(block, s)
     w = UpdateInputs(j, theta_prev, x, kx, idx, xb, yb, theta_s=theta_s, pi=pi, g=g)
+    if state.by_sample or w.g is None:
+        w.masks = ctx.masks(block, s, theta_prev, xb, yb)
     if state.by_sample and state.pre_grads:
         w.grads = list(sample_grads(ctx.model, theta_prev, xb, yb, ctx.loss,
-                                    sample_chunk=int(state.problem.sample_chunk)))
+                                    sample_chunk=int(state.problem.sample_chunk), masks=w.masks))
     elif w.g is None and not state.by_sample:
-        w.g = batch_mean_grad(ctx.model, theta_prev, xb, yb, ctx.loss)
+        w.g = batch_mean_grad(ctx.model, theta_prev, xb, yb, ctx.loss, w.masks)
     return w
 
 
@@ -279,7 +282,7 @@ def _data_scores(state: Pass2State, w: UpdateInputs, Vt: Vectors, coef: dict[str
             method = choose_method(problem.method, R, nb, per_tensor)
             dots, g_mean = sample_dots(
                 ctx.model, w.theta_prev, w.xb, w.yb, ctx.loss, Vt, per_tensor=per_tensor, method=method,
-                sample_chunk=int(problem.sample_chunk), want_mean_grad=want_g, scale=k_dot,
+                sample_chunk=int(problem.sample_chunk), want_mean_grad=want_g, scale=k_dot, masks=w.masks,
             )
         if g is None:
             g = g_mean

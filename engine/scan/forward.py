@@ -141,7 +141,10 @@ def momentum_scan(
         thetas = {n: block.params[n][part[0] - lo - 1 : part[-1] - lo].to(device=ctx.device, dtype=F64)
                   for n in ctx.names}
         batches = [ctx.batch(block, s) for s in part]
-        gs = batch_mean_grads(ctx.model, thetas, [b[1] for b in batches], [b[2] for b in batches], ctx.loss)
+        masks = [ctx.masks(block, s, {n: thetas[n][k] for n in ctx.names}, b[1], b[2])
+                 for k, (s, b) in enumerate(zip(part, batches))]
+        gs = batch_mean_grads(ctx.model, thetas, [b[1] for b in batches], [b[2] for b in batches], ctx.loss,
+                              masks=masks)
         for k, (s, g) in enumerate(zip(part, gs)):
             yield s, advance_momentum(ctx, block, s, A, g, {n: thetas[n][k] for n in ctx.names})
 
@@ -275,7 +278,7 @@ def _full_pass(
     for j, s in enumerate(block.updates):
         theta_s = ctx.params(block, s)
         _, xb, yb = ctx.batch(block, s)
-        g = batch_mean_grad(ctx.model, theta_prev, xb, yb, ctx.loss)
+        g = batch_mean_grad(ctx.model, theta_prev, xb, yb, ctx.loss, ctx.masks(block, s, theta_prev, xb, yb))
         vecs = advance_momentum(ctx, block, s, a_total, g, theta_prev)
         phi, pi = update_phi(ctx, theta_prev, theta_s)
         k = {n: terms.k(block, s, n, dev) for n in names}

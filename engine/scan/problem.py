@@ -17,8 +17,9 @@ from engine.ops.persample import choose_method
 from engine.ops.quadrature import parse_rule
 from engine.result import BY_KEYS, ResultMeta
 from engine.scan.heap import keep_heap
-from explaind_store import schema
+from explaind_store import dropout, schema
 from explaind_store.modes import apply_modes
+from explaind_store.specs import batch_loss
 from explaind_store.trajectory import Trajectory, TrajectoryBlock
 
 F64 = torch.float64
@@ -140,6 +141,10 @@ class Context:
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model
+        # runs with dropout: the model's dropout calls are off except where an update's masks are applied
+        self.rng = getattr(traj, "rng_info", None)
+        if self.rng is not None:
+            dropout.install(model)
         own = dict(model.named_parameters())
         missing = [n for n in self.names if n not in own]
         if missing:
@@ -178,6 +183,29 @@ class Context:
     def batch(self, block: TrajectoryBlock, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = block.batches[s - block.lo - 1].to(device=self.device, dtype=torch.int64)
         return idx, self.x_train[idx], self.y_train[idx]
+
+    def masks(
+        self, block: TrajectoryBlock, s: int, theta_prev: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor
+    ) -> list[torch.Tensor] | None:
+        """Update ``s``'s dropout masks (float64, batch first), regenerated from its recorded generator states, or
+        None when its forward drew nothing. Raises ``DropoutReplayError`` when the training loss they give is not
+        the recorded one (randomness outside dropout calls)."""
+        j = s - block.lo - 1
+        rec = None if block.rng is None else block.rng[j]
+        if rec is None:
+            return None
+        if self.rng is None:
+            raise dropout.DropoutReplayError(
+                f"update {s} records generator states but the trajectory does not say where they were drawn "
+                f"(its {schema.ATTR_RNG} attribute); the store is damaged: re-record it"
+            )
+        masks, out = dropout.draw_masks(
+            self.model, lambda sl: torch.func.functional_call(self.model, theta_prev, (xb[sl],)), rec,
+            self.rng["device"], getattr(torch, self.rng["dtype"]),
+        )
+        if block.loss is not None:
+            dropout.check_loss(s, float(block.loss[j]), float(batch_loss(self.loss, out, yb)))
+        return [m.to(device=self.device, dtype=F64) for m in masks]
 
 
 _CTX: OrderedDict[tuple[int, int], tuple[Any, Any, Context]] = OrderedDict()

@@ -10,16 +10,20 @@ from .training import activation, resolve_dtype
 
 
 def make_mlp(
-    in_dim: int = 64, hidden: int = 8, out_dim: int = 10, depth: int = 2, act: str = "tanh", dtype: str = "float32"
+    in_dim: int = 64, hidden: int = 8, out_dim: int = 10, depth: int = 2, act: str = "tanh", dtype: str = "float32",
+    dropout: float = 0.0,
 ) -> nn.Module:
     """``depth`` hidden layers ``Linear -> act`` of width ``hidden``, then ``Linear -> out_dim`` (``depth=0``: linear).
 
-    ``act``: "tanh", "relu" or "gelu". Initialised from torch's global RNG.
+    ``act``: "tanh", "relu" or "gelu"; ``dropout > 0``: an ``nn.Dropout(dropout)`` after each hidden layer.
+    Initialised from torch's global RNG.
     """
     layers: list[nn.Module] = []
     width = in_dim
     for _ in range(depth):
         layers += [nn.Linear(width, hidden), activation(act)]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
         width = hidden
     layers.append(nn.Linear(width, out_dim))
     return nn.Sequential(*layers).to(resolve_dtype(dtype))
