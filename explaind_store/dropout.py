@@ -139,6 +139,7 @@ class _State(threading.local):
         self.masks: list[torch.Tensor] = []
         self.i = 0
         self.draw: tuple[torch.device, torch.dtype, int] | None = None
+        self.calls: list[tuple[Any, tuple[int, ...], tuple[int, ...], float]] = []  # draw: (func, shape, stride, p)
 
 
 class _Mode(TorchFunctionMode):
@@ -203,6 +204,7 @@ class DropoutControl:
             ones = torch.ones_like(x, dtype=dtype, device=device)  # strides too: the generator fills memory order
             mask = func(ones, p=p, training=True)
             st.masks.append(mask)
+            st.calls.append((func, tuple(ones.shape), tuple(ones.stride()), p))
             return x * mask.to(device=x.device, dtype=x.dtype)
         if st.i >= len(st.masks):
             raise DropoutReplayError(
@@ -272,7 +274,10 @@ def draw_masks(
     ``rec.sizes[m]``); each micro-batch's forward runs with the generator of ``device`` at its recorded state and
     draws its masks in ``dtype`` (the training dtype). Returns the masks of the whole batch (each micro-batch's
     concatenated along the batch dimension, in call order) and the concatenated outputs of those forwards (with
-    the masks applied: the training forward, for :func:`check_loss`)."""
+    the masks applied: the training forward, for :func:`check_loss`).
+
+    Raises :class:`DropoutReplayError` when a forward draws random numbers outside dropout calls (the generator
+    moves further than the masks alone move it): those would differ at every later evaluation."""
     ctl = control(model)
     if ctl is None:
         raise DropoutReplayError("dropout.install(model) must come before draw_masks")
@@ -280,16 +285,29 @@ def draw_masks(
     per_micro: list[list[torch.Tensor]] = []
     outs: list[torch.Tensor] = []
     start = 0
-    saved = (st.kind, st.masks, st.i, st.draw)
+    saved = (st.kind, st.masks, st.i, st.draw, st.calls)
     try:
         for m, n in enumerate(rec.sizes):
-            st.kind, st.masks, st.i, st.draw = "draw", [], 0, (torch.device(device), dtype, int(n))
-            with _GENERATOR_LOCK, generator_at(rec.states[m], device), torch.no_grad():
-                outs.append(forward(slice(start, start + n)))
+            st.kind, st.masks, st.i, st.draw, st.calls = "draw", [], 0, (torch.device(device), dtype, int(n)), []
+            with _GENERATOR_LOCK, torch.no_grad():
+                with generator_at(rec.states[m], device):
+                    outs.append(forward(slice(start, start + n)))
+                    after = rng_state(device)
+                with generator_at(rec.states[m], device):  # the masks alone, drawn again
+                    for func, shape, stride, p in st.calls:
+                        func(torch.empty_strided(shape, stride, dtype=dtype, device=device).fill_(1), p=p, training=True)
+                    masks_only = rng_state(device)
+            if not np.array_equal(after, masks_only):
+                raise DropoutReplayError(
+                    "the training forward draws random numbers outside torch.nn.functional.dropout calls (the "
+                    "generator moves further than its dropout masks move it: e.g. torch.rand / torch.bernoulli masks, "
+                    "noise added to activations, attention dropout inside a fused kernel), so the decomposition "
+                    f"cannot reproduce the loss the optimizer differentiated. {FIX}"
+                )
             per_micro.append(st.masks)
             start += n
     finally:
-        st.kind, st.masks, st.i, st.draw = saved
+        st.kind, st.masks, st.i, st.draw, st.calls = saved
     counts = {len(ms) for ms in per_micro}
     if len(counts) > 1:
         raise DropoutReplayError(

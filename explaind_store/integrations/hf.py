@@ -31,8 +31,13 @@ What the callback takes from the Trainer, and how (transformers 5.23):
   the indices of the batches the resumed Trainer skips are skipped too. The callback commits the store whenever
   the Trainer saves a checkpoint, so a run killed after a checkpoint can resume from it; a store behind the
   checkpoint (killed between the Trainer's save and the commit) is refused.
-- Dropout: refused at ``on_train_begin``, naming the config settings to set to 0 (the store cannot replay random
-  masks yet). Mixed precision, label smoothing and several processes are refused too.
+- Dropout: recorded. The recorder keeps the generator state at the start of every training forward (one per
+  micro-batch) and readers regenerate the masks from it (``explaind_store.dropout``): GPT-2's ``embd_pdrop`` and
+  ``resid_pdrop`` (``nn.Dropout`` modules) and, under ``attn_implementation="eager"``, ``attn_pdrop`` (a
+  ``F.dropout`` call on the attention weights). Attention dropout inside a fused kernel (``"sdpa"``, the default,
+  or flash attention, with ``attn_pdrop > 0``) draws masks that cannot be regenerated: refused at
+  ``on_train_begin``, naming the settings to change. Mixed precision, label smoothing and several processes are
+  refused too.
 """
 
 from __future__ import annotations
@@ -102,6 +107,17 @@ def dropout_settings(model: nn.Module) -> list[str]:
         return []
     items = cfg.to_dict().items()
     return [f"{k}={v}" for k, v in items if "drop" in k and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0]
+
+
+def fused_attention_dropout(model: nn.Module) -> list[str]:
+    """The attention-dropout settings (``name=value`` > 0) of a model whose attention runs in a fused kernel (any
+    ``attn_implementation`` but ``"eager"``), which draws its masks inside the kernel where they cannot be
+    regenerated; empty when there are none (or attention is eager, whose dropout is an ``F.dropout`` call)."""
+    cfg = getattr(model, "config", None)
+    impl = getattr(cfg, "_attn_implementation", None)
+    if cfg is None or impl in (None, "eager"):
+        return []
+    return [s for s in dropout_settings(model) if "att" in s.split("=")[0]]
 
 
 def _stack(rows: list[dict[str, Any]], key: str) -> np.ndarray:
@@ -218,14 +234,21 @@ class ExplaindCallback(TrainerCallback):
         problems = modes.forward_problems(model)
         model.train(was)
         if problems:
-            settings = dropout_settings(model)
-            fix = (f"Set {', '.join(s.split('=')[0] + '=0.0' for s in settings)} in the model's config before "
-                   "building the model" if settings else modes.FORWARD_ADVICE)
             raise RecorderError(
-                "this model's training forward is random or depends on batch statistics, so the store could not "
-                "replay it:\n  - " + "\n  - ".join(problems) + f"\n{fix} (e.g. GPT2Config(resid_pdrop=0.0, "
-                "embd_pdrop=0.0, attn_pdrop=0.0)). Recording dropout needs the random state of every update, "
-                "which the store does not keep yet."
+                "this model's training forward draws random numbers the store cannot regenerate, or depends on "
+                "batch statistics:\n  - " + "\n  - ".join(problems) + f"\n{modes.FORWARD_ADVICE}"
+            )
+        fused = fused_attention_dropout(model)
+        if fused:
+            impl = model.config._attn_implementation
+            raise RecorderError(
+                f"this model applies attention dropout ({', '.join(fused)}) inside its fused attention kernel "
+                f"(attn_implementation={impl!r}), which draws the masks where the store cannot regenerate them, so "
+                "the run could not be decomposed exactly. Build the model with eager attention "
+                "(AutoModelForCausalLM.from_config(cfg, attn_implementation='eager'), or "
+                "GPT2LMHeadModel(cfg) after cfg._attn_implementation = 'eager'), whose attention dropout is "
+                f"recorded, or set {', '.join(s.split('=')[0] + '=0.0' for s in fused)} in the config (the other "
+                "dropout settings may stay on)."
             )
         ids, labels = dataset_arrays(train_dataloader.dataset)
         self._ids, self._labels = torch.from_numpy(ids), torch.from_numpy(labels)
@@ -249,9 +272,10 @@ class ExplaindCallback(TrainerCallback):
         max_norm = float(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None
         self._loss_spec = loss_spec("causal_lm", count=trainer_token_count(model))
         extra = {"resume_at": resumed} if resumed else {}
+        kwargs = {"micro_batches": int(args.gradient_accumulation_steps), **self.recorder_kwargs}
         self.recorder = Recorder(
             self.path, model, inner, data=(ids, labels), loss=self._loss_spec, model_spec=spec,
-            overwrite=self.overwrite, max_grad_norm=max_norm, **extra, **self.recorder_kwargs,
+            overwrite=self.overwrite, max_grad_norm=max_norm, **extra, **kwargs,
         )
         self._hooks.append(model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._post_forward))
