@@ -349,7 +349,10 @@ def oracle(
     window: tuple[int, int] | None = None,
     nodes: int = 12,
     breakpoints: Callable[[dict, dict], list[float]] | None = None,
+    dropout_masks: Callable[[int, int], list[torch.Tensor]] | None = None,
 ) -> OracleResult:
+    """``dropout_masks(s, k)``: the masks training applied to sample ``k`` at update ``s``, one ``(1, ...)`` tensor
+    per ``nn.Dropout`` module of the model in module order (applied after each, the model otherwise in eval mode)."""
     traj = run.traj
     spec = traj.optimizer_spec
     names = list(traj.tensor_names)
@@ -371,10 +374,20 @@ def oracle(
 
     lm = dict(traj.loss).get("kind") == "causal_lm"
 
-    def sample_grad(params: dict, k: int, batch: list[int]) -> dict:
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+
+    def sample_grad(params: dict, k: int, batch: list[int], s: int = 0) -> dict:
         """Gradient of sample k's share of the batch loss, times the batch size (the caller divides by it)."""
         p = {n: params[n].clone().requires_grad_(True) for n in names}
-        out = functional_call(model, p, (x[k : k + 1],))
+        hooks = []
+        if dropout_masks is not None:
+            for m, mask in zip(drops, dropout_masks(s, k), strict=True):
+                hooks.append(m.register_forward_hook(lambda mod, inp, out, mask=mask: out * mask.to(out.dtype)))
+        try:
+            out = functional_call(model, p, (x[k : k + 1],))
+        finally:
+            for h in hooks:
+                h.remove()
         if lm:  # the Trainer's loss: token-loss sum over the tokens of the whole batch, so k weighs by its tokens
             lab = run.y[k, 1:]
             tok_sum = F.cross_entropy(out[0, :-1], lab, ignore_index=-100, reduction="sum")
@@ -417,7 +430,7 @@ def oracle(
         # raw inputs of update s (what enters the gradient g'_s), as new pieces
         new: dict[tuple, dict[str, torch.Tensor]] = {}
         for k in batch:
-            g = sample_grad(th0, k, batch)
+            g = sample_grad(th0, k, batch, s)
             key = ("data", k, s)
             if key not in new:
                 new[key] = {n: torch.zeros_like(th0[n]) for n in names}
