@@ -1,6 +1,7 @@
 """The Hugging Face integration: a stock ``transformers.Trainer`` run of a tiny GPT-2, recorded by the callback
-(clipping, gradient accumulation 2, linear warm-up, padded sequences), verifies; dropout is refused with the
-settings to change; the plain-loop recorder API for micro-batches and clipping norms."""
+(clipping, gradient accumulation 2, linear warm-up, padded sequences), verifies, with and without dropout (attention
+dropout inside a fused kernel is refused with the settings to change); the plain-loop recorder API for micro-batches
+and clipping norms."""
 
 from __future__ import annotations
 
@@ -23,9 +24,12 @@ from explaind_store.specs import batch_loss, loss_weights, per_sample_loss  # no
 N, T, V = 20, 16, 64
 
 
-def _config(dropout: float = 0.0) -> GPT2Config:
-    return GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=32, resid_pdrop=dropout,
-                      embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0)
+def _config(dropout: float = 0.0, attn: str | None = None) -> GPT2Config:
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=32, resid_pdrop=dropout,
+                     embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0)
+    if attn is not None:
+        cfg._attn_implementation = attn
+    return cfg
 
 
 def _dataset(seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -84,13 +88,41 @@ def test_trainer_run_recorded_by_the_callback_verifies(tmp_path):
     assert rep.replay_excess <= 1
 
 
-def test_callback_refuses_dropout_naming_the_config_settings(tmp_path):
-    model = GPT2LMHeadModel(_config(dropout=0.1))
+def test_callback_refuses_attention_dropout_in_a_fused_kernel_naming_the_settings(tmp_path):
+    model = GPT2LMHeadModel(_config(dropout=0.1, attn="sdpa"))
     trainer = Trainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_dataset(),
                       callbacks=[ExplaindCallback(tmp_path / "run.zarr")])
-    with pytest.raises(RecorderError, match=r"resid_pdrop=0\.0.*embd_pdrop=0\.0|embd_pdrop=0\.0.*resid_pdrop=0\.0"):
+    with pytest.raises(RecorderError, match=r"attn_pdrop=0\.0") as err:
         trainer.train()
+    assert "attn_implementation='eager'" in str(err.value) and "resid_pdrop" not in str(err.value)
     assert not (tmp_path / "run.zarr").exists()
+
+
+def test_trainer_run_with_dropout_verifies_and_decomposes(tmp_path):
+    """GPT-2's default dropout (0.1: embeddings, residuals and, with eager attention, the attention weights) with
+    clipping, accumulation 2 and warm-up, stored every 3 updates: the replay between checkpoints sets the generator
+    to each micro-batch's recorded state, and the decomposition regenerates the masks."""
+    import engine
+    from tests.support.compare import identity_error
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(_config(dropout=0.1, attn="eager"))
+    cb = ExplaindCallback(tmp_path / "run.zarr", checkpoint_every=3)
+    Trainer(model=model, args=_args(tmp_path, max_steps=5), train_dataset=_dataset(), callbacks=[cb]).train()
+    run = open_run(tmp_path / "run.zarr")
+    assert run.rng_info == {"device": "cpu", "dtype": "float32"} and run.checkpoint_steps.tolist() == [0, 3, 5]
+    micro = run.updates["micro_size"].values
+    assert micro[1:].tolist() == [[4, 4], [4, 4], [4, 0], [4, 4], [4, 4]]  # one state per micro-batch
+    assert np.all(np.asarray(run.block(0, 5).grad_scale) < 1)  # clipping active
+    rep = run.verify()
+    assert rep.ok, rep.table()
+    assert rep.gradient_checked and rep.gradient_max_rel_error < 1e-3
+    # replayed between checkpoints: float32 rounding (micro-batch sums in another order), not a different run
+    assert rep.checkpoint_replay and max(c["relative"] for c in rep.checkpoint_replay) < 1e-4
+    ds = engine.attribute(run, queries="train[:1]", output="loss", by=("sample",), client="sync", progress=False)
+    change = float(np.abs(np.asarray(ds["final"] - ds["initial"])).max())
+    assert identity_error(ds) <= 1e-10 * change
+    assert ds.attrs["max_rounding_residual"] < 1e-5 * change  # the masks regenerated: float32 rounding only
 
 
 def test_callback_refuses_left_padding(tmp_path):
