@@ -3,8 +3,10 @@
 Per update ``s`` the decomposition explains ``delta_s = F(theta_s) - F(theta_{s-1})``; its ``rounding_residual_s``
 is the part of ``delta_s`` that the movement rebuilt from the recorded batches (recomputed gradients, recorded
 ``grad_scale``, loss and optimizer) does not reproduce. On an exact record it is float rounding (relative
-~1e-7..1e-5 in float32 runs); an inexact record (dropout, clipping not passed to ``record``, wrong batch indices, a
-sum-reduced loss, BatchNorm statistics) leaves residuals as large as the change itself. Update ``s`` fails when, for
+~1e-7..1e-5 in float32 runs); an inexact record (randomness the store cannot regenerate, clipping not passed to
+``record``, wrong batch indices, a sum-reduced loss, BatchNorm statistics) leaves residuals as large as the change
+itself. (Dropout through ``F.dropout`` / ``nn.Dropout`` is recorded and regenerated: ``explaind_store.dropout``.)
+Update ``s`` fails when, for
 its worst query output,
 
     max |rounding_residual_s|  >  residual_tol * max |delta_s|  +  floor
@@ -40,7 +42,7 @@ FLOOR_ULPS = 64.0
 CONFIRM_UPDATES = 16  # bad updates the batch-gradient check confirms (the first and evenly spaced ones)
 
 CAUSES = (
-    "dropout or another random forward in train mode",
+    "a random forward in train mode whose randomness the store cannot regenerate (not nn.Dropout / F.dropout)",
     "gradient clipping not passed to rec.record(grad_scale=...)",
     "batch indices passed to record() that are not the samples trained on",
     "a loss that is not the batch mean (reduction='sum', or a scaled loss)",
@@ -125,7 +127,7 @@ def check_exactness(ds: xr.Dataset, traj: Any, tol: float | None) -> None:
         + (f"\n{diagnosis}" if diagnosis else "")
         + "\nLikely causes: " + "; ".join(CAUSES) + "."
         + f"\nRun `explaind verify {getattr(traj, 'path', '<store>')}` for the replay and batch-gradient checks, "
-        "then record again with dropout off (model.eval() or p=0), clipping passed as "
+        "then record again with any randomness outside nn.Dropout / F.dropout off, clipping passed as "
         "rec.record(batch, grad_scale=min(1, max_norm / norm)), the exact batch indices, the batch-mean loss and "
         "eval-mode BatchNorm. To get the result anyway, pass residual_tol=None (CLI: --residual-tol inf)."
     )

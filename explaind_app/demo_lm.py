@@ -18,8 +18,8 @@ Stages (each resumable like ``explaind demo``: a finished stage is reused when i
                    and most harmful training sequences for a few validation sequences, shown as text.
 6. ``report``      figures and ``report.html``.
 
-Dropout is 0: the recorder refuses a random training forward (the store does not keep the dropout masks), so the
-model is trained without it.
+Dropout is 0 here (a choice of this demo: the recorder can record dropout, regenerating its masks from the recorded
+generator states).
 """
 
 from __future__ import annotations
@@ -330,8 +330,8 @@ def _write_report(out: Path, summary: list[tuple[str, str]], curves: dict[str, n
                      f"src='data:image/png;base64,{base64.b64encode(data).decode()}'><p class='caption'>{caption}</p>")
 
     fig("curves", _fig_curves(curves), "Training and validation loss",
-        "The validation split holds other standard-library files than training. Dropout is 0 (the recorder refuses "
-        "a random training forward: the store does not keep dropout masks).")
+        "The validation split holds other standard-library files than training. Dropout is 0 (a choice of this "
+        "demo).")
     fig("components", _fig_components(components), "Per-layer, per-component influence over training",
         "The change of the mean validation loss of a few validation sequences, split exactly over updates and "
         "tensors (data + weight decay of every update), summed per component: the token and position embeddings, "

@@ -295,7 +295,8 @@ def draw_masks(
                     after = rng_state(device)
                 with generator_at(rec.states[m], device):  # the masks alone, drawn again
                     for func, shape, stride, p in st.calls:
-                        func(torch.empty_strided(shape, stride, dtype=dtype, device=device).fill_(1), p=p, training=True)
+                        ones = torch.empty_strided(shape, stride, dtype=dtype, device=device).fill_(1)
+                        func(ones, p=p, training=True)
                     masks_only = rng_state(device)
             if not np.array_equal(after, masks_only):
                 raise DropoutReplayError(

@@ -443,7 +443,8 @@ class Run:
                         f"not split its batch of {len(batches[r])} samples; the store is inconsistent (run "
                         f"`explaind verify {self.path}`)."
                     )
-                rng.append(RngRecord(states=np.asarray(states[:m], dtype=np.uint8), sizes=tuple(int(v) for v in micro[:m])))
+                rng.append(RngRecord(states=np.asarray(states[:m], dtype=np.uint8),
+                                     sizes=tuple(int(v) for v in micro[:m])))
         return UpdateRecords(
             lr=torch.from_numpy(rec[schema.LR]),
             weight_decay=torch.from_numpy(rec[schema.WEIGHT_DECAY]),

@@ -297,14 +297,14 @@ def verify(
             f"replaying the updates before checkpoint {first['step']} from the checkpoint before it misses the "
             f"stored parameters by {first['relative']:.2e} of how far they moved ({len(bad_ck)} checkpoint(s) fail): "
             "the per-update records (batches, learning rates, clipping) or a checkpoint do not match what training "
-            "did, or the model's forward is not reproducible (dropout, changing buffers)"
+            "did, or the model's forward is not reproducible (randomness other than recorded dropout, changing buffers)"
         )
     if rep.gradient_checked and (worst_g > GRADIENT_TOL or math.isnan(worst_g)):
         rep.problems.append(
             f"update {rep.gradient_worst_update}: the gradient recomputed from the recorded batch differs from the "
             f"one the optimizer used by {worst_g:.2e} (relative, beyond the rounding of the recorded state). The "
             "batch indices, data, loss spec or grad_scale passed to record() do not match what training did "
-            "(dropout or augmentation also cause this)."
+            "(random augmentation also causes this)."
             + (f" {worst_match.explain()}" if worst_match is not None else "")
         )
     return rep
@@ -392,7 +392,7 @@ class GradientMatch:
             return (f"{head}: the gradient was scaled up{f', by the batch size {b}' if near_b else ''}, as a "
                     "sum-reduced loss (reduction='sum') or a multiplied loss does; train with the batch-mean loss.")
         return (f"{head}: they point in different directions, so the recorded batch is not what the optimizer "
-                "trained on: wrong batch indices, different data, or a random forward (dropout in train mode).")
+                "trained on: wrong batch indices, different data, or a random forward the store cannot regenerate.")
 
 
 class GradientChecker:
@@ -426,7 +426,9 @@ class GradientChecker:
         self.spec = run.optimizer_spec
         self.group_of = self.spec.group_of()
 
-    def _masks(self, blk: Any, r: int, s: int, prev: dict[str, torch.Tensor], batch: torch.Tensor) -> list[torch.Tensor] | None:
+    def _masks(
+        self, blk: Any, r: int, s: int, prev: dict[str, torch.Tensor], batch: torch.Tensor
+    ) -> list[torch.Tensor] | None:
         """Update ``s``'s dropout masks regenerated from its recorded generator states (None: it drew none); raises
         :class:`~explaind_store.dropout.DropoutReplayError` when they do not give the recorded training loss."""
         rec = None if blk.rng is None else blk.rng[r]
@@ -436,12 +438,13 @@ class GradientChecker:
         xb = self.x[batch]
         xb = xb.double() if xb.is_floating_point() else xb
         yb = self.y[batch]
+        yb = yb.double() if yb.is_floating_point() else yb
         masks, out = dropout.draw_masks(
             self.model, lambda sl: torch.func.functional_call(self.model, ps, (xb[sl],)), rec, self.rng["device"],
             getattr(torch, self.rng["dtype"]),
         )
         if blk.loss is not None:
-            dropout.check_loss(s, float(blk.loss[r]), float(batch_loss(self.run.loss, out, yb.double() if yb.is_floating_point() else yb)))
+            dropout.check_loss(s, float(blk.loss[r]), float(batch_loss(self.run.loss, out, yb)))
         return masks
 
     def update(self, s: int) -> GradientMatch:
