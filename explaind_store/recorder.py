@@ -883,6 +883,11 @@ class Recorder:
         self._writer.flush()  # the writer is idle from here on: its arrays may change
         g = self.root[u]
         width = max(width, self.micro_batches or 0)
+        # the attribute first: a kill before the arrays exist leaves a store without them (readers ignore it)
+        dtypes = {p.dtype for p in self.params}
+        dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+        self.root.attrs.update({schema.ATTR_RNG: {"device": self._rng_device.type,
+                                                  "dtype": str(dtype).replace("torch.", "")}})
         n = s  # steps 0 .. s-1 are committed
         arrays = {
             schema.RNG_STATE: storage.create_stepped(g, schema.RNG_STATE, (width, nbytes), np.uint8,
@@ -896,10 +901,6 @@ class Recorder:
             arr.resize((n, *arr.shape[1:]))
             arr[0:n] = np.zeros(arr.shape, arr.dtype)
             self._arrays[f"{u}/{name}"] = storage.writable(arr)
-        dtypes = {p.dtype for p in self.params}
-        dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
-        self.root.attrs.update({schema.ATTR_RNG: {"device": self._rng_device.type,
-                                                  "dtype": str(dtype).replace("torch.", "")}})
         self._writer.arrays = self._arrays
 
     # --- public API ------------------------------------------------------------------------------------------

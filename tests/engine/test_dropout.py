@@ -232,3 +232,30 @@ def test_accumulated_micro_batches_must_match_the_training_forwards(tmp_path):
         opt.step()
         with pytest.raises(Exception, match="ran 2 training forward"):
             rec.record(range(8))  # ... recorded as one batch
+
+
+def test_resumed_dropout_recording_keeps_recording_generator_states(tmp_path):
+    x, y, xv, yv = _data()
+    path = tmp_path / "run.zarr"
+    spec = model_spec(make_mlp, **MLP)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)
+    for part in range(2):  # 3 updates, closed; then resumed for 3 more
+        net = make_mlp(**MLP).train()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        with Recorder(path, net, opt, data=(x, y), splits={"val": (xv, yv)}, model_spec=spec, chunk_updates=2,
+                      resume=part == 1) as rec:
+            for _ in range(3):
+                idx = torch.randperm(len(x), generator=gen)[:BATCH]
+                loss = F.cross_entropy(net(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                rec.record(idx, loss=loss.item())
+    run = open_run(path)
+    assert run.committed_updates == 6
+    states = run.updates[schema.RNG_STATE].values
+    assert all(states[s].any() for s in range(1, 7))
+    assert run.updates[schema.MICRO_SIZE].values[1:, 0].tolist() == [BATCH] * 6
+    rep = run.verify(chunks=False)
+    assert rep.ok and rep.gradient_checked and rep.gradient_max_rel_error < 1e-6, rep.table()
