@@ -100,6 +100,7 @@ class Run:
         self.__dict__.pop("params", None)
         self.__dict__.pop("updates", None)
         self.__dict__.pop("_checkpoints", None)
+        self.__dict__.pop("_rng_info", None)
         self._state_cache: dict[str, xr.Dataset] = {}
         self._segments.clear()  # the last segment grows with new commits
         return self
@@ -400,8 +401,11 @@ class Run:
     def rng_info(self) -> dict[str, Any] | None:
         """Where the run's training forwards drew random numbers (``{"device", "dtype"}``), or None: a run without
         ``updates/rng_state`` drew none (see :mod:`explaind_store.dropout`)."""
+        if "_rng_info" in self.__dict__:  # read once per refresh (a group listing is a request on object stores)
+            return self.__dict__["_rng_info"]
         info = self.attrs.get(schema.ATTR_RNG)
         if info is None or schema.RNG_STATE not in self.root[schema.UPDATES]:
+            self.__dict__["_rng_info"] = None
             return None
         if not (isinstance(info, dict) and info.get("device") in ("cpu", "cuda")
                 and info.get("dtype") in ("float16", "bfloat16", "float32", "float64")):
@@ -409,6 +413,7 @@ class Run:
                 f"the store's {schema.ATTR_RNG} attribute is malformed ({safe_text(info)}); it was edited or damaged: "
                 "re-record the run"
             )
+        self.__dict__["_rng_info"] = dict(info)
         return dict(info)
 
     def _record_names(self) -> tuple[str, ...]:
