@@ -2,8 +2,8 @@
 
 Every ``torch.func`` reverse pass (``grad``, ``vjp``, ``jacrev``) runs through
 ``torch._functorch.eager_transforms._autograd_grad``, which wraps ``torch.autograd.grad`` in
-``torch._dynamo.compiled_autograd._disable()``. Reading ``torch._dynamo`` imports all of Dynamo on first use: about
-1.3 CPU seconds, most of a fresh process's fixed cost for a short window (docs/benchmarks.md, issue 13). The engine
+``torch._dynamo.compiled_autograd._disable()``. Reading ``torch._dynamo`` imports all of Dynamo on first use, most of
+a fresh process's fixed cost for a short window (docs/benchmarks.md, "Measurements behind choices in the code"). The engine
 never compiles; while Dynamo has not been imported by anyone, compiled autograd cannot be on, so turning it off
 through the C switch that ``_disable`` itself flips is the same thing. Once anything imports ``torch._dynamo``,
 torch's own function runs unchanged.
