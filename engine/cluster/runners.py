@@ -86,15 +86,20 @@ class SyncRunner(Runner):
 
     def compute(self, collections: Sequence[Any], *, progress: bool, desc: str = "explaind") -> list[Any]:
         import dask
+        import dask.local
         import xarray as xr
 
         from engine.cluster.handoff import compute_inline
 
+        # the function, not the name "synchronous": dask resolves a name only after importing distributed to look
+        # for a client (a fresh process's first call then pays that import for nothing)
+        sync = dask.local.get_sync
+
         def run(colls: list[Any]) -> list[Any]:
             if not progress:
-                return list(dask.compute(*colls, scheduler="synchronous"))
+                return list(dask.compute(*colls, scheduler=sync))
             with _TqdmCallback(desc):
-                return list(dask.compute(*colls, scheduler="synchronous"))
+                return list(dask.compute(*colls, scheduler=sync))
 
         if len(collections) == 1 and isinstance(collections[0], xr.Dataset):
             return [compute_inline(collections[0], run)]

@@ -1,0 +1,82 @@
+"""``torch.func``'s reverse passes without importing ``torch._dynamo``.
+
+Every ``torch.func`` reverse pass (``grad``, ``vjp``, ``jacrev``) runs through
+``torch._functorch.eager_transforms._autograd_grad``, which wraps ``torch.autograd.grad`` in
+``torch._dynamo.compiled_autograd._disable()``. Reading ``torch._dynamo`` imports all of Dynamo on first use, most of
+a fresh process's fixed cost for a short window (docs/benchmarks.md, "Measurements behind choices in the code"). The engine
+never compiles; while Dynamo has not been imported by anyone, compiled autograd cannot be on, so turning it off
+through the C switch that ``_disable`` itself flips is the same thing. Once anything imports ``torch._dynamo``,
+torch's own function runs unchanged.
+
+:func:`install` swaps the module-level function once per process, and only when this torch has the expected
+function and C switch (otherwise nothing changes: the engine is just slower to start).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+_ARGS = ["outputs", "inputs", "grad_outputs", "retain_graph", "create_graph"]
+_installed = False
+
+
+def _switch() -> Any:
+    ca = getattr(getattr(torch._C, "_dynamo", None), "compiled_autograd", None)
+    return ca if callable(getattr(ca, "set_autograd_compiler", None)) else None
+
+
+def install() -> bool:
+    """Put the lean ``_autograd_grad`` in place of ``torch.func``'s own (once per process); returns whether it is
+    in place."""
+    global _installed
+    if _installed:
+        return True
+    try:
+        from torch._functorch import eager_transforms as et
+    except ImportError:
+        return False
+    orig = getattr(et, "_autograd_grad", None)
+    switch = _switch()
+    if orig is None or switch is None or list(inspect.signature(orig).parameters) != _ARGS:
+        return False
+    et._autograd_grad = _make(orig, switch)
+    _installed = True
+    return True
+
+
+def _make(orig: Callable[..., tuple[torch.Tensor, ...]], switch: Any) -> Callable[..., tuple[torch.Tensor, ...]]:
+    def _autograd_grad(
+        outputs: Sequence[torch.Tensor],
+        inputs: Sequence[torch.Tensor],
+        grad_outputs: Sequence[torch.Tensor] | None = None,
+        retain_graph: bool = False,
+        create_graph: bool = True,
+    ) -> tuple[torch.Tensor, ...]:
+        if "torch._dynamo" in sys.modules:  # Dynamo is loaded (someone compiles): torch's own bookkeeping
+            return orig(outputs, inputs, grad_outputs, retain_graph, create_graph)
+        # the same steps as torch's function, with compiled autograd switched off at the C level
+        if grad_outputs is None:
+            diff_outputs = tuple(out for out in outputs if out.requires_grad)
+        else:
+            pairs = tuple((out, go) for out, go in zip(outputs, grad_outputs) if out.requires_grad)
+            diff_outputs, grad_outputs = (tuple(x) for x in zip(*pairs)) if pairs else ((), ())
+        if len(diff_outputs) == 0:
+            return tuple(torch.zeros_like(inp) for inp in inputs)
+        prior = switch.set_autograd_compiler(None, False)
+        try:
+            grads = torch.autograd.grad(diff_outputs, inputs, grad_outputs, retain_graph=retain_graph,
+                                        create_graph=create_graph, allow_unused=True)
+        finally:
+            switch.set_autograd_compiler(*prior)
+        return tuple(torch.zeros_like(inp) if g is None else g for g, inp in zip(grads, inputs))
+
+    _autograd_grad.__wrapped__ = orig  # type: ignore[attr-defined]
+    return _autograd_grad
+
+
+__all__ = ["install"]
