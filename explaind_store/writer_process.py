@@ -443,6 +443,11 @@ def child_main(sock_fd: str, args_json: str) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the training process decides (its close() still
     # flushes what was handed over), so the writer must not die of it first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # chunkio encodes whole chunks in this, the main thread, where Blosc would start its own threads: one thread,
+    # as in the thread writer, so encoding does not take both cores from the training process's torch threads
+    import numcodecs.blosc
+
+    numcodecs.blosc.use_threads = False
     sock = socket.socket(fileno=int(sock_fd))
     child: _Child | None = None
     try:
