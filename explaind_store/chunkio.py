@@ -25,6 +25,10 @@ from zarr.storage import LocalStore
 from . import schema
 
 MAX_NONFINITE = 100  # steps listed in the nonfinite attribute at most
+# Arrays are grown this many chunks of steps ahead: each resize rewrites an array's metadata document, which cost
+# about as much writer time per chunk as the chunk's data did for small runs. Readers never look past
+# committed_updates, and the writer trims the arrays to it when it stops (docs/format.md, crash safety).
+GROW_AHEAD_CHUNKS = 8
 
 
 class WriterError(RuntimeError):
@@ -92,7 +96,7 @@ def write_chunk(
     jobs.append((batch_array, (slice(i0, n), slice(0, width)), batch))
     grow = [a for a in {id(a): a for a in [*(a for a, _, _ in jobs), *arrays.values()]}.values() if a.shape[0] < n]
     if grow:
-        sync(_grow(grow, n))
+        sync(_grow(grow, n + (GROW_AHEAD_CHUNKS - 1) * batch_array.chunks[0]))
     # Whole chunks are encoded and stored here, in the writer's thread; the rest (a chunk shared with steps
     # written earlier) goes through zarr, all arrays at once.
     rest = [job for job in jobs if not _write_whole_chunks(*job)]
@@ -104,6 +108,14 @@ def write_chunk(
     # The commit point: only now do readers see the chunk's updates.
     root.attrs.update(attrs)
     return nbytes
+
+
+def trim(arrays: Sequence[zarr.Array], n: int) -> None:
+    """Shrink arrays grown ahead (:data:`GROW_AHEAD_CHUNKS`) back to ``n`` steps, the committed ones, when the
+    writer stops; the chunks past ``n`` were never written."""
+    long = [a for a in arrays if a.shape[0] > n]
+    if long:
+        sync(_grow(long, n))
 
 
 async def _grow(arrays: Sequence[zarr.Array], n: int) -> None:

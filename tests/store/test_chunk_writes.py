@@ -87,3 +87,33 @@ def test_whole_chunks_do_not_go_through_zarr_setitem(tmp_path, monkeypatch):
     assert run.committed_updates == 11
     for s in (4, 8, 11):
         np.testing.assert_array_equal(run.root[schema.PARAMS]["0.weight"][s], snaps[s - 1].numpy())
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_arrays_grow_ahead_and_end_at_the_committed_update(tmp_path, writer):
+    """The writer grows the step arrays several chunks at a time (each resize rewrites every array's metadata
+    document, which cost as much as a small chunk's data), so most chunks leave the metadata alone; when the
+    recorder closes, every step array ends at the last committed update again."""
+    path = tmp_path / "r"
+    meta = path / schema.PARAMS / "0.weight" / "zarr.json"
+    torch.manual_seed(0)
+    x, y = digits()
+    model = make_mlp()
+    opt = make_optimizer("adamw", model)
+    seen = []
+    with Recorder(path, model, opt, data=(x, y), chunk_updates=4, writer=writer) as rec:
+        for s in range(1, 14):
+            idx = batch_for(s, len(x))
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            rec.record(idx)
+            if s in (3, 7, 11):
+                rec.flush()
+                seen.append(meta.stat().st_ino)  # zarr replaces the file (a new inode) when it rewrites it
+    assert seen[0] == seen[1] == seen[2]
+    run = open_run(path)
+    assert run.committed_updates == 13
+    for g in [schema.PARAMS, *run.state_names, schema.UPDATES]:
+        for name, arr in zarr.open_group(str(path), mode="r")[g].arrays():
+            assert arr.shape[0] == 14, f"{g}/{name}"
