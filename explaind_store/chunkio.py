@@ -7,16 +7,28 @@ starts in a fraction of the time an interpreter that imports torch needs.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.buffer.cpu import NDBuffer
+from zarr.core.codec_pipeline import BatchedCodecPipeline
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from . import schema
 
 MAX_NONFINITE = 100  # steps listed in the nonfinite attribute at most
+# Arrays are grown this many chunks of steps ahead: each resize rewrites an array's metadata document, which cost
+# about as much writer time per chunk as the chunk's data did for small runs. Readers never look past
+# committed_updates, and the writer trims the arrays to it when it stops (docs/format.md, crash safety).
+GROW_AHEAD_CHUNKS = 8
 
 
 class WriterError(RuntimeError):
@@ -82,8 +94,14 @@ def write_chunk(
             [batch, np.full((len(batch), width - batch.shape[1]), schema.BATCH_PAD, dtype=np.int64)], axis=1
         )
     jobs.append((batch_array, (slice(i0, n), slice(0, width)), batch))
-    # All arrays at once: zarr's per-call synchronisation dominated when arrays were written one by one.
-    sync(_grow_and_write(jobs, n, list(arrays.values())))
+    grow = [a for a in {id(a): a for a in [*(a for a, _, _ in jobs), *arrays.values()]}.values() if a.shape[0] < n]
+    if grow:
+        sync(_grow(grow, n + (GROW_AHEAD_CHUNKS - 1) * batch_array.chunks[0]))
+    # Whole chunks are encoded and stored here, in the writer's thread; the rest (a chunk shared with steps
+    # written earlier) goes through zarr, all arrays at once.
+    rest = [job for job in jobs if not _write_whole_chunks(*job)]
+    if rest:
+        sync(_write(rest))
     attrs = dict(attrs)
     attrs[schema.ATTR_NONFINITE] = sorted(nonfinite)
     attrs[schema.ATTR_COMMITTED] = n - 1
@@ -92,11 +110,75 @@ def write_chunk(
     return nbytes
 
 
-async def _grow_and_write(
-    jobs: list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]], n: int, arrays: Sequence[zarr.Array] = ()
-) -> None:
-    grow = list({id(a): a for a in [*(a for a, _, _ in jobs), *arrays] if a.shape[0] < n}.values())
-    await asyncio.gather(
-        *(a.async_array.resize((n, *a.shape[1:]), delete_outside_chunks=False) for a in grow)
-    )
+def trim(arrays: Sequence[zarr.Array], n: int) -> None:
+    """Shrink arrays grown ahead (:data:`GROW_AHEAD_CHUNKS`) back to ``n`` steps, the committed ones, when the
+    writer stops; the chunks past ``n`` were never written."""
+    long = [a for a in arrays if a.shape[0] > n]
+    if long:
+        sync(_grow(long, n))
+
+
+async def _grow(arrays: Sequence[zarr.Array], n: int) -> None:
+    await asyncio.gather(*(a.async_array.resize((n, *a.shape[1:]), delete_outside_chunks=False) for a in arrays))
+
+
+async def _write(jobs: list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]]) -> None:
     await asyncio.gather(*(a.async_array.setitem(sel, block) for a, sel, block in jobs))
+
+
+def _write_whole_chunks(arr: zarr.Array, sel: tuple[slice, ...], block: np.ndarray) -> bool:
+    """Store ``block`` at ``sel`` chunk by chunk, encoded with the array's own codecs, if it covers whole chunks
+    of a local array; False (nothing written) otherwise.
+
+    zarr's ``setitem`` spends most of its time in asyncio tasks, indexing and a thread hand-off per codec and file,
+    all holding the GIL the training thread needs; for the small chunks of per-update records and sparse
+    checkpoints that cost more than the encoding (docs/benchmarks.md, "Recording overhead (issue 14)"). The bytes
+    are the same as zarr's: the same codec objects encode the same chunk (edge chunks padded with the fill value,
+    as zarr pads them), and each file is written to a ``.partial`` file and renamed, as zarr's local store does.
+    Encoding in this (non-main) thread keeps Blosc single-threaded, as it is under zarr."""
+    a = arr.async_array
+    pipe, store = a.codec_pipeline, a.store_path.store
+    codecs = (*getattr(pipe, "array_array_codecs", ()), getattr(pipe, "array_bytes_codec", None),
+              *getattr(pipe, "bytes_bytes_codecs", ()))
+    if not isinstance(pipe, BatchedCodecPipeline) or not isinstance(store, LocalStore) or not all(
+        hasattr(c, "_encode_sync") for c in codecs
+    ):
+        return False
+    shape, chunks = a.shape, a.metadata.chunk_grid.chunk_shape
+    starts = [s.start or 0 for s in sel] + [0] * (len(shape) - len(sel))
+    if any(st % c for st, c in zip(starts, chunks)) or len(block) % chunks[0]:
+        return False
+    if any(st + b != full for st, b, full in zip(starts[1:], block.shape[1:], shape[1:])):
+        return False  # every axis but the step axis must be covered to its end
+    block = np.asarray(block, dtype=arr.dtype)
+    spec = a.metadata.get_chunk_spec((0,) * len(shape), a.config, default_buffer_prototype())
+    ranges = [range(st // c, -(-(st + b) // c)) for st, b, c in zip(starts, block.shape, chunks)]
+    for coords in itertools.product(*ranges):
+        lo = [i * c - st for i, c, st in zip(coords, chunks, starts)]
+        piece = block[tuple(slice(l, l + c) for l, c in zip(lo, chunks))]
+        if piece.shape != tuple(chunks):  # an edge chunk: zarr stores it whole, padded with the fill value
+            full = np.full(chunks, a.metadata.fill_value, dtype=block.dtype)
+            full[tuple(slice(0, m) for m in piece.shape)] = piece
+            piece = full
+        buf: Any = NDBuffer.from_numpy_array(np.ascontiguousarray(piece))
+        s = spec
+        for codec in codecs:
+            buf = codec._encode_sync(buf, s)
+            s = codec.resolve_metadata(s)
+        key = f"{a.store_path.path}/{a.metadata.encode_chunk_key(coords)}".lstrip("/")
+        _put_file(Path(store.root) / key, buf.as_buffer_like())
+    return True
+
+
+def _put_file(path: Path, data: Any) -> None:
+    """Write ``data`` to ``path`` atomically (a ``.partial`` file renamed over it, as zarr's local store does; the
+    recorder removes leftover ``.partial`` files on resume)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

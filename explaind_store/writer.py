@@ -144,6 +144,8 @@ class ChunkWriter:
                 item = self._queue.get()
                 if item is _STOP:
                     self._write_buffer()
+                    chunkio.trim([*self.arrays.values(), self.batch_array],
+                                 int(self.root.attrs[schema.ATTR_COMMITTED]) + 1)
                     return
                 if item is _FLUSH:
                     self._write_buffer()

@@ -413,6 +413,12 @@ class _Child:
         self.arrays = {p: writable(self.root[p]) for p in paths}
         self.batch_array = writable(self.root[self.batch_path])
 
+    def trim(self) -> None:
+        """The arrays back to the committed steps (the writer grows them ahead)."""
+        root = zarr.open_group(self.store, mode="r", zarr_format=3)
+        self.open(list(self.arrays))  # the training process may have resized some meanwhile
+        chunkio.trim([*self.arrays.values(), self.batch_array], int(root.attrs[schema.ATTR_COMMITTED]) + 1)
+
     def chunk(self, sid: int, header_at: int, header_len: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         mm = self.slots[sid]
@@ -443,6 +449,11 @@ def child_main(sock_fd: str, args_json: str) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the training process decides (its close() still
     # flushes what was handed over), so the writer must not die of it first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # chunkio encodes whole chunks in this, the main thread, where Blosc would start its own threads: one thread,
+    # as in the thread writer, so encoding does not take both cores from the training process's torch threads
+    import numcodecs.blosc
+
+    numcodecs.blosc.use_threads = False
     sock = socket.socket(fileno=int(sock_fd))
     child: _Child | None = None
     try:
@@ -466,6 +477,7 @@ def child_main(sock_fd: str, args_json: str) -> None:
             elif op == "flush":
                 _send(sock, {"op": "flushed", "token": msg["token"]})
             elif op == "stop":
+                child.trim()
                 _send(sock, {"op": "stopped", "cpu": time.process_time()})
                 return
     except BaseException:  # noqa: BLE001 - reported to the training process, which raises it
