@@ -17,11 +17,11 @@ holds O(R x P) float64 for its R query rows and P parameters plus its chunk's re
 (bounded by the engine's budgets); R is kept small here: 4 queries x 10 logits of a 13M-parameter model need
 more than 4 GB per worker (R x P alone is 4.3 GB). The carries between chunks are chains of small tasks (the
 forward momentum spilled to a Zarr scratch store), so nothing grows with the number of chunks; the chunks' length
-follows the engine's budgets (``EXPLAIND_LIGHT_BYTES`` bounds the reverse chain's rebuilt momentum per chunk). A thread samples the RSS of the client and of every process it
-started (the nannies and the workers, psutil, every 50 ms). Each measurement runs in a fresh subprocess. The table
-gives the peak RSS per worker process, wall and CPU time (client + workers), the store size on disk and the largest
-replay residual. The stores go under ``--workdir`` (default /tmp/bigmem) and are deleted at the end unless
-``--keep``.
+follows the engine's budgets (``EXPLAIND_LIGHT_BYTES`` bounds the reverse chain's rebuilt momentum per chunk).
+A thread samples the RSS of the client and of every process it started (the nannies and the workers, psutil, every
+50 ms). Each measurement runs in a fresh subprocess. The table gives the number of chunks, the peak RSS per worker
+process, wall and CPU time (client + workers), the store size on disk and the largest replay residual. The stores go under ``--workdir`` (default /tmp/bigmem) and are deleted at the end unless
+``--keep`` (``--reuse`` then skips recording them again).
 
 ``--quick`` shrinks everything (hidden 256, 10 updates) to run in about a minute (mostly cluster start-up).
 
@@ -170,7 +170,8 @@ def main() -> None:
             reused = args.reuse and (store / "zarr.json").exists()
             rec_s = 0.0 if reused else build_store(store, n, hidden, k)
             size = du(store)
-            print(f"{'reused' if reused else 'recorded'} {store}: {n} updates, K={k}, {size / 1e9:.2f} GB in {rec_s:.0f} s", file=sys.stderr)
+            print(f"{'reused' if reused else 'recorded'} {store}: {n} updates, K={k}, {size / 1e9:.2f} GB in "
+                  f"{rec_s:.0f} s", file=sys.stderr)
             spec = {"store": str(store), "workers": 2, "memory_limit": limit, "queries": args.queries}
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                   text=True, check=False)
