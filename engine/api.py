@@ -479,8 +479,7 @@ def attribute(
                    device=device, out=out, chunk_updates=chunk_updates, method=method, step_bins=step_bins,
                    residual_tol=residual_tol, max_result_bytes=max_result_bytes)
     runner = _start_runner(req, client)
-    scratch = _scratch.scratch_root(req.out_path, local=isinstance(runner, _sched.SyncRunner)
-                                    or bool(getattr(runner, "same_host", False)))
+    scratch = _scratch.scratch_root(req.out_path, local=runner.workers_here())
     try:
         ds, bounds = build(req, runner, scratch=scratch)
         result = _compute(req, ds, bounds, runner, progress)
