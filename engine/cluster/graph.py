@@ -72,11 +72,9 @@ SPLIT_EVERY = 8  # fan-in of the tree sums over chunks
 # ==============================================================================================================
 # Tasks (module-level functions: pickled by reference, never closing over data)
 # ==============================================================================================================
-def _pass1_task(
-    job: Job, lo: int, hi: int, keep_u: bool, light: bool | None = None, momentum: bool = True
-) -> Pass1:
+def _pass1_task(job: Job, lo: int, hi: int, keep_u: bool) -> Pass1:
     with running(job) as (traj, ctx):  # one engine task at a time per process, under the caller's settings
-        return pass1(traj, job.problem, lo, hi, keep_u=keep_u, light=light, momentum=momentum, ctx=ctx)
+        return pass1(traj, job.problem, lo, hi, keep_u=keep_u, ctx=ctx)
 
 
 def _summary_task(p1: Pass1) -> Pass1:
@@ -196,7 +194,7 @@ def build_arrays(
 
     ``chain=False``: pass 2 runs in parallel over chunks, so every chunk but the window's first computes its path
     integrals twice (pass 1 for the carries, pass 2 for the scores) unless ``keep_u``. ``chain=True`` (the reverse
-    chain): pass 1 only rebuilds the momentum (cheap, parallel) and pass 2 runs from the last chunk back to the
+    chain): pass 1 only rebuilds the momentum (cheap, folded chunk by chunk) and pass 2 runs from the last chunk back to the
     first, each handing its accumulator ``U_{lo+1}`` to the previous one: every path integral once, chunks in
     sequence. Parallelism then comes from query groups (:func:`engine.plan.query_groups`); the chain's carries
     are chains of small tasks (:func:`_chain_blocks`) spilling the forward momentum to ``scratch``
@@ -215,11 +213,7 @@ def build_arrays(
         return combine_lazy(_chain_blocks(job_d, meta, layout, tok, bounds, scratch), meta, accumulated=True)
     p1s, sums = [], []
     for c, (lo, hi) in enumerate(bounds):
-        last = c == len(bounds) - 1  # the chain's last chunk: its momentum totals flow nowhere
-        p1 = dask.delayed(_pass1_task, pure=True)(
-            job_d, lo, hi, keep_u, True if chain else None, not (chain and last),
-            dask_key_name=f"explaind-pass1-{tok}-{c}",
-        )
+        p1 = dask.delayed(_pass1_task, pure=True)(job_d, lo, hi, keep_u, dask_key_name=f"explaind-pass1-{tok}-{c}")
         p1s.append(p1)
         # carries only gets the small CPU summary (kept u_s stay with pass 1's result, on its worker, for pass 2)
         sums.append(dask.delayed(_summary_task, pure=True)(p1, dask_key_name=f"explaind-summary-{tok}-{c}"))
