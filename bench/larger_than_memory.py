@@ -15,12 +15,13 @@ explicit per-worker memory limit (``--memory-limit``; the nanny kills a worker a
 more would fail, not just report more; pausing at 80% is turned off, as a paused worker would wait forever). A task
 holds O(R x P) float64 for its R query rows and P parameters plus its chunk's rebuilt momentum and parameters
 (bounded by the engine's budgets); R is kept small here: 4 queries x 10 logits of a 13M-parameter model need
-more than 4 GB per worker (R x P alone is 4.3 GB). But the carries task holds every chunk's totals, O(chunks x R x
-P), which grows with the window (docs/benchmarks.md). A thread samples the RSS of the client and of every process it
-started (the nannies and the workers, psutil, every 50 ms). Each measurement runs in a fresh subprocess. The table
-gives the peak RSS per worker process, wall and CPU time (client + workers), the store size on disk and the largest
-replay residual. The stores go under ``--workdir`` (default /tmp/bigmem) and are deleted at the end unless
-``--keep``.
+more than 4 GB per worker (R x P alone is 4.3 GB). The carries between chunks are chains of small tasks (the
+forward momentum spilled to a Zarr scratch store), so nothing grows with the number of chunks; the chunks' length
+follows the engine's budgets (``EXPLAIND_LIGHT_BYTES`` bounds the reverse chain's rebuilt momentum per chunk).
+A thread samples the RSS of the client and of every process it started (the nannies and the workers, psutil, every
+50 ms). Each measurement runs in a fresh subprocess. The table gives the number of chunks, the peak RSS per worker
+process, wall and CPU time (client + workers), the store size on disk and the largest replay residual. The stores go under ``--workdir`` (default /tmp/bigmem) and are deleted at the end unless
+``--keep`` (``--reuse`` then skips recording them again).
 
 ``--quick`` shrinks everything (hidden 256, 10 updates) to run in about a minute (mostly cluster start-up).
 
@@ -146,6 +147,10 @@ def main() -> None:
     ap.add_argument("--memory-limit", default=None, help="per-worker memory limit (default 3GB)")
     ap.add_argument("--queries", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep the stores")
+    ap.add_argument("--reuse", action="store_true",
+                    help="use stores a run with --keep left in --workdir (same hidden, updates and K) instead of "
+                         "recording them again")
+    ap.add_argument("--only-long", action="store_true", help="skip the short run (a tenth of the updates)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -156,14 +161,17 @@ def main() -> None:
     limit = args.memory_limit or "3GB"
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    configs = [(max(1, updates // 10), 1), (updates, 1)] + ([(updates, 10)] if args.k10 else [])
+    configs = ([] if args.only_long else [(max(1, updates // 10), 1)]) + [(updates, 1)] + (
+        [(updates, 10)] if args.k10 else [])
     rows = []
     try:
         for n, k in configs:
             store = work / f"mlp{hidden}-{n}-k{k}.zarr"
-            rec_s = build_store(store, n, hidden, k)
+            reused = args.reuse and (store / "zarr.json").exists()
+            rec_s = 0.0 if reused else build_store(store, n, hidden, k)
             size = du(store)
-            print(f"recorded {store}: {n} updates, K={k}, {size / 1e9:.2f} GB in {rec_s:.0f} s", file=sys.stderr)
+            print(f"{'reused' if reused else 'recorded'} {store}: {n} updates, K={k}, {size / 1e9:.2f} GB in "
+                  f"{rec_s:.0f} s", file=sys.stderr)
             spec = {"store": str(store), "workers": 2, "memory_limit": limit, "queries": args.queries}
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                   text=True, check=False)
@@ -187,14 +195,14 @@ def main() -> None:
     print(f"\nTanh MLP {IN_DIM}-{hidden}-{hidden}-{N_OUT} ({n_params / 1e6:.1f}M float32 parameters), AdamW, batches "
           f"of {BATCH}; attribute(queries=val[:{args.queries}], output=loss, by=(step, tensor)) on a LocalCluster "
           f"of 2 workers x 1 thread, memory_limit={limit} per worker; torch {torch.__version__}\n")
-    print("| updates | K | store on disk | store / worker limit | peak RSS per worker | peak RSS client | wall | "
-          "CPU (client + workers) | max replay residual | identity (rel.) | load avg (1/5/15 min) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| updates | K | chunks | store on disk | store / worker limit | peak RSS per worker | peak RSS client | "
+          "wall | CPU (client + workers) | max replay residual | identity (rel.) | load avg (1/5/15 min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     from dask.utils import parse_bytes
 
     for r in rows:
         workers = " / ".join(f"{b / 2**20:.0f} MiB" for b in r["peak_workers"])
-        print(f"| {r['updates']} | {r['k']} | {r['store_bytes'] / 1e9:.2f} GB | "
+        print(f"| {r['updates']} | {r['k']} | {r['n_chunks']} | {r['store_bytes'] / 1e9:.2f} GB | "
               f"{r['store_bytes'] / parse_bytes(limit):.1f}x | {workers} | {r['peak_client'] / 2**20:.0f} MiB | "
               f"{r['wall']:.0f} s | {r['cpu_client'] + r['cpu_workers']:.0f} s | {r['max_replay_residual']:.1e} | "
               f"{r['closure']:.1e} | {'/'.join(f'{v:.1f}' for v in r['load'])} |")

@@ -23,6 +23,7 @@ import xarray as xr
 from engine import plan, settings
 from engine.cluster import graph as _graph
 from engine.cluster import runners as _sched
+from engine.cluster import scratch as _scratch
 from engine.cluster import worker as _worker
 from engine.guard import DEFAULT_RESIDUAL_TOL, check_exactness, check_residual_tol
 from engine.ops.output_modes import CAUSAL_LM_MODES, NEEDS_TARGETS, OUTPUT_MODES
@@ -478,11 +479,14 @@ def attribute(
                    device=device, out=out, chunk_updates=chunk_updates, method=method, step_bins=step_bins,
                    residual_tol=residual_tol, max_result_bytes=max_result_bytes)
     runner = _start_runner(req, client)
+    scratch = _scratch.scratch_root(req.out_path, local=runner.workers_here())
     try:
-        ds, bounds = build(req, runner)
+        ds, bounds = build(req, runner, scratch=scratch)
         result = _compute(req, ds, bounds, runner, progress)
     finally:
         runner.close()
+        if scratch is not None:
+            storage.remove_tree(scratch)
     check_exactness(result, req.traj, req.tol)  # the per-update residual arrays are small (query x output x step)
     return result
 
@@ -588,9 +592,11 @@ def _start_runner(req: Request, client: Any) -> _sched.Runner:
     return runner
 
 
-def build(req: Request, runner: _sched.Runner) -> tuple[xr.Dataset, list[tuple[int, int]]]:
+def build(req: Request, runner: _sched.Runner, *, scratch: storage.Location | None = None
+          ) -> tuple[xr.Dataset, list[tuple[int, int]]]:
     """The plan (query groups, threads, chunks; :func:`engine.plan.plan_attribution`) and the lazy result over the
-    runner's workers, with the attrs that say how it runs; returns it and the chunk bounds."""
+    runner's workers, with the attrs that say how it runs; returns it and the chunk bounds. ``scratch``: where
+    the reverse chain may spill its momentum carries (:func:`engine.cluster.scratch.scratch_root`)."""
     traj, problem, meta = req.traj, req.problem, req.meta
     sync = isinstance(runner, _sched.SyncRunner)
     p = plan.plan_attribution(meta, problem.window, store_chunk=req.store_chunk, chunk_updates=req.chunk_updates,
@@ -605,7 +611,7 @@ def build(req: Request, runner: _sched.Runner) -> tuple[xr.Dataset, list[tuple[i
     else:
         jobs = [_worker.make_job(traj, _graph.group_problem(problem, g), by_reference=sync, threads=threads)
                 for g in groups]
-    ds = _graph.lazy_result(jobs, meta, bounds, keep_u=p.keep_u, chain=chain)
+    ds = _graph.lazy_result(jobs, meta, bounds, keep_u=p.keep_u, chain=chain, scratch=scratch)
     if req.step_bins is not None:
         ds = _graph.bin_steps(ds, int(req.step_bins))
     ds.attrs.update(

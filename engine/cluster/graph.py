@@ -5,8 +5,11 @@ For chunks ``c = 0..C-1`` of updates ``(lo_c, hi_c]`` (aligned to the store's ch
 and split below them when a chunk's result block would exceed the per-task budget, :func:`task_updates`), either
 the **reverse chain** (the default when no worker would sit idle)::
 
-    job ──► pass1[c] (momentum only) ──► carries ──► carry[c]           (pass 1 parallel, carries tiny)
-    carry[C-1] ──► pass2[C-1] ──U──► pass2[C-2] ──U──► ... ──► pass2[0]  (each path integral once)
+    job ──► momentum[0] ──A──► momentum[1] ──A──► ... ──► momentum[C-2]   (pass 1, momentum only, folded)
+    A ──► pass2[C-1] ──U──► pass2[C-2] ──U──► ... ──► pass2[0]            (each path integral once)
+
+(the momentum ``A`` entering each chunk is spilled to a scratch store by the fold and read back by that chunk's
+pass 2, so no task holds or waits on every chunk's carries: memory flat in the number of chunks)
 
 (a one-chunk window is a single task), or **parallel chunks** (spare workers, e.g. one query on a big cluster)::
 
@@ -55,7 +58,13 @@ from engine.result import (
     chunk_layout,
     chunk_shapes,
 )
+from engine.cluster.scratch import Spilled, read_momentum, write_momentum
+from engine.cluster.scratch import group_location as scratch_location
+from engine.plan import momentum_parts
 from engine.scan import Carry, Pass1, Problem, carries, pass1, pass2, solo_carry
+from engine.scan.carries import chain_carry, momentum_after, window_start_state
+from engine.scan.forward import PART_OF_COL
+from explaind_store import storage
 
 SPLIT_EVERY = 8  # fan-in of the tree sums over chunks
 
@@ -63,11 +72,9 @@ SPLIT_EVERY = 8  # fan-in of the tree sums over chunks
 # ==============================================================================================================
 # Tasks (module-level functions: pickled by reference, never closing over data)
 # ==============================================================================================================
-def _pass1_task(
-    job: Job, lo: int, hi: int, keep_u: bool, light: bool | None = None, momentum: bool = True
-) -> Pass1:
+def _pass1_task(job: Job, lo: int, hi: int, keep_u: bool) -> Pass1:
     with running(job) as (traj, ctx):  # one engine task at a time per process, under the caller's settings
-        return pass1(traj, job.problem, lo, hi, keep_u=keep_u, light=light, momentum=momentum, ctx=ctx)
+        return pass1(traj, job.problem, lo, hi, keep_u=keep_u, ctx=ctx)
 
 
 def _summary_task(p1: Pass1) -> Pass1:
@@ -80,6 +87,28 @@ def _carries_task(job: Job, *summaries: Pass1) -> list[Carry]:
         return carries(traj, job.problem, list(summaries))
 
 
+def _start_state_task(job: Job) -> dict[str, torch.Tensor] | None:
+    """``S_a`` (:func:`engine.scan.window_start_state`) on the CPU: one P-vector every chain task shares."""
+    with running(job) as (traj, ctx):
+        return _to_cpu(window_start_state(traj, job.problem, ctx))
+
+
+def _momentum_task(
+    job: Job, lo: int, hi: int, a_in: dict[str, dict[str, torch.Tensor]] | None, spill: Spilled | None,
+    n_rows: int = 0,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """One step of the forward momentum fold of the reverse chain: chunk ``(lo, hi]``'s pass 1 (momentum only) and
+    :func:`engine.scan.momentum_after`, so only this chunk's totals and one carry are alive. ``spill``: also write
+    the result (the momentum entering the next chunk) to the scratch store for that chunk's pass 2 (the arrays are
+    created with ``n_rows`` rows by the window's first chunk)."""
+    with running(job) as (traj, ctx):
+        p1 = _to_cpu(pass1(traj, job.problem, lo, hi, light=True, ctx=ctx).summary())
+        out = momentum_after(ctx.terms, a_in, p1)
+        if spill is not None:
+            write_momentum(spill, n_rows, out, ctx.names, create=lo == ctx.window[0])
+        return out
+
+
 def _pick(items: Sequence[Any], i: int) -> Any:
     return items[i]
 
@@ -90,13 +119,19 @@ def _pass2_task(job: Job, lo: int, hi: int, carry: Carry, p1: Pass1 | None) -> d
 
 
 def _pass2_chain_task(
-    job: Job, lo: int, hi: int, carry: Carry, u_next: dict[str, torch.Tensor] | None,
+    job: Job, lo: int, hi: int, a_in: dict[str, dict[str, torch.Tensor]] | Spilled | None,
+    s_a: dict[str, torch.Tensor] | None, u_next: dict[str, torch.Tensor] | None,
     sums_next: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
-    """Pass 2 of the reverse chain: ``u_next`` is the next chunk's ``u_out`` (None for the window's last chunk),
-    ``sums_next`` the next chunk's running sums (:func:`_sums`), added in place to this chunk's arrays, so the
-    window's first chunk ends up holding the totals over the window and no chunk's copy outlives the next task."""
+    """Pass 2 of the reverse chain: ``a_in`` is the momentum entering the chunk (None for the window's first, or
+    where the fold spilled it), ``s_a`` the window-start momentum, ``u_next`` the next chunk's ``u_out`` (None for
+    the window's last chunk), ``sums_next`` the next chunk's running sums (:func:`_sums`), added in place to this
+    chunk's arrays, so the window's first chunk ends up holding the totals over the window and no chunk's copy
+    outlives the next task."""
     with running(job) as (traj, ctx):
+        if isinstance(a_in, Spilled):
+            a_in = read_momentum(a_in, PART_OF_COL[: momentum_parts(ctx.terms.kind)], ctx.names, ctx.shapes)
+        carry = chain_carry(ctx, lo, hi, a_in, s_a, last=u_next is None)
         res = pass2(traj, job.problem, lo, hi, carry, None, u_in=u_next, ctx=ctx, data_out=_data_sink(job, ctx, lo, hi))
         arrays = res.arrays
         for key, total in (sums_next or {}).items():
@@ -152,15 +187,18 @@ def _to_cpu(obj: Any) -> Any:
 # The graph
 # ==============================================================================================================
 def build_arrays(
-    job: Job, meta: ResultMeta, bounds: Sequence[tuple[int, int]], *, keep_u: bool, chain: bool = False
+    job: Job, meta: ResultMeta, bounds: Sequence[tuple[int, int]], *, keep_u: bool, chain: bool = False,
+    scratch: storage.Location | None = None,
 ) -> dict[str, Any]:
     """Lazy whole-window arrays (``engine.result.combine``'s layout) for the chunks ``bounds`` of ``job``.
 
     ``chain=False``: pass 2 runs in parallel over chunks, so every chunk but the window's first computes its path
     integrals twice (pass 1 for the carries, pass 2 for the scores) unless ``keep_u``. ``chain=True`` (the reverse
-    chain): pass 1 only rebuilds the momentum (cheap, parallel) and pass 2 runs from the last chunk back to the
+    chain): pass 1 only rebuilds the momentum (cheap, folded chunk by chunk) and pass 2 runs from the last chunk back to the
     first, each handing its accumulator ``U_{lo+1}`` to the previous one: every path integral once, chunks in
-    sequence. Parallelism then comes from query groups (:func:`engine.plan.query_groups`)."""
+    sequence. Parallelism then comes from query groups (:func:`engine.plan.query_groups`); the chain's carries
+    are chains of small tasks (:func:`_chain_blocks`) spilling the forward momentum to ``scratch``
+    (:func:`engine.cluster.scratch.scratch_root`; the caller removes it after the compute) when given."""
     if not bounds:
         raise ValueError("build_arrays needs at least one chunk")
     if chain and keep_u:
@@ -171,37 +209,62 @@ def build_arrays(
     if chain and len(bounds) == 1:
         p2 = dask.delayed(_solo_task, pure=True)(job_d, dask_key_name=f"explaind-pass2-{tok}-0")
         return combine_lazy([_blocks(p2, meta, layout, tok, 0, *bounds[0])], meta)
+    if chain:
+        return combine_lazy(_chain_blocks(job_d, meta, layout, tok, bounds, scratch), meta, accumulated=True)
     p1s, sums = [], []
     for c, (lo, hi) in enumerate(bounds):
-        last = c == len(bounds) - 1  # the chain's last chunk: its momentum totals flow nowhere
-        p1 = dask.delayed(_pass1_task, pure=True)(
-            job_d, lo, hi, keep_u, True if chain else None, not (chain and last),
-            dask_key_name=f"explaind-pass1-{tok}-{c}",
-        )
+        p1 = dask.delayed(_pass1_task, pure=True)(job_d, lo, hi, keep_u, dask_key_name=f"explaind-pass1-{tok}-{c}")
         p1s.append(p1)
         # carries only gets the small CPU summary (kept u_s stay with pass 1's result, on its worker, for pass 2)
         sums.append(dask.delayed(_summary_task, pure=True)(p1, dask_key_name=f"explaind-summary-{tok}-{c}"))
     cs = dask.delayed(_carries_task, pure=True)(job_d, *sums, dask_key_name=f"explaind-carries-{tok}")
     blocks: list[dict[str, da.Array]] = [{} for _ in bounds]
+    for c, (lo, hi) in enumerate(bounds):
+        carry = dask.delayed(_pick, pure=True)(cs, c, dask_key_name=f"explaind-carry-{tok}-{c}")
+        p2 = dask.delayed(_pass2_task, pure=True)(
+            job_d, lo, hi, carry, p1s[c] if keep_u else None, dask_key_name=f"explaind-pass2-{tok}-{c}"
+        )
+        blocks[c] = _blocks(p2, meta, layout, tok, c, lo, hi)
+    return combine_lazy(blocks, meta)
+
+
+def _chain_blocks(
+    job_d: Any, meta: ResultMeta, layout: dict[str, Any], tok: str, bounds: Sequence[tuple[int, int]],
+    scratch: storage.Location | None,
+) -> list[dict[str, da.Array]]:
+    """The reverse chain's per-chunk blocks (``len(bounds) >= 2``), with its carries as chains of small tasks::
+
+        momentum[0] ──► momentum[1] ──► ... ──► momentum[C-2]      (forward: pass 1 of chunk c, folded)
+        chain[C-1] ──U──► chain[C-2] ──U──► ... ──► chain[0]       (reverse: pass 2, U handed down)
+
+    ``momentum[c]`` is the momentum entering chunk ``c + 1``: ``chain[C-1]`` takes the last one directly; the
+    others are written to the ``scratch`` store by their fold and read back by ``chain[c + 1]`` (every write is
+    done by then: ``chain[C-1]`` waits for the whole fold). So whatever the number of chunks, one incoming
+    momentum, one ``U`` and ``S_a`` are alive at a time, never every chunk's. Without ``scratch`` each
+    ``chain[c]`` takes ``momentum[c - 1]`` itself, which then stays in the workers' memory until it ran."""
+    n = len(bounds)
+    spill_root = None if scratch is None or n <= 2 else scratch_location(scratch, tok)
+    s_a = dask.delayed(_start_state_task, pure=True)(job_d, dask_key_name=f"explaind-startstate-{tok}")
+    a_in: list[Any] = [None] * n  # what chain[c] gets: a Delayed, a Spilled row or None
+    acc = None
+    for c, (lo, hi) in enumerate(bounds[:-1]):
+        spill = Spilled(spill_root, c + 1) if spill_root is not None and c + 1 < n - 1 else None
+        acc = dask.delayed(_momentum_task, pure=True)(job_d, lo, hi, acc, spill, n,
+                                                     dask_key_name=f"explaind-momentum-{tok}-{c}")
+        a_in[c + 1] = spill if spill is not None else acc
+    blocks: list[dict[str, da.Array]] = [{} for _ in bounds]
     u_next = sums_next = None
     summed = tuple(k for k, dims in layout.items() if STEP not in dims and k not in ("f_start", "f_end"))
-    order = range(len(bounds) - 1, -1, -1) if chain else range(len(bounds))
-    for c in order:
+    for c in range(n - 1, -1, -1):
         lo, hi = bounds[c]
-        carry = dask.delayed(_pick, pure=True)(cs, c, dask_key_name=f"explaind-carry-{tok}-{c}")
-        if chain:
-            out = dask.delayed(_pass2_chain_task, pure=True)(
-                job_d, lo, hi, carry, u_next, sums_next, dask_key_name=f"explaind-chain-{tok}-{c}"
-            )
-            p2 = dask.delayed(_pick, pure=True)(out, 0, dask_key_name=f"explaind-pass2-{tok}-{c}")
-            u_next = dask.delayed(_pick, pure=True)(out, 1, dask_key_name=f"explaind-uout-{tok}-{c}")
-            sums_next = dask.delayed(_sums, pure=True)(p2, summed, dask_key_name=f"explaind-sums-{tok}-{c}")
-        else:
-            p2 = dask.delayed(_pass2_task, pure=True)(
-                job_d, lo, hi, carry, p1s[c] if keep_u else None, dask_key_name=f"explaind-pass2-{tok}-{c}"
-            )
+        out = dask.delayed(_pass2_chain_task, pure=True)(
+            job_d, lo, hi, a_in[c], s_a, u_next, sums_next, dask_key_name=f"explaind-chain-{tok}-{c}"
+        )
+        p2 = dask.delayed(_pick, pure=True)(out, 0, dask_key_name=f"explaind-pass2-{tok}-{c}")
+        u_next = dask.delayed(_pick, pure=True)(out, 1, dask_key_name=f"explaind-uout-{tok}-{c}")
+        sums_next = dask.delayed(_sums, pure=True)(p2, summed, dask_key_name=f"explaind-sums-{tok}-{c}")
         blocks[c] = _blocks(p2, meta, layout, tok, c, lo, hi)
-    return combine_lazy(blocks, meta, accumulated=chain)
+    return blocks
 
 
 def _blocks(p2: Any, meta: ResultMeta, layout: dict[str, Any], tok: str, c: int, lo: int, hi: int) -> dict[str, da.Array]:
@@ -246,6 +309,7 @@ def lazy_result(
     *,
     keep_u: bool,
     chain: bool = False,
+    scratch: storage.Location | None = None,
 ) -> xr.Dataset:
     """The dask-backed result Dataset (``engine.result.assemble`` of :func:`build_arrays`).
 
@@ -253,11 +317,12 @@ def lazy_result(
     each group runs its own scan and the groups' arrays are joined along the query axis."""
     jobs = [job] if isinstance(job, Job) else list(job)
     if len(jobs) == 1:
-        return assemble(jobs[0].problem, meta, build_arrays(jobs[0], meta, bounds, keep_u=keep_u, chain=chain))
+        return assemble(jobs[0].problem, meta, build_arrays(jobs[0], meta, bounds, keep_u=keep_u, chain=chain,
+                                                            scratch=scratch))
     parts = []
     for j in jobs:
         q = len(j.problem.x_query)
-        parts.append(build_arrays(j, replace(meta, n_queries=q), bounds, keep_u=keep_u, chain=chain))
+        parts.append(build_arrays(j, replace(meta, n_queries=q), bounds, keep_u=keep_u, chain=chain, scratch=scratch))
     return assemble(jobs[0].problem, meta, join_query_groups(parts, meta))
 
 

@@ -75,6 +75,11 @@ class Runner:
     def describe(self) -> str:
         return self.kind
 
+    def workers_here(self) -> bool:
+        """Whether every task runs on this machine, so files this process writes under its temporary directory
+        reach them all (the reverse chain's scratch store, :func:`engine.cluster.scratch.scratch_root`)."""
+        return False
+
     def close(self) -> None:
         """Release what this runner opened for one call (the shared LocalCluster stays up)."""
 
@@ -83,6 +88,9 @@ class SyncRunner(Runner):
     """dask's synchronous scheduler in this process; progress is a tqdm bar over finished tasks."""
 
     kind = "sync"
+
+    def workers_here(self) -> bool:
+        return True
 
     def compute(self, collections: Sequence[Any], *, progress: bool, desc: str = "explaind") -> list[Any]:
         import dask
@@ -117,6 +125,17 @@ class ClientRunner(Runner):
         self.address = client.scheduler.address if client.scheduler is not None else None
         # workers on this machine (our LocalCluster): large results come back through shared memory
         self.same_host = same_host
+
+    def workers_here(self) -> bool:
+        if self.same_host:
+            return True
+        import socket
+
+        try:  # a Client the caller made: its workers may be elsewhere
+            hosts = set(self.client.run(socket.gethostname).values())
+        except Exception:  # noqa: BLE001 - any failure to ask means: do not rely on local files
+            return False
+        return hosts == {socket.gethostname()}
 
     @property
     def n_workers(self) -> int:  # type: ignore[override]

@@ -28,7 +28,9 @@ Scan structure (a linear recurrence, parallel over chunks):
 The **reverse chain** (the default schedule, :mod:`engine.cluster.graph`) uses the same functions without the second path
 integral: pass 1 with ``light=True`` only rebuilds the momentum (``momentum=False`` for the last chunk, whose totals
 nobody reads), and pass 2 runs from the last chunk back to the first, taking ``u_in`` from the next chunk's
-``u_out`` (``U_{lo+1}``) instead of the carry; a one-chunk window needs only :func:`solo_carry` and one pass 2.
+``u_out`` (``U_{lo+1}``) instead of the carry; its forward momentum carry is folded chunk by chunk
+(:func:`~engine.scan.carries.momentum_after`, :func:`~engine.scan.carries.chain_carry`), so no step needs every
+chunk's totals at once; a one-chunk window needs only :func:`solo_carry` and one pass 2.
 
 Everything is float64 and accumulated in place; memory per chunk is O(R x P) (R = query rows) plus the result
 arrays, never samples x parameters, never the number of updates (except ``keep_u``: ``L x R x P`` per chunk).

@@ -1,6 +1,7 @@
 """The carries between chunks (cheap, sequential): per chunk, the reverse accumulator entering from the right
 (``U_{hi+1}``), the rebuilt momentum entering from the left (``A_lo``), the window-start momentum ``S_a`` and the
-chunk's per-update scalars; :func:`solo_carry` for a window taken as one chunk."""
+chunk's per-update scalars; :func:`solo_carry` for a window taken as one chunk, :func:`momentum_after` (one step of
+the forward scan, for carries folded chunk by chunk) and :func:`chain_carry` (a reverse-chain chunk's carry)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,32 @@ def solo_carry(traj: Trajectory, problem: Problem, ctx: Context | None = None) -
     return Carry(lo, hi, u_in, {}, window_start_state(traj, problem, ctx), stats)
 
 
+def momentum_after(
+    terms: OptimTerms, a_in: dict[str, dict[str, torch.Tensor]] | None, p1: Pass1
+) -> dict[str, dict[str, torch.Tensor]]:
+    """One step of the forward scan: the rebuilt momentum entering the chunk after ``p1``'s,
+    ``A_in[c+1] = beta^L[c] * A_in[c] + A_tot[c]`` (``a_in`` None: zero, the window's first chunk)."""
+    if a_in is None:
+        a_in = {part: {k: torch.zeros_like(v) for k, v in d.items()} for part, d in p1.a_total.items()}
+    L = p1.hi - p1.lo
+    return {part: {k: a_in[part][k] * terms.terms[k].beta ** L + p1.a_total[part][k] for k in terms.names}
+            for part in a_in}
+
+
+def chain_carry(
+    ctx: Context, lo: int, hi: int, a_in: dict[str, dict[str, torch.Tensor]] | None,
+    s_a: dict[str, torch.Tensor] | None, *, last: bool,
+) -> Carry:
+    """The carry of chunk ``(lo, hi]`` in the reverse chain, from its incoming momentum ``a_in`` (a fold of
+    :func:`momentum_after`; None for the window's first chunk) and ``S_a``: the chunk's pass 2 computes its own
+    per-update scalars (``stats.deferred``) and takes its accumulator from the next chunk's pass 2, so only the
+    window's ``last`` chunk needs ``U_{hi+1}`` (zeros) here."""
+    stats = StepStats.empty(ctx.R, hi - lo, len(ctx.names), ctx.device)
+    stats.deferred = True
+    u_in = {n: torch.zeros((ctx.R, *ctx.shapes[n]), dtype=F64) for n in ctx.names} if last else {}
+    return Carry(lo, hi, u_in, a_in or {}, s_a, stats)
+
+
 def carries(traj: Trajectory, problem: Problem, pass1s: list[Pass1]) -> list[Carry]:
     """Sequential scans over the chunk totals (cheap: O(n_chunks x R x P) additions).
 
@@ -89,9 +116,8 @@ def carries(traj: Trajectory, problem: Problem, pass1s: list[Pass1]) -> list[Car
     acc = {part: {k: torch.zeros_like(v) for k, v in d.items()} for part, d in p1s[0].a_total.items()}
     for p in p1s:
         a_in.append(acc)
-        L = p.hi - p.lo
-        acc = {part: {k: acc[part][k] * terms.terms[k].beta ** L + p.a_total[part][k] for k in names} for part in acc}
+        acc = momentum_after(terms, acc, p)
     return [Carry(p.lo, p.hi, u_in[c], a_in[c], s_a, p.stats) for c, p in enumerate(p1s)]
 
 
-__all__ = ["Carry", "carries", "solo_carry", "window_start_state"]
+__all__ = ["Carry", "carries", "chain_carry", "momentum_after", "solo_carry", "window_start_state"]
