@@ -252,7 +252,8 @@ circuit-formation window (novel validation accuracy from 10% to validation accur
 The whole run was decomposed in {len(w['pieces'])} resumable pieces ({', '.join(f'({a}, {b}]' for a, b in w['pieces'])}):
 the loss of {len(w['component_queries'])} fixed validation points by update and tensor (quadrature
 {cfg['component_rule']}), and the target log-probability of {len(w['sample_queries'])} validation points whose mirror
-was not trained by training sample, summed into bins of {cfg['every']} updates.
+was not trained by training sample, summed into bins of {cfg['every']} updates, over the pieces from the one holding
+the first moment below to the end ({', '.join(f'({a}, {b}]' for a, b in w['sample_pieces'])}).
 
 **Per component, split into data, weight decay and momentum** (change of the mean loss of the
 {len(w['component_queries'])} points, whole run and circuit window; "momentum" is the AdamW first moment carried
@@ -262,11 +263,14 @@ moved). Mean change of the loss over the run {w['mean_change']:+.4f}.
            _img(d / "whole_components.png", docs, "experiments_whole_components.png") or "",
            f"""
 **Residuals per window.** The closing identity (initial + data + weight decay + momentum + residual - final, per
-query, over all pieces) holds to {ident:.1e}. Per update the quadrature residual stays below {quad:.1e} while the
-rounding residual reaches {rnd:.1e}: the residual is the float32 training arithmetic, not the path integral (the
-recorded float32 update differs from its float64 rebuild from the recorded gradients; AdamW divides by the root of
-small second moments, which amplifies the rounding). The largest residual relative to its window's change is
-{worst['relative']:.1e}, in ({worst['window'][0]}, {worst['window'][1]}].
+query, over all pieces) holds to {ident:.1e}. Per update the quadrature residual (the error of the path integral)
+stays below {quad:.1e} and the rounding residual (what the recorded float32 update and its float64 rebuild from the
+recorded gradients disagree on) reaches {rnd:.1e}""" + (
+        ": the residual is the float32 training arithmetic, not the quadrature (the same run trained in float64 would "
+        "rebuild to float64 rounding; AdamW divides by the root of small second moments, which magnifies the float32 "
+        "rounding of small gradients)" if rnd > 10 * quad else "") + f""". The
+largest residual relative to its window's change is {worst['relative']:.1e}, in ({worst['window'][0]},
+{worst['window'][1]}].
 """, (d / "whole_residuals.md").read_text(),
            _img(d / "whole_residuals.png", docs, "experiments_whole_residuals.png") or "",
            f"""
@@ -275,14 +279,15 @@ training samples per validation point, and over the run the summed scores of the
 point's answer (a + b) mod p against all others (cumulative):
 """, (d / "whole_top_samples.md").read_text(),
            _img(d / "whole_samples.png", docs, "experiments_whole_samples.png") or "",
-           "\n**The query x training-sample matrix sorted by (a + b) mod p** in the 10-update bin at each moment ("
+           f"\n**The query x training-sample matrix sorted by (a + b) mod p** in the {cfg['every']}-update bin at each "
+           "moment ("
            + ", ".join(f"{k}: update {v}" for k, v in w["moments"].items()) + "):\n",
            _img(d / "whole_moments.png", docs, "experiments_whole_moments.png") or "",
            f"""
-**Time** (`explaind demo --paper`, this 2-core CPU shared with other jobs, engine on a 2-process local Dask
-cluster, one torch thread per process): record {rec:.0f} s, engine pieces {comp_s:.0f} s (components) + {samp_s:.0f} s
-(per-sample), curves, pipeline and report {sum(v for k, v in other.items() if k != 'record'):.0f} s; {total:.0f} s in
-all ({total / 60:.0f} min)""" + (f", with a 1-minute load average of {min(loads):.1f} to {max(loads):.1f} when the "
+**Time** (`explaind demo --paper` on this 2-core CPU shared with other jobs, the engine on {w.get('engine_on')},
+one torch thread per process; summed over the invocations that computed the stages): record {rec:.0f} s, engine
+pieces {comp_s:.0f} s (components) + {samp_s:.0f} s (per-sample), curves and pipeline
+{sum(v for k, v in other.items() if k != 'record'):.0f} s; {total:.0f} s in all ({total / 60:.0f} min)""" + (f", with a 1-minute load average of {min(loads):.1f} to {max(loads):.1f} when the "
                                  "engine pieces ended" if loads else "") + ".\n",
            common.md_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in secs.items()])]
     return "\n".join(out)

@@ -270,8 +270,10 @@ def _run(out: Path, cfg: PaperConfig, workers: int | None, client: Any, progress
     else:
         st.start("report")
         t0 = time.perf_counter()
+        engine_on = ("this process (--sync)" if client == "sync" else
+                     "a local Dask process cluster" if client is None else f"the Dask scheduler {client}")
         _report(out, cfg, st, curves, phases, window, at, pipeline, comp, samp, comp_q, samp_q, x_train, x_val,
-                y_val, windows, n_upd)
+                y_val, windows, samp_windows, n_upd, engine_on)
         st.done("report", rep_params, time.perf_counter() - t0)
     results = json.loads(results_path.read_text())
     total = time.perf_counter() - t_start
@@ -342,7 +344,7 @@ def _engine_pieces(todo: list[tuple[str, dict[str, Any]]], run_path: Path, piece
 def _report(out: Path, cfg: PaperConfig, st: Stages, curves: dict[str, np.ndarray], phases: dict[str, Any],
             window: tuple[int, int], at: dict[str, int], pipeline: dict[str, Any], comp: list[Any], samp: list[Any],
             comp_q: list[int], samp_q: list[int], x_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-            windows: list[tuple[int, int]], n_upd: int) -> None:
+            windows: list[tuple[int, int]], samp_windows: list[tuple[int, int]], n_upd: int, engine_on: str) -> None:
     from explaind_app import grokking as gk
     from explaind_app import report as rep
 
@@ -390,6 +392,7 @@ def _report(out: Path, cfg: PaperConfig, st: Stages, curves: dict[str, np.ndarra
         "config": dataclasses.asdict(cfg), "updates": n_upd, "phases": {k: phases[k] for k in
                                                                          ("memorised", "rise", "grokked", "grokking")},
         "window": list(window), "moments": at, "pieces": [list(w) for w in windows],
+        "sample_pieces": [list(w) for w in samp_windows], "engine_on": engine_on,
         "component_queries": comp_q, "sample_queries": samp_q,
         "identity_error": ident.tolist(),
         "max_abs_residual": float(np.abs(series["residual_total"]).max()),
