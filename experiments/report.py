@@ -288,7 +288,8 @@ point's answer (a + b) mod p against all others (cumulative):
 one torch thread per process; summed over the invocations that computed the stages): record {rec:.0f} s, engine
 pieces {comp_s:.0f} s (components) + {samp_s:.0f} s (per-sample), curves and pipeline
 {sum(v for k, v in other.items() if k != 'record'):.0f} s; {total:.0f} s in all ({total / 60:.0f} min)""" + (f", with a 1-minute load average of {min(loads):.1f} to {max(loads):.1f} when the "
-                                 "engine pieces ended" if loads else "") + ".\n",
+                                 "engine pieces ended" if loads else "") + ".\n"
+           + "".join(f"{k}: {v}.\n" for k, v in w.get("notes", {}).items()),
            common.md_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in secs.items()])]
     return "\n".join(out)
 

@@ -14,8 +14,8 @@ Stages (each resumable across invocations; a finished stage or piece is reused w
 4. ``components_A_B`` ``engine.attribute`` of the loss of ``component_queries`` validation points by step and
                       tensor over updates ``(A, B]``, one stage per piece of the whole run.
 5. ``samples_A_B``    ``engine.attribute`` of the target log-probability of ``sample_queries`` validation points
-                      (mirror not trained) by training sample, steps summed into bins of ``every`` updates, for the
-                      pieces from the one holding the first moment (half-way to memorisation) to the end.
+                      (mirror not trained) by training sample over bins ``(A, B]`` of ``every`` updates: the bins of
+                      the circuit-formation window and the bins holding each moment (one stage per bin).
 6. ``report``         figures (PNG), markdown tables, ``results.json`` and ``report.md``.
 """
 
@@ -236,14 +236,15 @@ def _run(out: Path, cfg: PaperConfig, workers: int | None, client: Any, progress
         jobs.append((f"components_{lo}_{hi}", {
             "run": rec_digest, "queries": comp_q, "output": cfg.component_output, "by": ["step", "tensor"],
             "rule": cfg.component_rule, "steps": [lo, hi]}))
-    # per-sample scores from the piece holding the first moment (half-way to memorisation) to the end: they cover
-    # the circuit-formation window and every moment, and skip the early updates (per-sample work is the costliest)
-    samp_windows = [w for w in windows if w[1] >= min(at.values())]
+    # per-sample scores in bins of ``every`` updates, one engine call each, over the circuit-formation window and at
+    # each moment. Not over the whole run: per-sample scores by origin update cost grows faster than the window
+    # length (each batch's gradient is followed through the later updates its momentum reaches), and at 160-update
+    # pieces it was the one stage that did not fit an hour on this machine
+    samp_windows = _sample_windows(window, at, cfg.every, n_upd)
     for lo, hi in samp_windows:
         jobs.append((f"samples_{lo}_{hi}", {
-            "run": rec_digest, "queries": samp_q, "output": cfg.sample_output, "by": ["sample", "step"],
-            "rule": cfg.sample_rule, "method": cfg.sample_method, "steps": [lo, hi],
-            "step_bins": -(-(hi - lo) // cfg.every)}))
+            "run": rec_digest, "queries": samp_q, "output": cfg.sample_output, "by": ["sample"],
+            "rule": cfg.sample_rule, "method": cfg.sample_method, "steps": [lo, hi]}))
     pieces_dir = out / "pieces"
     todo = []
     for name, params in jobs:
@@ -295,6 +296,13 @@ def _run(out: Path, cfg: PaperConfig, workers: int | None, client: Any, progress
         "identity_error": results["identity_error"], "max_abs_residual": results["max_abs_residual"],
         "component_queries": comp_q, "sample_queries": samp_q,
     }
+
+
+def _sample_windows(window: tuple[int, int], at: dict[str, int], every: int, n_upd: int) -> list[tuple[int, int]]:
+    """Bins ``(lo, lo + every]`` covering the circuit-formation ``window`` and holding each moment, sorted."""
+    los = set(range(window[0] // every * every, window[1], every))
+    los |= {max(0, (m - 1) // every * every) for m in at.values()}
+    return sorted((lo, min(lo + every, n_upd)) for lo in los if lo < n_upd)
 
 
 def _marker_digest(st: Stages, name: str) -> str:
@@ -400,6 +408,7 @@ def _report(out: Path, cfg: PaperConfig, st: Stages, curves: dict[str, np.ndarra
         "totals": totals, "window_totals": win_totals, "residual_windows": res_rows,
         "seconds": dict(st.seconds),
         "load_1min": {k: v["load_1min"] for k, v in st.info.items() if "load_1min" in v},
+        "notes": {k: v["note"] for k, v in st.info.items() if "note" in v},
         "series": {"step": series["step"], "delta": series["delta"], "residual": series["residual"],
                    "movement": series["movement"]},
     }

@@ -287,10 +287,17 @@ def fig_residuals_whole(series: Mapping[str, Any], bounds: Sequence[int] = ()) -
 # Per-sample scores
 # ==============================================================================================================
 def sample_bins(parts: Sequence[xr.Dataset]) -> dict[str, np.ndarray]:
-    """The pieces' ``by=("sample", "step")`` results (steps summed into bins) joined: ``{"end": (B,) last update of
-    each bin, "start": (B,) update before its first, "scores": (Q, B, N) data part summed over outputs}``."""
+    """Per-sample results joined into bins: each ``by=("sample",)`` result is one bin (its window), each
+    ``by=("sample", "step")`` result one bin per step (or per ``step_bins`` bin). Returns ``{"end": (B,) last update
+    of each bin, "start": (B,) update before its first, "scores": (Q, B, N) data part summed over outputs}``."""
     ends, starts, blocks = [], [], []
-    for ds in sorted(parts, key=lambda d: int(d["step"].values[0])):
+    for ds in sorted(parts, key=lambda d: int(np.asarray(d.attrs["window"])[0])):
+        if "step" not in ds["data"].dims:  # one bin: the whole window of the result
+            a, b = (int(v) for v in ds.attrs["window"])
+            starts.append(a)
+            ends.append(b)
+            blocks.append(_q(ds["data"].transpose("query", "output", "sample"))[:, None, :])
+            continue
         end = np.asarray(ds["step"].values, dtype=int)
         # binned results carry each bin's first update as ``step_start``; unbinned ones are one update per step
         first = np.asarray(ds["step_start"].values, dtype=int) if "step_start" in ds.coords else end
@@ -315,7 +322,7 @@ def bin_at(bins: Mapping[str, np.ndarray], step: int) -> int:
 def fig_sample_time(bins: Mapping[str, np.ndarray], answers_train: np.ndarray, answers_q: Sequence[int],
                     labels: Sequence[str], phases: Mapping[str, Any], window: tuple[int, int]) -> Figure:
     """Per query and bin: the summed score of the training samples with the query's answer ``(a + b) mod p`` and of
-    all others (what the circuit adds up), cumulative over updates."""
+    all others, per bin (plotted at the bin's last update)."""
     n_q = len(answers_q)
     cols = min(4, n_q)
     rows = -(-n_q // cols)
@@ -326,8 +333,8 @@ def fig_sample_time(bins: Mapping[str, np.ndarray], answers_train: np.ndarray, a
         _shade(ax, phases)
         ax.axvspan(*window, color="none", ec="k", ls="--", lw=0.8)
         same = answers_train == answers_q[q]
-        ax.plot(x, np.cumsum(bins["scores"][q][:, same].sum(axis=1)), color="C2", label="samples with its answer")
-        ax.plot(x, np.cumsum(bins["scores"][q][:, ~same].sum(axis=1)), color="C3", label="all other samples")
+        ax.plot(x, bins["scores"][q][:, same].sum(axis=1), "o-", ms=3, color="C2", label="samples with its answer")
+        ax.plot(x, bins["scores"][q][:, ~same].sum(axis=1), "o-", ms=3, color="C3", label="all other samples")
         ax.axhline(0, color="k", lw=0.5)
         ax.set_title(labels[q], fontsize=8)
     for j in range(n_q, rows * cols):
@@ -335,7 +342,7 @@ def fig_sample_time(bins: Mapping[str, np.ndarray], answers_train: np.ndarray, a
     axes[0, 0].legend(fontsize=7)
     for ax in axes[-1]:
         ax.set_xlabel("update")
-    fig.suptitle("Per-sample scores (target log-probability of each query), summed by group, cumulative")
+    fig.suptitle("Per-sample scores (target log-probability of each query), summed by group, per bin (at its end)")
     fig.tight_layout()
     return fig
 

@@ -25,7 +25,7 @@ def paper_quick(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("paper")
     first = run_paper_demo(out, quick=True, client="sync", progress=False, log=lambda s: None)
-    (out / "stages" / "samples_12_24.json").unlink()
+    (out / "stages" / "samples_20_24.json").unlink()
     before = {p.stem: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
     assert main(["demo", "--paper", "--quick", "--sync", "--quiet", "--out", str(out)]) == 0
     after = {p.stem: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
@@ -67,17 +67,21 @@ def test_whole_run_closes_across_pieces(paper_quick):
     assert res["max_abs_residual"] < 1e-3 * res["max_abs_change"]
 
 
-def test_per_sample_bins_cover_the_run(paper_quick):
+def test_per_sample_bins_cover_the_circuit_window_and_the_moments(paper_quick):
     out, res, _, _ = paper_quick
-    parts = [xr.open_zarr(out / "pieces" / f"samples_{lo}_{hi}.zarr") for lo, hi in res["pieces"]]
-    bins = gk.sample_bins(parts)
     every = PAPER_QUICK.every
-    assert bins["end"].tolist() == list(range(every, PAPER_QUICK.steps + 1, every))
-    assert bins["start"].tolist() == list(range(0, PAPER_QUICK.steps, every))
-    assert bins["scores"].shape == (PAPER_QUICK.sample_queries, PAPER_QUICK.steps // every, PAPER_QUICK.n_train)
-    # the bins of a piece sum to the piece's per-sample data part
-    tot = sum(float(d["data"].sum()) for d in parts)
-    assert abs(bins["scores"].sum() - tot) < 1e-9
+    a, b = res["window"]
+    wins = [tuple(w) for w in res["sample_pieces"]]
+    assert all(hi - lo == every for lo, hi in wins)
+    assert {(lo, lo + every) for lo in range(a, b, every)} <= set(wins)
+    parts = [xr.open_zarr(out / "pieces" / f"samples_{lo}_{hi}.zarr") for lo, hi in wins]
+    bins = gk.sample_bins(parts)
+    for m in res["moments"].values():
+        i = gk.bin_at(bins, m)
+        assert bins["start"][i] < m <= bins["end"][i]
+    assert bins["scores"].shape == (PAPER_QUICK.sample_queries, len(wins), PAPER_QUICK.n_train)
+    # each bin is one engine result's per-sample data part
+    np.testing.assert_allclose(bins["scores"].sum(axis=(0, 2)), [float(d["data"].sum()) for d in parts], atol=1e-9)
 
 
 def test_second_call_recomputes_only_the_missing_piece(paper_quick):
@@ -85,8 +89,8 @@ def test_second_call_recomputes_only_the_missing_piece(paper_quick):
     markers rewritten), the record and the other pieces reused; the results are the same."""
     _, res, first, rewritten = paper_quick
     assert "record" in first["ran"] and not first["reused"]
-    assert {"components_0_12", "components_12_24", "samples_0_12", "samples_12_24"} <= set(first["ran"])
-    assert rewritten == ["report", "samples_12_24"]
+    assert {"components_0_12", "components_12_24", "samples_0_4", "samples_20_24"} <= set(first["ran"])
+    assert rewritten == ["report", "samples_20_24"]
     assert res["identity_error"] == pytest.approx(first["identity_error"], abs=1e-12)
 
 
