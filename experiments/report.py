@@ -61,7 +61,9 @@ same pipeline at a tiny size (seconds), which `tests/app/test_demo_paper.py` run
 
 def _img(src: Path, docs: Path, name: str) -> str | None:
     if not src.exists():
-        return None
+        # result PNGs are not committed (experiments/results/**/*.png is ignored): a checkout that did not run the
+        # experiment keeps the figure committed under docs/img
+        return f"![{name}](img/{name})" if (docs / "img" / name).exists() else None
     (docs / "img").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, docs / "img" / name)
     return f"![{name}](img/{name})"
@@ -252,8 +254,10 @@ circuit-formation window (novel validation accuracy from 10% to validation accur
 The whole run was decomposed in {len(w['pieces'])} resumable pieces ({', '.join(f'({a}, {b}]' for a, b in w['pieces'])}):
 the loss of {len(w['component_queries'])} fixed validation points by update and tensor (quadrature
 {cfg['component_rule']}), and the target log-probability of {len(w['sample_queries'])} validation points whose mirror
-was not trained by training sample, summed into bins of {cfg['every']} updates, over the pieces from the one holding
-the first moment below to the end ({', '.join(f'({a}, {b}]' for a, b in w['sample_pieces'])}).
+was not trained by training sample, over bins of {cfg['every']} updates covering the circuit-formation window and
+holding each moment below ({len(w['sample_pieces'])} engine calls, one per bin: scores by training sample and origin
+update over a 160-update piece did not finish within half an hour on this loaded machine, while a 10-update bin
+takes under a minute, so the per-sample scores do not cover the whole run).
 
 **Per component, split into data, weight decay and momentum** (change of the mean loss of the
 {len(w['component_queries'])} points, whole run and circuit window; "momentum" is the AdamW first moment carried
@@ -275,8 +279,9 @@ largest residual relative to its window's change is {worst['relative']:.1e}, in 
            _img(d / "whole_residuals.png", docs, "experiments_whole_residuals.png") or "",
            f"""
 **Per-sample scores over the circuit-formation window** ({win[0]}, {win[1]}]: the most helpful and most harmful
-training samples per validation point, and over the run the summed scores of the training samples that share the
-point's answer (a + b) mod p against all others (cumulative):
+training samples per validation point (scores summed over the window's bins), and per bin the summed scores of the
+training samples that share the point's answer (a + b) mod p against all others. A bin's scores are what its own
+batches moved through its own updates; the momentum carried into a bin is not split by sample:
 """, (d / "whole_top_samples.md").read_text(),
            _img(d / "whole_samples.png", docs, "experiments_whole_samples.png") or "",
            f"\n**The query x training-sample matrix sorted by (a + b) mod p** in the {cfg['every']}-update bin at each "
@@ -284,8 +289,9 @@ point's answer (a + b) mod p against all others (cumulative):
            + ", ".join(f"{k}: update {v}" for k, v in w["moments"].items()) + "):\n",
            _img(d / "whole_moments.png", docs, "experiments_whole_moments.png") or "",
            f"""
-**Time** (`explaind demo --paper` on this 2-core CPU shared with other jobs, the engine on {w.get('engine_on')},
-one torch thread per process; summed over the invocations that computed the stages): record {rec:.0f} s, engine
+**Time** (`explaind demo --paper` on this 2-core CPU shared with other jobs, one torch thread per engine process;
+the stage times summed over the invocations that computed them, the last of which ran the engine on
+{w.get('engine_on')}): record {rec:.0f} s, engine
 pieces {comp_s:.0f} s (components) + {samp_s:.0f} s (per-sample), curves and pipeline
 {sum(v for k, v in other.items() if k != 'record'):.0f} s; {total:.0f} s in all ({total / 60:.0f} min)""" + (f", with a 1-minute load average of {min(loads):.1f} to {max(loads):.1f} when the "
                                  "engine pieces ended" if loads else "") + ".\n"
