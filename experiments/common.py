@@ -6,11 +6,13 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# one markdown-table writer for the app's reports and the experiments' tables
+from explaind_app.report import md_table  # noqa: F401
 
 # small, committed results (JSON, CSV, markdown tables, PNG plots); bulky work files (stores, score arrays) go to
 # WORK_DIR, which is not committed
@@ -60,13 +62,6 @@ def save_npz(path: Path, **arrays: Any) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table (floats as given: format them before)."""
-    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 def pm(mean: float, std: float, digits: int = 3) -> str:

@@ -13,9 +13,13 @@ Stages (``--stage``; each resumable, a finished piece is reused):
                  that checkpoint's pipeline (and variants); validation accuracy and KL to the final model.
 - ``decompose``  ``engine.attribute`` of the loss of 64 validation points by step and tensor over a window of the
                  recorded run (``--window A:B``; default: around circuit formation), in resumable pieces.
+- ``whole``      ``explaind demo --paper`` for ``--whole-seed`` (default 3, which reaches 100% training and
+                 validation accuracy): the whole run decomposed per component and per training sample, the pipeline
+                 test; its tables and figures copied to the results as ``whole_*``.
 
     python -m experiments.grokking --stage train pipeline [--seeds 43 0 1 2 3]
     python -m experiments.grokking --stage decompose --window 600:800
+    python -m experiments.grokking --stage whole
 """
 
 from __future__ import annotations
@@ -28,22 +32,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments import common, scores
+from experiments import common
+from explaind_app.demo_paper import PAPER
+# moved to the app layer (explaind demo --paper runs them too); kept importable from here
+from explaind_app.grokking import (  # noqa: F401
+    PIPELINE,
+    VARIANTS,
+    fig_pipeline,
+    model_logits,
+    pipeline_alignment,
+    pipeline_summary,
+)
 
-CONFIG = {"p": 113, "n_train": 4000, "n_val": 2000, "d_model": 64, "n_heads": 4, "d_mlp": 512, "lr": 1e-3,
-          "betas": (0.9, 0.98), "weight_decay": 4.0, "dtype": "float32"}
+# the paper's configuration is defined once, by the app's ``explaind demo --paper`` (explaind_app.demo_paper.PAPER)
+CONFIG = {k: v for k, v in PAPER.train_kwargs().items() if k != "seed"}
 MAX_STEPS = 4000
-EVERY = 10
+EVERY = PAPER.every  # evaluation spacing (10 updates)
 RECORDED_SEED = 43
-# the "pipeline" of the paper's last phase and the outer layers put around it (tensor-name prefixes)
-PIPELINE = ("attn_", "mlp_in")
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "checkpoint only": (),
-    "final outer (embed, MLP out, unembed)": ("embed", "mlp_out", "unembed"),
-    "final unembed only": ("unembed",),
-    "final embed + MLP out": ("embed", "mlp_out"),
-    "final everything but attention": ("embed", "mlp_in", "mlp_out", "unembed"),
-}
+WHOLE_SEED = 3  # the seed decomposed whole (reaches 100% training and validation accuracy at update 470)
 
 
 def _sets(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -178,82 +184,6 @@ def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-# --- pipeline alignment ----------------------------------------------------------------------------------------------
-def _outer(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name.startswith(p) for p in prefixes)
-
-
-@torch.no_grad()
-def pipeline_alignment(run: Any, every: int = EVERY) -> dict[str, Any]:
-    """Accuracy and KL(final || hybrid) on the validation split of hybrids: the final model's tensors named by each
-    variant put around every ``every``-th checkpoint's other tensors (read with ``run.load_params``)."""
-    x, y = run.split("val")
-    t = int(run.committed_updates)
-    final = run.load_params(t)
-    model = run.build_model().eval()
-    ref = model_logits(model, final, x)
-    steps = list(range(0, t + 1, every)) + ([t] if t % every else [])
-    out: dict[str, Any] = {"step": steps, "variants": {v: {"accuracy": [], "kl": []} for v in VARIANTS}}
-    for s in steps:
-        ck = run.load_params(s)
-        for v, prefixes in VARIANTS.items():
-            hybrid = {k: (final[k] if _outer(k, prefixes) else ck[k]) for k in ck}
-            m = scores.prediction_metrics(ref, model_logits(model, hybrid, x), y)
-            out["variants"][v]["accuracy"].append(m["accuracy"])
-            out["variants"][v]["kl"].append(m["kl"])
-    return out
-
-
-def model_logits(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    for n, p in model.named_parameters():
-        p.copy_(params[n].to(p.dtype))
-    return model(x)
-
-
-def plot_pipeline(al: dict[str, Any], phases: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
-    for v, d in al["variants"].items():
-        axes[0].plot(al["step"], d["accuracy"], label=v)
-        axes[1].plot(al["step"], d["kl"], label=v)
-    axes[1].set_yscale("log")
-    for ax in axes:
-        for k, ls in (("memorised", ":"), ("rise", "--"), ("grokked", "-.")):
-            if phases.get(k) is not None:
-                ax.axvline(phases[k], color="gray", ls=ls, lw=1)
-        ax.set_xlabel("checkpoint (update)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation accuracy of the hybrid")
-    axes[1].set_ylabel("KL(final || hybrid) on validation")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Final outer layers around each checkpoint's pipeline (gray: memorised, novel val 50%, val 95%)")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def pipeline_summary(al: dict[str, Any], phases: dict[str, Any]) -> str:
-    """First checkpoint at which each hybrid reaches 95% validation accuracy, next to the run's own phases."""
-    rows = []
-    for v, d in al["variants"].items():
-        acc = np.asarray(d["accuracy"])
-        idx = np.nonzero(acc >= 0.95)[0]
-        first = int(al["step"][idx[0]]) if len(idx) else None
-        kl = np.asarray(d["kl"])
-        half = len(acc) // 2
-        rows.append([v, first, f"{acc[0]:.3f}", f"{acc[half]:.3f} (step {al['step'][half]})", f"{kl[0]:.3g}",
-                     f"{np.median(kl):.3g}"])
-    text = (f"Final model = the last recorded update, {al['step'][-1]}. "
-            f"Run phases: training accuracy 99% at {phases.get('memorised')}, novel validation accuracy 50% at "
-            f"{phases.get('rise')}, validation accuracy 95% at {phases.get('grokked')}.\n\n")
-    return text + common.md_table(["hybrid", "first checkpoint with val acc >= 95%", "val acc at step 0", "val acc half-way",
-                                   "KL at step 0", "median KL"],
-                                  rows)
-
-
 # --- decomposition ---------------------------------------------------------------------------------------------------
 def decompose(run_path: Path, work: Path, window: tuple[int, int], piece: int, queries: int) -> list[dict[str, Any]]:
     """``engine.attribute`` of the loss of ``queries`` validation points by step and tensor over ``window``, in
@@ -317,7 +247,7 @@ def plot_components(series: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.grokking", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stage", nargs="+", default=["train", "pipeline"], choices=["train", "pipeline", "decompose"])
+    ap.add_argument("--stage", nargs="+", default=["train", "pipeline"], choices=["train", "pipeline", "decompose", "whole"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[43, 0, 1, 2, 3])
     ap.add_argument("--window", default=None, help="decompose updates A:B (default: 100 updates before the "
                                                    "novel-validation-accuracy rise to 100 after it)")
@@ -327,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"stop each seed after this many updates (default {MAX_STEPS}, the paper's budget)")
     ap.add_argument("--piece", type=int, default=20, help="updates per resumable decomposition piece")
     ap.add_argument("--queries", type=int, default=64)
+    ap.add_argument("--whole-seed", type=int, default=WHOLE_SEED,
+                    help=f"the seed the 'whole' stage records and decomposes whole (default {WHOLE_SEED})")
+    ap.add_argument("--sync", action="store_true", help="'whole' stage: the engine in this process, not a cluster")
     ap.add_argument("--work", default=None)
     ap.add_argument("--results", default=None)
     args = ap.parse_args(argv)
@@ -365,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                                                            "variants": {v: {k: x[::2] for k, x in d.items()}
                                                                         for v, d in al["variants"].items()}})
             (res / f"pipeline{sfx}.md").write_text(pipeline_summary(al, phases))
-            plot_pipeline(al, phases, res / f"pipeline{sfx}.png")
+            fig_pipeline(al, phases).savefig(res / f"pipeline{sfx}.png", dpi=80)
     if "decompose" in args.stage:
         if rec is None:
             raise SystemExit(f"run --stage train with seed {RECORDED_SEED} first (it records the store)")
@@ -387,7 +320,39 @@ def main(argv: list[str] | None = None) -> int:
         (res / "decompose.md").write_text(
             f"Loss of {args.queries} validation points by step and tensor, seed {RECORDED_SEED}, one process, one "
             "torch thread.\n\n" + common.md_table(["window", "seconds", "max abs residual", "max abs change"], rows))
+    if "whole" in args.stage:
+        whole_stage(work, res, args.whole_seed, client="sync" if args.sync else None)
     return 0
+
+
+def whole_stage(work: Path, res: Path, seed: int, client: Any = None) -> dict[str, Any]:
+    """``explaind demo --paper`` for ``seed`` with its output under ``work/paper_seed<seed>`` (resumable), and its
+    tables, figures and results copied to ``res`` as ``whole_*`` (the per-update series rounded to 4 digits)."""
+    import shutil
+
+    from explaind_app.demo_paper import run_paper_demo
+
+    out = run_paper_demo(work / f"paper_seed{seed}", seed=seed, client=client, progress=False, log=common.log)
+    src = Path(out["out_dir"])
+    for f in src.glob("*.md"):
+        if f.name != "report.md":
+            shutil.copyfile(f, res / f"whole_{f.name}")
+    for f in (src / "figures").glob("*.png"):
+        shutil.copyfile(f, res / f"whole_{f.name}")
+    full = common.read_json(src / "results.json")
+
+    def small(v: Any) -> Any:
+        if isinstance(v, float):
+            return float(f"{v:.4g}")
+        if isinstance(v, list):
+            return [small(x) for x in v]
+        if isinstance(v, dict):
+            return {k: small(x) for k, x in v.items()}
+        return v
+
+    (res / "whole.json").write_text(json.dumps(small(full)))
+    common.log(f"whole run of seed {seed}: results in {res}/whole_*")
+    return full
 
 
 if __name__ == "__main__":

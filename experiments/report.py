@@ -44,6 +44,7 @@ python -m experiments.grokking --stage train --seeds 43                        #
 python -m experiments.grokking --stage train --seeds 0 1 2 --max-steps 1200    # the other seeds, as run here
 python -m experiments.grokking --stage train pipeline --seeds 43 0 1 2 3 --record 43 3 --max-steps 1200
 python -m experiments.grokking --stage decompose --seeds 43 --window 0:1000 --piece 50
+python -m experiments.grokking --stage whole     # = explaind demo --paper (seed 3), tables/figures copied as whole_*
 python -m experiments.report                     # this page and docs/img/experiments_*.png
 ```
 
@@ -51,12 +52,18 @@ python -m experiments.report                     # this page and docs/img/experi
 paper's budget). The tests of the pure pieces (importance, masks, metrics, Spearman, LDS) and of the pipeline
 query are in `tests/app/test_experiments.py`; `notebooks/05_experiments.ipynb` redraws the plots from
 `experiments/results/`.
+
+`explaind demo --paper [--out DIR]` runs the whole-run decomposition of seed 3 on its own (record, curves, pipeline
+test, engine pieces, report.md; every stage resumable across invocations); `explaind demo --paper --quick` is the
+same pipeline at a tiny size (seconds), which `tests/app/test_demo_paper.py` runs.
 """
 
 
 def _img(src: Path, docs: Path, name: str) -> str | None:
     if not src.exists():
-        return None
+        # result PNGs are not committed (experiments/results/**/*.png is ignored): a checkout that did not run the
+        # experiment keeps the figure committed under docs/img
+        return f"![{name}](img/{name})" if (docs / "img" / name).exists() else None
     (docs / "img").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, docs / "img" / name)
     return f"![{name}](img/{name})"
@@ -213,6 +220,83 @@ before the run itself does.
     else:
         out.append("Not run in this session (`python -m experiments.grokking --stage decompose`): see the stage "
                    "times below when it has.\n")
+    out.append(whole_section(d, docs))
+    return "\n".join(out)
+
+
+def whole_section(d: Path, docs: Path) -> str:
+    """The whole run of one seed decomposed (``python -m experiments.grokking --stage whole``, i.e. ``explaind demo
+    --paper``), from ``whole.json`` and the ``whole_*`` tables and figures."""
+    if not (d / "whole.json").exists():
+        return ("\n### Whole run decomposed\n\nNot run yet (`python -m experiments.grokking --stage whole`, or "
+                "`explaind demo --paper`).\n")
+    w = common.read_json(d / "whole.json")
+    cfg, ph, win = w["config"], w["phases"], w["window"]
+    secs = w["seconds"]
+    rec = secs.get("record", 0.0)
+    comp_s = sum(v for k, v in secs.items() if k.startswith("components_"))
+    samp_s = sum(v for k, v in secs.items() if k.startswith("samples_"))
+    other = {k: v for k, v in secs.items() if not k.startswith(("components_", "samples_"))}
+    total = sum(secs.values())
+    loads = list(w.get("load_1min", {}).values())
+    res_rows = w["residual_windows"]
+    quad = max(r["max_quadrature_per_update"] for r in res_rows)
+    rnd = max(r["max_rounding_per_update"] for r in res_rows)
+    worst = max(res_rows, key=lambda r: r["relative"])
+    ident = max(abs(v) for v in w["identity_error"])
+    out = [f"""
+### Whole run of seed {cfg['seed']} decomposed (`explaind demo --paper`)
+
+Seed {cfg['seed']} recorded again at the paper's configuration and stopped when training and validation accuracy were
+both 100% (checked every {cfg['every']} updates): {w['updates']} updates. Phases: training accuracy 99% at
+{ph['memorised']}, novel validation accuracy 50% at {ph['rise']}, validation accuracy 95% at {ph['grokked']}; the
+circuit-formation window (novel validation accuracy from 10% to validation accuracy 99%) is ({win[0]}, {win[1]}].
+The whole run was decomposed in {len(w['pieces'])} resumable pieces ({', '.join(f'({a}, {b}]' for a, b in w['pieces'])}):
+the loss of {len(w['component_queries'])} fixed validation points by update and tensor (quadrature
+{cfg['component_rule']}), and the target log-probability of {len(w['sample_queries'])} validation points whose mirror
+was not trained by training sample, over bins of {cfg['every']} updates covering the circuit-formation window and
+holding each moment below ({len(w['sample_pieces'])} engine calls, one per bin: scores by training sample and origin
+update over a 160-update piece did not finish within half an hour on this loaded machine, while a 10-update bin
+takes under a minute, so the per-sample scores do not cover the whole run).
+
+**Per component, split into data, weight decay and momentum** (change of the mean loss of the
+{len(w['component_queries'])} points, whole run and circuit window; "momentum" is the AdamW first moment carried
+into each piece, i.e. gradients of batches before the piece, so data + momentum is what the training batches
+moved). Mean change of the loss over the run {w['mean_change']:+.4f}.
+""", (d / "whole_components.md").read_text(),
+           _img(d / "whole_components.png", docs, "experiments_whole_components.png") or "",
+           f"""
+**Residuals per window.** The closing identity (initial + data + weight decay + momentum + residual - final, per
+query, over all pieces) holds to {ident:.1e}. Per update the quadrature residual (the error of the path integral)
+stays below {quad:.1e} and the rounding residual (what the recorded float32 update and its float64 rebuild from the
+recorded gradients disagree on) reaches {rnd:.1e}""" + (
+        ": the residual is the float32 training arithmetic, not the quadrature (the same run trained in float64 would "
+        "rebuild to float64 rounding; AdamW divides by the root of small second moments, which magnifies the float32 "
+        "rounding of small gradients)" if rnd > 10 * quad else "") + f""". The
+largest residual relative to its window's change is {worst['relative']:.1e}, in ({worst['window'][0]},
+{worst['window'][1]}].
+""", (d / "whole_residuals.md").read_text(),
+           _img(d / "whole_residuals.png", docs, "experiments_whole_residuals.png") or "",
+           f"""
+**Per-sample scores over the circuit-formation window** ({win[0]}, {win[1]}]: the most helpful and most harmful
+training samples per validation point (scores summed over the window's bins), and per bin the summed scores of the
+training samples that share the point's answer (a + b) mod p against all others. A bin's scores are what its own
+batches moved through its own updates; the momentum carried into a bin is not split by sample:
+""", (d / "whole_top_samples.md").read_text(),
+           _img(d / "whole_samples.png", docs, "experiments_whole_samples.png") or "",
+           f"\n**The query x training-sample matrix sorted by (a + b) mod p** in the {cfg['every']}-update bin at each "
+           "moment ("
+           + ", ".join(f"{k}: update {v}" for k, v in w["moments"].items()) + "):\n",
+           _img(d / "whole_moments.png", docs, "experiments_whole_moments.png") or "",
+           f"""
+**Time** (`explaind demo --paper` on this 2-core CPU shared with other jobs, one torch thread per engine process;
+the stage times summed over the invocations that computed them, the last of which ran the engine on
+{w.get('engine_on')}): record {rec:.0f} s, engine
+pieces {comp_s:.0f} s (components) + {samp_s:.0f} s (per-sample), curves and pipeline
+{sum(v for k, v in other.items() if k != 'record'):.0f} s; {total:.0f} s in all ({total / 60:.0f} min)""" + (f", with a 1-minute load average of {min(loads):.1f} to {max(loads):.1f} when the "
+                                 "engine pieces ended" if loads else "") + ".\n"
+           + "".join(f"{k}: {v}.\n" for k, v in w.get("notes", {}).items()),
+           common.md_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in secs.items()])]
     return "\n".join(out)
 
 

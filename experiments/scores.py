@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import torch
+
+# moved to the app layer (the pipeline test of `explaind demo --paper` uses it); kept importable from here
+from explaind_app.metrics import prediction_metrics  # noqa: F401
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -81,23 +83,6 @@ def kept_fraction(mask: Arrays) -> float:
     """The fraction of elements a mask keeps."""
     total = sum(np.size(m) for m in mask.values())
     return float(sum(int(np.count_nonzero(m)) for m in mask.values()) / max(total, 1))
-
-
-@torch.no_grad()
-def prediction_metrics(logits_ref: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Accuracy of ``logits``, agreement of its argmax with ``logits_ref``'s, and the mean KL(ref || new).
-
-    KL is ``sum_c p_ref(c) (log p_ref(c) - log p(c))`` per point, averaged over points (0 when identical).
-    """
-    lp_ref = torch.log_softmax(logits_ref.double(), dim=-1)
-    lp = torch.log_softmax(logits.double(), dim=-1)
-    kl = (lp_ref.exp() * (lp_ref - lp)).sum(dim=-1)
-    pred = logits.argmax(dim=-1)
-    return {
-        "accuracy": float((pred == targets).double().mean()),
-        "agreement": float((pred == logits_ref.argmax(dim=-1)).double().mean()),
-        "kl": float(kl.mean()),
-    }
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:

@@ -89,8 +89,9 @@ def add_commands(subparsers: Any) -> None:
     top.set_defaults(func=_cmd_top)
 
     from explaind_app.demo import add_demo_command
+    from explaind_app.demo_paper import add_paper_option
 
-    add_demo_command(subparsers)
+    add_paper_option(add_demo_command(subparsers))
 
     st = subparsers.add_parser("settings", help="list the EXPLAIND_* settings: meaning, default, current value")
     st.add_argument("--json", action="store_true")

@@ -358,7 +358,10 @@ def _run_demo(
 
 
 def _record(cfg: DemoConfig, run_path: Path, st: Stages, params: dict[str, Any], progress: bool,
-            log: Callable[[str], None]) -> None:
+            log: Callable[[str], None], callback: Callable[[int, float, Any], bool | None] | None = None,
+            recorder_kwargs: dict[str, Any] | None = None) -> None:
+    """Record (or resume recording) ``cfg``'s run at ``run_path``; ``callback`` (default: :func:`_watch`) runs after
+    every update and stops the training by returning True."""
 
     from explaind_store.examples import modadd
 
@@ -387,7 +390,7 @@ def _record(cfg: DemoConfig, run_path: Path, st: Stages, params: dict[str, Any],
     t0 = time.perf_counter()
     res = modadd.train(str(run_path), steps=cfg.steps, **cfg.train_kwargs(), resume=resume,
                        overwrite=not resume, progress=progress, eval_every=0,
-                       callback=_watch(cfg, progress, log))
+                       callback=callback or _watch(cfg, progress, log), recorder_kwargs=recorder_kwargs)
     secs = time.perf_counter() - t0
     n = res.updates_done - res.first_update + 1
     st.done("record", params, secs, {"updates": res.updates_done, "seconds_per_update": secs / max(n, 1),
@@ -498,8 +501,8 @@ def _grok_text(phases: dict[str, Any], curves: dict[str, np.ndarray]) -> str:
 # ==============================================================================================================
 # CLI
 # ==============================================================================================================
-def add_demo_command(subparsers: Any) -> None:
-    """Register ``explaind demo`` on the ``explaind`` parser's subparsers."""
+def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``explaind demo`` on the ``explaind`` parser's subparsers; returns its parser."""
     demo = subparsers.add_parser(
         "demo",
         help="record a transformer grokking modular addition, decompose it exactly, write an HTML report",
@@ -517,6 +520,7 @@ def add_demo_command(subparsers: Any) -> None:
     demo.add_argument("--sync", action="store_true", help="run the engine in this process instead of a cluster")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
+    return demo
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

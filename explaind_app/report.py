@@ -481,6 +481,13 @@ def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
     return buf.getvalue()
 
 
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table (floats as given: format them before)."""
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
     out = ["<table>"]
     if header:
