@@ -495,7 +495,8 @@ def _run(out_dir: str | Path, *, quick: bool, config: LMDemoConfig | None, steps
     rec_info = st.info.get("record", {})
     summary = [
         ("model", f"GPT-2 ({cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads, context {cfg.context}, "
-                  f"byte vocabulary 256, tied embeddings, dropout {cfg.dropout:g} with eager attention, recorded): "
+                  f"byte vocabulary 256, tied embeddings, dropout {cfg.dropout:g}"
+                  f"{' with eager attention, recorded' if cfg.dropout else ''}): "
                   f"{cfg.n_params():,} parameters"),
         ("data", f"Python standard library .py files, split by file: {cfg.train_sequences} training / "
                  f"{n_val} validation sequences of {cfg.context} bytes"),
