@@ -18,8 +18,9 @@ Stages (each resumable like ``explaind demo``: a finished stage is reused when i
                    and most harmful training sequences for a few validation sequences, shown as text.
 6. ``report``      figures and ``report.html``.
 
-Dropout is 0 here (a choice of this demo: the recorder can record dropout, regenerating its masks from the recorded
-generator states).
+The model trains with GPT-2's default dropout (0.1 on the embeddings, the residual branches and, with eager
+attention, the attention weights): the callback records the generator state of every training forward and the engine
+regenerates the masks (``explaind_store.dropout``); queries and the validation curve run without dropout (eval mode).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class LMDemoConfig:
     scheduler: str = "cosine_with_min_lr"
     min_lr_rate: float = 0.1  # the decay ends at 10% of lr, so the last updates (the split stage) still move
     max_grad_norm: float = 1.0
+    dropout: float = 0.1  # GPT-2's default (embeddings, residual branches, attention weights), recorded
     seed: int = 0
     # engine
     component_queries: int = 2
@@ -74,8 +76,10 @@ class LMDemoConfig:
 
     def gpt2_kwargs(self) -> dict[str, Any]:
         return {"n_layer": self.n_layer, "n_embd": self.n_embd, "n_head": self.n_head, "n_positions": self.context,
-                "vocab_size": 256, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "bos_token_id": 0,
-                "eos_token_id": 0}
+                "vocab_size": 256, "resid_pdrop": self.dropout, "embd_pdrop": self.dropout,
+                "attn_pdrop": self.dropout, "bos_token_id": 0, "eos_token_id": 0,
+                # fused (sdpa) attention draws its dropout masks inside the kernel, which cannot be regenerated
+                "attn_implementation": "eager"}
 
 
 LM_DEMO = LMDemoConfig()
@@ -330,8 +334,9 @@ def _write_report(out: Path, summary: list[tuple[str, str]], curves: dict[str, n
                      f"src='data:image/png;base64,{base64.b64encode(data).decode()}'><p class='caption'>{caption}</p>")
 
     fig("curves", _fig_curves(curves), "Training and validation loss",
-        "The validation split holds other standard-library files than training. Dropout is 0 (a choice of this "
-        "demo).")
+        "The validation split holds other standard-library files than training. The validation and "
+        "training-subset losses are evaluated without dropout (eval mode); the per-update training loss is the "
+        "Trainer's, with the recorded dropout of training.")
     fig("components", _fig_components(components), "Per-layer, per-component influence over training",
         "The change of the mean validation loss of a few validation sequences, split exactly over updates and "
         "tensors (data + weight decay of every update), summed per component: the token and position embeddings, "
@@ -490,7 +495,9 @@ def _run(out_dir: str | Path, *, quick: bool, config: LMDemoConfig | None, steps
     rec_info = st.info.get("record", {})
     summary = [
         ("model", f"GPT-2 ({cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads, context {cfg.context}, "
-                  f"byte vocabulary 256, tied embeddings, dropout 0): {cfg.n_params():,} parameters"),
+                  f"byte vocabulary 256, tied embeddings, dropout {cfg.dropout:g}"
+                  f"{' with eager attention, recorded' if cfg.dropout else ''}): "
+                  f"{cfg.n_params():,} parameters"),
         ("data", f"Python standard library .py files, split by file: {cfg.train_sequences} training / "
                  f"{n_val} validation sequences of {cfg.context} bytes"),
         ("training", f"transformers.Trainer, {t} updates of {cfg.batch_size} sequences, AdamW lr {cfg.lr:g}, "

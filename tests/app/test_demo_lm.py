@@ -34,8 +34,13 @@ def test_demo_lm_quick_end_to_end(tmp_path, capsys):
         assert info["max_ratio"] < 1e-4, (name, info)
     from explaind_store import open_run
 
-    splits = open_run(out / "run.zarr").attrs["data"]["splits"]  # the callback recorded both splits by reference
+    run = open_run(out / "run.zarr")
+    splits = run.attrs["data"]["splits"]  # the callback recorded both splits by reference
     assert all(splits[k]["mode"] == "reference" for k in ("train", "val")) and not (out / "run.zarr" / "data").exists()
+    # trained with GPT-2's dropout (eager attention): the callback recorded the generator states, and the decompositions
+    # above stayed exact with the regenerated masks
+    assert LM_QUICK.dropout > 0 and run.rng_info == {"device": "cpu", "dtype": "float32"}
+    assert run.model(0).config.attn_pdrop == run.model(0).config.resid_pdrop == LM_QUICK.dropout
     curves = np.load(out / "curves.npz")
     assert curves["val_loss"][-1] < curves["val_loss"][0]
     capsys.readouterr()
