@@ -196,7 +196,7 @@ def plot(agg: list[dict[str, Any]], path: Path, methods: tuple[str, ...] = METHO
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
-    colors = {"explaind": "C0", "explaind_per_class": "C3", "magnitude": "C1", "random": "C2"}
+    colors = {"explaind": "C0", "explaind_per_class": "C3", "explaind_per_part": "C4", "magnitude": "C1", "random": "C2"}
     for i, scope in enumerate(SCOPES):
         for j, (metric, label) in enumerate((("accuracy", "test accuracy"), ("agreement", "agreement with unpruned"),
                                              ("kl", "KL(unpruned || pruned)"))):

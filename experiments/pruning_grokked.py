@@ -29,7 +29,9 @@ from torch import nn
 
 from experiments import common, grokking, pruning, scores
 
-METHODS = ("explaind", "magnitude", "random")
+# explaind: |contribution summed over points, classes and parts|; explaind_per_part: the absolute value of each part
+# (data, weight decay, momentum) summed, so that an element's data and decay contributions cannot cancel
+METHODS = ("explaind", "explaind_per_part", "magnitude", "random")
 N_VAL = grokking.CONFIG["n_val"]
 HELD_OUT = N_VAL // 2  # validation[:1000] scores the parameters; validation[1000:] tests the pruned models
 MAX_STEPS = 1200  # seeds 0-3 reach 100% validation accuracy (seed 0: 99.7%) within it (experiments/results/grokking)
@@ -120,7 +122,9 @@ def evaluate_seed(run: Any, sums: dict[str, Any], seed: int, draws: int) -> list
     x, y = x[HELD_OUT:], y[HELD_OUT:]
     params = {k: v.detach().numpy() for k, v in model.named_parameters()}
     groups = components(list(params))
-    imp = {"explaind": scores.importance_from_scores({k: sums[k] for k in params}, sum_axes=(0,)),
+    part_sums = {k: sums[k] for k in params}
+    imp = {"explaind": scores.importance_from_scores(part_sums, sum_axes=(0,)),
+           "explaind_per_part": scores.importance_from_scores(part_sums, sum_axes=(), abs_sum_axes=(0,)),
            "magnitude": scores.magnitude_importance(params)}
     rows = pruning.prune_and_measure(model, x, y, imp, pruning.KEPT, groups, seed=seed)
     for d in range(draws):

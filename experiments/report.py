@@ -129,6 +129,18 @@ Engine time per seed (one process, one torch thread, machine shared): {np.mean(e
 """
 
 
+def _at_kept(agg: list[dict[str, Any]], methods: tuple[str, ...], kept: tuple[float, ...]) -> str:
+    """One bullet per scope and kept fraction: the mean ± std test accuracy of each method."""
+    by = {(a["method"], a["scope"], a["kept"]): a for a in agg}
+    lines = []
+    for scope in ("global", "per_module"):
+        for k in kept:
+            cells = [f"{m} {common.pm(by[(m, scope, k)]['accuracy_mean'], by[(m, scope, k)]['accuracy_std'])}"
+                     for m in methods if (m, scope, k) in by]
+            lines.append(f"- {scope.replace('_', '-')}, kept {k:g}: test accuracy " + ", ".join(cells) + ".")
+    return "\n".join(lines)
+
+
 def pruning_grokked_section(res: Path, docs: Path) -> str:
     d = res / "pruning_grokked"
     head = "### 1b. Pruning the grokked transformer\n\n"
@@ -160,13 +172,20 @@ log-probabilities (`experiments.pruning_grokked.with_query_sets`: one output ins
 `tests/app/test_experiments.py` checks that both give the same scores). Quadrature `{c['rule']}` on every update
 (the kink rule would cut each update at every unit flip of any of the {c['held_out']} pairs: 118-255 kinks per
 update measured on 20 pairs); the residual it leaves is in the table below. The per-class variant of the CNN
-(`explaind_per_class`) is not computed: it needs {c['p']} outputs. Baselines: |theta| and uniform random scores
+(`explaind_per_class`) is not computed: it needs {c['p']} outputs; `explaind_per_part` takes the absolute value of
+each part (data, weight decay, momentum) before summing the parts. Baselines: |theta| and uniform random scores
 ({c['random_draws']} random draws per training seed). Per module = per component ({groups}). Pruned models are
 measured on the other {n_test} validation pairs. Seeds {', '.join(map(str, c['seeds']))} (one process each, one torch
 thread, on the 2-core machine shared with other jobs):
 
 {seed_table}
 {verdicts(j["aggregate"], n_test)}
+{_at_kept(j["aggregate"], ("explaind", "explaind_per_part", "magnitude", "random"), (0.9, 0.99))}
+
+The importance is the change of the explained function that an element's movement over the whole run caused, not
+how much the function depends on the element's final value, which is what zeroing it tests; under weight decay 4.0
+an element's data and decay contributions can cancel while its final value still matters. `explaind_per_part`
+(the absolute value of each part, then summed) removes that cancellation: compare its rows with `explaind`'s.
 
 {(d / 'pruning_grokked.md').read_text()}
 {img}

@@ -226,3 +226,10 @@ def test_prune_and_measure_restores_the_model_and_is_exact_at_kept_1() -> None:
     assert all(r["kept_actual"] == 0.0 and r["kl"] > 0 for r in rows if r["kept"] == 0.0)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p, before[n], rtol=0, atol=0)
+
+
+def test_importance_per_part_keeps_data_and_decay_from_cancelling() -> None:
+    # (part, 2): element 0 is moved +1 by the data and -1 by weight decay (net 0), element 1 only by the data
+    s = {"w": np.array([[1.0, 0.5], [-1.0, 0.0], [0.0, 0.0]])}
+    np.testing.assert_allclose(scores.importance_from_scores(s, sum_axes=(0,))["w"], [0.0, 0.5])
+    np.testing.assert_allclose(scores.importance_from_scores(s, sum_axes=(), abs_sum_axes=(0,))["w"], [2.0, 0.5])
