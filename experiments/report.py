@@ -39,7 +39,7 @@ The commands that produced the results above (each resumable; work files under `
 
 ```bash
 python -m experiments.pruning                    # 5 seeds: record, score 148 validation points element-wise, prune
-python -m experiments.pruning_grokked --seeds 3 2   # the grokking configuration: record, score 1,000 pairs, prune
+python -m experiments.pruning_grokked --seeds 3 2 1   # grokking configuration: record, score 1,000 pairs, prune
 python -m experiments.lds                        # 100 subsets x 64 validation points
 python -m experiments.grokking --stage train --seeds 43                        # recorded, up to 4,000 updates
 python -m experiments.grokking --stage train --seeds 0 1 2 --max-steps 1200    # the other seeds, as run here
