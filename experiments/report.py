@@ -39,7 +39,7 @@ The commands that produced the results above (each resumable; work files under `
 
 ```bash
 python -m experiments.pruning                    # 5 seeds: record, score 148 validation points element-wise, prune
-python -m experiments.pruning_grokked --seeds 3 2 1   # grokking configuration: record, score 1,000 pairs, prune
+python -m experiments.pruning_grokked             # seeds 3 2 1 0 (grokking configuration): record, score 1,000 pairs, prune
 python -m experiments.lds                        # 100 subsets x 64 validation points
 python -m experiments.grokking --stage train --seeds 43                        # recorded, up to 4,000 updates
 python -m experiments.grokking --stage train --seeds 0 1 2 --max-steps 1200    # the other seeds, as run here
@@ -149,7 +149,9 @@ def pruning_grokked_section(res: Path, docs: Path) -> str:
     j = common.read_json(d / "pruning_grokked.json")
     c, seeds = j["config"], j["seeds"]
     n_test = c["n_val"] - c["held_out"]
-    rows = [[s, v["updates"], v["val100"], f"{v['final_val_acc']:.3f}", f"{v['train_s']:.0f}", f"{v['engine_s']:.0f}",
+    rows = [[s, v["updates"], v["val100"], f"{v['final_val_acc']:.3f}",
+             # a store recorded by an earlier, interrupted call is resumed in no time: its training time is not known
+             f"{v['train_s']:.0f}" if v["train_s"] >= 1 else "(earlier call)", f"{v['engine_s']:.0f}",
              f"{v['change']:.4g}", f"{v['residual']:.2e}", f"{v['abs_residual']:.2e}"] for s, v in seeds.items()]
     seed_table = common.md_table(["seed", "updates", "val acc 100% at", "final val acc", "train + record s",
                                   "engine s", "change of the summed log-probabilities", "total residual",
@@ -176,7 +178,7 @@ update measured on 20 pairs); the residual it leaves is in the table below. The 
 each part (data, weight decay, momentum) before summing the parts. Baselines: |theta| and uniform random scores
 ({c['random_draws']} random draws per training seed). Per module = per component ({groups}). Pruned models are
 measured on the other {n_test} validation pairs. Seeds {', '.join(map(str, c['seeds']))} (one process each, one torch
-thread, on the 2-core machine shared with other jobs):
+thread, on the 2-core machine shared with other jobs, so the engine seconds depend on its load at the time):
 
 {seed_table}
 {verdicts(j["aggregate"], n_test)}
