@@ -4,6 +4,7 @@ One module per experiment, each runnable as ``python -m experiments.<name>`` and
 kept under the results directory and reused):
 
 - ``experiments.pruning``: parameter pruning by element-wise ExPLAIND scores against magnitude and random pruning.
+- ``experiments.pruning_grokked``: the same on the grokked modular-addition transformer (the paper's configuration).
 - ``experiments.lds``: the linear datamodeling score of per-sample scores against retraining on random subsets.
 - ``experiments.grokking``: grokking at the paper's configuration, the pipeline-alignment test and a decomposition.
 

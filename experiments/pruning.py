@@ -92,38 +92,64 @@ def _engine_seconds(work: Path, seed: int) -> tuple[float, float]:
 
 
 @torch.no_grad()
+def prune_and_measure(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    importances: dict[str, dict[str, np.ndarray]],
+    kept: tuple[float, ...],
+    groups: dict[str, list[str]] | None = None,
+    **fields: Any,
+) -> list[dict[str, Any]]:
+    """Prune ``model`` by every importance (``{method: {tensor: importance}}``) globally and per module at every
+    kept fraction and measure it on ``(x, y)`` against the unpruned model (any model: rows of a table).
+
+    ``groups`` (``{module: [tensor, ...]}``) defines the modules of per-module pruning (default: one per tensor);
+    ``fields`` are added to every row (e.g. ``seed=``). The model's parameters are restored afterwards.
+    """
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    ref = model(x)
+    rows = []
+    try:
+        for method, imp in importances.items():
+            for scope in SCOPES:
+                for k in kept:
+                    mask = scores.global_mask(imp, k) if scope == "global" else scores.per_module_mask(imp, k, groups)
+                    for name, p in model.named_parameters():
+                        p.copy_(params[name] * torch.from_numpy(mask[name]).to(p.dtype))
+                    rows.append({**fields, "method": method, "scope": scope, "kept": k,
+                                 "kept_actual": scores.kept_fraction(mask), **scores.prediction_metrics(ref, model(x), y)})
+    finally:
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+    return rows
+
+
+def unpruned_row(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, **fields: Any) -> dict[str, Any]:
+    """The unpruned model's row (its accuracy; agreement 1 and KL 0 by definition)."""
+    with torch.no_grad():
+        ref = model(x)
+    return {**fields, "method": "unpruned", "scope": "-", "kept": 1.0, "kept_actual": 1.0,
+            **scores.prediction_metrics(ref, ref, y)}
+
+
 def evaluate_seed(run: Any, sums: dict[str, np.ndarray], seed: int) -> list[dict[str, Any]]:
     """Metrics of every method x scope x kept fraction on the test half (rows of a table)."""
     model = run.model(STEPS).double()
     x, y = run.split("val")
     x, y = x[HELD_OUT:].double(), y[HELD_OUT:]
-    params = {k: v.detach().numpy().copy() for k, v in model.named_parameters()}
-    ref = model(x)
+    params = {k: v.detach().numpy() for k, v in model.named_parameters()}
     imp = {
         "explaind": scores.importance_from_scores(sums, sum_axes=(0, 1)),
         "explaind_per_class": scores.importance_from_scores(sums, sum_axes=(1,), abs_sum_axes=(0,)),
         "magnitude": scores.magnitude_importance(params),
         "random": scores.random_importance(params, seed=1000 + seed),
     }
-    rows = []
-    for method in METHODS:
-        for scope in SCOPES:
-            masker = scores.global_mask if scope == "global" else scores.per_module_mask
-            for kept in KEPT:
-                mask = masker(imp[method], kept)
-                for k, p in model.named_parameters():
-                    p.copy_(torch.from_numpy(params[k] * mask[k]))
-                m = scores.prediction_metrics(ref, model(x), y)
-                rows.append({"seed": seed, "method": method, "scope": scope, "kept": kept,
-                             "kept_actual": scores.kept_fraction(mask), **m})
-        for k, p in model.named_parameters():
-            p.copy_(torch.from_numpy(params[k]))
-    rows.append({"seed": seed, "method": "unpruned", "scope": "-", "kept": 1.0, "kept_actual": 1.0,
-                 **scores.prediction_metrics(ref, ref, y)})
-    return rows
+    return prune_and_measure(model, x, y, imp, KEPT, seed=seed) + [unpruned_row(model, x, y, seed=seed)]
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and spread of every metric per (method, scope, kept) over the rows (seeds, random draws)."""
     out = []
     keys = sorted({(r["method"], r["scope"], r["kept"]) for r in rows})
     for method, scope, kept in keys:
@@ -136,16 +162,18 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def table(agg: list[dict[str, Any]], metrics: tuple[str, ...]) -> str:
+def table(agg: list[dict[str, Any]], metrics: tuple[str, ...], methods: tuple[str, ...] = METHODS,
+          kept_fractions: tuple[float, ...] = KEPT) -> str:
+    """A markdown table: one row per scope x kept fraction, ``mean ± std`` of each metric for each method."""
     by = {(a["method"], a["scope"], a["kept"]): a for a in agg}
     short = {"accuracy": "acc", "agreement": "agree", "kl": "KL"}
-    header = ["scope", "kept", *(f"{short[k]} {m}" for k in metrics for m in METHODS)]
+    header = ["scope", "kept", *(f"{short[k]} {m}" for k in metrics for m in methods)]
     rows = []
     for scope in SCOPES:
-        for kept in KEPT:
+        for kept in kept_fractions:
             r: list[Any] = [scope, f"{kept:g}"]
             for metric in metrics:
-                for m in METHODS:
+                for m in methods:
                     a = by.get((m, scope, kept))
                     if a is None:
                         r.append("-")
@@ -157,19 +185,23 @@ def table(agg: list[dict[str, Any]], metrics: tuple[str, ...]) -> str:
     return common.md_table(header, rows)
 
 
-def plot(agg: list[dict[str, Any]], path: Path) -> None:
+TITLE = "Digits CNN: pruning by ExPLAIND element-wise scores vs magnitude vs random (mean ± std over seeds)"
+
+
+def plot(agg: list[dict[str, Any]], path: Path, methods: tuple[str, ...] = METHODS, title: str = TITLE) -> None:
+    """Accuracy, agreement and KL against the pruned fraction, global (top) and per module (bottom), mean ± std."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
-    colors = {"explaind": "C0", "explaind_per_class": "C3", "magnitude": "C1", "random": "C2"}
+    colors = {"explaind": "C0", "explaind_per_class": "C3", "explaind_per_part": "C4", "magnitude": "C1", "random": "C2"}
     for i, scope in enumerate(SCOPES):
         for j, (metric, label) in enumerate((("accuracy", "test accuracy"), ("agreement", "agreement with unpruned"),
                                              ("kl", "KL(unpruned || pruned)"))):
             ax = axes[i, j]
-            for m in METHODS:
+            for m in methods:
                 sel = sorted((a for a in agg if a["method"] == m and a["scope"] == scope), key=lambda a: a["kept"])
                 x = np.array([1 - a["kept"] for a in sel])
                 mu = np.array([a[f"{metric}_mean"] for a in sel])
@@ -187,7 +219,7 @@ def plot(agg: list[dict[str, Any]], path: Path) -> None:
             ax.set_title(f"{scope.replace('_', '-')} pruning")
             ax.grid(alpha=0.3)
     axes[0, 0].legend()
-    fig.suptitle("Digits CNN: pruning by ExPLAIND element-wise scores vs magnitude vs random (mean ± std over seeds)")
+    fig.suptitle(title)
     fig.savefig(path, dpi=72)
     plt.close(fig)
 

@@ -6,7 +6,7 @@ with known answers (tests/app/test_experiments.py).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -73,10 +73,29 @@ def global_mask(importance: Arrays, kept: float) -> dict[str, np.ndarray]:
     return out
 
 
-def per_module_mask(importance: Arrays, kept: float) -> dict[str, np.ndarray]:
-    """Keep the ``round(kept * size)`` most important elements of each tensor separately (True = kept)."""
+def per_module_mask(
+    importance: Arrays, kept: float, groups: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, np.ndarray]:
+    """Keep the ``round(kept * size)`` most important elements of each module separately (True = kept).
+
+    A module is one tensor by default; ``groups`` (``{module: [tensor, ...]}``, e.g. the transformer's components
+    from ``explaind_app.report.component_groups``) ranks the tensors of a module together, so a module's weight
+    and bias share its budget. Every tensor must be in exactly one group.
+    """
     _check_fraction(kept)
-    return {k: _top_mask(np.ravel(v), int(round(kept * np.size(v)))).reshape(np.shape(v)) for k, v in importance.items()}
+    if groups is None:
+        return {k: _top_mask(np.ravel(v), int(round(kept * np.size(v)))).reshape(np.shape(v))
+                for k, v in importance.items()}
+    members = [t for ts in groups.values() for t in ts]
+    missing, extra = sorted(set(importance) - set(members)), sorted(set(members) - set(importance))
+    twice = sorted({t for t in members if members.count(t) > 1})
+    if missing or extra or twice:
+        raise ValueError(f"groups must name every tensor exactly once: missing {missing}, unknown {extra}, "
+                         f"repeated {twice}; add the missing tensors to a group and drop the others")
+    out: dict[str, np.ndarray] = {}
+    for ts in groups.values():
+        out.update(global_mask({t: importance[t] for t in ts}, kept))
+    return {k: out[k] for k in importance}
 
 
 def kept_fraction(mask: Arrays) -> float:

@@ -135,3 +135,101 @@ def test_pipeline_alignment_on_a_recorded_run(modadd_store) -> None:
     assert al["variants"]["checkpoint only"]["kl"][0] > 0
     # the final outer layers make a different model than the checkpoint alone at step 0
     assert al["variants"]["final outer (embed, MLP out, unembed)"]["kl"][0] != al["variants"]["checkpoint only"]["kl"][0]
+
+
+def test_per_module_mask_with_groups_ranks_the_tensors_of_a_module_together() -> None:
+    # module "m" = tensors a (4) and b (4): keeping half keeps the 4 largest of the 8 (all of a); module "c" alone
+    imp = {"a": np.array([10.0, 9.0, 8.0, 7.0]), "b": np.array([1.0, 2.0, 3.0, 4.0]), "c": np.array([5.0, 1.0])}
+    m = scores.per_module_mask(imp, 0.5, groups={"m": ["a", "b"], "c": ["c"]})
+    assert m["a"].all() and not m["b"].any() and m["c"].tolist() == [True, False]
+    assert list(m) == ["a", "b", "c"]
+    # without groups each tensor keeps its own half
+    assert scores.per_module_mask(imp, 0.5)["b"].tolist() == [False, False, True, True]
+    with pytest.raises(ValueError, match="exactly once"):
+        scores.per_module_mask(imp, 0.5, groups={"m": ["a", "b"]})  # c is in no group
+    with pytest.raises(ValueError, match="exactly once"):
+        scores.per_module_mask(imp, 0.5, groups={"m": ["a", "b"], "n": ["b", "c"]})
+
+
+def test_transformer_components_and_per_component_masks_keep_the_fraction_of_each() -> None:
+    from experiments.pruning_grokked import components
+    from explaind_store.examples import modadd
+
+    model = modadd.make_model(p=7, d_model=8, n_heads=2, d_mlp=16)
+    names = [n for n, _ in model.named_parameters()]
+    groups = components(names)
+    assert groups == {"embedding": ["embed"],
+                      "attention": ["attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_o.weight"],
+                      "MLP in": ["mlp_in.weight", "mlp_in.bias"], "MLP out": ["mlp_out.weight", "mlp_out.bias"],
+                      "unembedding": ["unembed.weight"]}
+    # importance: the bias far above its weight, so a per-tensor mask and a per-component mask differ
+    imp = {n: np.random.default_rng(0).random(tuple(p.shape)) + (10.0 if n.endswith("bias") else 0.0)
+           for n, p in model.named_parameters()}
+    for kept in (0.7, 0.97):
+        m = scores.per_module_mask(imp, kept, groups)
+        for comp, ts in groups.items():
+            size = sum(imp[t].size for t in ts)
+            assert sum(int(m[t].sum()) for t in ts) == round(kept * size), comp
+        assert m["mlp_in.bias"].all()  # ranked with its weight, the bias is kept whole
+    # ranked alone (one module per tensor), the bias loses 30% of its elements
+    assert scores.per_module_mask(imp, 0.7)["mlp_in.bias"].sum() == round(0.7 * 16)
+
+
+def test_query_set_model_sums_log_probabilities_and_keeps_training_outputs() -> None:
+    from experiments.pruning_grokked import with_query_sets
+    from explaind_store.examples import modadd
+
+    torch.manual_seed(0)
+    model = modadd.make_model(p=7, d_model=8, n_heads=2, d_mlp=16).double()
+    x = modadd.make_data(7, 20, 8, seed=0)["val"][0]
+    want_train = model(x)
+    names = [n for n, _ in model.named_parameters()]
+    wrapped = with_query_sets(model, sample_ndim=1)
+    assert [n for n, _ in wrapped.named_parameters()] == names
+    torch.testing.assert_close(wrapped(x), want_train)  # training batches: the model's own outputs
+    sets = torch.stack([x[:4], x[4:]])  # two query sets of 4 points
+    want = torch.log_softmax(want_train, -1).reshape(2, -1).sum(-1, keepdim=True)
+    torch.testing.assert_close(wrapped(sets), want)
+
+
+def test_summed_scores_equal_the_per_query_scores_summed_over_queries_and_classes(modadd_store) -> None:
+    import engine
+    from engine.result import param_var
+    from experiments.pruning_grokked import summed_scores
+    from explaind_store import open_run
+
+    run = open_run(modadd_store)
+    x, _ = run.split("val")
+    got = summed_scores(modadd_store, x, (0, 6), rule="gauss:4")
+    ds = engine.attribute(str(modadd_store), queries="val", output="log_softmax", by=("param",), quadrature="gauss:4",
+                          client="sync", progress=False)
+    for n in run.tensor_names:
+        np.testing.assert_allclose(got[n], ds[param_var(n)].sum(("query", "output")).values, rtol=1e-9, atol=1e-12)
+    assert got["_change"] == pytest.approx(float((ds["final"] - ds["initial"]).sum()), rel=1e-12)
+
+
+def test_prune_and_measure_restores_the_model_and_is_exact_at_kept_1() -> None:
+    from experiments.pruning import prune_and_measure
+    from explaind_store.examples import modadd
+
+    torch.manual_seed(0)
+    model = modadd.make_model(p=7, d_model=8, n_heads=2, d_mlp=16).double()
+    x, y = modadd.make_data(7, 20, 8, seed=0)["val"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    imp = {"magnitude": scores.magnitude_importance({n: p.numpy() for n, p in before.items()})}
+    rows = prune_and_measure(model, x, y, imp, (0.0, 1.0), seed=7)
+    assert [(r["scope"], r["kept"]) for r in rows] == [("global", 0.0), ("global", 1.0), ("per_module", 0.0),
+                                                       ("per_module", 1.0)]
+    assert all(r["seed"] == 7 for r in rows)
+    full = [r for r in rows if r["kept"] == 1.0]
+    assert all(r["kl"] == 0.0 and r["agreement"] == 1.0 for r in full)
+    assert all(r["kept_actual"] == 0.0 and r["kl"] > 0 for r in rows if r["kept"] == 0.0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=0, atol=0)
+
+
+def test_importance_per_part_keeps_data_and_decay_from_cancelling() -> None:
+    # (part, 2): element 0 is moved +1 by the data and -1 by weight decay (net 0), element 1 only by the data
+    s = {"w": np.array([[1.0, 0.5], [-1.0, 0.0], [0.0, 0.0]])}
+    np.testing.assert_allclose(scores.importance_from_scores(s, sum_axes=(0,))["w"], [0.0, 0.5])
+    np.testing.assert_allclose(scores.importance_from_scores(s, sum_axes=(), abs_sum_axes=(0,))["w"], [2.0, 0.5])
