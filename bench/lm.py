@@ -3,8 +3,9 @@
     python bench/lm.py [--repeats 3] [--steps 40] [--window 10]
 
 (a) The stock ``transformers.Trainer`` run of the ``explaind demo lm`` model (``explaind_app.demo_lm.LM_DEMO``: GPT-2,
-    byte vocabulary, the standard library corpus) for ``--steps`` updates with the callback and without it,
-    interleaved ``--repeats`` times in this process (same seed, same data order), wall seconds per update; the
+    byte vocabulary, the standard library corpus) for N = ``--steps`` and 2N updates with the callback and without
+    it, interleaved ``--repeats`` times in this process (same seed, same data order): ratios at N and 2N and the
+    steady-state ratio (the per-update cost of a long run, without the callback's fixed cost); the
     callback's run also logs every update (it needs the gradient norm), which is part of its overhead.
 (b) Engine seconds per update on the last ``--window`` updates of the recorded run, synchronous scheduler, one torch
     thread: the demo's components stage (2 validation sequences' loss, ``by=("step", "tensor")``) and its
@@ -60,18 +61,27 @@ def _train(cfg, steps: int, out: Path, record: bool) -> float:
 
 
 def _overhead(cfg, a, tmp: Path) -> None:
+    """Interleaved runs with and without the callback at N and 2N updates; the steady-state ratio
+    ``(rec(2N) - rec(N)) / (plain(2N) - plain(N))`` is the cost per update of a long run, without the callback's
+    fixed cost (creating the store, fingerprinting the corpus reference, the final flush)."""
     _train(cfg, 3, tmp / "warm", True)  # imports, data, allocator
-    times: dict[bool, list[float]] = {True: [], False: []}
+    n = a.steps
+    times: dict[tuple[bool, int], list[float]] = {(r, k): [] for r in (False, True) for k in (n, 2 * n)}
     for _ in range(a.repeats):
-        for rec in (False, True):
-            times[rec].append(_train(cfg, a.steps, tmp / f"r{int(rec)}", rec) / a.steps)
-    plain, recd = statistics.median(times[False]), statistics.median(times[True])
+        for k in (n, 2 * n):
+            for rec in (False, True):
+                times[rec, k].append(_train(cfg, k, tmp / f"r{int(rec)}", rec))
+    med = {key: statistics.median(v) for key, v in times.items()}
+    steady = (med[True, 2 * n] - med[True, n]) / (med[False, 2 * n] - med[False, n])
+    fixed = (med[True, n] - med[False, n]) - (steady - 1) * med[False, n]
     print(f"load average {os.getloadavg()}")
-    print("| model | updates | without callback (s/update) | with callback (s/update) | ratio |")
-    print("|---|---|---|---|---|")
+    print("| model | updates N | without callback (s/update, 2N) | with callback (s/update, 2N) | ratio at N | "
+          "ratio at 2N | steady-state ratio | fixed cost (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     print(f"| GPT-2 {cfg.n_layer}x{cfg.n_embd}, ctx {cfg.context}, batch {cfg.batch_size}, {cfg.n_params():,} "
-          f"params | {a.steps} | {plain:.3f} ({min(times[False]):.3f}-{max(times[False]):.3f}) | {recd:.3f} "
-          f"({min(times[True]):.3f}-{max(times[True]):.3f}) | {recd / plain:.2f}x |")
+          f"params, dropout {cfg.dropout:g} | {n} | {med[False, 2 * n] / (2 * n):.3f} | {med[True, 2 * n] / (2 * n):.3f} "
+          f"| {med[True, n] / med[False, n]:.2f}x | {med[True, 2 * n] / med[False, 2 * n]:.2f}x | **{steady:.2f}x** "
+          f"| {fixed:.2f} |")
 
 
 def main() -> None:
