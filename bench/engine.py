@@ -515,10 +515,7 @@ def head_to_head(args: argparse.Namespace, work: Path) -> list[str]:
     lines = [
         "### Summary: one thread against one thread, and the default client (same run as the tables below)",
         "",
-        ("| case | params | 1 thread (warm): CPU s / wall s | vs published, 1 thread (CPU) | default client: wall s / "
-         "CPU s | peak RSS 1 thread / default (MB) | result (MB) | fixed cost of a 10-update window, warm / fresh "
-         "process (CPU s) |"),
-        "|---|---|---|---|---|---|---|---|",
+        *SUMMARY_HEADER,
         *summary,
         "",
         *lines,
@@ -561,6 +558,14 @@ def _fixed_cost_row(
             f"{cost[0]:.2f} / {cost[1]:.2f} |"), cost
 
 
+SUMMARY_HEADER = (
+    "| case | params | 1 thread (warm): CPU s / wall s | vs published, 1 thread (CPU) | default client: wall s / "
+    "CPU s | peak RSS 1 thread / default (MB) | result (MB) | fixed cost of a 10-update window, warm / fresh "
+    "process (CPU s) |",
+    "|---|---|---|---|---|---|---|---|",
+)
+
+
 def _summary_row(name: str, P: int, runs: dict[str, dict[str, Any]], pub_s: float | None,
                  fixed: tuple[float, float] | None) -> str:
     """The issue-13 summary: one thread (CPU seconds are the honest number on a shared machine), the default
@@ -597,10 +602,7 @@ def summary_only(args: argparse.Namespace, work: Path) -> list[str]:
     return [
         "### Summary: one thread against one thread, and the default client",
         "",
-        ("| case | params | 1 thread (warm): CPU s / wall s | vs published, 1 thread (CPU) | default client: wall s / "
-         "CPU s | peak RSS 1 thread / default (MB) | result (MB) | fixed cost of a 10-update window, warm / fresh "
-         "process (CPU s) |"),
-        "|---|---|---|---|---|---|---|---|",
+        *SUMMARY_HEADER,
         *(r[0] for r in rows),
         "",
         "| case | max quadrature residual | total max error | plan |",

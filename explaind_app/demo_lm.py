@@ -426,16 +426,12 @@ def _run(out_dir: str | Path, *, quick: bool, config: LMDemoConfig | None, steps
 
     curves_path = out / "curves.npz"
     cur_params = {"run": rec, "points": cfg.curve_points}
-    marker = st.finished("curves", cur_params, [curves_path])
-    if marker is not None:
-        st.reuse("curves", marker)
-    else:
-        st.start("curves")
-        t0 = time.perf_counter()
-        curves = _curves(cfg, run)
-        np.savez(curves_path, **curves)
-        st.done("curves", cur_params, time.perf_counter() - t0,
-                {"final_val_loss": float(curves["val_loss"][-1]), "unigram_entropy": float(curves["unigram_entropy"])})
+    def compute_curves() -> dict[str, float]:
+        c = _curves(cfg, run)
+        np.savez(curves_path, **c)
+        return {"final_val_loss": float(c["val_loss"][-1]), "unigram_entropy": float(c["unigram_entropy"])}
+
+    st.run("curves", cur_params, [curves_path], compute_curves)
     curves = dict(np.load(curves_path))
 
     n_val = len(run.split("val")[0])
@@ -448,32 +444,15 @@ def _run(out_dir: str | Path, *, quick: bool, config: LMDemoConfig | None, steps
     window = (max(0, t - cfg.sample_updates), t)
     samp_params = {"run": rec, "queries": samp_q, "rule": cfg.rule, "window": list(window)}
 
-    marker = st.finished("components", comp_params, [comp_path])
-    if marker is not None:
-        st.reuse("components", marker)
-    else:
-        st.start("components")
-        t0 = time.perf_counter()
-        ds = _attribute(run_path, comp_q, ("step", "tensor"), None, cfg.rule, comp_path)
-        st.done("components", comp_params, time.perf_counter() - t0, _residual_info(ds))
-    marker = st.finished("split", split_params, [split_path])
-    if marker is not None:
-        st.reuse("split", marker)
-    else:
-        st.start("split")
-        t0 = time.perf_counter()
-        split = _split(cfg, run_path, comp_q, t)
-        split_path.write_text(json.dumps(split, indent=1))
-        st.done("split", split_params, time.perf_counter() - t0)
+    st.run("components", comp_params, [comp_path], lambda: _residual_info(
+        _attribute(run_path, comp_q, ("step", "tensor"), None, cfg.rule, comp_path)))
+    def compute_split() -> None:
+        split_path.write_text(json.dumps(_split(cfg, run_path, comp_q, t), indent=1))
+
+    st.run("split", split_params, [split_path], compute_split)
     split = json.loads(split_path.read_text())
-    marker = st.finished("samples", samp_params, [samp_path])
-    if marker is not None:
-        st.reuse("samples", marker)
-    else:
-        st.start("samples")
-        t0 = time.perf_counter()
-        ds = _attribute(run_path, samp_q, ("sample",), window, cfg.rule, samp_path)
-        st.done("samples", samp_params, time.perf_counter() - t0, _residual_info(ds))
+    st.run("samples", samp_params, [samp_path], lambda: _residual_info(
+        _attribute(run_path, samp_q, ("sample",), window, cfg.rule, samp_path)))
 
     components, samples = xr.open_zarr(comp_path), xr.open_zarr(samp_path)
     res_c, res_s = _residual_info(components), _residual_info(samples)
@@ -512,14 +491,10 @@ def _run(out_dir: str | Path, *, quick: bool, config: LMDemoConfig | None, steps
     rep_params = {"c": _digest(comp_params), "s": _digest(samp_params), "sp": _digest(split_params),
                   "cur": _digest(cur_params), "version": 1}
     report = out / "report.html"
-    marker = st.finished("report", rep_params, [report])
-    if marker is not None:
-        st.reuse("report", marker)
-    else:
-        st.start("report")
-        t0 = time.perf_counter()
+    def compute_report() -> None:
         _write_report(out, summary, curves, components, split, samples, x_train, x_val[samp_q], residuals)
-        st.done("report", rep_params, time.perf_counter() - t0)
+
+    st.run("report", rep_params, [report], compute_report)
     total = time.perf_counter() - t_start
     log("\n" + _table([*summary, ("this call", f"{total:.1f} s"), ("report", str(report.resolve()))]))
     return {"report": str(report), "run": str(run_path), "seconds": dict(st.seconds),

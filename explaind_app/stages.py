@@ -81,6 +81,19 @@ class Stages:
         self.log(f"stage {name} done in {seconds:.1f} s")
 
 
+    def run(self, name: str, params: Any, outputs: list[Path],
+            compute: Callable[[], dict[str, Any] | None]) -> None:
+        """Reuse the finished stage ``name`` (same ``params``, every output present), else run ``compute`` (which
+        writes ``outputs`` and returns the marker's info) and mark the stage done with its wall time."""
+        marker = self.finished(name, params, outputs)
+        if marker is not None:
+            self.reuse(name, marker)
+            return
+        self.start(name)
+        t0 = time.perf_counter()
+        info = compute()
+        self.done(name, params, time.perf_counter() - t0, info)
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":
