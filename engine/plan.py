@@ -66,6 +66,13 @@ def grads_ahead_fits(batch: int, n_params: int) -> bool:
     return kept_u_bytes(1, batch, n_params) <= settings.get("grads_ahead_bytes")
 
 
+def grad_group(batch: int, n_params: int, updates: int) -> int:
+    """Updates whose per-sample gradients pass 2 takes in one call: the ``grad_group_updates`` setting, at most
+    ``updates`` (the chunk) and as many as fit ``grads_ahead_bytes`` together (at least 1)."""
+    fit = settings.get("grads_ahead_bytes") // max(1, kept_u_bytes(1, batch, n_params))
+    return max(1, min(int(settings.get("grad_group_updates")), int(updates), int(fit)))
+
+
 # ==============================================================================================================
 # Chunks of updates
 # ==============================================================================================================
@@ -280,6 +287,7 @@ __all__ = [
     "chunk_bounds",
     "grads_ahead_fits",
     "keeps_u",
+    "grad_group",
     "kept_u_bytes",
     "light_chunk_updates",
     "light_fits",

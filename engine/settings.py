@@ -56,6 +56,8 @@ TABLE: dict[str, Setting] = {
                 "chunks and the in-process reference; beyond it pass 2 recomputes them)", minimum=0),
         Setting("grads_ahead_bytes", int, 256 << 20, "bytes of per-sample gradients pass 2 may take one update "
                 "ahead in its second thread", minimum=0),
+        Setting("grad_group_updates", int, 4, "updates whose per-sample gradients pass 2 takes in one vmapped "
+                "call (their fixed cost shared; also bounded by grads_ahead_bytes); 1 turns grouping off", minimum=1),
         Setting("pipeline", bool, True, "run pass 2 over two threads (torch.func work one update ahead) when it "
                 "has two or more torch threads on the CPU; 0/false/off/no turns it off"),
         Setting("threads_per_group", int, 2, "torch threads per query group on the default LocalCluster"),

@@ -158,6 +158,30 @@ def sample_grads(
         yield sl, G
 
 
+def sample_grads_many(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    loss_spec: dict[str, str],
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`sample_grads` of several updates in one call: ``params`` holds each tensor stacked over the updates
+    (``(G, *shape)``), ``xs`` / ``ys`` their batches stacked (``(G, B, ...)``, no dropout). A vmapped call's fixed
+    cost (functorch dispatch per op, Python) is paid once for the ``G`` updates instead of once each, which is most
+    of a small model's per-sample gradient time (docs/benchmarks.md). Returns per update name -> ``(B, *shape)``
+    (views into one ``(G, B, *shape)`` tensor per name)."""
+    psg = vmap(grad(_sample_loss_fn(model, loss_spec)), in_dims=(None, 0, 0, None))
+    got = vmap(psg, in_dims=(0, 0, 0, None))(params, xs, ys, None)
+    out = []
+    for i in range(xs.shape[0]):
+        g = {n: v[i] for n, v in got.items()}
+        w = batch_weights(loss_spec, ys[i])  # of the whole batch (sample_grads' chunks never cut it here)
+        if w is not None:
+            g = {n: v.mul_(w.to(v.dtype).reshape(-1, *([1] * (v.ndim - 1)))) for n, v in g.items()}
+        out.append(g)
+    return out
+
+
 def grad_dots(
     grads: Iterable[tuple[slice, dict[str, torch.Tensor]]],
     V: dict[str, torch.Tensor],

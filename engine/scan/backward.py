@@ -12,13 +12,20 @@ arrays).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from engine.ops.persample import batch_mean_grad, choose_method, grad_dots, sample_dots, sample_grads
-from engine.plan import grads_ahead_fits, momentum_parts
+from engine.ops.persample import (
+    batch_mean_grad,
+    choose_method,
+    grad_dots,
+    sample_dots,
+    sample_grads,
+    sample_grads_many,
+)
+from engine.plan import grad_group, grads_ahead_fits, momentum_parts
 from engine.result import PARAM_PREFIX, ChunkResult
 from engine.scan import pipeline
 from engine.scan.carries import Carry
@@ -64,6 +71,40 @@ def _extra_vectors(
                     lst.append((col, c, a_in[part][n]))
         out[n] = lst
     return out
+
+
+def _grad_group(ctx: Context, block: TrajectoryBlock) -> int:
+    """How many updates of ``block`` :func:`_group_grads` may take at once: 1 (no grouping) unless every batch is
+    taken whole (``sample_chunk``), by per-sample gradients (method ``"grad"``) and without dropout."""
+    sizes = {int(b.numel()) for b in block.batches}
+    if not sizes or (block.rng is not None and any(r is not None for r in block.rng)):
+        return 1
+    nb = max(sizes)
+    methods = {choose_method(ctx.problem.method, ctx.R, n, ctx.per_tensor) for n in sizes}
+    if nb > int(ctx.problem.sample_chunk) or methods != {"grad"}:
+        return 1
+    return grad_group(nb, ctx.n_params, block.hi - block.lo)
+
+
+def _group_grads(state: Pass2State, s: int) -> list[tuple[slice, Vectors]]:
+    """Update ``s``'s per-sample gradients, as :func:`sample_grads` yields them. Pass 2 walks backward, so on a
+    miss the gradients of ``s`` and of up to ``grad_group - 1`` updates before it (within the chunk, with batches
+    of the same size) are taken in one call (:func:`sample_grads_many`) and kept until their turn."""
+    got = state.grad_cache.pop(s, None)
+    if got is not None:
+        return got
+    ctx, block, lo = state.ctx, state.block, state.lo
+    nb = int(block.batches[s - lo - 1].numel())
+    first = s
+    while first - 1 > lo and s - first + 1 < state.grad_group and int(block.batches[first - 2 - lo].numel()) == nb:
+        first -= 1
+    # theta_{u-1} of the updates first..s: consecutive rows of the chunk's parameters
+    params = {n: block.params[n][first - 1 - lo : s - lo].to(device=ctx.device, dtype=F64) for n in ctx.names}
+    batches = [ctx.batch(block, u) for u in range(first, s + 1)]
+    xs, ys = torch.stack([b[1] for b in batches]), torch.stack([b[2] for b in batches])
+    for u, g in zip(range(first, s + 1), sample_grads_many(ctx.model, params, xs, ys, ctx.loss)):
+        state.grad_cache[u] = [(slice(0, nb), g)]
+    return state.grad_cache.pop(s)
 
 
 def _grads_ahead(ctx: Context, block: TrajectoryBlock) -> bool:
@@ -117,6 +158,8 @@ class Pass2State:
     param: Vectors | None  # "param": name -> (R, 3, *shape)
     wd_param: Vectors | None  # AdamW "param" without kept u_s: views into param[:, 1]
     pre_grads: bool  # the producer takes the per-sample gradients
+    grad_group: int = 1  # updates whose per-sample gradients are taken in one call (_group_grads)
+    grad_cache: dict[int, list[tuple[slice, Vectors]]] = field(default_factory=dict)  # taken, not yet consumed
 
     @property
     def by_sample(self) -> bool:
@@ -195,7 +238,9 @@ def produce(state: Pass2State, s: int) -> UpdateInputs:
     w = UpdateInputs(j, theta_prev, x, kx, idx, xb, yb, theta_s=theta_s, pi=pi, g=g)
     if state.by_sample or w.g is None:
         w.masks = ctx.masks(block, s, theta_prev, xb, yb)
-    if state.by_sample and state.pre_grads:
+    if state.by_sample and state.grad_group > 1:
+        w.grads = _group_grads(state, s)
+    elif state.by_sample and state.pre_grads:
         w.grads = list(sample_grads(ctx.model, theta_prev, xb, yb, ctx.loss,
                                     sample_chunk=int(state.problem.sample_chunk), masks=w.masks))
     elif w.g is None and not state.by_sample:
@@ -425,6 +470,7 @@ def pass2(
     if threads is not None and state.by_sample and not _grads_ahead(ctx, block):
         threads = None  # the consumer would have to take the per-sample gradients (torch.func): one thread
     state.pre_grads = threads is not None  # the producer takes them, so the consumer needs no torch.func
+    state.grad_group = _grad_group(ctx, block) if state.by_sample else 1
     pipeline.run_two_stage(reversed(block.updates), functools.partial(produce, state),
                            functools.partial(consume, state), threads)
     return finish(state)

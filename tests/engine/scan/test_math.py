@@ -305,6 +305,34 @@ def test_grad_and_jvp_agree(by):
     assert choose_method("auto", 1, 20, per_tensor=True) == "grad"
 
 
+@pytest.mark.parametrize("model,opt", [("transformer", "adamw"), ("mlp", "sgd_momentum")])
+def test_grouped_per_sample_gradients_match_oracle(model, opt, monkeypatch):
+    """Pass 2 takes the per-sample gradients of several updates in one vmapped call (settings grad_group_updates):
+    the scores equal the ungrouped run's and the oracle's, and the grouping really happened (groups of up to 4
+    consecutive updates with batches of one size, within chunks of 5)."""
+    from engine import settings
+    from engine.scan import backward
+
+    calls: list[int] = []
+    real = backward.sample_grads_many
+
+    def spy(model_, params, xs, ys, loss):
+        calls.append(int(xs.shape[0]))
+        return real(model_, params, xs, ys, loss)
+
+    monkeypatch.setattr(backward, "sample_grads_many", spy)
+    run = run_of(model, opt)
+    with settings.override(grad_group_updates=1):
+        ref = engine(run, method="grad", chunk_updates=5)
+    assert calls == []
+    with settings.override(grad_group_updates=4):
+        ds = engine(run, method="grad", chunk_updates=5)
+    assert calls and 2 <= max(calls) <= 4 and sum(calls) == int(ds.sizes["step"]), calls
+    same(ds, ref, what="grouped vs one update at a time")
+    compare(ds, oracle_of(model, opt), what=run.name)
+    check_identities(ds)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward-AD init
 @pytest.mark.parametrize(
     "model,opt,by,method,window",
