@@ -418,8 +418,98 @@ def child_idle(spec: dict[str, Any]) -> dict[str, Any]:
     return {"peak_mb": _rss_mb()}
 
 
+def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
+    """One warm one-thread ``attribute`` with its phases timed (CPU s), and the floor under it: the per-sample dot
+    products' own matmuls (every tensor's ``(R, P_t) @ (P_t, N)`` in float64, exactly the shapes pass 2 multiplies)
+    timed alone on random data, per update."""
+    import torch
+
+    torch.set_num_threads(1)
+    import engine.ops.persample as PS
+    import engine.ops.quadrature as Q
+    import engine.scan.backward as B
+    from engine.api import attribute
+
+    acc: dict[str, float] = {}
+
+    def wrap(mod: Any, name: str, key: str) -> None:
+        f = getattr(mod, name)
+
+        def g(*a: Any, f: Any = f, **k: Any) -> Any:
+            t = time.process_time()
+            r = f(*a, **k)
+            acc[key] = acc.get(key, 0.0) + time.process_time() - t
+            return r
+
+        setattr(mod, name, g)
+
+    # the leaves of the phase tree only (no phase inside another): Jacobians, kink search, gradients, dots
+    wrap(Q, "_phi_rows", "path integral (Jacobians)")
+    wrap(Q, "search_kinks", "kink search")
+    wrap(Q, "_drop_flat_kinks", "kink search")
+    wrap(B, "sample_grads_many", "per-sample gradients")
+    wrap(B, "sample_grads", "per-sample gradients")
+    wrap(PS, "sample_grads", "per-sample gradients")
+    wrap(B, "grad_dots", "dot products")
+    wrap(PS, "grad_dots", "dot products")
+    path, q = spec["path"], int(spec["queries"])
+    kw = {"queries": f"val[:{q}]", "output": "log_softmax", "by": BY, "client": "sync", "progress": False}
+    attribute(path, steps=(0, 1), **kw)
+    acc.clear()
+    t = time.process_time()
+    ds = attribute(path, **kw)
+    total = time.process_time() - t
+    steps = int(ds.sizes["step"])
+    from explaind_store.reader import open_run
+
+    run = open_run(path)
+    shapes = [int(p.numel()) for p in run.build_model().parameters()]
+    R = int(ds.sizes["query"]) * int(ds.sizes["output"])
+    N = int(run.split("train")[0].shape[0])
+    V = [torch.randn(R, n, dtype=torch.float64) for n in shapes]
+    G = [torch.randn(N, n, dtype=torch.float64) for n in shapes]
+    for v, g in zip(V, G):
+        v @ g.T
+    reps = 10
+    t = time.process_time()
+    for _ in range(reps):
+        for v, g in zip(V, G):
+            v @ g.T
+    gemm = (time.process_time() - t) / reps
+    per = {k: 1000 * v / steps for k, v in acc.items()}
+    per["rest"] = 1000 * total / steps - sum(per.values())
+    return {"per_update_ms": per, "total_ms": 1000 * total / steps, "gemm_ms": 1000 * gemm, "R": R, "N": N,
+            "P": sum(shapes), "T": len(shapes), "gflop": 2 * R * N * sum(shapes) / 1e9, "load": _load()}
+
+
+def floor(args: argparse.Namespace, work: Path) -> list[str]:
+    """Where one thread's time per update goes, against the dot products' float64 matmul floor."""
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    keys = ("path integral (Jacobians)", "kink search", "per-sample gradients", "dot products", "rest")
+    lines = [
+        "### Where an update's time goes (one thread, CPU ms per update), and the matmul floor",
+        "",
+        "| case | params (tensors) | rows R x samples N | dot products: GFlop per update | their matmuls alone "
+        "(the floor) | " + " | ".join(keys) + " | total | 30x the published code needs |",
+        "|---|---|---|---|---|" + "---|" * len(keys) + "---|---|",
+    ]
+    for name in names:
+        path = work / f"{name}-100"
+        _record(path, 100, 170, 100, **HEAD_TO_HEAD[name])
+        r = _child({"kind": "floor", "path": str(path), "queries": args.queries})
+        per = r["per_update_ms"]
+        lines.append(
+            f"| {name} | {r['P']} ({r['T']}) | {r['R']} x {r['N']} | {r['gflop']:.2f} | {r['gemm_ms']:.1f} | "
+            + " | ".join(f"{per.get(k, 0.0):.1f}" for k in keys)
+            + f" | {r['total_ms']:.1f} | {1000 * PUBLISHED[name][0] / 30 / 100:.1f} |"
+        )
+        print(f"[bench] {name} done, load {r['load']}", file=sys.stderr)
+    lines += ["", f"Load average (1/5/15 min) after the table: {_load()}.", ""]
+    return lines
+
+
 CHILDREN = {"ours": child_ours, "baseline": child_baseline, "baseline_error": child_baseline_error, "idle": child_idle,
-            "per_update": child_per_update}
+            "per_update": child_per_update, "floor": child_floor}
 
 
 # ==============================================================================================================
@@ -744,6 +834,9 @@ def main() -> None:
     ap.add_argument("--per-update", action="store_true",
                     help="only the per-update phase table (CPU ms); the engine is whatever `import engine` finds, so "
                          "PYTHONPATH=<old checkout> measures an older engine on the same runs")
+    ap.add_argument("--floor", action="store_true",
+                    help="only the table of where one thread's time per update goes, against the dot products' "
+                         "float64 matmul floor, for --cases")
     ap.add_argument("--f64-only", action="store_true", help="only the d64 case recorded in float64 (total error)")
     ap.add_argument("--summary-only", action="store_true",
                     help="only the summary table (warm one thread, default client, fixed cost) for --cases")
@@ -759,6 +852,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.per_update:
         print("\n".join(per_update(args, Path(args.workdir) / "full")))
+        return
+    if args.floor:
+        print("\n".join(floor(args, Path(args.workdir) / "full")))
         return
     out = ["## Engine", "", f"Machine: {machine()}.", ""]
     if args.f64_only:
