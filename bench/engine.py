@@ -316,6 +316,21 @@ def child_baseline_error(spec: dict[str, Any]) -> dict[str, Any]:
     return {"total_error": float(np.abs(f32 - parts).max())}
 
 
+def _time_calls(acc: dict[str, float], mod: Any, name: str, key: str) -> None:
+    """Replace ``mod.name`` (if it exists) by a wrapper that adds each call's CPU seconds to ``acc[key]``."""
+    f = getattr(mod, name, None)
+    if f is None:
+        return
+
+    def g(*a: Any, **k: Any) -> Any:
+        t = time.process_time()
+        r = f(*a, **k)
+        acc[key] = acc.get(key, 0.0) + time.process_time() - t
+        return r
+
+    setattr(mod, name, g)
+
+
 def child_per_update(spec: dict[str, Any]) -> dict[str, Any]:
     """CPU ms per update of pass 1 / pass 2 and their path integrals and per-sample dot products, on updates
     ``lo+1 .. lo+L`` as a window's first chunk and as a later chunk (whatever ``engine`` is importable)."""
@@ -332,23 +347,9 @@ def child_per_update(spec: dict[str, Any]) -> dict[str, Any]:
     xq, yq = _query_set(run, q)
     by = frozenset(BY)
     acc: dict[str, float] = {}
-
-    def wrap(name: str, key: str) -> None:
-        for mod in (P1, P2):  # the scan modules that call the function
-            f = getattr(mod, name, None)
-            if f is None:
-                continue
-
-            def g(*a: Any, f: Any = f, **k: Any) -> Any:
-                t = time.process_time()
-                r = f(*a, **k)
-                acc[key] = acc.get(key, 0.0) + time.process_time() - t
-                return r
-
-            setattr(mod, name, g)
-
     for name, key in (("path_integral", "path integral"), ("phi_given", "path integral"), ("sample_dots", "dots")):
-        wrap(name, key)
+        for mod in (P1, P2):  # the scan modules that call the function
+            _time_calls(acc, mod, name, key)
 
     def timed(fn: Any) -> dict[str, float]:
         acc.clear()
@@ -431,27 +432,12 @@ def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
     from engine.api import attribute
 
     acc: dict[str, float] = {}
-
-    def wrap(mod: Any, name: str, key: str) -> None:
-        f = getattr(mod, name)
-
-        def g(*a: Any, f: Any = f, **k: Any) -> Any:
-            t = time.process_time()
-            r = f(*a, **k)
-            acc[key] = acc.get(key, 0.0) + time.process_time() - t
-            return r
-
-        setattr(mod, name, g)
-
     # the leaves of the phase tree only (no phase inside another): Jacobians, kink search, gradients, dots
-    wrap(Q, "_phi_rows", "path integral (Jacobians)")
-    wrap(Q, "search_kinks", "kink search")
-    wrap(Q, "_drop_flat_kinks", "kink search")
-    wrap(B, "sample_grads_many", "per-sample gradients")
-    wrap(B, "sample_grads", "per-sample gradients")
-    wrap(PS, "sample_grads", "per-sample gradients")
-    wrap(B, "grad_dots", "dot products")
-    wrap(PS, "grad_dots", "dot products")
+    for mod, name, key in ((Q, "_phi_rows", "path integral (Jacobians)"), (Q, "search_kinks", "kink search"),
+                           (Q, "_drop_flat_kinks", "kink search"), (B, "sample_grads_many", "per-sample gradients"),
+                           (B, "sample_grads", "per-sample gradients"), (PS, "sample_grads", "per-sample gradients"),
+                           (B, "grad_dots", "dot products"), (PS, "grad_dots", "dot products")):
+        _time_calls(acc, mod, name, key)
     path, q = spec["path"], int(spec["queries"])
     kw = {"queries": f"val[:{q}]", "output": "log_softmax", "by": BY, "client": "sync", "progress": False}
     attribute(path, steps=(0, 1), **kw)

@@ -135,6 +135,18 @@ def batch_mean_grads(
     return out
 
 
+def _per_sample_grad(model: nn.Module, loss_spec: dict[str, str], masked: bool) -> Callable:
+    """``(params, x, y, masks) -> name -> (B, *shape)``: the gradient of each sample's loss, vmapped over the batch."""
+    return vmap(grad(_sample_loss_fn(model, loss_spec)), in_dims=(None, 0, 0, 0 if masked else None))
+
+
+def _weighted(G: dict[str, torch.Tensor], w: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Per-sample gradients times their samples' loss weights ``w`` (in place; None: all weights are 1)."""
+    if w is None:
+        return G
+    return {n: g.mul_(w.to(g.dtype).reshape(-1, *([1] * (g.ndim - 1)))) for n, g in G.items()}
+
+
 def sample_grads(
     model: nn.Module,
     params: dict[str, torch.Tensor],
@@ -147,15 +159,13 @@ def sample_grads(
 ) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
     """Per-sample gradients ``grad l_k(params)`` of the batch, ``sample_chunk`` samples at a time: yields
     ``(slice of the batch, name -> (chunk, *shape))``. Lazy, so a consumer holds one chunk at a time."""
-    psg = vmap(grad(_sample_loss_fn(model, loss_spec)), in_dims=(None, 0, 0, None if masks is None else 0))
+    psg = _per_sample_grad(model, loss_spec, masks is not None)
     B = x.shape[0]
     w = batch_weights(loss_spec, y)  # of the whole batch, before it is cut into chunks
     for c0 in range(0, B, sample_chunk):
         sl = slice(c0, min(B, c0 + sample_chunk))
         G = psg(params, x[sl], y[sl], None if masks is None else [m[sl] for m in masks])
-        if w is not None:
-            G = {n: g.mul_(w[sl].to(g.dtype).reshape(-1, *([1] * (g.ndim - 1)))) for n, g in G.items()}
-        yield sl, G
+        yield sl, _weighted(G, None if w is None else w[sl])
 
 
 def sample_grads_many(
@@ -170,16 +180,8 @@ def sample_grads_many(
     cost (functorch dispatch per op, Python) is paid once for the ``G`` updates instead of once each, which is most
     of a small model's per-sample gradient time (docs/benchmarks.md). Returns per update name -> ``(B, *shape)``
     (views into one ``(G, B, *shape)`` tensor per name)."""
-    psg = vmap(grad(_sample_loss_fn(model, loss_spec)), in_dims=(None, 0, 0, None))
-    got = vmap(psg, in_dims=(0, 0, 0, None))(params, xs, ys, None)
-    out = []
-    for i in range(xs.shape[0]):
-        g = {n: v[i] for n, v in got.items()}
-        w = batch_weights(loss_spec, ys[i])  # of the whole batch (sample_grads' chunks never cut it here)
-        if w is not None:
-            g = {n: v.mul_(w.to(v.dtype).reshape(-1, *([1] * (v.ndim - 1)))) for n, v in g.items()}
-        out.append(g)
-    return out
+    got = vmap(_per_sample_grad(model, loss_spec, False), in_dims=(0, 0, 0, None))(params, xs, ys, None)
+    return [_weighted({n: v[i] for n, v in got.items()}, batch_weights(loss_spec, ys[i])) for i in range(xs.shape[0])]
 
 
 def grad_dots(
