@@ -663,13 +663,16 @@ def path_integral(
     t_rows, w_rows = t_rows.contiguous(), w_rows.contiguous()
     n_out = f0.numel() // n_rows
     phi = _phi_seg(seg, query_fn, t_rows, w_rows, rule.chunk, rule.node_chunk, n_out)
+    quad = None
     if all_kinks is not None:
         # The dropped switches also cut pieces, which the smooth part of a long segment may have needed: a row whose
         # residual (exact, from phi) exceeds KINK_ARG_TOL * max(1, |f1 - f0|) gets all its kinks back, and phi is
-        # recomputed. Short segments (training updates) pass; this check costs one (Q x P) dot product.
-        res = f1 - f0 - _dot(phi, dparams).reshape(f0.shape)
+        # recomputed. Short segments (training updates) pass; this check is the (Q x P) dot product quad needs.
+        quad = _dot(phi, dparams)
+        res = f1 - f0 - quad.reshape(f0.shape)
         bad = (res.abs() > KINK_ARG_TOL * (f1 - f0).abs().clamp(min=1.0)).any(1)
         if bool(bad.any()):
+            quad = None
             # only the bad rows are rebuilt: the others keep their pieces (refined smooth rows included)
             k_all, r_all = all_kinks
             kb, rb = k_all[bad[r_all]], r_all[bad[r_all]]
@@ -682,7 +685,10 @@ def path_integral(
             t_rows, w_rows = t_rows.contiguous(), w_rows.contiguous()
             phi = _phi_seg(seg, query_fn, t_rows, w_rows, rule.chunk, rule.node_chunk, n_out)
     f0, f1 = f0.reshape(-1), f1.reshape(-1)
-    quad = _dot(phi, dparams) if need_quad else torch.full_like(f0, float("nan"))
+    if not need_quad:
+        quad = torch.full_like(f0, float("nan"))
+    elif quad is None:
+        quad = _dot(phi, dparams)
     return PathIntegral(
         phi, f0, f1, quad, f1 - f0 - quad, int(t_rows.shape[1]), int(kinks.numel()), kinks, n_search, t_rows, w_rows
     )
