@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import shutil
 import sys
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from explaind_app.stages import Stages, _digest, _jsonable, _table, _threads, human_bytes
+from explaind_app.stages import Stages, Timed, _digest, _jsonable, _table, _threads, human_bytes
 
 STAGES = ("record", "curves", "components", "samples", "report")
 
@@ -225,12 +226,7 @@ def _run_demo(
 
     # --- 1. record -------------------------------------------------------------------------------------------
     rec_params = {"train": cfg.train_kwargs(), "steps": cfg.steps}
-    marker = st.finished("record", rec_params, [run_path])
-    if marker is not None:
-        st.reuse("record", marker)
-    else:
-        st.start("record")
-        _record(cfg, run_path, st, rec_params, progress, log)
+    st.run("record", rec_params, [run_path], lambda: _record(cfg, run_path, st, rec_params, progress, log))
     rec_digest = _digest(rec_params)
 
     from explaind_store import open_run
@@ -244,19 +240,16 @@ def _run_demo(
     from explaind_app import report as rep
 
     cur_params = {"run": rec_digest, "points": cfg.curve_points}
-    marker = st.finished("curves", cur_params, [curves_path])
-    if marker is not None:
-        st.reuse("curves", marker)
-    else:
-        st.start("curves")
-        t0 = time.perf_counter()
+
+    def compute_curves() -> dict[str, Any]:
         curves = rep.compute_curves(run, max_points=cfg.curve_points, progress=progress,
                                     extra={"val_novel": (x_val[novel], y_val[novel])})
         np.savez(curves_path, **curves)
         ph = rep.find_phases(curves)
-        st.done("curves", cur_params, time.perf_counter() - t0,
-                {k: ph[k] for k in ("memorised", "rise", "grokked", "grokking")}
+        return ({k: ph[k] for k in ("memorised", "rise", "grokked", "grokking")}
                 | {"final_train_acc": float(curves["train_acc"][-1]), "final_val_acc": float(curves["val_acc"][-1])})
+
+    st.run("curves", cur_params, [curves_path], compute_curves)
     curves = dict(np.load(curves_path))
     phases = rep.find_phases(curves)
 
@@ -269,15 +262,9 @@ def _run_demo(
     samp_params = {"run": rec_digest, "queries": samp_q, "output": cfg.sample_output, "by": ["sample"],
                    "rule": cfg.sample_rule, "method": cfg.sample_method, "steps": window}
     jobs = [("components", comp_path, comp_params), ("samples", samp_path, samp_params)]
-    todo = []
-    for name, path, params in jobs:
-        marker = st.finished(name, params, [path])
-        if marker is not None:
-            st.reuse(name, marker)
-        else:
-            todo.append((name, path, params))
+    todo = st.pending([(name, params, [path]) for name, path, params in jobs])
     if todo:
-        _engine_stages(todo, run_path, st, client, workers, progress, log)
+        _engine_stages([job for job in jobs if job[0] in todo], run_path, st, client, workers, progress, log)
 
     import xarray as xr
 
@@ -312,12 +299,8 @@ def _run_demo(
     rep_params = {"record": rec_digest, "components": _digest(comp_params), "samples": _digest(samp_params),
                   "curves": _digest(cur_params), "version": 2}
     report_path = out / "report.html"
-    marker = st.finished("report", rep_params, [report_path])
-    if marker is not None:
-        st.reuse("report", marker)
-    else:
-        st.start("report")
-        t0 = time.perf_counter()
+
+    def compute_report() -> None:
         notes = [
             ("Validation accuracy does not start at chance (1/p): the model has no positional encoding, so it answers "
             "(a, b) like (b, a), and validation pairs whose mirror is a training pair are answered by memorisation. "
@@ -340,7 +323,8 @@ def _run_demo(
             query_inputs=x_val[samp_q], p=cfg.p, summary=summary_rows, notes=notes,
             component_what="validation loss",
         )
-        st.done("report", rep_params, time.perf_counter() - t0)
+
+    st.run("report", rep_params, [report_path], compute_report)
 
     total = time.perf_counter() - t_start
     summary_rows += [("stages", f"computed: {', '.join(st.ran) or 'none'}; reused: {', '.join(st.reused) or 'none'}"),
@@ -359,9 +343,10 @@ def _run_demo(
 
 def _record(cfg: DemoConfig, run_path: Path, st: Stages, params: dict[str, Any], progress: bool,
             log: Callable[[str], None], callback: Callable[[int, float, Any], bool | None] | None = None,
-            recorder_kwargs: dict[str, Any] | None = None) -> None:
-    """Record (or resume recording) ``cfg``'s run at ``run_path``; ``callback`` (default: :func:`_watch`) runs after
-    every update and stops the training by returning True."""
+            recorder_kwargs: dict[str, Any] | None = None) -> Timed:
+    """Record (or resume recording) ``cfg``'s run at ``run_path``, the compute of the stage ``record``: returns the
+    training's seconds and the marker's info. ``callback`` (default: :func:`_watch`) runs after every update and
+    stops the training by returning True."""
 
     from explaind_store.examples import modadd
 
@@ -393,8 +378,8 @@ def _record(cfg: DemoConfig, run_path: Path, st: Stages, params: dict[str, Any],
                        callback=callback or _watch(cfg, progress, log), recorder_kwargs=recorder_kwargs)
     secs = time.perf_counter() - t0
     n = res.updates_done - res.first_update + 1
-    st.done("record", params, secs, {"updates": res.updates_done, "seconds_per_update": secs / max(n, 1),
-                                     "resumed_from": res.first_update - 1 if resume else None})
+    return Timed(secs, {"updates": res.updates_done, "seconds_per_update": secs / max(n, 1),
+                        "resumed_from": res.first_update - 1 if resume else None})
 
 
 def _watch(cfg: DemoConfig, progress: bool, log: Callable[[str], None]) -> Callable[[int, float, Any], None]:
@@ -454,29 +439,42 @@ def _engine_stages(todo: list[tuple[str, Path, dict[str, Any]]], run_path: Path,
         log(f"starting a local Dask process cluster ({workers or os.cpu_count() or 1} worker processes; torch threads "
             "per query group)")
         client = engine.local_client(workers)
+
+    def compute(path: Path, params: dict[str, Any]) -> Timed:
+        ds, secs = _attribute_stage(run_path, path, params, client, progress)
+        return Timed(secs, {
+            "window": list(ds.attrs.get("window", [])), "scheduler": str(ds.attrs.get("scheduler", "")),
+            "max_abs_residual": float(ds.attrs.get("max_abs_residual", float("nan"))),
+            "max_quadrature_residual": float(ds.attrs.get("max_quadrature_residual", float("nan"))),
+            "max_abs_change": float(ds.attrs.get("max_abs_change", float("nan"))),
+        })
+
     try:
         for name, path, params in todo:
-            st.start(name)
-            if path.exists():
-                shutil.rmtree(path)
-            steps = params.get("steps")
-            queries = "val[[" + ",".join(str(i) for i in params["queries"]) + "]]"
-            t0 = time.perf_counter()
-            ds = engine.attribute(
-                str(run_path), queries=queries, output=params["output"], by=tuple(params["by"]),
-                steps=None if steps is None else slice(*steps), quadrature=params["rule"], client=client,
-                out=str(path), method=params.get("method", "auto"), progress=progress,
-            )
-            secs = time.perf_counter() - t0
-            st.done(name, params, secs, {
-                "window": list(ds.attrs.get("window", [])), "scheduler": str(ds.attrs.get("scheduler", "")),
-                "max_abs_residual": float(ds.attrs.get("max_abs_residual", float("nan"))),
-                "max_quadrature_residual": float(ds.attrs.get("max_quadrature_residual", float("nan"))),
-                "max_abs_change": float(ds.attrs.get("max_abs_change", float("nan"))),
-            })
+            st.run(name, params, [path], functools.partial(compute, path, params), recompute=True)
     finally:
         if own:
             engine.close_local_client()
+
+
+def _attribute_stage(run_path: Path, path: Path, params: dict[str, Any], client: Any,
+                     progress: bool) -> tuple[Any, float]:
+    """An engine stage's computation: ``engine.attribute`` of the validation points ``params["queries"]`` with the
+    stage's ``output``, ``by``, ``rule`` (and ``steps``, ``method``, ``step_bins`` where given), written afresh to
+    ``path``; returns the result and the seconds of the engine call."""
+    import engine
+
+    if path.exists():
+        shutil.rmtree(path)
+    steps = params.get("steps")
+    queries = "val[[" + ",".join(str(i) for i in params["queries"]) + "]]"
+    t0 = time.perf_counter()
+    ds = engine.attribute(
+        str(run_path), queries=queries, output=params["output"], by=tuple(params["by"]),
+        steps=None if steps is None else slice(*steps), quadrature=params["rule"], client=client, out=str(path),
+        method=params.get("method", "auto"), step_bins=params.get("step_bins"), progress=progress,
+    )
+    return ds, time.perf_counter() - t0
 
 
 def _run_info(run_path: Path) -> dict[str, Any]:

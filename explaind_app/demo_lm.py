@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from explaind_app.stages import Stages, _digest, _table, _threads
+from explaind_app.stages import Stages, Timed, _digest, _table, _threads
 
 LM_STAGES = ("record", "curves", "components", "split", "samples", "report")
 
@@ -412,14 +412,13 @@ def _run(out_dir: str | Path, *, quick: bool, config: LMDemoConfig | None, steps
     rec_params = dataclasses.asdict(cfg) | {"what": "record"}
     for k in ("component_queries", "split_updates", "sample_queries", "sample_updates", "rule", "curve_points"):
         rec_params.pop(k)
-    marker = st.finished("record", rec_params, [run_path])
-    if marker is not None:
-        st.reuse("record", marker)
-    else:
-        st.start("record")
+
+    def record() -> Timed:
         log(f"training a GPT-2 of {cfg.n_params():,} parameters for {cfg.steps} updates with the Trainer, recorded")
         info = _record(cfg, run_path, out)
-        st.done("record", rec_params, info["seconds"], info)
+        return Timed(info["seconds"], info)
+
+    st.run("record", rec_params, [run_path], record)
     rec = _digest(rec_params)
     run = open_run(run_path)
     t = int(run.committed_updates)

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from explaind_app.demo import DemoConfig, _record, novel_mask, pick_queries
-from explaind_app.stages import Stages, _digest, _jsonable, _table, _threads
+from explaind_app.demo import DemoConfig, _attribute_stage, _record, novel_mask, pick_queries
+from explaind_app.stages import Stages, Timed, _digest, _jsonable, _table, _threads
 
 
 @dataclass(frozen=True)
@@ -172,20 +172,16 @@ def _run(out: Path, cfg: PaperConfig, workers: int | None, client: Any, progress
     # --- 1. record -------------------------------------------------------------------------------------------
     rec_params = {"train": cfg.train_kwargs(), "steps": cfg.steps, "every": cfg.every, "stop": cfg.stop_at_100,
                   "chunk_updates": cfg.chunk_updates}
-    marker = st.finished("record", rec_params, [run_path])
-    if marker is not None:
-        st.reuse("record", marker)
-    else:
-        st.start("record")
+
+    def record() -> Timed:
         log(f"training until training and validation accuracy are both 100% (at most {cfg.steps} updates)")
-        _record(cfg, run_path, st, rec_params, progress, log, callback=_stop_callback(cfg, log),
-                recorder_kwargs={"chunk_updates": cfg.chunk_updates} if cfg.chunk_updates else None)
+        return _record(cfg, run_path, st, rec_params, progress, log, callback=_stop_callback(cfg, log),
+                       recorder_kwargs={"chunk_updates": cfg.chunk_updates} if cfg.chunk_updates else None)
+
+    st.run("record", rec_params, [run_path], record)
     rec_digest = _digest(rec_params)
     # a recording redone in this call (same parameters, e.g. its marker was deleted) invalidates everything after it
     fresh = "record" in st.ran
-
-    def finished(name: str, params: Any, outputs: list[Path]) -> dict[str, Any] | None:
-        return None if fresh else st.finished(name, params, outputs)
 
     from explaind_app import grokking as gk
     from explaind_app import report as rep
@@ -199,17 +195,14 @@ def _run(out: Path, cfg: PaperConfig, workers: int | None, client: Any, progress
 
     # --- 2. curves -------------------------------------------------------------------------------------------
     cur_params = {"run": rec_digest, "every": cfg.every}
-    marker = finished("curves", cur_params, [curves_path])
-    if marker is not None:
-        st.reuse("curves", marker)
-    else:
-        st.start("curves")
-        t0 = time.perf_counter()
+
+    def compute_curves() -> None:
         curves = rep.compute_curves(run, every=cfg.every, progress=progress,
                                     extra={"val_novel": (x_val[novel], y_val[novel]),
                                            "val_mirror": (x_val[~novel], y_val[~novel])})
         np.savez(curves_path, **curves)
-        st.done("curves", cur_params, time.perf_counter() - t0)
+
+    st.run("curves", cur_params, [curves_path], compute_curves, recompute=fresh)
     curves = dict(np.load(curves_path))
     phases = rep.find_phases(curves)
     window = gk.circuit_window(curves)
@@ -217,14 +210,8 @@ def _run(out: Path, cfg: PaperConfig, workers: int | None, client: Any, progress
 
     # --- 3. pipeline -----------------------------------------------------------------------------------------
     pipe_path = out / "pipeline.json"
-    marker = finished("pipeline", cur_params, [pipe_path])
-    if marker is not None:
-        st.reuse("pipeline", marker)
-    else:
-        st.start("pipeline")
-        t0 = time.perf_counter()
-        _write_json(pipe_path, gk.pipeline_alignment(run, every=cfg.every))
-        st.done("pipeline", cur_params, time.perf_counter() - t0)
+    st.run("pipeline", cur_params, [pipe_path],
+           lambda: _write_json(pipe_path, gk.pipeline_alignment(run, every=cfg.every)), recompute=fresh)
     pipeline = json.loads(pipe_path.read_text())
 
     # --- 4./5. engine pieces ---------------------------------------------------------------------------------
@@ -246,15 +233,10 @@ def _run(out: Path, cfg: PaperConfig, workers: int | None, client: Any, progress
             "run": rec_digest, "queries": samp_q, "output": cfg.sample_output, "by": ["sample"],
             "rule": cfg.sample_rule, "method": cfg.sample_method, "steps": [lo, hi]}))
     pieces_dir = out / "pieces"
-    todo = []
-    for name, params in jobs:
-        marker = finished(name, params, [pieces_dir / f"{name}.zarr"])
-        if marker is not None:
-            st.reuse(name, marker)
-        else:
-            todo.append((name, params))
+    todo = st.pending([(name, params, [pieces_dir / f"{name}.zarr"]) for name, params in jobs], recompute=fresh)
     if todo:
-        _engine_pieces(todo, run_path, pieces_dir, st, client, workers, progress, log)
+        _engine_pieces([job for job in jobs if job[0] in todo], run_path, pieces_dir, st, client, workers, progress,
+                       log)
 
     import xarray as xr
 
@@ -265,17 +247,11 @@ def _run(out: Path, cfg: PaperConfig, workers: int | None, client: Any, progress
     rep_params = {"stages": [_marker_digest(st, n) for n in ("curves", "pipeline", *(n for n, _ in jobs))],
                   "version": 1}
     report_path, results_path = out / "report.md", out / "results.json"
-    marker = st.finished("report", rep_params, [report_path, results_path])
-    if marker is not None:
-        st.reuse("report", marker)
-    else:
-        st.start("report")
-        t0 = time.perf_counter()
-        engine_on = ("this process (--sync)" if client == "sync" else
-                     "a local Dask process cluster" if client is None else f"the Dask scheduler {client}")
-        _report(out, cfg, st, curves, phases, window, at, pipeline, comp, samp, comp_q, samp_q, x_train, x_val,
-                y_val, windows, samp_windows, n_upd, engine_on)
-        st.done("report", rep_params, time.perf_counter() - t0)
+    engine_on = ("this process (--sync)" if client == "sync" else
+                 "a local Dask process cluster" if client is None else f"the Dask scheduler {client}")
+    st.run("report", rep_params, [report_path, results_path], lambda: _report(
+        out, cfg, st, curves, phases, window, at, pipeline, comp, samp, comp_q, samp_q, x_train, x_val, y_val,
+        windows, samp_windows, n_upd, engine_on))
     results = json.loads(results_path.read_text())
     total = time.perf_counter() - t_start
     log("\n" + _table([
@@ -326,24 +302,19 @@ def _engine_pieces(todo: list[tuple[str, dict[str, Any]]], run_path: Path, piece
     if own:
         log("starting a local Dask process cluster (" + (f"{workers} workers" if workers else "one worker per core") + ")")
         client = engine.local_client(workers)
+
+    def compute(path: Path, params: dict[str, Any]) -> Timed:
+        ds, secs = _attribute_stage(run_path, path, params, client, progress)
+        return Timed(secs, {
+            "max_abs_residual": float(ds.attrs.get("max_abs_residual", float("nan"))),
+            "max_abs_change": float(ds.attrs.get("max_abs_change", float("nan"))),
+            "load_1min": os.getloadavg()[0],  # the machine's load when the piece ended (timings depend on it)
+        })
+
     try:
         for name, params in todo:
-            st.start(name)
             path = pieces_dir / f"{name}.zarr"
-            if path.exists():
-                shutil.rmtree(path)
-            queries = "val[[" + ",".join(str(i) for i in params["queries"]) + "]]"
-            t0 = time.perf_counter()
-            ds = engine.attribute(
-                str(run_path), queries=queries, output=params["output"], by=tuple(params["by"]),
-                steps=slice(*params["steps"]), quadrature=params["rule"], client=client, out=str(path),
-                method=params.get("method", "auto"), step_bins=params.get("step_bins"), progress=progress,
-            )
-            st.done(name, params, time.perf_counter() - t0, {
-                "max_abs_residual": float(ds.attrs.get("max_abs_residual", float("nan"))),
-                "max_abs_change": float(ds.attrs.get("max_abs_change", float("nan"))),
-                "load_1min": os.getloadavg()[0],  # the machine's load when the piece ended (timings depend on it)
-            })
+            st.run(name, params, [path], functools.partial(compute, path, params), recompute=True)
     finally:
         if own:
             engine.close_local_client()

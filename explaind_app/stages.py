@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+
 def _jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return _jsonable(dataclasses.asdict(obj))
@@ -28,6 +29,15 @@ def _jsonable(obj: Any) -> Any:
 
 def _digest(params: Any) -> str:
     return hashlib.sha256(json.dumps(_jsonable(params), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Timed:
+    """What a stage's ``compute`` returns (:meth:`Stages.run`) when it timed its own work (a recording: the training
+    alone), with the marker's info."""
+
+    seconds: float
+    info: dict[str, Any] | None = None
 
 
 class Stages:
@@ -80,19 +90,34 @@ class Stages:
         tmp.replace(self.path(name))
         self.log(f"stage {name} done in {seconds:.1f} s")
 
+    def pending(self, jobs: list[tuple[str, Any, list[Path]]], *, recompute: bool = False) -> list[str]:
+        """Reuse each finished stage of ``jobs`` (``(name, params, outputs)``; none with ``recompute``) and return the
+        names of the others, in order: the caller runs those (``run(..., recompute=True)``) once it has set up what
+        they share, e.g. a Dask cluster that is only worth starting when there is something to compute."""
+        todo = []
+        for name, params, outputs in jobs:
+            marker = None if recompute else self.finished(name, params, outputs)
+            if marker is not None:
+                self.reuse(name, marker)
+            else:
+                todo.append(name)
+        return todo
 
     def run(self, name: str, params: Any, outputs: list[Path],
-            compute: Callable[[], dict[str, Any] | None]) -> None:
-        """Reuse the finished stage ``name`` (same ``params``, every output present), else run ``compute`` (which
-        writes ``outputs`` and returns the marker's info) and mark the stage done with its wall time."""
-        marker = self.finished(name, params, outputs)
-        if marker is not None:
-            self.reuse(name, marker)
+            compute: Callable[[], Timed | dict[str, Any] | None], *, recompute: bool = False) -> None:
+        """Reuse the finished stage ``name`` (same ``params``, every output present; never with ``recompute``), else
+        run ``compute`` (which writes ``outputs`` and returns the marker's info, or :class:`Timed` when it timed its
+        own work) and mark the stage done with its wall time."""
+        if not self.pending([(name, params, outputs)], recompute=recompute):
             return
         self.start(name)
         t0 = time.perf_counter()
         info = compute()
-        self.done(name, params, time.perf_counter() - t0, info)
+        seconds = time.perf_counter() - t0
+        if isinstance(info, Timed):
+            seconds, info = info.seconds, info.info
+        self.done(name, params, seconds, info)
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):

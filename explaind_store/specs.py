@@ -374,10 +374,34 @@ def _token_losses(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     logits = outputs[:, :-1, :]
     labels = targets[:, 1:]
     keep = labels != IGNORE_INDEX
-    tok = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).reshape(labels.shape)
+    tok = _class_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).reshape(labels.shape)
     return tok, keep
+
+
+def _picked_nll(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``F.nll_loss(logp, targets, reduction="none")`` for log-probs ``(N, C)`` and class labels ``(N,)``, 0 where
+    a label is ``IGNORE_INDEX``: the very ops of torch's own decomposition of ``nll_loss_forward``, which is what
+    runs under ``vmap`` (and the same numbers as its kernel elsewhere, forward and backward). Written out because
+    that decomposition's ``torch._check`` imports ``torch.fx.experimental.symbolic_shapes`` and with it ``sympy``
+    on first use, a large part of a fresh process's fixed cost."""
+    keep = targets != IGNORE_INDEX
+    picked = -torch.gather(logp, 1, torch.where(keep, targets, 0).unsqueeze(1)).squeeze(1)
+    return torch.where(keep, picked, 0)
+
+
+def _is_class_batch(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Rows of class scores ``(N, C)`` against class labels ``(N,)`` (not class probabilities, not ``(N, C, d..)``)."""
+    return outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point()
+
+
+def _class_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(outputs, targets, reduction="none")`` (``ignore_index=IGNORE_INDEX``), bit for bit, without
+    importing ``sympy`` under ``vmap`` for the usual case of logits ``(N, C)`` and class labels ``(N,)``
+    (:func:`_picked_nll` on ``log_softmax``, as torch's ``cross_entropy_loss`` composes it); any other input
+    (class probabilities, extra dimensions) goes to ``F.cross_entropy`` itself."""
+    if not _is_class_batch(outputs, targets):
+        return F.cross_entropy(outputs, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return _picked_nll(F.log_softmax(outputs, 1), targets)
 
 
 def loss_weights(spec: dict[str, str], targets: torch.Tensor) -> torch.Tensor:
@@ -398,9 +422,11 @@ def per_sample_loss(spec: dict[str, str], outputs: torch.Tensor, targets: torch.
     own :func:`token_counts`)."""
     kind = spec["kind"]
     if kind == "cross_entropy":
-        return F.cross_entropy(outputs, targets, reduction="none")
+        return _class_cross_entropy(outputs, targets)
     if kind == "nll":
-        return F.nll_loss(outputs, targets, reduction="none")
+        if not _is_class_batch(outputs, targets):
+            return F.nll_loss(outputs, targets, ignore_index=IGNORE_INDEX, reduction="none")
+        return _picked_nll(outputs, targets)
     if kind == "mse":
         diff = (outputs - targets.to(outputs.dtype)) ** 2
         return diff.reshape(diff.shape[0], -1).mean(dim=1)

@@ -8,6 +8,12 @@ never compiles; while Dynamo has not been imported by anyone, compiled autograd 
 through the C switch that ``_disable`` itself flips is the same thing. Once anything imports ``torch._dynamo``,
 torch's own function runs unchanged.
 
+A reverse pass with cotangents (``vjp``, ``jacrev``) also skips ``torch.autograd.grad``'s own check of their shapes,
+whose first use imports ``torch.fx.experimental.symbolic_shapes`` and with it ``sympy`` (another large part of that
+fixed cost): :func:`_vjp` makes the same check in plain Python and hands the same arguments to the same engine call;
+anything it does not cover (tensor subclasses, nested tensors, a mismatch that torch should word) goes to
+``torch.autograd.grad`` itself.
+
 :func:`install` swaps the module-level function once per process, and only when this torch has the expected
 function and C switch (otherwise nothing changes: the engine is just slower to start).
 """
@@ -20,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.overrides import has_torch_function
 
 _ARGS = ["outputs", "inputs", "grad_outputs", "retain_graph", "create_graph"]
 _installed = False
@@ -69,14 +76,40 @@ def _make(orig: Callable[..., tuple[torch.Tensor, ...]], switch: Any) -> Callabl
             return tuple(torch.zeros_like(inp) for inp in inputs)
         prior = switch.set_autograd_compiler(None, False)
         try:
-            grads = torch.autograd.grad(diff_outputs, inputs, grad_outputs, retain_graph=retain_graph,
-                                        create_graph=create_graph, allow_unused=True)
+            grads = _vjp(tuple(diff_outputs), tuple(inputs), grad_outputs, retain_graph, create_graph)
         finally:
             switch.set_autograd_compiler(*prior)
         return tuple(torch.zeros_like(inp) if g is None else g for g, inp in zip(grads, inputs))
 
     _autograd_grad.__wrapped__ = orig  # type: ignore[attr-defined]
     return _autograd_grad
+
+
+def _vjp(
+    outputs: tuple[torch.Tensor, ...],
+    inputs: tuple[torch.Tensor, ...],
+    grad_outputs: Sequence[torch.Tensor] | None,
+    retain_graph: bool,
+    create_graph: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=..., create_graph=..., allow_unused=True)``
+    without importing ``sympy``: when every cotangent is a plain tensor of its output's shape, the engine call that
+    ``torch.autograd.grad`` would make after its checks; otherwise ``torch.autograd.grad`` itself."""
+    run = getattr(torch.autograd.graph, "_engine_run_backward", None)
+    plain = (
+        run is not None
+        and grad_outputs is not None
+        and not has_torch_function(outputs + inputs)
+        and all(
+            type(go) is torch.Tensor and not out.is_nested and out.shape == go.shape
+            and out.dtype.is_complex == go.dtype.is_complex
+            for out, go in zip(outputs, grad_outputs, strict=True)
+        )
+    )
+    if not plain:
+        return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph,
+                                   create_graph=create_graph, allow_unused=True)
+    return run(outputs, tuple(grad_outputs), retain_graph, create_graph, inputs, True, accumulate_grad=False)
 
 
 __all__ = ["install"]

@@ -1,5 +1,5 @@
-"""The engine's reverse passes do not import ``torch._dynamo`` (a fresh process's fixed cost), and give the same
-gradients as torch's own ``torch.func`` before and after Dynamo is loaded."""
+"""The engine's reverse passes import neither ``torch._dynamo`` nor ``sympy`` (a fresh process's fixed cost), and
+give the same gradients as torch's own ``torch.func`` before and after Dynamo is loaded."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
 
-# In a fresh interpreter: per-sample gradients, a per-sample path integral (jacrev under vmap) and torch.func.grad,
-# through the engine; then the same with Dynamo loaded (torch's own function runs) must agree bit for bit.
+# In a fresh interpreter: per-sample gradients of the cross-entropy (vmap of grad), a per-sample path integral
+# (jacrev under vmap: cotangents) and torch.func.grad, through the engine; then the same with Dynamo loaded (torch's
+# own function runs) must agree bit for bit. sympy came with F.cross_entropy under vmap (torch's nll_loss
+# decomposition) and with torch.autograd.grad's check of cotangent shapes.
 SCRIPT = """
 import sys
 import torch
@@ -34,6 +36,7 @@ def run():
 
 lean = run()
 print("DYNAMO_AFTER_ENGINE", "torch._dynamo" in sys.modules)
+print("SYMPY_AFTER_ENGINE", "sympy" in sys.modules)
 import torch._dynamo  # noqa: F401  (from here on torch's own function runs)
 again = run()
 same = all(torch.equal(a[k], b[k]) for a, b in zip(lean, again) for k in a)
@@ -41,9 +44,10 @@ print("SAME", same)
 """
 
 
-def test_reverse_passes_do_not_import_dynamo_and_match_torch() -> None:
+def test_reverse_passes_import_neither_dynamo_nor_sympy_and_match_torch() -> None:
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=ROOT, timeout=300,
                        check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "DYNAMO_AFTER_ENGINE False" in r.stdout, r.stdout
+    assert "SYMPY_AFTER_ENGINE False" in r.stdout, r.stdout
     assert "SAME True" in r.stdout, r.stdout
