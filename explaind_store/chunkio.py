@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.codec_pipeline import BatchedCodecPipeline
@@ -151,6 +153,7 @@ def _write_whole_chunks(arr: zarr.Array, sel: tuple[slice, ...], block: np.ndarr
     if any(st + b != full for st, b, full in zip(starts[1:], block.shape[1:], shape[1:])):
         return False  # every axis but the step axis must be covered to its end
     block = np.asarray(block, dtype=arr.dtype)
+    crc = isinstance(codecs[-1], Crc32cCodec)
     spec = a.metadata.get_chunk_spec((0,) * len(shape), a.config, default_buffer_prototype())
     ranges = [range(st // c, -(-(st + b) // c)) for st, b, c in zip(starts, block.shape, chunks)]
     for coords in itertools.product(*ranges):
@@ -162,22 +165,32 @@ def _write_whole_chunks(arr: zarr.Array, sel: tuple[slice, ...], block: np.ndarr
             piece = full
         buf: Any = NDBuffer.from_numpy_array(np.ascontiguousarray(piece))
         s = spec
-        for codec in codecs:
+        for codec in codecs[:-1] if crc else codecs:
             buf = codec._encode_sync(buf, s)
             s = codec.resolve_metadata(s)
+        parts = [buf.as_buffer_like()]
+        if crc:  # what Crc32cCodec appends, without its copy of the whole chunk (np.append)
+            data = buf.as_numpy_array()
+            parts.append(np.array([google_crc32c.value(data)], dtype=np.uint32).view("B").tobytes())
         key = f"{a.store_path.path}/{a.metadata.encode_chunk_key(coords)}".lstrip("/")
-        _put_file(Path(store.root) / key, buf.as_buffer_like())
+        _put_file(Path(store.root) / key, parts)
     return True
 
 
-def _put_file(path: Path, data: Any) -> None:
-    """Write ``data`` to ``path`` atomically (a ``.partial`` file renamed over it, as zarr's local store does; the
-    recorder removes leftover ``.partial`` files on resume)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _put_file(path: Path, parts: Sequence[Any]) -> None:
+    """Write the concatenation of ``parts`` to ``path`` atomically (a ``.partial`` file renamed over it, as zarr's
+    local store does; the recorder removes leftover ``.partial`` files on resume). The directory is made only
+    when it is missing (a new chunk row): trying the open first saves a system call per file."""
     tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        try:
+            f = open(tmp, "wb")
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(tmp, "wb")
+        with f:
+            for part in parts:
+                f.write(part)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
