@@ -536,6 +536,7 @@ class Recorder:
                 if create:
                     arrays[key] = storage.create_stepped(
                         g, n, tuple(p.shape), _np(p).dtype, schema.stepped_dims(n, p.ndim), k_tensor,
+                        flat_keys=self.checkpoint_every > 1,
                         fill_value=np.nan, clevel=clevel, filters=filters,
                     )
                 else:
