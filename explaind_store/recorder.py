@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import operator
 import os
 import shutil  # noqa: F401 - kept for code that merges in here
 from collections.abc import Sequence
@@ -317,7 +318,7 @@ class Recorder:
         kind = "thread" if self.checkpoint_every > 1 else self._writer_kind
         self._writer = make_writer(
             kind, self.root, self._arrays, self._batch_array, self.chunk_updates, queue_size=queue_chunks,
-            packs={g: segs for g, (segs, _) in self._packs.items()}, encode_attrs=_encode_commit_attrs,
+            packs={g: pack[0] for g, pack in self._packs.items()}, encode_attrs=_encode_commit_attrs,
             lock_fd=self._lock_fd,
         )
         # Rows of packed groups are copied straight into the writer's reusable chunk buffers (one foreach copy per
@@ -806,7 +807,7 @@ class Recorder:
                     del self.root[gname][n]
         self._packs = self._pack_layout()
         self._writer.arrays = self._arrays
-        self._writer.packs = {g_: segs for g_, (segs, _) in self._packs.items()}
+        self._writer.packs = {g_: pack[0] for g_, pack in self._packs.items()}
 
     # --- per-update hooks --------------------------------------------------------------------------------------
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -1039,7 +1040,7 @@ class Recorder:
             schema.OPT_STEP: np.int64(opt0),
         }
 
-    def _pack_layout(self) -> dict[str, tuple[list[Segment], torch.dtype]]:
+    def _pack_layout(self) -> dict[str, tuple[list[Segment], torch.dtype, list[torch.dtype], list[torch.Size]]]:
         """Groups (params, each optimizer state) of CPU tensors sharing one dtype are copied as one packed row per
         step (one ``torch.cat`` instead of a copy per tensor); the writer unpacks whole chunks."""
         dtypes = {p.dtype for p in self.params}
@@ -1047,13 +1048,15 @@ class Recorder:
         # first allocate a second copy of the model on the device
         if len(dtypes) != 1 or any(p.device.type != "cpu" for p in self.params):
             return {}
-        layout: dict[str, tuple[list[Segment], torch.dtype]] = {}
+        layout: dict[str, tuple[list[Segment], torch.dtype, list[torch.dtype], list[torch.Size]]] = {}
+        dtype = next(iter(dtypes))
         for g in (schema.PARAMS, *self.state_names):
             segs, start = [], 0
             for n, p in zip(self.names, self.params):
                 segs.append(Segment(f"{g}/{n}", start, start + p.numel(), tuple(p.shape)))
                 start += p.numel()
-            layout[g] = (segs, next(iter(dtypes)))
+            # the dtype and shape of every tensor, to compare a row's tensors with in one go
+            layout[g] = (segs, dtype, [dtype] * len(segs), [torch.Size(seg.shape) for seg in segs])
         return layout
 
     def _tensors(self, group: str) -> list[torch.Tensor]:
@@ -1072,7 +1075,7 @@ class Recorder:
         k = self.chunk_updates
         blocks: dict[str, np.ndarray] = {}
         fill: dict[str, list[list[torch.Tensor]]] = {}
-        for g, (segs, dtype) in self._packs.items():
+        for g, (segs, dtype, *_) in self._packs.items():
             ts = [torch.empty((k, *seg.shape), dtype=dtype) for seg in segs]
             blocks.update({seg.path: t.numpy() for seg, t in zip(segs, ts)})
             fill[g] = [[t[j] for t in ts] for j in range(k)]
@@ -1096,25 +1099,24 @@ class Recorder:
             updates = {**updates, schema.CHECKPOINT: np.bool_(checkpoint)}
         if checkpoint:
             buf = None
-            for g in (schema.PARAMS, *self.state_names):
-                tensors = self._sources(g)
-                pack = self._packs.get(g)
-                # same dtype and shape as the buffer's: a foreach copy would silently cast or broadcast otherwise
-                if pack is not None and all(
-                    t.dtype == pack[1] and t.shape == seg.shape for t, seg in zip(tensors, pack[0])
-                ):
-                    if in_place and self._in_place:
-                        if buf is None:
-                            buf = self._writer.row_buffer(self._new_chunk_buffer)
-                        j = index % self.chunk_updates
-                        with torch.no_grad():
+            with torch.no_grad():
+                for g in (schema.PARAMS, *self.state_names):
+                    tensors = self._sources(g)
+                    pack = self._packs.get(g)
+                    # same dtypes and shapes as the buffer's: a foreach copy would silently cast or broadcast
+                    if pack is not None and list(map(_DTYPE, tensors)) == pack[2] and list(
+                        map(_SHAPE, tensors)) == pack[3]:
+                        if in_place and self._in_place:
+                            if buf is None:
+                                buf = self._writer.row_buffer(self._new_chunk_buffer)
+                            j = index % self.chunk_updates
                             torch._foreach_copy_(buf.fill[g][j], tensors)
-                        packed[g] = BufferRow(buf, j)
+                            packed[g] = BufferRow(buf, j)
+                        else:
+                            packed[g] = _snapshot(torch.cat([t.reshape(-1) for t in tensors]), copy=False)
                     else:
-                        packed[g] = _snapshot(torch.cat([t.detach().reshape(-1) for t in tensors]), copy=False)
-                else:
-                    for n, t in zip(self.names, tensors):
-                        arrays[f"{g}/{n}"] = _snapshot(t)
+                        for n, t in zip(self.names, tensors):
+                            arrays[f"{g}/{n}"] = _snapshot(t)
             if any(p.is_cuda for p in self.params):
                 ready = torch.cuda.Event()
                 ready.record()
@@ -1154,7 +1156,7 @@ class Recorder:
         if row.ready is not None:
             row.ready.synchronize()
         flat = {g: _np(t) for g, t in row.packed.items()}
-        for g, (segs, _) in self._packs.items():
+        for g, (segs, *_) in self._packs.items():
             if g in flat:
                 for seg in segs:
                     row.arrays[seg.path] = flat[g][seg.start : seg.stop].reshape(seg.shape)
@@ -1185,6 +1187,10 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
 
 
 def _snapshot(t: torch.Tensor, copy: bool = True) -> torch.Tensor:
