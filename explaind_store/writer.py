@@ -2,10 +2,11 @@
 bounded queue to a thread that writes them and only then advances the committed update count (so a crash never
 exposes a half-written step).
 
-The training thread does as little as possible per step: one packed copy per array group (params, each optimizer
-state) instead of one per tensor, no queue operation except at chunk ends, and the JSON encoding of the commit
-attributes deferred to the writer, because every microsecond here is paid by the training loop
-(docs/benchmarks.md, "Measurements behind choices in the code").
+The training thread does as little as possible per step: one copy per array group (params, each optimizer state)
+instead of one per tensor, straight into a reusable chunk buffer (:class:`ChunkBuffer`) that the writer encodes
+as it lies, no queue operation except at chunk ends, and the JSON encoding of the commit attributes deferred to the
+writer, because every microsecond here is paid by the training loop (docs/benchmarks.md, "Measurements behind
+choices in the code" and "Recording overhead (issue 14)").
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class Row:
     batch: np.ndarray | None = None  # int64 sample indices (per-update rows only)
     ready: Any = None  # torch.cuda.Event to wait for before reading device copies
     commit_attrs: dict[str, Any] = field(default_factory=dict)  # root attributes valid once this row is committed
-    packed: dict[str, Any] = field(default_factory=dict)  # pack name -> 1-D tensor laid out by ChunkWriter.packs
+    # pack name -> 1-D tensor laid out by ChunkWriter.packs, or the BufferRow the row was copied into
+    packed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
