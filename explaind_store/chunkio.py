@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.codec_pipeline import BatchedCodecPipeline
@@ -29,6 +30,7 @@ MAX_NONFINITE = 100  # steps listed in the nonfinite attribute at most
 # about as much writer time per chunk as the chunk's data did for small runs. Readers never look past
 # committed_updates, and the writer trims the arrays to it when it stops (docs/format.md, crash safety).
 GROW_AHEAD_CHUNKS = 8
+_PARTIAL_IDS = itertools.count()
 
 
 class WriterError(RuntimeError):
@@ -126,6 +128,37 @@ async def _write(jobs: list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]]) -
     await asyncio.gather(*(a.async_array.setitem(sel, block) for a, sel, block in jobs))
 
 
+def _encoding_plan(a: Any) -> tuple[Any, ...] | None:
+    """What encoding a chunk of the async array ``a`` needs (its codecs, the chunk spec each codec sees, whether the
+    last is the CRC32C codec, the store directory), or None when its chunks cannot be written directly (not a local
+    store, not zarr's own codec pipeline). Cached per metadata object: it changes only when the array does."""
+    meta, config = a.metadata, a.config
+    hit = _PLANS.get(id(meta))
+    if hit is not None and hit[0] is meta and hit[1] is config:
+        return hit[2]
+    pipe, store = a.codec_pipeline, a.store_path.store
+    codecs = (*getattr(pipe, "array_array_codecs", ()), getattr(pipe, "array_bytes_codec", None),
+              *getattr(pipe, "bytes_bytes_codecs", ()))
+    plan = None
+    if isinstance(pipe, BatchedCodecPipeline) and isinstance(store, LocalStore) and all(
+        hasattr(c, "_encode_sync") for c in codecs
+    ):
+        crc = isinstance(codecs[-1], Crc32cCodec)
+        if crc:
+            codecs = codecs[:-1]
+        specs = [meta.get_chunk_spec((0,) * len(a.shape), config, default_buffer_prototype())]
+        for codec in codecs[:-1]:
+            specs.append(codec.resolve_metadata(specs[-1]))
+        plan = (tuple(zip(codecs, specs)), crc, Path(store.root), a.store_path.path)
+    if len(_PLANS) > 4096:  # arrays of finished recorders
+        _PLANS.clear()
+    _PLANS[id(meta)] = (meta, config, plan)  # holding `meta` keeps its id from being reused
+    return plan
+
+
+_PLANS: dict[int, tuple[Any, Any, tuple[Any, ...] | None]] = {}
+
+
 def _write_whole_chunks(arr: zarr.Array, sel: tuple[slice, ...], block: np.ndarray) -> bool:
     """Store ``block`` at ``sel`` chunk by chunk, encoded with the array's own codecs, if it covers whole chunks
     of a local array; False (nothing written) otherwise.
@@ -137,13 +170,10 @@ def _write_whole_chunks(arr: zarr.Array, sel: tuple[slice, ...], block: np.ndarr
     as zarr pads them), and each file is written to a ``.partial`` file and renamed, as zarr's local store does.
     Encoding in this (non-main) thread keeps Blosc single-threaded, as it is under zarr."""
     a = arr.async_array
-    pipe, store = a.codec_pipeline, a.store_path.store
-    codecs = (*getattr(pipe, "array_array_codecs", ()), getattr(pipe, "array_bytes_codec", None),
-              *getattr(pipe, "bytes_bytes_codecs", ()))
-    if not isinstance(pipe, BatchedCodecPipeline) or not isinstance(store, LocalStore) or not all(
-        hasattr(c, "_encode_sync") for c in codecs
-    ):
+    plan = _encoding_plan(a)
+    if plan is None:
         return False
+    stages, crc, root, prefix = plan
     shape, chunks = a.shape, a.metadata.chunk_grid.chunk_shape
     starts = [s.start or 0 for s in sel] + [0] * (len(shape) - len(sel))
     if any(st % c for st, c in zip(starts, chunks)) or len(block) % chunks[0]:
@@ -151,7 +181,6 @@ def _write_whole_chunks(arr: zarr.Array, sel: tuple[slice, ...], block: np.ndarr
     if any(st + b != full for st, b, full in zip(starts[1:], block.shape[1:], shape[1:])):
         return False  # every axis but the step axis must be covered to its end
     block = np.asarray(block, dtype=arr.dtype)
-    spec = a.metadata.get_chunk_spec((0,) * len(shape), a.config, default_buffer_prototype())
     ranges = [range(st // c, -(-(st + b) // c)) for st, b, c in zip(starts, block.shape, chunks)]
     for coords in itertools.product(*ranges):
         lo = [i * c - st for i, c, st in zip(coords, chunks, starts)]
@@ -161,23 +190,33 @@ def _write_whole_chunks(arr: zarr.Array, sel: tuple[slice, ...], block: np.ndarr
             full[tuple(slice(0, m) for m in piece.shape)] = piece
             piece = full
         buf: Any = NDBuffer.from_numpy_array(np.ascontiguousarray(piece))
-        s = spec
-        for codec in codecs:
-            buf = codec._encode_sync(buf, s)
-            s = codec.resolve_metadata(s)
-        key = f"{a.store_path.path}/{a.metadata.encode_chunk_key(coords)}".lstrip("/")
-        _put_file(Path(store.root) / key, buf.as_buffer_like())
+        for codec, spec in stages:
+            buf = codec._encode_sync(buf, spec)
+        parts = [buf.as_buffer_like()]
+        if crc:  # what Crc32cCodec appends, without its copy of the whole chunk (np.append)
+            data = buf.as_numpy_array()
+            parts.append(np.array([google_crc32c.value(data)], dtype=np.uint32).view("B").tobytes())
+        key = f"{prefix}/{a.metadata.encode_chunk_key(coords)}".lstrip("/")
+        _put_file(root / key, parts)
     return True
 
 
-def _put_file(path: Path, data: Any) -> None:
-    """Write ``data`` to ``path`` atomically (a ``.partial`` file renamed over it, as zarr's local store does; the
-    recorder removes leftover ``.partial`` files on resume)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+def _put_file(path: Path, parts: Sequence[Any]) -> None:
+    """Write the concatenation of ``parts`` to ``path`` atomically (a ``.partial`` file renamed over it, as zarr's
+    local store does; the recorder removes leftover ``.partial`` files on resume). The directory is made only
+    when it is missing (a new chunk row): trying the open first saves a system call per file."""
+    # unique without uuid4 (a getrandom system call per file): one writer per store, and the process id and a
+    # counter tell this process's files apart
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{next(_PARTIAL_IDS)}.partial")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        try:
+            f = open(tmp, "wb")
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(tmp, "wb")
+        with f:
+            for part in parts:
+                f.write(part)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

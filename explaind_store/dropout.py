@@ -85,17 +85,26 @@ def generator_device(model: nn.Module) -> torch.device:
 
 def rng_state(device: torch.device | str) -> np.ndarray:
     """The default generator state of ``device`` as uint8 bytes (``torch.get_rng_state`` or the CUDA one)."""
+    return state_reader(device)().numpy().copy()
+
+
+def state_reader(device: torch.device | str) -> Callable[[], torch.Tensor]:
+    """A function returning a fresh copy of ``device``'s default generator state (a uint8 CPU tensor), for code
+    that reads it at every forward (the recorder): the device is resolved once, not per call. Refused (when
+    called) for devices whose generator the store cannot keep."""
     device = torch.device(device)
     if device.type == "cuda":
-        st = torch.cuda.get_rng_state(device)
-    elif device.type == "cpu":
-        st = torch.get_rng_state()
-    else:
+        return lambda: torch.cuda.get_rng_state(device)
+    if device.type == "cpu":
+        return torch.get_rng_state
+
+    def refuse() -> torch.Tensor:
         raise DropoutReplayError(
             f"a random training forward on {device.type} cannot be recorded (only the CPU and CUDA generators are "
             "kept); train on the CPU or a CUDA GPU, or without dropout"
         )
-    return st.numpy().copy()
+
+    return refuse
 
 
 @contextlib.contextmanager

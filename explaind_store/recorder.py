@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import operator
 import os
 import shutil  # noqa: F401 - kept for code that merges in here
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from . import modes
 from . import optim as optim_mod
 from . import schema
 from .specs import data_spec, normalize_loss, resolve_data
-from .writer import Row, Segment, make_writer, writer_kind
+from .writer import BufferRow, ChunkBuffer, Row, Segment, make_writer, writer_kind
 
 
 class RecorderError(RuntimeError):
@@ -286,9 +287,10 @@ class Recorder:
         self._constant_params: dict[str, torch.Tensor] = {}
         self._settled = False
         # training forwards since the last record(): (generator state at their start, whether they drew from it)
-        self._forwards: list[tuple[np.ndarray, bool]] = []
-        self._fwd_state: np.ndarray | None = None
+        self._forwards: list[tuple[torch.Tensor, bool]] = []
+        self._fwd_state: torch.Tensor | None = None
         self._rng_device = dropout.generator_device(model)
+        self._read_rng = dropout.state_reader(self._rng_device)
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
@@ -316,9 +318,15 @@ class Recorder:
         kind = "thread" if self.checkpoint_every > 1 else self._writer_kind
         self._writer = make_writer(
             kind, self.root, self._arrays, self._batch_array, self.chunk_updates, queue_size=queue_chunks,
-            packs={g: segs for g, (segs, _) in self._packs.items()}, encode_attrs=_encode_commit_attrs,
+            packs={g: pack[0] for g, pack in self._packs.items()}, encode_attrs=_encode_commit_attrs,
             lock_fd=self._lock_fd,
         )
+        # Rows of packed groups are copied straight into the writer's reusable chunk buffers (one foreach copy per
+        # group); only a run that stores every update fills whole chunks, and only the thread writer has them.
+        self._in_place = self.checkpoint_every == 1 and hasattr(self._writer, "row_buffer")
+        groups = (schema.PARAMS, *self.state_names)
+        self._step_paths = [f"{g}/{schema.STEP}" for g in (*groups, schema.UPDATES)]
+        self._update_paths: dict[str, str] = {}
         if self.committed_at_open < 0:
             self._writer.put(self._row(0, self._initial_updates_row()))
             self._writer.flush()
@@ -529,6 +537,7 @@ class Recorder:
                 if create:
                     arrays[key] = storage.create_stepped(
                         g, n, tuple(p.shape), _np(p).dtype, schema.stepped_dims(n, p.ndim), k_tensor,
+                        flat_keys=self.checkpoint_every > 1,
                         fill_value=np.nan, clevel=clevel, filters=filters,
                     )
                 else:
@@ -798,7 +807,7 @@ class Recorder:
                     del self.root[gname][n]
         self._packs = self._pack_layout()
         self._writer.arrays = self._arrays
-        self._writer.packs = {g_: segs for g_, (segs, _) in self._packs.items()}
+        self._writer.packs = {g_: pack[0] for g_, pack in self._packs.items()}
 
     # --- per-update hooks --------------------------------------------------------------------------------------
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -829,11 +838,13 @@ class Recorder:
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled():  # a training forward (evaluation runs without gradients)
-            self._fwd_state = dropout.rng_state(self._rng_device)
+            self._fwd_state = self._read_rng()
 
     def _post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        # The whole state is compared, so any draw from the generator (dropout modules, functional F.dropout,
+        # torch.rand, a cached normal sample) is seen; comparing bytes costs about a microsecond.
         if self._fwd_state is not None:
-            moved = not np.array_equal(dropout.rng_state(self._rng_device), self._fwd_state)
+            moved = self._read_rng().numpy().tobytes() != self._fwd_state.numpy().tobytes()
             self._forwards.append((self._fwd_state, moved))
             self._fwd_state = None
 
@@ -858,7 +869,7 @@ class Recorder:
                 "accumulated update as a list, rec.record([idx_1, idx_2, ...]), in the order they were run, and run "
                 "other forwards (evaluation) under torch.no_grad(). The updates recorded before this one are kept."
             )
-        states = np.stack([st for st, _ in forwards])
+        states = np.stack([st.numpy() for st, _ in forwards])
         self._ensure_rng_arrays(s, len(sizes), states.shape[1])
         width, nbytes = self._arrays[f"{u}/{schema.RNG_STATE}"].shape[1:]
         if len(sizes) > width or states.shape[1] != nbytes:
@@ -1029,7 +1040,7 @@ class Recorder:
             schema.OPT_STEP: np.int64(opt0),
         }
 
-    def _pack_layout(self) -> dict[str, tuple[list[Segment], torch.dtype]]:
+    def _pack_layout(self) -> dict[str, tuple[list[Segment], torch.dtype, list[torch.dtype], list[torch.Size]]]:
         """Groups (params, each optimizer state) of CPU tensors sharing one dtype are copied as one packed row per
         step (one ``torch.cat`` instead of a copy per tensor); the writer unpacks whole chunks."""
         dtypes = {p.dtype for p in self.params}
@@ -1037,13 +1048,15 @@ class Recorder:
         # first allocate a second copy of the model on the device
         if len(dtypes) != 1 or any(p.device.type != "cpu" for p in self.params):
             return {}
-        layout: dict[str, tuple[list[Segment], torch.dtype]] = {}
+        layout: dict[str, tuple[list[Segment], torch.dtype, list[torch.dtype], list[torch.Size]]] = {}
+        dtype = next(iter(dtypes))
         for g in (schema.PARAMS, *self.state_names):
             segs, start = [], 0
             for n, p in zip(self.names, self.params):
                 segs.append(Segment(f"{g}/{n}", start, start + p.numel(), tuple(p.shape)))
                 start += p.numel()
-            layout[g] = (segs, next(iter(dtypes)))
+            # the dtype and shape of every tensor, to compare a row's tensors with in one go
+            layout[g] = (segs, dtype, [dtype] * len(segs), [torch.Size(seg.shape) for seg in segs])
         return layout
 
     def _tensors(self, group: str) -> list[torch.Tensor]:
@@ -1056,29 +1069,66 @@ class Recorder:
             out.append(val.detach() if val is not None else torch.zeros(p.shape, dtype=p.dtype, device=p.device))
         return out
 
-    def _row(self, index: int, updates: dict[str, Any], checkpoint: bool = True) -> Row:
+    def _new_chunk_buffer(self) -> ChunkBuffer:
+        """A chunk buffer for the packed groups: a ``(chunk_updates, *shape)`` block per array, and for each group
+        and row ``j`` the list of tensor views that row ``j`` is copied into (``fill[group][j]``)."""
+        k = self.chunk_updates
+        blocks: dict[str, np.ndarray] = {}
+        fill: dict[str, list[list[torch.Tensor]]] = {}
+        for g, (segs, dtype, *_) in self._packs.items():
+            ts = [torch.empty((k, *seg.shape), dtype=dtype) for seg in segs]
+            blocks.update({seg.path: t.numpy() for seg, t in zip(segs, ts)})
+            fill[g] = [[t[j] for t in ts] for j in range(k)]
+        return ChunkBuffer(blocks, fill)
+
+    def _sources(self, group: str) -> list[torch.Tensor]:
+        """``_tensors(group)`` without the per-tensor ``detach`` (the copies run under ``no_grad``)."""
+        if group == schema.PARAMS:
+            return self.params
+        return [st[group] if (st := self.optimizer.state.get(p)) is not None and group in st else
+                torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in self.params]
+
+    def _row(self, index: int, updates: dict[str, Any], checkpoint: bool = True, in_place: bool = True) -> Row:
         """The row of step ``index``: its per-update records, and parameters and optimizer state if it is a
-        checkpoint (between checkpoints nothing of the model is copied)."""
+        checkpoint (between checkpoints nothing of the model is copied). ``in_place``: packed groups go straight
+        into the writer's chunk buffer where the writer has one."""
         arrays: dict[str, Any] = {}
         packed: dict[str, Any] = {}
         ready = None
-        any_cuda = any(p.is_cuda for p in self.params)
         if f"{schema.UPDATES}/{schema.CHECKPOINT}" in self._arrays:
             updates = {**updates, schema.CHECKPOINT: np.bool_(checkpoint)}
-        for g in (schema.PARAMS, *self.state_names) if checkpoint else ():
-            tensors = self._tensors(g)
-            if g in self._packs and all(t.dtype == self._packs[g][1] for t in tensors):
-                packed[g] = _snapshot(torch.cat([t.reshape(-1) for t in tensors]), copy=False)
-            else:
-                for n, t in zip(self.names, tensors):
-                    arrays[f"{g}/{n}"] = _snapshot(t)
-        for g in (schema.PARAMS, *self.state_names, schema.UPDATES):
-            arrays[f"{g}/{schema.STEP}"] = np.int64(index)
+        if checkpoint:
+            buf = None
+            with torch.no_grad():
+                for g in (schema.PARAMS, *self.state_names):
+                    tensors = self._sources(g)
+                    pack = self._packs.get(g)
+                    # same dtypes and shapes as the buffer's: a foreach copy would silently cast or broadcast
+                    if pack is not None and list(map(_DTYPE, tensors)) == pack[2] and list(
+                        map(_SHAPE, tensors)) == pack[3]:
+                        if in_place and self._in_place:
+                            if buf is None:
+                                buf = self._writer.row_buffer(self._new_chunk_buffer)
+                            j = index % self.chunk_updates
+                            torch._foreach_copy_(buf.fill[g][j], tensors)
+                            packed[g] = BufferRow(buf, j)
+                        else:
+                            packed[g] = _snapshot(torch.cat([t.reshape(-1) for t in tensors]), copy=False)
+                    else:
+                        for n, t in zip(self.names, tensors):
+                            arrays[f"{g}/{n}"] = _snapshot(t)
+            if any(p.is_cuda for p in self.params):
+                ready = torch.cuda.Event()
+                ready.record()
+        step = np.int64(index)
+        for path in self._step_paths:
+            arrays[path] = step
+        paths = self._update_paths
         for k, v in updates.items():
-            arrays[f"{schema.UPDATES}/{k}"] = v
-        if any_cuda and checkpoint:
-            ready = torch.cuda.Event()
-            ready.record()
+            path = paths.get(k)
+            if path is None:
+                path = paths[k] = f"{schema.UPDATES}/{k}"
+            arrays[path] = v
         return Row(index=index, arrays=arrays, ready=ready, packed=packed)
 
     def flush(self) -> None:
@@ -1102,11 +1152,11 @@ class Recorder:
     def _write_final_checkpoint(self, s: int) -> None:
         """A sparse run ends with a checkpoint: parameters and state of the last update, written once the writer is
         done, then flagged. A kill in between leaves the flag unset, so readers replay that step instead."""
-        row = self._row(s, {})
+        row = self._row(s, {}, in_place=False)
         if row.ready is not None:
             row.ready.synchronize()
         flat = {g: _np(t) for g, t in row.packed.items()}
-        for g, (segs, _) in self._packs.items():
+        for g, (segs, *_) in self._packs.items():
             if g in flat:
                 for seg in segs:
                     row.arrays[seg.path] = flat[g][seg.start : seg.stop].reshape(seg.shape)
@@ -1137,6 +1187,10 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
 
 
 def _snapshot(t: torch.Tensor, copy: bool = True) -> torch.Tensor:

@@ -246,8 +246,13 @@ def create_stepped(
     clevel: int = DEFAULT_CLEVEL,
     filters: tuple[Any, ...] = (),
     inner_chunks: tuple[int, ...] | None = None,
+    flat_keys: bool = False,
 ) -> zarr.Array:
-    """A step-indexed array with zero steps; the writer grows it one chunk of steps at a time."""
+    """A step-indexed array with zero steps; the writer grows it one chunk of steps at a time.
+
+    ``flat_keys``: chunk files named ``c.<step>.<i>...`` side by side instead of nested directories
+    ``c/<step>/<i>/...`` (zarr's ``default`` chunk key encoding with separator ``"."``): for arrays of one-step
+    chunks (sparse checkpoints), where nested keys would make new directories at every stored step."""
     dt = np.dtype(dtype)
     chunks = (chunk_updates, *inner_chunks) if inner_chunks is not None else step_chunk_shape(
         chunk_updates, shape, dt.itemsize
@@ -262,6 +267,7 @@ def create_stepped(
         filters=filters,
         dimension_names=dims,
         config=WRITE_EVERY_CHUNK,
+        **({"chunk_key_encoding": {"name": "default", "separator": "."}} if flat_keys else {}),
     )
 
 

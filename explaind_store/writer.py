@@ -2,10 +2,11 @@
 bounded queue to a thread that writes them and only then advances the committed update count (so a crash never
 exposes a half-written step).
 
-The training thread does as little as possible per step: one packed copy per array group (params, each optimizer
-state) instead of one per tensor, no queue operation except at chunk ends, and the JSON encoding of the commit
-attributes deferred to the writer, because every microsecond here is paid by the training loop
-(docs/benchmarks.md, "Measurements behind choices in the code").
+The training thread does as little as possible per step: one copy per array group (params, each optimizer state)
+instead of one per tensor, straight into a reusable chunk buffer (:class:`ChunkBuffer`) that the writer encodes
+as it lies, no queue operation except at chunk ends, and the JSON encoding of the commit attributes deferred to the
+writer, because every microsecond here is paid by the training loop (docs/benchmarks.md, "Measurements behind
+choices in the code" and "Recording overhead (issue 14)").
 """
 
 from __future__ import annotations
@@ -35,7 +36,27 @@ class Row:
     batch: np.ndarray | None = None  # int64 sample indices (per-update rows only)
     ready: Any = None  # torch.cuda.Event to wait for before reading device copies
     commit_attrs: dict[str, Any] = field(default_factory=dict)  # root attributes valid once this row is committed
-    packed: dict[str, Any] = field(default_factory=dict)  # pack name -> 1-D tensor laid out by ChunkWriter.packs
+    # pack name -> 1-D tensor laid out by ChunkWriter.packs, or the BufferRow the row was copied into
+    packed: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class ChunkBuffer:
+    """Preallocated rows of one chunk for every packed group, reused from chunk to chunk: ``blocks[path]`` is a
+    C-contiguous ``(chunk_updates, *shape)`` array, so the writer encodes ``blocks[path][j0:j1]`` as it lies (no
+    stacking of rows, no copy per array, no fresh memory per update). ``fill`` is what the training thread needs
+    to write row ``j`` (its tensor views of the same memory); the writer never looks at it."""
+
+    blocks: dict[str, np.ndarray]
+    fill: Any = None
+
+
+@dataclass(frozen=True)
+class BufferRow:
+    """``Row.packed`` entry of a row written in place: row ``j`` of ``buffer``'s blocks."""
+
+    buffer: ChunkBuffer
+    j: int
 
 
 @dataclass(frozen=True)
@@ -84,10 +105,16 @@ class ChunkWriter:
         self.k = chunk_updates
         self.on_commit = on_commit
         self.check_finite = check_finite
-        self.packs = packs or {}
+        self._packs = packs or {}
         self.encode_attrs = encode_attrs
         # Queue holds at most `queue_size` chunks of rows: training waits instead of growing memory without bound.
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(2, queue_size))
+        # Chunk buffers (ChunkBuffer): one being filled, the queued chunks' and the one being written, at most; the
+        # writer returns each to `_free` once its rows are on disk.
+        self._free: queue.Queue[ChunkBuffer] = queue.Queue()
+        self._buffers_made = 0
+        self._max_buffers = max(2, queue_size) + 2
+        self._current: ChunkBuffer | None = None
         self._staged: list[Row] = []  # rows of the current chunk, still with the training thread
         self._buffer: list[Row] = []
         self._error: BaseException | None = None
@@ -98,6 +125,20 @@ class ChunkWriter:
         self._thread = threading.Thread(target=self._run, name="explaind-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def packs(self) -> dict[str, list[Segment]]:
+        """pack name -> where each array's values sit in a packed row."""
+        return self._packs
+
+    @packs.setter
+    def packs(self, packs: dict[str, list[Segment]]) -> None:
+        # a new layout (parameters that became constants): buffers laid out for the old one are dropped. Called
+        # while the writer is idle (after flush), so none of them holds rows still to write.
+        self._packs = packs
+        self._current = None
+        self._free = queue.Queue()
+        self._buffers_made = 0
+
     # --- producer side (training thread) ---------------------------------------------------------------------
     def put(self, row: Row) -> None:
         self.raise_if_failed()
@@ -106,9 +147,32 @@ class ChunkWriter:
             self._hand_over()
 
     def _hand_over(self) -> None:
+        self._current = None  # the writer owns the buffer of these rows now: the next row starts another
         if self._staged:
             rows, self._staged = self._staged, []
             self._queue.put(rows)
+
+    def row_buffer(self, make: Callable[[], ChunkBuffer]) -> ChunkBuffer:
+        """The chunk buffer the next row is written into (row ``index % chunk_updates``): the current chunk's, else
+        a free one, else a new one from ``make()`` while fewer than the bound exist, else the first the writer
+        frees (the training thread waits then, as it waits on a full queue: memory stays bounded)."""
+        if self._current is None:
+            try:
+                self._current = self._free.get_nowait()
+            except queue.Empty:
+                if self._buffers_made < self._max_buffers:
+                    self._buffers_made += 1
+                    self._current = make()
+                else:
+                    while self._current is None:
+                        self.raise_if_failed()
+                        if not self._thread.is_alive():
+                            raise WriterError("the writer thread stopped; no chunk buffer will be freed")
+                        try:
+                            self._current = self._free.get(timeout=0.1)
+                        except queue.Empty:
+                            pass
+        return self._current
 
     def flush(self) -> None:
         """Block until everything queued so far is written and committed."""
@@ -169,6 +233,7 @@ class ChunkWriter:
         for r in rows:
             if r.ready is not None:
                 r.ready.synchronize()
+        buffers = {id(v.buffer): v.buffer for r in rows for v in r.packed.values() if isinstance(v, BufferRow)}
         blocks = self._unpacked(rows)
         # Sparse checkpoints: rows between checkpoints carry no parameters or state; those arrays get the rows
         # that have them, one step at a time (their chunks hold one step).
@@ -188,6 +253,8 @@ class ChunkWriter:
             self.root, self.arrays, self.batch_array, i0, blocks, chunkio.batch_block([r.batch for r in rows]),
             attrs, self.nonfinite, check_finite=self.check_finite, partial=partial,
         )
+        for b in buffers.values():  # written: the training thread may fill them again
+            self._free.put(b)
         self.busy_seconds += time.perf_counter() - t0
         if self.on_commit is not None:
             self.on_commit(i1)
@@ -196,10 +263,23 @@ class ChunkWriter:
         """path -> ``(len(rows), *shape)`` block, from the rows' packed copies: one stack per pack for the chunk."""
         out: dict[str, np.ndarray] = {}
         for name, segments in self.packs.items():
-            if not all(name in r.packed for r in rows):  # some rows were copied per tensor: unpack row by row
+            first = rows[0].packed.get(name)
+            if isinstance(first, BufferRow) and all(
+                isinstance(v, BufferRow) and v.buffer is first.buffer and v.j == first.j + i
+                for i, v in enumerate(r.packed.get(name) for r in rows)
+            ):  # consecutive rows of one chunk buffer: its blocks are the arrays' blocks
+                for seg in segments:
+                    out[seg.path] = first.buffer.blocks[seg.path][first.j : first.j + len(rows)]
+                continue
+            if not all(name in r.packed for r in rows) or any(isinstance(r.packed[name], BufferRow) for r in rows):
+                # some rows were copied per tensor (or into different buffers): unpack row by row
                 for r in rows:
                     if name in r.packed:
-                        one = _to_numpy(r.packed.pop(name))
+                        v = r.packed.pop(name)
+                        if isinstance(v, BufferRow):
+                            r.arrays.update({seg.path: v.buffer.blocks[seg.path][v.j] for seg in segments})
+                            continue
+                        one = _to_numpy(v)
                         r.arrays.update({seg.path: one[seg.start : seg.stop].reshape(seg.shape) for seg in segments})
                 continue
             flat = np.stack([_to_numpy(r.packed[name]) for r in rows])

@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _chunk_steps(path: Path, array: str) -> list[int]:
-    """Steps that have a chunk file (``params`` arrays of a sparse run hold one step per chunk)."""
-    return sorted(int(c.name) for c in (path / array / "c").iterdir())
+    """Steps that have a chunk file (``params`` arrays of a sparse run hold one step per chunk, in flat-named files
+    ``c.<step>.<i>...``, so that a stored step makes no directories)."""
+    assert not (path / array / "c").exists()
+    return sorted(int(c.name.split(".")[1]) for c in (path / array).glob("c.*"))
 
 
 def test_sparse_store_writes_parameters_and_state_only_at_checkpoints(tmp_path, one_thread):
@@ -112,7 +114,8 @@ def test_missing_checkpoint_chunk_is_reported_and_steps_between_are_not(tmp_path
     train(tmp_path / "r", 10, kind="adamw", chunk_updates=4, checkpoint_every=4)
     run = open_run(tmp_path / "r", model_factory=make_mlp)
     assert run.verify(gradients=False).ok  # steps 1-3, 5-7, 9 have no chunk files, on purpose
-    (tmp_path / "r" / "params" / "0.weight" / "c" / "8" / "0" / "0").unlink()
+    key = run.root["params/0.weight"].metadata.encode_chunk_key((8, 0, 0))  # c.8.0.0 (flat keys)
+    (tmp_path / "r" / "params" / "0.weight" / key).unlink()
     run = open_run(tmp_path / "r", model_factory=make_mlp)
     report = run.verify(gradients=False)
     assert [(m["array"], m["first"]) for m in report.missing_chunks] == [("params/0.weight", 8)]
