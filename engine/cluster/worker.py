@@ -158,16 +158,24 @@ def clear_caches() -> None:
 @contextmanager
 def running(job: Job) -> Iterator[tuple[Trajectory, Context]]:
     """How a chunk task runs: alone in its process (:data:`MATH_LOCK`), under the caller's settings, with this
-    process's (trajectory, context) for ``job``; in a Dask worker, the heap pages its temporaries freed are then
-    handed back to the OS (:func:`release_freed_memory`)."""
+    process's (trajectory, context) for ``job``; in a Dask worker, every :data:`TRIM_EVERY` tasks the heap pages
+    that tasks' temporaries freed are then handed back to the OS (:func:`release_freed_memory`)."""
+    global _SINCE_TRIM
     with MATH_LOCK, settings.applied(job.settings):
         try:
             yield task_env(job)
         finally:
             if _in_worker():
-                release_freed_memory()
+                _SINCE_TRIM += 1
+                if _SINCE_TRIM >= TRIM_EVERY:
+                    _SINCE_TRIM = 0
+                    release_freed_memory()
 
 
+# Engine tasks between two heap trims in a worker: a trim after every task also hands back the pages the next task
+# reuses at once, and faulting them in again costs CPU; the heap's growth between trims stays a few tasks' worth.
+TRIM_EVERY = 8
+_SINCE_TRIM = TRIM_EVERY - 1  # the first task trims: the heap building the context left behind
 _LIBC: Any = None
 
 
@@ -193,5 +201,5 @@ def release_freed_memory() -> bool:
     return True
 
 
-__all__ = ["MATH_LOCK", "Job", "clear_caches", "make_job", "release_freed_memory", "running", "seed", "task_env",
+__all__ = ["MATH_LOCK", "TRIM_EVERY", "Job", "clear_caches", "make_job", "release_freed_memory", "running", "seed", "task_env",
            "trusted_modules"]
