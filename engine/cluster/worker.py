@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
 import threading
 import uuid
 from collections import OrderedDict
@@ -110,6 +111,8 @@ def trusted_modules(extra: str | None) -> Iterator[None]:
 
 
 def _in_worker() -> bool:
+    if "distributed" not in sys.modules:
+        return False  # no worker without distributed; and a synchronous run must not import it (start-up time)
     try:
         from distributed import get_worker
 
