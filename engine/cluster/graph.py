@@ -13,9 +13,12 @@ pass 2, so no task holds or waits on every chunk's carries: memory flat in the n
 
 (a one-chunk window is a single task), or **parallel chunks** (spare workers, e.g. one query on a big cluster)::
 
-    job ──► pass1[c] ──► summary[c] ──┐                   (parallel over chunks, with path integrals)
-                                      ├─► carries ─► carry[c]   (one small sequential task; carry[c] = getitem)
-    job ──► pass2[c] ◄── carry[c] (+ pass1[c] when u_s is kept)  (parallel over chunks)
+    job ──► pass1[c] ──► summary[c]                           (parallel over chunks, with path integrals)
+    summary[0] ──A──► afold[1] ──A──► ... ──► afold[C-1]     (small sequential tasks: the momentum from the left)
+    summary[C-1] ──U──► ufold[C-2] ──U──► ... ──► ufold[0]   (and the accumulator from the right)
+    job ──► pass2[c] ◄── summary[c], afold[c], ufold[c] (+ pass1[c] when u_s is kept)  (parallel over chunks)
+
+(with a scratch store the summaries' totals and the folds' carries are spilled there too, :func:`_parallel_blocks`)
 
 Then ``pass2[c] ──► arrays of chunk c ──► from_delayed blocks``. Arrays with a ``step`` axis are concatenated from
 the per-chunk blocks (``dask.array.concatenate``: the step axis is never built in one task); every other array is a
@@ -58,11 +61,11 @@ from engine.result import (
     chunk_layout,
     chunk_shapes,
 )
-from engine.cluster.scratch import Spilled, read_momentum, write_momentum
+from engine.cluster.scratch import Spilled, read_momentum, read_vectors, write_momentum, write_vectors
 from engine.cluster.scratch import group_location as scratch_location
 from engine.plan import momentum_parts
-from engine.scan import Carry, Pass1, Problem, carries, pass1, pass2, solo_carry
-from engine.scan.carries import chain_carry, momentum_after, window_start_state
+from engine.scan import Carry, Pass1, Problem, pass1, pass2, solo_carry
+from engine.scan.carries import accumulator_before, chain_carry, momentum_after, window_start_state
 from engine.scan.forward import PART_OF_COL
 from explaind_store import storage
 
@@ -77,14 +80,62 @@ def _pass1_task(job: Job, lo: int, hi: int, keep_u: bool) -> Pass1:
         return pass1(traj, job.problem, lo, hi, keep_u=keep_u, ctx=ctx)
 
 
-def _summary_task(p1: Pass1) -> Pass1:
-    """What ``carries`` needs of a chunk (without kept ``u_s``), on the CPU so any worker can take it."""
-    return _to_cpu(p1.summary())
+def _summary_task(p1: Pass1, spill: Spilled | None) -> Pass1:
+    """What the carries need of a chunk (without kept ``u_s``), on the CPU so any worker can take it. ``spill``:
+    write its parameter-sized totals to the scratch store instead (read back by :func:`_totals`) and keep only the
+    per-update scalars, so the summaries waiting for the carry chains hold no parameter-sized vector."""
+    summary = _to_cpu(p1.summary())
+    if spill is None:
+        return summary
+    names = list(summary.u_total)
+    write_vectors(spill, "total-u", summary.u_total, names)
+    for part, tensors in summary.a_total.items():
+        write_vectors(spill, f"total-{part}", tensors, names)
+    return replace(summary, u_total={}, a_total=dict.fromkeys(summary.a_total, {}))
 
 
-def _carries_task(job: Job, *summaries: Pass1) -> list[Carry]:
-    with running(job) as (traj, _):
-        return carries(traj, job.problem, list(summaries))
+def _totals(ctx: Any, summary: Pass1, spill: Spilled | None) -> Pass1:
+    """``summary`` with the totals :func:`_summary_task` spilled read back (itself when nothing was spilled)."""
+    if spill is None:
+        return summary
+    u_shapes = {n: (ctx.R, *ctx.shapes[n]) for n in ctx.names}
+    return replace(summary, u_total=read_vectors(spill, "total-u", ctx.names, u_shapes),
+                   a_total={part: read_vectors(spill, f"total-{part}", ctx.names, ctx.shapes)
+                            for part in summary.a_total})
+
+
+def _fold_momentum_task(
+    job: Job, a_in: dict[str, dict[str, torch.Tensor]] | None, summary: Pass1, totals: Spilled | None,
+    spill: Spilled | None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """One step of the parallel schedule's forward carry chain: the momentum entering the chunk after
+    ``summary``'s from ``a_in`` (the one entering it; None: the window's first chunk), also written to the scratch
+    store at ``spill`` for that chunk's pass 2."""
+    with running(job) as (_, ctx):
+        out = momentum_after(ctx.terms, a_in, _totals(ctx, summary, totals))
+        if spill is not None:
+            for part, tensors in out.items():
+                write_vectors(spill, f"carry-{part}", tensors, ctx.names)
+        return out
+
+
+def _fold_accumulator_task(
+    job: Job, u_in: dict[str, torch.Tensor] | None, summary: Pass1, totals: Spilled | None, spill: Spilled | None,
+) -> dict[str, torch.Tensor]:
+    """One step of the parallel schedule's reverse carry chain: the accumulator entering the chunk before
+    ``summary``'s from the right, from ``u_in`` (the one entering it; None: zeros, the window's last chunk), also
+    written to the scratch store at ``spill`` for that chunk's pass 2."""
+    with running(job) as (_, ctx):
+        if u_in is None:
+            u_in = _zero_accumulator(ctx)
+        out = accumulator_before(ctx.terms, u_in, _totals(ctx, summary, totals))
+        if spill is not None:
+            write_vectors(spill, "carry-u", out, ctx.names)
+        return out
+
+
+def _zero_accumulator(ctx: Any) -> dict[str, torch.Tensor]:
+    return {n: torch.zeros((ctx.R, *ctx.shapes[n]), dtype=torch.float64) for n in ctx.names}
 
 
 def _start_state_task(job: Job) -> dict[str, torch.Tensor] | None:
@@ -113,8 +164,19 @@ def _pick(items: Sequence[Any], i: int) -> Any:
     return items[i]
 
 
-def _pass2_task(job: Job, lo: int, hi: int, carry: Carry, p1: Pass1 | None) -> dict[str, np.ndarray]:
+def _pass2_task(
+    job: Job, lo: int, hi: int, summary: Pass1, a_in: dict[str, dict[str, torch.Tensor]] | Spilled | None,
+    u_in: dict[str, torch.Tensor] | Spilled | None, s_a: dict[str, torch.Tensor] | None, p1: Pass1 | None,
+) -> dict[str, np.ndarray]:
+    """Pass 2 of the parallel schedule: the carry is built here from ``summary``'s per-update scalars, the
+    momentum ``a_in`` and accumulator ``u_in`` entering the chunk (values, or where the carry chains spilled them;
+    None for the window's first / last chunk) and ``S_a``."""
     with running(job) as (traj, ctx):
+        if isinstance(a_in, Spilled):
+            a_in = {part: read_vectors(a_in, f"carry-{part}", ctx.names, ctx.shapes) for part in summary.a_total}
+        if isinstance(u_in, Spilled):
+            u_in = read_vectors(u_in, "carry-u", ctx.names, {n: (ctx.R, *ctx.shapes[n]) for n in ctx.names})
+        carry = Carry(lo, hi, _zero_accumulator(ctx) if u_in is None else u_in, a_in or {}, s_a, summary.stats)
         return pass2(traj, job.problem, lo, hi, carry, p1, ctx=ctx).arrays
 
 
@@ -211,21 +273,65 @@ def build_arrays(
         return combine_lazy([_blocks(p2, meta, layout, tok, 0, *bounds[0])], meta)
     if chain:
         return combine_lazy(_chain_blocks(job_d, meta, layout, tok, bounds, scratch), meta, accumulated=True)
+    return combine_lazy(_parallel_blocks(job_d, meta, layout, tok, bounds, keep_u, scratch), meta)
+
+
+def _parallel_blocks(
+    job_d: Any, meta: ResultMeta, layout: dict[str, Any], tok: str, bounds: Sequence[tuple[int, int]],
+    keep_u: bool, scratch: storage.Location | None,
+) -> list[dict[str, da.Array]]:
+    """The parallel schedule's per-chunk blocks, with its carries as two chains of small tasks::
+
+        pass1[c] ──► summary[c]                                   (parallel over chunks)
+        summary[0] ──► afold[1] ──► afold[2] ──► ... ──► afold[C-1]     (forward: momentum entering chunk c)
+        summary[C-1] ──► ufold[C-2] ──► ... ──► ufold[0]                (reverse: accumulator entering chunk c)
+        pass2[c] ◄── summary[c], afold[c], ufold[c], S_a (+ pass1[c] when u_s is kept)
+
+    Each fold takes one summary and the previous fold's carry, so no task gathers every chunk's summary. With
+    ``scratch`` the summaries spill their parameter-sized totals and the folds their carries there (pass 2 gets a
+    :class:`Spilled` handle that waits for the write, :func:`_gate`): whatever the number of chunks, the results
+    alive between tasks hold one carry per chain, never one per chunk. Without it the carries stay in the
+    workers' memory until their pass 2 ran (dask may spill them)."""
+    n = len(bounds)
+    root = None if scratch is None else scratch_location(scratch, tok)
+
+    def at(c: int) -> Spilled | None:
+        return None if root is None else Spilled(root, c)
+
+    s_a = dask.delayed(_start_state_task, pure=True)(job_d, dask_key_name=f"explaind-startstate-{tok}")
     p1s, sums = [], []
     for c, (lo, hi) in enumerate(bounds):
         p1 = dask.delayed(_pass1_task, pure=True)(job_d, lo, hi, keep_u, dask_key_name=f"explaind-pass1-{tok}-{c}")
         p1s.append(p1)
-        # carries only gets the small CPU summary (kept u_s stay with pass 1's result, on its worker, for pass 2)
-        sums.append(dask.delayed(_summary_task, pure=True)(p1, dask_key_name=f"explaind-summary-{tok}-{c}"))
-    cs = dask.delayed(_carries_task, pure=True)(job_d, *sums, dask_key_name=f"explaind-carries-{tok}")
+        # the folds only get the small CPU summary (kept u_s stay with pass 1's result, on its worker, for pass 2)
+        sums.append(dask.delayed(_summary_task, pure=True)(p1, at(c), dask_key_name=f"explaind-summary-{tok}-{c}"))
+
+    def handle(c: int, fold: Any, kind: str) -> Any:
+        """What pass 2 of chunk ``c`` gets: the fold's value, or its Spilled row once it is written."""
+        if root is None:
+            return fold
+        return dask.delayed(_gate, pure=True)(at(c), fold, dask_key_name=f"explaind-{kind}spilled-{tok}-{c}")
+
+    a_in: list[Any] = [None] * n
+    acc = None
+    for c in range(1, n):
+        acc = dask.delayed(_fold_momentum_task, pure=True)(job_d, acc, sums[c - 1], at(c - 1), at(c),
+                                                          dask_key_name=f"explaind-afold-{tok}-{c}")
+        a_in[c] = handle(c, acc, "a")
+    u_in: list[Any] = [None] * n
+    cur = None
+    for c in range(n - 2, -1, -1):
+        cur = dask.delayed(_fold_accumulator_task, pure=True)(job_d, cur, sums[c + 1], at(c + 1), at(c),
+                                                             dask_key_name=f"explaind-ufold-{tok}-{c}")
+        u_in[c] = handle(c, cur, "u")
     blocks: list[dict[str, da.Array]] = [{} for _ in bounds]
     for c, (lo, hi) in enumerate(bounds):
-        carry = dask.delayed(_pick, pure=True)(cs, c, dask_key_name=f"explaind-carry-{tok}-{c}")
         p2 = dask.delayed(_pass2_task, pure=True)(
-            job_d, lo, hi, carry, p1s[c] if keep_u else None, dask_key_name=f"explaind-pass2-{tok}-{c}"
+            job_d, lo, hi, sums[c], a_in[c], u_in[c], s_a, p1s[c] if keep_u else None,
+            dask_key_name=f"explaind-pass2-{tok}-{c}",
         )
         blocks[c] = _blocks(p2, meta, layout, tok, c, lo, hi)
-    return combine_lazy(blocks, meta)
+    return blocks
 
 
 def _chain_blocks(

@@ -1,4 +1,4 @@
-"""A small Zarr scratch store for the reverse chain's forward momentum carries.
+"""A small Zarr scratch store for the carries between chunks (parameter-sized float64 vectors).
 
 The reverse chain (:func:`engine.cluster.graph.build_arrays`) folds the rebuilt momentum forward, chunk by chunk,
 before its pass 2 runs backward from the last chunk to the first, so the momentum entering chunk ``c`` is made long
@@ -7,7 +7,9 @@ the fold writes it here (float64, uncompressed: read back bit for bit) and chunk
 
 Layout under the scratch location: one group per query group (the job's token) and in it one array per momentum
 part (``data``, ``weight_decay``), shape ``(chunks, P)`` with one zarr chunk per row, the tensors flattened in the
-context's order. The location is next to the result (``out=``) or in the local temporary directory, and removed
+context's order. The parallel-chunks schedule writes each chunk's pass-1 totals and carries as their own arrays
+(:func:`write_vectors`: ``<kind>/<chunk>``, one flat array each, made by its only writer, so chunks written in
+parallel never share an array). The location is next to the result (``out=``) or in the local temporary directory, and removed
 when the attribution ends (:func:`scratch_root`, :func:`engine.api.attribute`).
 """
 
@@ -85,4 +87,29 @@ def read_momentum(
     return out
 
 
-__all__ = ["Spilled", "group_location", "read_momentum", "scratch_root", "write_momentum"]
+def write_vectors(spilled: Spilled, kind: str, tensors: dict[str, torch.Tensor], names: list[str]) -> None:
+    """Write ``tensors`` (tensor name -> tensor) flattened in ``names``' order as the array ``<kind>/<row>`` of
+    ``spilled.loc``, created here (each array has one writer: parallel chunks never share one)."""
+    flat = np.concatenate([tensors[n].detach().cpu().reshape(-1).numpy() for n in names]).astype(np.float64)
+    store = storage.open_store(storage.join(storage.location(spilled.loc), kind, str(spilled.row)))
+    arr = zarr.create_array(store=store, shape=flat.shape, chunks=flat.shape, dtype="float64", compressors=None,
+                            fill_value=0.0, overwrite=True)
+    arr[...] = flat
+
+
+def read_vectors(
+    spilled: Spilled, kind: str, names: list[str], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """The array ``<kind>/<row>`` of :func:`write_vectors` as tensor name -> float64 tensor of ``shapes[name]``."""
+    store = storage.open_store(storage.join(storage.location(spilled.loc), kind, str(spilled.row)), read_only=True)
+    flat = torch.from_numpy(np.asarray(zarr.open_array(store=store, mode="r")[...]))
+    out, at = {}, 0
+    for n in names:
+        size = math.prod(shapes[n])
+        out[n] = flat[at : at + size].reshape(shapes[n])
+        at += size
+    return out
+
+
+__all__ = ["Spilled", "group_location", "read_momentum", "read_vectors", "scratch_root", "write_momentum",
+           "write_vectors"]

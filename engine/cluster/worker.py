@@ -10,7 +10,10 @@ external ``dask worker --nthreads 4`` would otherwise run several), under the ca
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
 import threading
 import uuid
 from collections import OrderedDict
@@ -108,6 +111,8 @@ def trusted_modules(extra: str | None) -> Iterator[None]:
 
 
 def _in_worker() -> bool:
+    if "distributed" not in sys.modules:
+        return False  # no worker without distributed; and a synchronous run must not import it (start-up time)
     try:
         from distributed import get_worker
 
@@ -156,9 +161,48 @@ def clear_caches() -> None:
 @contextmanager
 def running(job: Job) -> Iterator[tuple[Trajectory, Context]]:
     """How a chunk task runs: alone in its process (:data:`MATH_LOCK`), under the caller's settings, with this
-    process's (trajectory, context) for ``job``."""
+    process's (trajectory, context) for ``job``; in a Dask worker, every :data:`TRIM_EVERY` tasks the heap pages
+    that tasks' temporaries freed are then handed back to the OS (:func:`release_freed_memory`)."""
+    global _SINCE_TRIM
     with MATH_LOCK, settings.applied(job.settings):
-        yield task_env(job)
+        try:
+            yield task_env(job)
+        finally:
+            if _in_worker():
+                _SINCE_TRIM += 1
+                if _SINCE_TRIM >= TRIM_EVERY:
+                    _SINCE_TRIM = 0
+                    release_freed_memory()
 
 
-__all__ = ["MATH_LOCK", "Job", "clear_caches", "make_job", "running", "seed", "task_env", "trusted_modules"]
+# Engine tasks between two heap trims in a worker: a trim after every task also hands back the pages the next task
+# reuses at once, and faulting them in again costs CPU; the heap's growth between trims stays a few tasks' worth.
+TRIM_EVERY = 8
+_SINCE_TRIM = TRIM_EVERY - 1  # the first task trims: the heap building the context left behind
+_LIBC: Any = None
+
+
+def release_freed_memory() -> bool:
+    """Return the free pages of this process's malloc heap to the OS (glibc ``malloc_trim(0)``); False where the
+    C library has no such call (then nothing is done).
+
+    Why: a task's temporaries (parameter-sized float64 vectors, a chunk's batches and blocks) are freed when it
+    ends, but the small objects that outlive it (Dask's task records, the result blocks it hands on) sit between
+    them in the heap, and glibc only gives back the heap's top. Without this a worker's resident memory grew with
+    the number of tasks it ran while the memory in use stayed flat (docs/benchmarks.md, "Larger than memory")."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            lib = ctypes.CDLL(name) if name else None
+            _LIBC = lib if lib is not None and hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if not _LIBC:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
+__all__ = ["MATH_LOCK", "TRIM_EVERY", "Job", "clear_caches", "make_job", "release_freed_memory", "running", "seed", "task_env",
+           "trusted_modules"]

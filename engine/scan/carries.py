@@ -72,6 +72,15 @@ def momentum_after(
             for part in a_in}
 
 
+def accumulator_before(
+    terms: OptimTerms, u_in: dict[str, torch.Tensor], p1: Pass1
+) -> dict[str, torch.Tensor]:
+    """One step of the reverse scan: the accumulator entering the chunk before ``p1``'s from the right,
+    ``U_in[c-1] = total[c] + beta^L[c] * U_in[c]`` (``u_in``: ``U_in[c]``, zeros for the window's last chunk)."""
+    L = p1.hi - p1.lo
+    return {k: p1.u_total[k] + u_in[k] * terms.terms[k].beta ** L for k in terms.names}
+
+
 def chain_carry(
     ctx: Context, lo: int, hi: int, a_in: dict[str, dict[str, torch.Tensor]] | None,
     s_a: dict[str, torch.Tensor] | None, *, last: bool,
@@ -102,16 +111,13 @@ def carries(traj: Trajectory, problem: Problem, pass1s: list[Pass1]) -> list[Car
             f"the pass-1 chunks {[(p.lo, p.hi) for p in p1s]} do not tile the window ({window[0]}, {window[1]}]"
         )
     s_a = window_start_state(traj, problem)
-    names = terms.names
     n = len(p1s)
     u_in: list[dict[str, torch.Tensor]] = [{}] * n
     cur = {k: torch.zeros_like(v) for k, v in p1s[-1].u_total.items()}
     for c in range(n - 1, -1, -1):
         u_in[c] = cur
         if c > 0:
-            p = p1s[c]
-            L = p.hi - p.lo
-            cur = {k: p.u_total[k] + cur[k] * terms.terms[k].beta ** L for k in names}
+            cur = accumulator_before(terms, cur, p1s[c])
     a_in: list[dict[str, dict[str, torch.Tensor]]] = []
     acc = {part: {k: torch.zeros_like(v) for k, v in d.items()} for part, d in p1s[0].a_total.items()}
     for p in p1s:
@@ -120,4 +126,4 @@ def carries(traj: Trajectory, problem: Problem, pass1s: list[Pass1]) -> list[Car
     return [Carry(p.lo, p.hi, u_in[c], a_in[c], s_a, p.stats) for c, p in enumerate(p1s)]
 
 
-__all__ = ["Carry", "carries", "chain_carry", "momentum_after", "solo_carry", "window_start_state"]
+__all__ = ["Carry", "accumulator_before", "carries", "chain_carry", "momentum_after", "solo_carry", "window_start_state"]

@@ -180,8 +180,9 @@ def test_plan_chunks_reads_whole_store_chunks():
 
 
 def test_graph_is_a_two_pass_scan_without_embedded_data(digits_store):
-    """C pass-1 tasks, one carries task, C pass-2 tasks; the step axis comes from per-chunk blocks; only the job
-    key (store path + small Problem) is more than a few bytes: tasks load everything else from the store."""
+    """C pass-1 tasks, two chains of C-1 carry folds (no task gathering every chunk's summary), C pass-2 tasks; the
+    step axis comes from per-chunk blocks; only the job key (store path + small Problem) is more than a few bytes:
+    tasks load everything else from the store."""
     import cloudpickle
 
     run = open_run(digits_store)
@@ -195,7 +196,8 @@ def test_graph_is_a_two_pass_scan_without_embedded_data(digits_store):
     assert ds["data"].data.chunks[3] == (2,) * 6  # step axis: one block per task, concatenated
     graph = dict(ds.__dask_graph__())
     kinds = [str(k[0] if isinstance(k, tuple) else k).split("-")[1] for k in graph if "explaind-" in str(k)]
-    assert kinds.count("pass1") == 6 and kinds.count("pass2") == 6 and kinds.count("carries") == 1
+    assert kinds.count("pass1") == 6 and kinds.count("pass2") == 6 and kinds.count("carries") == 0
+    assert kinds.count("afold") == 5 and kinds.count("ufold") == 5
     sizes = {k: len(cloudpickle.dumps(v)) for k, v in graph.items()}
     job_key = f"explaind-job-{job.token}"
     assert sizes[job_key] < 20_000
