@@ -27,6 +27,17 @@ STEPS, BATCH, HIDDEN, P = 12, 8, 8, 0.3
 MLP = dict(in_dim=64, hidden=HIDDEN, out_dim=10, depth=1, act="tanh", dropout=P)
 
 
+def _steps(net, opt, rec, x, y, gen, steps: int) -> None:
+    """``steps`` AdamW updates on random batches of ``BATCH``, each recorded with its loss."""
+    for _ in range(steps):
+        idx = torch.randperm(len(x), generator=gen)[:BATCH]
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        rec.record(idx, loss=loss.item())
+
+
 def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     d = digits_subset(40, 4, seed=0)
     return (*d["train"], *d["val"])
@@ -198,13 +209,7 @@ def _record(path: Path, factory) -> Path:
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
     with Recorder(path, net, opt, data=(x, y), splits={"val": (xv, yv)}, model_spec=model_spec(factory)) as rec:
-        for _ in range(4):
-            idx = torch.randperm(len(x), generator=gen)[:BATCH]
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.record(idx, loss=loss.item())
+        _steps(net, opt, rec, x, y, gen, 4)
     return path
 
 
@@ -245,13 +250,7 @@ def test_resumed_dropout_recording_keeps_recording_generator_states(tmp_path):
         opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
         with Recorder(path, net, opt, data=(x, y), splits={"val": (xv, yv)}, model_spec=spec, chunk_updates=2,
                       resume=part == 1) as rec:
-            for _ in range(3):
-                idx = torch.randperm(len(x), generator=gen)[:BATCH]
-                loss = F.cross_entropy(net(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                rec.record(idx, loss=loss.item())
+            _steps(net, opt, rec, x, y, gen, 3)
     run = open_run(path)
     assert run.committed_updates == 6
     states = run.updates[schema.RNG_STATE].values
