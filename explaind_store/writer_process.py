@@ -332,28 +332,53 @@ class ProcessChunkWriter:
             if not data:
                 self._died(err)
                 return False
-            msg = json.loads(data)
-            op = msg["op"]
-            if op == "committed":
-                self.committed = msg["committed"]
-                self.bytes_written += msg["bytes"]
-                self.busy_seconds += msg["busy"]
-                self.nonfinite = msg["nonfinite"]
-                # what the process wrote to the root attributes, mirrored in memory (readers of self.root here)
-                self.root.metadata.attributes.update(msg["attrs"])
-                self._free.append(msg["slot"])
-                self._in_flight -= 1
-            elif op == "error":
-                tb = msg["traceback"].rstrip()
-                last = tb.splitlines()[-1] if tb else "unknown error"
-                self._error = WriterProcessFailed(
-                    "the writer process failed; its traceback:\n" + tb, f"the writer process failed with {last}"
-                )
+            op = self._handle(json.loads(data))
+            if op == "error":
                 return False
-            if "cpu" in msg:
-                self.cpu_seconds = msg["cpu"]
             if until is not None and op == until:
                 return True
+
+    def _handle(self, msg: dict[str, Any]) -> str:
+        """Take in one answer of the process; returns its kind."""
+        op = msg["op"]
+        if op == "committed":
+            self.committed = msg["committed"]
+            self.bytes_written += msg["bytes"]
+            self.busy_seconds += msg["busy"]
+            self.nonfinite = msg["nonfinite"]
+            # what the process wrote to the root attributes, mirrored in memory (readers of self.root here)
+            self.root.metadata.attributes.update(msg["attrs"])
+            self._free.append(msg["slot"])
+            self._in_flight -= 1
+        elif op == "error":
+            tb = msg["traceback"].rstrip()
+            last = tb.splitlines()[-1] if tb else "unknown error"
+            self._error = WriterProcessFailed(
+                "the writer process failed; its traceback:\n" + tb, f"the writer process failed with {last}"
+            )
+        if "cpu" in msg:
+            self.cpu_seconds = msg["cpu"]
+        return op
+
+    def _salvage(self) -> None:
+        """Read what the exited process sent before it went. A process that exits with messages of ours unread
+        resets the connection, and the kernel reports that reset before the answers still queued (its traceback
+        among them), so one failed read does not mean nothing is left."""
+        for _ in range(1 << 12):
+            try:
+                data = self._sock.recv(_RECV, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue  # the reset itself, reported once
+            if not data:
+                return
+            try:
+                msg = json.loads(data)
+            except ValueError:
+                return
+            if self._handle(msg) == "error":
+                return
 
     def _died(self, cause: BaseException | None) -> None:
         if self._error is not None:
@@ -362,6 +387,9 @@ class ProcessChunkWriter:
             code = self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             code = None
+        self._salvage()
+        if self._error is not None:
+            return
         if code is not None and code < 0:
             how = f"was killed by signal {signal.Signals(-code).name}"
         elif code is not None:

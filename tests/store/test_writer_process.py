@@ -3,6 +3,7 @@ training process, committed updates survive a killed writer, and close() leaves 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -117,6 +118,31 @@ def test_an_error_inside_the_writer_process_surfaces_with_its_cause(tmp_path):
     with pytest.raises(WriterError):
         rec.close()
     assert open_run(path).committed_updates == 1  # the first chunk (updates 0 and 1) was committed
+
+
+def test_the_writers_traceback_survives_it_exiting_with_messages_unread(tmp_path):
+    """A process that exits with messages of ours unread resets the connection, and the kernel reports the reset
+    before the traceback the process sent first: the error must still carry that traceback (this raced in CI)."""
+    path = tmp_path / "reset.zarr"
+    rec, model, opt, sched = _recorder(path)
+    (path / "params" / rec.names[0] / "c" / "1").write_text("a file where the second chunk's directory goes")
+    writer = rec._writer
+    try:
+        _steps(rec, model, opt, sched, 3)  # hands over the broken second chunk
+    except WriterError:
+        pass
+    for token in range(1000, 1064):  # queued behind the broken chunk, never read by the failing process
+        try:
+            writer._sock.send(json.dumps({"op": "flush", "token": token}).encode())
+        except OSError:
+            break
+    assert writer._proc.wait(timeout=60) == 1
+    with pytest.raises(WriterError) as err:
+        rec.flush()
+    assert "Traceback" in str(err.value.__cause__) and "NotADirectoryError" in str(err.value)
+    with pytest.raises(WriterError):
+        rec.close()
+    assert _memfds() == []
 
 
 def test_a_script_without_a_main_guard_records_with_the_writer_process(tmp_path):
