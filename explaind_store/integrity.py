@@ -21,10 +21,13 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import zarr
 from zarr.storage import LocalStore
 
 from . import storage
@@ -69,20 +72,25 @@ def is_stepped(path: str) -> bool:
     return path.split("/", 1)[0] in STEP_GROUPS
 
 
+def walk_arrays(group: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(path, array)`` of every array under ``group``, depth first, one listing per group. Files that are not
+    part of the hierarchy (a README or ``.DS_Store`` someone put in the store folder) are skipped without zarr's
+    warning: they hold no data of the run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        members = list(group.members())
+    for name, member in sorted(members, key=lambda m: m[0]):
+        if isinstance(member, zarr.Group):
+            yield from walk_arrays(member, f"{prefix}{name}/")
+        else:
+            yield f"{prefix}{name}", member
+
+
 def array_paths(run: Run, groups: tuple[str, ...] | None = None) -> list[str]:
     """Paths of every array of the run (or of the given top-level groups)."""
-    out: list[str] = []
-
-    def walk(group: Any, prefix: str) -> None:
-        for name, _ in group.arrays():
-            out.append(f"{prefix}{name}")
-        for name, sub in group.groups():
-            walk(sub, f"{prefix}{name}/")
-
-    for gname, sub in run.root.groups():
-        if groups is None or gname in groups:
-            walk(sub, f"{gname}/")
-    return out
+    if groups is None:
+        return [p for p, _ in walk_arrays(run.root)]
+    return [p for g in groups if g in run.root for p, _ in walk_arrays(run.root[g], f"{g}/")]
 
 
 def _listing(run: Run, path: str, arr: Any) -> frozenset[str]:

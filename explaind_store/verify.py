@@ -134,15 +134,7 @@ def _chunk_indices(arr: zarr.Array) -> list[tuple[int, ...]]:
 def check_chunks(run: Run, progress: bool = False) -> tuple[int, list[dict[str, Any]]]:
     """Decode every chunk; return (number checked, bad chunks with array path, chunk index and error)."""
     bad: list[dict[str, Any]] = []
-    arrays: list[tuple[str, zarr.Array]] = []
-
-    def walk(group: zarr.Group, prefix: str) -> None:
-        for name, arr in group.arrays():
-            arrays.append((f"{prefix}{name}", arr))
-        for name, sub in group.groups():
-            walk(sub, f"{prefix}{name}/")
-
-    walk(run.root, "")
+    arrays = list(integrity.walk_arrays(run.root))
     checked = 0
     for path, arr in tqdm(arrays, desc="chunks", disable=not progress, leave=False):
         for idx in _chunk_indices(arr):

@@ -136,6 +136,19 @@ def test_a_clean_store_verifies_and_attributes(store):
     assert np.isfinite(ds["data"].values).all()
 
 
+def test_foreign_files_in_the_store_folder_are_skipped_quietly(store, recwarn):
+    """A README or .DS_Store someone drops into a store folder holds no data of the run: no zarr warning about it,
+    and a missing chunk elsewhere is still found."""
+    (store / "README.txt").write_text("notes on this run")
+    (store / "params" / ".DS_Store").write_bytes(b"\x00\x01")
+    rep = open_run(store).verify()
+    assert rep.ok and rep.chunks_checked > 0, rep.table()
+    attribute(store)
+    assert not [w for w in recwarn if "Zarr hierarchy" in str(w.message)], [str(w.message) for w in recwarn]
+    delete_chunk(store, *CHUNKS["parameter"])
+    assert open_run(store).verify().missing_chunks
+
+
 def test_every_chunk_is_written_even_when_it_equals_the_fill_value(tmp_path):
     # chunk_updates=1: row 0 of the per-update arrays is all fill (index 0 is empty on purpose); zarr's default
     # skips writing such a chunk, so a deleted file could not be told from it
