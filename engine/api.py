@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import uuid
 import warnings
 from dataclasses import dataclass, replace
 from numbers import Integral
@@ -481,8 +482,9 @@ def attribute(
     runner = _start_runner(req, client)
     scratch = _scratch.scratch_root(req.out_path, local=runner.workers_here())
     try:
-        ds, bounds = build(req, runner, scratch=scratch)
-        result = _compute(req, ds, bounds, runner, progress)
+        call = uuid.uuid4().hex if progress else None
+        ds, bounds = build(req, runner, scratch=scratch, progress_call=call)
+        result = _compute(req, ds, bounds, runner, progress, call)
     finally:
         runner.close()
         if scratch is not None:
@@ -592,11 +594,12 @@ def _start_runner(req: Request, client: Any) -> _sched.Runner:
     return runner
 
 
-def build(req: Request, runner: _sched.Runner, *, scratch: storage.Location | None = None
-          ) -> tuple[xr.Dataset, list[tuple[int, int]]]:
+def build(req: Request, runner: _sched.Runner, *, scratch: storage.Location | None = None,
+          progress_call: str | None = None) -> tuple[xr.Dataset, list[tuple[int, int]]]:
     """The plan (query groups, threads, chunks; :func:`engine.plan.plan_attribution`) and the lazy result over the
     runner's workers, with the attrs that say how it runs; returns it and the chunk bounds. ``scratch``: where
-    the reverse chain may spill its momentum carries (:func:`engine.cluster.scratch.scratch_root`)."""
+    the reverse chain may spill its momentum carries (:func:`engine.cluster.scratch.scratch_root`);
+    ``progress_call``: the id the tasks report their updates under (:mod:`engine.progress`)."""
     traj, problem, meta = req.traj, req.problem, req.meta
     sync = isinstance(runner, _sched.SyncRunner)
     p = plan.plan_attribution(meta, problem.window, store_chunk=req.store_chunk, chunk_updates=req.chunk_updates,
@@ -605,12 +608,12 @@ def build(req: Request, runner: _sched.Runner, *, scratch: storage.Location | No
                               n_workers=1 if sync else runner.n_workers, checkpoints=req.checkpoints)
     groups, threads, chain, bounds = p.groups, p.threads, p.chain, p.bounds
     if len(groups) == 1:
-        jobs = [_worker.make_job(traj, problem, by_reference=sync, threads=threads)]
+        jobs = [_worker.make_job(traj, problem, by_reference=sync, threads=threads, progress_call=progress_call)]
         if sync and problem.device == "cpu":
             _worker.seed(jobs[0], traj, req.ctx)  # the tasks run here: reuse the driver's float64 context
     else:
-        jobs = [_worker.make_job(traj, _graph.group_problem(problem, g), by_reference=sync, threads=threads)
-                for g in groups]
+        jobs = [_worker.make_job(traj, _graph.group_problem(problem, g), by_reference=sync, threads=threads,
+                                 progress_call=progress_call) for g in groups]
     ds = _graph.lazy_result(jobs, meta, bounds, keep_u=p.keep_u, chain=chain, scratch=scratch)
     if req.step_bins is not None:
         ds = _graph.bin_steps(ds, int(req.step_bins))
@@ -630,20 +633,24 @@ def build(req: Request, runner: _sched.Runner, *, scratch: storage.Location | No
 
 
 def _compute(req: Request, ds: xr.Dataset, bounds: list[tuple[int, int]], runner: _sched.Runner,
-             progress: bool) -> xr.Dataset:
-    """Compute the lazy result in memory, or stream it to ``out``; a NaN/inf anywhere is an error."""
+             progress: bool, progress_call: str | None = None) -> xr.Dataset:
+    """Compute the lazy result in memory, or stream it to ``out``; a NaN/inf anywhere is an error. With
+    ``progress_call`` (the jobs' id) the bar counts updates decomposed: each query group's pass 2 visits every
+    update of the window once."""
+    a, b = req.ctx.window
+    updates = None if progress_call is None else (progress_call, int(ds.attrs["query_groups"]) * (b - a))
     if req.out_path is None:
-        (result,) = runner.compute([ds], progress=progress, desc="attribute")
+        (result,) = runner.compute([ds], progress=progress, desc="attribute", updates=updates)
         return check_finite(finalize_attrs(result))
     # output step chunks: the store's (what readers of the run are used to) unless the tasks are shorter, so an
     # output chunk never waits on more than two tasks' blocks (memory independent of the store's chunks)
     task_len = max(hi - lo for lo, hi in bounds)
-    written = _write(ds, req.out_path, runner, min(req.store_chunk or task_len, task_len), progress)
+    written = _write(ds, req.out_path, runner, min(req.store_chunk or task_len, task_len), progress, updates)
     return check_finite(written, where=str(req.out_path))
 
 
 def _write(ds: xr.Dataset, path: storage.Location, runner: _sched.Runner, step_chunk: int,
-           progress: bool) -> xr.Dataset:
+           progress: bool, updates: tuple[str, int] | None = None) -> xr.Dataset:
     """Stream the lazy result into a Zarr store (a directory or an object-store URL; one write per output chunk)
     and return it opened."""
     import zarr
@@ -659,7 +666,7 @@ def _write(ds: xr.Dataset, path: storage.Location, runner: _sched.Runner, step_c
         # consolidated metadata is a zarr-python extension in v3; it lets xarray.open_zarr(path) open quietly
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         store = chunked.to_zarr(target, mode="w", compute=False, consolidated=True)
-        runner.compute([_graph.gate_writes(store)], progress=progress, desc="attribute")
+        runner.compute([_graph.gate_writes(store)], progress=progress, desc="attribute", updates=updates)
         opened = xr.open_zarr(target)
         attrs = finalize_attrs(opened).attrs
         group = zarr.open_group(store=target, mode="r+")

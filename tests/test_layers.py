@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("explaind_store", "engine", "explaind_app", "experiments")
 LAYERS = (
     ("explaind_store",),
-    ("engine.settings", "engine.result"),
+    ("engine.settings", "engine.result", "engine.progress"),
     ("engine.ops",),
     ("engine.plan",),
     ("engine.scan",),

@@ -20,11 +20,13 @@ import logging
 import multiprocessing
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Self
 
 import torch
+
+from engine import progress as progress_mod
 
 SYNC_NAMES = ("sync", "synchronous", "single-threaded")
 LOCAL_NAMES = ("local", "processes", "localcluster")
@@ -65,7 +67,10 @@ class Runner:
     n_workers = 1
     address: str | None = None
 
-    def compute(self, collections: Sequence[Any], *, progress: bool, desc: str = "explaind") -> list[Any]:
+    def compute(self, collections: Sequence[Any], *, progress: bool, desc: str = "explaind",
+                updates: tuple[str, int] | None = None) -> list[Any]:
+        """The collections' values. With ``progress``, a bar: over ``updates = (call, total)`` when given (the
+        updates the jobs made with ``progress_call=call`` decompose, :mod:`engine.progress`), else over tasks."""
         raise NotImplementedError
 
     def check_device(self, device: str) -> None:
@@ -92,7 +97,8 @@ class SyncRunner(Runner):
     def workers_here(self) -> bool:
         return True
 
-    def compute(self, collections: Sequence[Any], *, progress: bool, desc: str = "explaind") -> list[Any]:
+    def compute(self, collections: Sequence[Any], *, progress: bool, desc: str = "explaind",
+                updates: tuple[str, int] | None = None) -> list[Any]:
         import dask
         import dask.local
         import xarray as xr
@@ -106,6 +112,9 @@ class SyncRunner(Runner):
         def run(colls: list[Any]) -> list[Any]:
             if not progress:
                 return list(dask.compute(*colls, scheduler=sync))
+            if updates is not None:  # the tasks run in this thread: their ticks go straight to the bar
+                with _updates_bar(updates[1], desc) as bar, progress_mod.reporting(bar.update):
+                    return list(dask.compute(*colls, scheduler=sync))
             with _TqdmCallback(desc):
                 return list(dask.compute(*colls, scheduler=sync))
 
@@ -144,18 +153,25 @@ class ClientRunner(Runner):
         except TypeError:  # older signatures
             return max(1, len(self.client.scheduler_info().get("workers", {})))
 
-    def compute(self, collections: Sequence[Any], *, progress: bool, desc: str = "explaind") -> list[Any]:
+    def compute(self, collections: Sequence[Any], *, progress: bool, desc: str = "explaind",
+                updates: tuple[str, int] | None = None) -> list[Any]:
+        if progress and updates is not None:
+            with _updates_bar(updates[1], desc) as bar, _subscribed(self.client, updates[0], bar):
+                return self._compute(collections, None)
+        show = (lambda fs: _client_progress(fs, self.client.scheduler.address, desc)) if progress else None
+        return self._compute(collections, show)
+
+    def _compute(self, collections: Sequence[Any], show: Callable[[list[Any]], None] | None) -> list[Any]:
         import xarray as xr
 
         from engine.cluster.handoff import compute_dataset, shm_root
 
         root = shm_root() if self.same_host else None
         if root is not None and len(collections) == 1 and isinstance(collections[0], xr.Dataset):
-            show = (lambda fs: _client_progress(fs, self.client.scheduler.address, desc)) if progress else None
             return [compute_dataset(self.client, collections[0], root, show)]
         futures = self.client.compute(list(collections))
-        if progress:
-            _client_progress(futures, self.client.scheduler.address, desc)
+        if show is not None:
+            show(futures)
         return self.client.gather(futures)
 
     def check_device(self, device: str) -> None:
@@ -220,6 +236,40 @@ class _TqdmCallback:
 
     def __exit__(self, *exc: object) -> None:
         self._cb.__exit__(*exc)
+
+
+@contextmanager
+def _updates_bar(total: int, desc: str) -> Iterator[Any]:
+    """A bar over ``total`` updates, filled when the block ends without error (what pass 2 ticks is the work, so
+    only a retried task could make the count differ)."""
+    bar = progress_mod.bar(total, desc)
+    try:
+        yield bar
+        if bar.n < total:
+            bar.update(total - bar.n)
+    finally:
+        bar.close()
+
+
+@contextmanager
+def _subscribed(client: Any, call: str, bar: Any) -> Iterator[None]:
+    """The workers' progress events of ``call`` (:func:`engine.progress.topic`) advance ``bar`` while inside."""
+    name = progress_mod.topic(call)
+
+    def on_event(event: tuple[float, Any]) -> None:
+        msg = event[1]
+        n = min(int(msg.get("n", 0)), bar.total - bar.n) if isinstance(msg, dict) else 0
+        if n > 0:
+            bar.update(n)
+
+    client.subscribe_topic(name, on_event)
+    try:
+        yield
+    finally:
+        try:
+            client.unsubscribe_topic(name)
+        except Exception:  # noqa: BLE001 - a closed client: nothing left to unsubscribe
+            pass
 
 
 def _client_progress(futures: Sequence[Any], address: str, desc: str) -> None:

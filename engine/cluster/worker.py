@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from engine import settings
+from engine import progress, settings
 from engine.scan.problem import Context, Problem
 from explaind_store.specs import TRUSTED_ENV
 from explaind_store.storage import StoreError
@@ -55,6 +55,7 @@ class Job:
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     threads: int | None = None  # torch intra-op threads for this job's tasks (None: the worker's setting)
     settings: dict[str, Any] = field(default_factory=settings.snapshot)  # the caller's, applied by running()
+    progress_call: str | None = None  # the caller's progress bar: workers report updates done under this id
 
     def open(self) -> Trajectory:
         if self.traj is not None:
@@ -65,14 +66,16 @@ class Job:
         return open_run(self.path, model_factory=self.model_factory, data=self.attached or None)
 
 
-def make_job(traj: Trajectory, problem: Problem, *, by_reference: bool, threads: int | None = None) -> Job:
+def make_job(traj: Trajectory, problem: Problem, *, by_reference: bool, threads: int | None = None,
+             progress_call: str | None = None) -> Job:
     """The job for ``traj``. ``by_reference``: the tasks run in this process (sync), so share ``traj`` itself.
-    ``threads``: torch threads its tasks use (see :func:`engine.plan.plan_parallelism`)."""
+    ``threads``: torch threads its tasks use (see :func:`engine.plan.plan_parallelism`). ``progress_call``: the
+    id under which Dask workers report the updates they decomposed (:mod:`engine.progress`)."""
     from explaind_store.reader import Run
 
     trusted = os.environ.get(TRUSTED_ENV)
     if by_reference or not isinstance(traj, Run):
-        return Job(problem=problem, traj=traj, trusted=trusted, threads=threads)
+        return Job(problem=problem, traj=traj, trusted=trusted, threads=threads, progress_call=progress_call)
     if str(traj.path).startswith("memory://"):
         raise StoreError(
             f"{traj.path} lives in this process's memory, which Dask worker processes cannot see; attribute it "
@@ -80,7 +83,7 @@ def make_job(traj: Trajectory, problem: Problem, *, by_reference: bool, threads:
         )
     attached = dict(getattr(traj, "_attached", {}) or {})
     return Job(problem=problem, path=str(traj.path), model_factory=traj.model_factory, attached=attached,
-               trusted=trusted, threads=threads)
+               trusted=trusted, threads=threads, progress_call=progress_call)
 
 
 # ==============================================================================================================
@@ -164,15 +167,27 @@ def running(job: Job) -> Iterator[tuple[Trajectory, Context]]:
     process's (trajectory, context) for ``job``; in a Dask worker, every :data:`TRIM_EVERY` tasks the heap pages
     that tasks' temporaries freed are then handed back to the OS (:func:`release_freed_memory`)."""
     global _SINCE_TRIM
-    with MATH_LOCK, settings.applied(job.settings):
+    sink = _event_sink(job.progress_call) if job.progress_call is not None and _in_worker() else None
+    with MATH_LOCK, settings.applied(job.settings), progress.reporting(sink):
         try:
             yield task_env(job)
         finally:
+            if sink is not None:
+                sink.flush()
             if _in_worker():
                 _SINCE_TRIM += 1
                 if _SINCE_TRIM >= TRIM_EVERY:
                     _SINCE_TRIM = 0
                     release_freed_memory()
+
+
+def _event_sink(call: str) -> progress.EventSink:
+    """Ticks of this task as events on the call's topic (:func:`engine.progress.topic`; the caller's client
+    subscribes to it)."""
+    from distributed import get_worker
+
+    worker, name = get_worker(), progress.topic(call)
+    return progress.EventSink(lambda msg: worker.log_event(name, msg))
 
 
 # Engine tasks between two heap trims in a worker: a trim after every task also hands back the pages the next task

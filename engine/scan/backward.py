@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from engine import progress
 from engine.ops.persample import (
     batch_mean_grad,
     choose_method,
@@ -471,8 +472,11 @@ def pass2(
         threads = None  # the consumer would have to take the per-sample gradients (torch.func): one thread
     state.pre_grads = threads is not None  # the producer takes them, so the consumer needs no torch.func
     state.grad_group = _grad_group(ctx, block) if state.by_sample else 1
-    pipeline.run_two_stage(reversed(block.updates), functools.partial(produce, state),
-                           functools.partial(consume, state), threads)
+    def consume_one(s: int, w: UpdateInputs) -> None:
+        consume(state, s, w)
+        progress.tick()
+
+    pipeline.run_two_stage(reversed(block.updates), functools.partial(produce, state), consume_one, threads)
     return finish(state)
 
 

@@ -399,7 +399,7 @@ def _rewrite(ds: xr.Dataset, tmp_path: Path) -> Path:
 class NoHeavyWork(SyncRunner):
     """A runner (``client=``) that fails loudly when asked to compute: errors must come from the checks, before."""
 
-    def compute(self, collections, *, progress, desc="explaind"):
+    def compute(self, collections, *, progress, desc="explaind", updates=None):
         raise AssertionError("heavy work started before the input was rejected")
 
 
