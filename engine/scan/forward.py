@@ -130,12 +130,24 @@ def advance_momentum(
 
 
 def momentum_scan(
-    ctx: Context, block: TrajectoryBlock, A: dict[str, dict[str, torch.Tensor]]
+    ctx: Context,
+    block: TrajectoryBlock,
+    A: dict[str, dict[str, torch.Tensor]],
+    grads: list[dict[str, torch.Tensor]] | None = None,
+    keep: list[dict[str, torch.Tensor]] | None = None,
 ) -> Iterator[tuple[int, dict[str, list[tuple[int, torch.Tensor]]]]]:
     """:func:`advance_momentum` over every update of ``block`` in order, with the batch gradients taken
     ``PREPASS_UPDATES`` updates per ``vmap`` (:func:`~engine.ops.persample.batch_mean_grads`); yields
-    ``(s, vecs)``."""
+    ``(s, vecs)``. ``keep`` (a list): the gradients are also appended to it, in order. ``grads``: the gradients an
+    earlier scan of the same block kept, used instead of taking them again (taken out of the list one by one, so
+    they are freed as the momentum is rebuilt)."""
     lo, ups = block.lo, list(block.updates)
+    if grads is not None:
+        if len(grads) != len(ups):
+            raise ValueError(f"{len(grads)} kept batch gradients for the {len(ups)} updates of ({lo}, {block.hi}]")
+        for s in ups:
+            yield s, advance_momentum(ctx, block, s, A, grads.pop(0), ctx.params(block, s - 1))
+        return
     for i in range(0, len(ups), PREPASS_UPDATES):
         part = ups[i : i + PREPASS_UPDATES]
         thetas = {n: block.params[n][part[0] - lo - 1 : part[-1] - lo].to(device=ctx.device, dtype=F64)
@@ -145,8 +157,11 @@ def momentum_scan(
                  for k, (s, b) in enumerate(zip(part, batches))]
         gs = batch_mean_grads(ctx.model, thetas, [b[1] for b in batches], [b[2] for b in batches], ctx.loss,
                               masks=masks)
+        if keep is not None:
+            keep.extend(gs)
         for k, (s, g) in enumerate(zip(part, gs)):
             yield s, advance_momentum(ctx, block, s, A, g, {n: thetas[n][k] for n in ctx.names})
+
 
 def step_stats(
     ctx: Context,
@@ -210,6 +225,7 @@ def pass1(
     keep_u: bool = False,
     light: bool | None = None,
     momentum: bool = True,
+    keep_g: bool = False,
     ctx: Context | None = None,
 ) -> Pass1:
     """First pass over chunk ``(lo, hi]`` (see the module docstring).
@@ -229,7 +245,9 @@ def pass1(
     reverse chain (:func:`pass2` with ``u_in``), where every chunk's pass 2 computes its own path integrals and
     the accumulator comes from the next chunk's pass 2 instead of the carries. ``None``: the rule above.
     ``momentum=False`` (with ``light``) also skips the rebuilt momentum, leaving ``a_total`` at zero: for the
-    window's last chunk, whose totals nothing reads (they only flow into later chunks).
+    window's last chunk, whose totals nothing reads (they only flow into later chunks). ``keep_g`` (with
+    ``light``): also keep the batch gradients the momentum was rebuilt from (``g``), for this chunk's pass 2
+    (:func:`momentum_scan`'s ``grads``), which then does not take them again.
     """
     ctx = ctx or context(traj, problem)
     check_chunk(ctx, lo, hi)
@@ -237,6 +255,8 @@ def pass1(
     if light and keep_u:
         raise ValueError("pass1(light=True) computes no u_s to keep: use keep_u=False")
     light = _light(ctx, lo, hi, keep_u) if light is None else bool(light)
+    if keep_g and not light:
+        raise ValueError("pass1(keep_g=True) keeps the momentum pre-pass's gradients: use it with light=True")
     if not momentum and not light:
         raise ValueError("pass1(momentum=False) needs light=True: the path integrals need the rebuilt momentum")
     u_total = {n: torch.zeros((R, *ctx.shapes[n]), dtype=F64, device=dev) for n in names}
@@ -253,7 +273,8 @@ def pass1(
         return Pass1(lo, hi, u_total, a_total, stats, kept_u, kept_g, wd_param)
     block = traj.block(lo, hi)
     if light:  # only the rebuilt momentum: batch gradients several updates per vmap
-        for _ in momentum_scan(ctx, block, a_total):
+        kept_g = [] if keep_g else None
+        for _ in momentum_scan(ctx, block, a_total, keep=kept_g):
             pass
         return Pass1(lo, hi, u_total, a_total, stats, kept_u, kept_g, wd_param)
     _full_pass(ctx, block, lo, u_total, a_total, stats, kept_u, kept_g, wd_param)
