@@ -25,6 +25,7 @@ from typing import Any
 
 import dask
 import numpy as np
+import torch
 import xarray as xr
 
 from engine import settings
@@ -104,6 +105,16 @@ _SINKS: contextvars.ContextVar[dict[tuple[str, str], np.ndarray] | None] = conte
     "explaind_inline_sinks", default=None)
 
 
+def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``np.empty`` from torch's allocator: numpy advises the kernel to back allocations of 4 MiB and more with
+    transparent huge pages, whose first touch (the pass-2 task zeroing its block) was measured several times slower
+    than the same memory in 4 KiB pages on a virtual machine; torch's allocator gives no such advice (and its freed
+    memory stays in the tuned heap, :func:`engine.scan.heap.keep_heap`, for the next result)."""
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    return torch.empty(n * dt.itemsize, dtype=torch.uint8).numpy().view(dt).reshape(shape)
+
+
 def inline_sink(token: str, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
     """The whole-window array ``key`` of job ``token`` (allocated on first request, pages untouched) for a task to
     write its block into in place, or None outside :func:`compute_inline` or when another job already took one
@@ -115,7 +126,7 @@ def inline_sink(token: str, key: str, shape: tuple[int, ...], dtype: np.dtype) -
     if got is None:
         if any(k == key for _, k in sinks):
             return None
-        got = sinks[(token, key)] = np.empty(shape, dtype=dtype)
+        got = sinks[(token, key)] = _empty(shape, dtype)
     return got if got.shape == tuple(shape) and got.dtype == dtype else None
 
 
@@ -152,7 +163,7 @@ def inline_take(token: str, key: str) -> Any | None:
 
 class _Whole:
     """The whole array of one variable, allocated once; its blocks are copied in as they finish (same process).
-    ``np.empty`` does not touch the pages, so memory grows only as blocks arrive."""
+    :func:`_empty` does not touch the pages, so memory grows only as blocks arrive."""
 
     def __init__(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.key, self.shape, self.dtype = key, shape, dtype
@@ -167,7 +178,7 @@ class _Whole:
             if len(sinks) == 1 and sinks[0].size == size and sinks[0].dtype == self.dtype:
                 self._array = sinks[0].reshape(self.shape)
             else:
-                self._array = np.empty(self.shape, dtype=self.dtype)
+                self._array = _empty(self.shape, self.dtype)
         return self._array
 
 
