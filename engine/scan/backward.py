@@ -33,8 +33,8 @@ from engine.scan.forward import (
     PART_OF_COL,
     Pass1,
     StepStats,
-    columns,
     momentum_scan,
+    row_dots,
     scaled,
     step_stats,
     update_phi,
@@ -373,7 +373,7 @@ def _carried_scores(
         if inner is not None:
             M = inner[n]
         else:
-            M = x[n].reshape(R, -1) @ columns(*(scaled(v, kx[n]) for _, _, v in lst))
+            M = row_dots(x[n], [scaled(v, kx[n]) for _, _, v in lst])
         for i, (dest, c, v) in enumerate(lst):
             if dest < 0:
                 state.mom[:, j, t] = M[:, i] * c

@@ -88,9 +88,11 @@ def scaled(x: torch.Tensor, k: float | torch.Tensor) -> torch.Tensor:
     return x * k
 
 
-def columns(*vs: torch.Tensor) -> torch.Tensor:
-    """Vectors (each of one tensor's shape) as the columns of a ``(P_n, len(vs))`` float64 matrix."""
-    return torch.stack([v.reshape(-1) for v in vs], dim=1)
+def row_dots(x: torch.Tensor, vs: list[torch.Tensor]) -> torch.Tensor:
+    """``<x[r], v>`` for every row of ``x`` (``(R, *shape)``) and every vector ``v`` of ``vs`` (each of one tensor's
+    shape): ``(R, len(vs))``, float64. Taken as ``(V x^T)^T`` with the vectors as the rows of ``V``: the BLAS then
+    streams ``x`` once, where ``x V^T`` first packs all of it for the few columns (measured 2-3x slower)."""
+    return (torch.stack([v.reshape(-1) for v in vs]) @ x.reshape(x.shape[0], -1).T).T
 
 
 PART_OF_COL = ("data", "weight_decay")
@@ -191,7 +193,7 @@ def step_stats(
         n_own = len(cols)
         if extra is not None:
             cols.extend(extra[n])
-        M = phi[n].reshape(R, -1) @ columns(*cols)
+        M = row_dots(phi[n], cols)
         quad.add_(M[:, 0])
         for i, (col, _) in enumerate(vecs[n]):
             stats.mov_local[:, j, col, t] = M[:, 1 + i].neg()
@@ -322,5 +324,5 @@ def _full_pass(
         theta_prev = theta_s
 
 
-__all__ = ["PART_OF_COL", "Pass1", "StepStats", "columns", "momentum_scan", "pass1", "scaled", "step_stats",
+__all__ = ["PART_OF_COL", "Pass1", "StepStats", "momentum_scan", "pass1", "row_dots", "scaled", "step_stats",
            "update_phi"]
