@@ -365,7 +365,7 @@ def _carried_scores(
     inner: Vectors | None,
 ) -> None:
     """The carried momentum ``S_a`` and the carried-in part of the rebuilt movement: ``c <u, v> = c <x, kx * v>``."""
-    R, x, kx, j, param = state.ctx.R, w.x, w.kx, w.j, state.param
+    x, kx, j, param = w.x, w.kx, w.j, state.param
     for t, n in enumerate(state.ctx.names):
         lst = extra[n]
         if not lst:
