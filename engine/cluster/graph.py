@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from engine.cluster.handoff import inline_sink
+from engine.cluster.handoff import inline_keep, inline_room, inline_sink, inline_take
 from engine.cluster.worker import Job, running
 from engine.result import (
     QO,
@@ -63,7 +63,7 @@ from engine.result import (
 )
 from engine.cluster.scratch import Spilled, read_momentum, read_vectors, write_momentum, write_vectors
 from engine.cluster.scratch import group_location as scratch_location
-from engine.plan import momentum_parts
+from engine.plan import kept_u_bytes, momentum_parts
 from engine.scan import Carry, Pass1, Problem, pass1, pass2, solo_carry
 from engine.scan.carries import accumulator_before, chain_carry, momentum_after, window_start_state
 from engine.scan.forward import PART_OF_COL
@@ -151,13 +151,24 @@ def _momentum_task(
     """One step of the forward momentum fold of the reverse chain: chunk ``(lo, hi]``'s pass 1 (momentum only) and
     :func:`engine.scan.momentum_after`, so only this chunk's totals and one carry are alive. ``spill``: also write
     the result (the momentum entering the next chunk) to the scratch store for that chunk's pass 2 (the arrays are
-    created with ``n_rows`` rows by the window's first chunk)."""
+    created with ``n_rows`` rows by the window's first chunk). Under the synchronous scheduler the chunk's batch
+    gradients are kept for its pass 2 (:func:`_pass2_chain_task`) while they fit
+    (:func:`~engine.cluster.handoff.inline_keep`): it then rebuilds the momentum without taking them again."""
     with running(job) as (traj, ctx):
-        p1 = _to_cpu(pass1(traj, job.problem, lo, hi, light=True, ctx=ctx).summary())
+        nbytes = kept_u_bytes(hi - lo, 1, ctx.n_params)
+        full = pass1(traj, job.problem, lo, hi, light=True, keep_g=inline_room(nbytes), ctx=ctx)
+        if full.g is not None:
+            inline_keep(job.token, _grads_key(lo, hi), full.g, nbytes)
+        p1 = _to_cpu(full.summary())
+        del full
         out = momentum_after(ctx.terms, a_in, p1)
         if spill is not None:
             write_momentum(spill, n_rows, out, ctx.names, create=lo == ctx.window[0])
         return out
+
+
+def _grads_key(lo: int, hi: int) -> str:
+    return f"batch-grads-{lo}-{hi}"
 
 
 def _pick(items: Sequence[Any], i: int) -> Any:
@@ -194,7 +205,8 @@ def _pass2_chain_task(
         if isinstance(a_in, Spilled):
             a_in = read_momentum(a_in, PART_OF_COL[: momentum_parts(ctx.terms.kind)], ctx.names, ctx.shapes)
         carry = chain_carry(ctx, lo, hi, a_in, s_a, last=u_next is None)
-        res = pass2(traj, job.problem, lo, hi, carry, None, u_in=u_next, ctx=ctx, data_out=_data_sink(job, ctx, lo, hi))
+        res = pass2(traj, job.problem, lo, hi, carry, None, u_in=u_next, ctx=ctx, data_out=_data_sink(job, ctx, lo, hi),
+                    grads=inline_take(job.token, _grads_key(lo, hi)))
         arrays = res.arrays
         for key, total in (sums_next or {}).items():
             np.add(arrays[key], total, out=arrays[key])

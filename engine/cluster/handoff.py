@@ -25,6 +25,7 @@ from typing import Any
 
 import dask
 import numpy as np
+import torch
 import xarray as xr
 
 from engine import settings
@@ -104,6 +105,16 @@ _SINKS: contextvars.ContextVar[dict[tuple[str, str], np.ndarray] | None] = conte
     "explaind_inline_sinks", default=None)
 
 
+def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``np.empty`` from torch's allocator: numpy advises the kernel to back allocations of 4 MiB and more with
+    transparent huge pages, whose first touch (the pass-2 task zeroing its block) was measured several times slower
+    than the same memory in 4 KiB pages on a virtual machine; torch's allocator gives no such advice (and its freed
+    memory stays in the tuned heap, :func:`engine.scan.heap.keep_heap`, for the next result)."""
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    return torch.empty(n * dt.itemsize, dtype=torch.uint8).numpy().view(dt).reshape(shape)
+
+
 def inline_sink(token: str, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
     """The whole-window array ``key`` of job ``token`` (allocated on first request, pages untouched) for a task to
     write its block into in place, or None outside :func:`compute_inline` or when another job already took one
@@ -115,13 +126,44 @@ def inline_sink(token: str, key: str, shape: tuple[int, ...], dtype: np.dtype) -
     if got is None:
         if any(k == key for _, k in sinks):
             return None
-        got = sinks[(token, key)] = np.empty(shape, dtype=dtype)
+        got = sinks[(token, key)] = _empty(shape, dtype)
     return got if got.shape == tuple(shape) and got.dtype == dtype else None
+
+
+# Values a task of this process keeps for a later task of the same compute (see :func:`inline_keep`): set, like
+# _SINKS, only while :func:`compute_inline` runs; (token, key) -> (value, bytes).
+_KEPT: contextvars.ContextVar[dict[tuple[str, str], tuple[Any, int]] | None] = contextvars.ContextVar(
+    "explaind_inline_kept", default=None)
+
+
+def inline_room(nbytes: int) -> bool:
+    """Whether :func:`inline_keep` would keep ``nbytes`` more now: under :func:`compute_inline` (every task runs in
+    this process), with everything kept within the ``light_bytes`` setting."""
+    kept = _KEPT.get()
+    return kept is not None and sum(b for _, b in kept.values()) + int(nbytes) <= settings.get("light_bytes")
+
+
+def inline_keep(token: str, key: str, value: Any, nbytes: int) -> bool:
+    """Keep ``value`` (``nbytes`` bytes) for a later task of job ``token`` (:func:`inline_take`) when there is room
+    (:func:`inline_room`); returns whether it was kept (if not, that task computes it again)."""
+    kept = _KEPT.get()
+    if kept is None or not inline_room(nbytes):
+        return False
+    kept[(token, key)] = (value, int(nbytes))
+    return True
+
+
+def inline_take(token: str, key: str) -> Any | None:
+    """The value an earlier task of job ``token`` kept for ``key`` (:func:`inline_keep`), no longer kept; None when
+    nothing was."""
+    kept = _KEPT.get()
+    got = None if kept is None else kept.pop((token, key), None)
+    return None if got is None else got[0]
 
 
 class _Whole:
     """The whole array of one variable, allocated once; its blocks are copied in as they finish (same process).
-    ``np.empty`` does not touch the pages, so memory grows only as blocks arrive."""
+    :func:`_empty` does not touch the pages, so memory grows only as blocks arrive."""
 
     def __init__(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.key, self.shape, self.dtype = key, shape, dtype
@@ -136,7 +178,7 @@ class _Whole:
             if len(sinks) == 1 and sinks[0].size == size and sinks[0].dtype == self.dtype:
                 self._array = sinks[0].reshape(self.shape)
             else:
-                self._array = np.empty(self.shape, dtype=self.dtype)
+                self._array = _empty(self.shape, self.dtype)
         return self._array
 
 
@@ -182,12 +224,13 @@ def compute_inline(ds: xr.Dataset, compute: Callable[[list[Any]], list[Any]]) ->
         for name, whole in wholes.items()
         for idx, region in _regions(ds[name].data.chunks).items()
     ]
-    reset = _SINKS.set({})
+    reset, reset_kept = _SINKS.set({}), _KEPT.set({})
     try:
         rest, *got = compute([ds.drop_vars(big), *(blocks[name].flat[0] for name in single), *puts])
         data = {name: whole.array for name, whole in wholes.items()}
     finally:
         _SINKS.reset(reset)
+        _KEPT.reset(reset_kept)
     data.update(zip(single, got[: len(single)]))
     return _with(ds, rest, {name: data[name] for name in big})
 
@@ -237,4 +280,4 @@ def compute_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["compute_dataset", "compute_inline", "inline_sink", "shm_root"]
+__all__ = ["compute_dataset", "compute_inline", "inline_keep", "inline_room", "inline_sink", "inline_take", "shm_root"]

@@ -34,8 +34,8 @@ from engine.scan.forward import (
     PART_OF_COL,
     Pass1,
     StepStats,
-    columns,
     momentum_scan,
+    row_dots,
     scaled,
     step_stats,
     update_phi,
@@ -173,10 +173,11 @@ class Pass2State:
 
 def start(
     ctx: Context, problem: Problem, block: TrajectoryBlock, carry: Carry, p1: Pass1 | None,
-    u_in: Vectors | None, data_out: torch.Tensor | None = None,
+    u_in: Vectors | None, data_out: torch.Tensor | None = None, grads: list[Vectors] | None = None,
 ) -> Pass2State:
     """Allocate the outputs, take the accumulator from ``u_in`` or the carry, and, for a chunk whose pass 1 skipped
-    the path integrals, rebuild its momentum forward (``L x P`` per part). ``data_out`` (zeroed here) replaces the
+    the path integrals, rebuild its momentum forward (``L x P`` per part), from ``grads`` when given (the batch
+    gradients a light pass 1 of this chunk kept, ``pass1(keep_g=True)``). ``data_out`` (zeroed here) replaces the
     ``data`` array when given: a view into the caller's whole-window array, so no block of it is allocated."""
     lo, hi = block.lo, block.hi
     terms, R, L, names, dev, by = ctx.terms, ctx.R, hi - lo, ctx.names, ctx.device, problem.by
@@ -214,7 +215,7 @@ def start(
         st = StepStats.empty(R, L, T, dev)
         parts = PART_OF_COL[: momentum_parts(terms.kind)]
         A = {p: {n: torch.zeros(ctx.shapes[n], dtype=F64, device=dev) for n in names} for p in parts}
-        vec_hist.extend(vecs for _, vecs in momentum_scan(ctx, block, A))
+        vec_hist.extend(vecs for _, vecs in momentum_scan(ctx, block, A, grads))
         del A
     mov[:, :, 0:2] = st.mov_local.to(dev)
     return Pass2State(ctx, problem, block, lo, kept, deferred, st, vec_hist, s_a, a_in, Ut,
@@ -365,7 +366,7 @@ def _carried_scores(
     inner: Vectors | None,
 ) -> None:
     """The carried momentum ``S_a`` and the carried-in part of the rebuilt movement: ``c <u, v> = c <x, kx * v>``."""
-    R, x, kx, j, param = state.ctx.R, w.x, w.kx, w.j, state.param
+    x, kx, j, param = w.x, w.kx, w.j, state.param
     for t, n in enumerate(state.ctx.names):
         lst = extra[n]
         if not lst:
@@ -373,7 +374,7 @@ def _carried_scores(
         if inner is not None:
             M = inner[n]
         else:
-            M = x[n].reshape(R, -1) @ columns(*(scaled(v, kx[n]) for _, _, v in lst))
+            M = row_dots(x[n], [scaled(v, kx[n]) for _, _, v in lst])
         for i, (dest, c, v) in enumerate(lst):
             if dest < 0:
                 state.mom[:, j, t] = M[:, i] * c
@@ -442,6 +443,7 @@ def pass2(
     u_in: Vectors | None = None,
     ctx: Context | None = None,
     data_out: torch.Tensor | None = None,
+    grads: list[Vectors] | None = None,
 ) -> ChunkResult:
     """Second pass over chunk ``(lo, hi]``: scores of every update's batch, walking backward from ``hi``.
 
@@ -458,6 +460,8 @@ def pass2(
     :func:`produce` one update ahead in a second thread, :func:`consume` here.
 
     ``data_out`` (float64 CPU, the ``data`` block's shape, by sample): written in place and returned as ``data``.
+    ``grads``: the chunk's batch gradients kept by its light pass 1 (``pass1(..., light=True, keep_g=True).g``),
+    for a deferred chunk's momentum rebuild (taken out of the list as they are used).
     """
     ctx = ctx or context(traj, problem)
     check_chunk(ctx, lo, hi)
@@ -466,7 +470,7 @@ def pass2(
     if p1 is not None and p1.u is not None and (p1.lo, p1.hi) != (lo, hi):
         raise ValueError(f"pass-1 result is for chunk ({p1.lo}, {p1.hi}], not ({lo}, {hi}]")
     block = traj.block(lo, hi)
-    state = start(ctx, problem, block, carry, p1, u_in, data_out)
+    state = start(ctx, problem, block, carry, p1, u_in, data_out, grads)
     threads = pipeline.pipeline_threads(ctx.device)
     if threads is not None and state.by_sample and not _grads_ahead(ctx, block):
         threads = None  # the consumer would have to take the per-sample gradients (torch.func): one thread

@@ -47,3 +47,31 @@ def test_sync_chain_writes_scores_in_place_same_result(adamw_store):
     assert many.attrs.get("scan", "").startswith("reverse chain")
     np.testing.assert_allclose(many["data"].values, one["data"].values, rtol=0, atol=1e-12)
     assert many["data"].values.flags.c_contiguous
+
+
+def test_sync_chain_takes_each_batch_gradient_once(adamw_store, monkeypatch):
+    """The reverse chain's momentum fold and a chunk's pass 2 both rebuild the chunk's momentum from its batch
+    gradients; under the synchronous scheduler the fold keeps them for the pass 2, which then takes none again
+    (bit for bit the same scores), unless they do not fit ``light_bytes``."""
+    from engine.api import attribute
+    from engine.scan import forward
+
+    taken = [0]
+    real = forward.batch_mean_grads
+
+    def counting(model, params, xs, *args, **kwargs):
+        taken[0] += len(xs)
+        return real(model, params, xs, *args, **kwargs)
+
+    monkeypatch.setattr(forward, "batch_mean_grads", counting)
+    kw = dict(queries="val[:2]", output="log_softmax", by=("sample", "step", "tensor"), client="sync", progress=False)
+    with override(block_bytes=1, handoff_min_bytes=1):  # one update per chunk: ten chain tasks
+        kept = attribute(adamw_store, **kw)
+    assert kept.attrs["n_chunks"] == 10
+    assert taken[0] == 10, f"{taken[0]} batch gradients taken for 10 updates"
+    taken[0] = 0
+    with override(block_bytes=1, handoff_min_bytes=1, light_bytes=0):  # no room: pass 2 takes them again
+        again = attribute(adamw_store, **kw)
+    assert taken[0] == 19  # the folds of chunks 0..8, then every chunk's pass 2
+    for name in kept.data_vars:
+        np.testing.assert_array_equal(kept[name].values, again[name].values, err_msg=name)
