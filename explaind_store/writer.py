@@ -49,6 +49,7 @@ class ChunkBuffer:
 
     blocks: dict[str, np.ndarray]
     fill: Any = None
+    offsets: dict[str, int] = field(default_factory=dict)  # where each block starts in shared memory (process writer)
 
 
 @dataclass(frozen=True)
@@ -152,10 +153,11 @@ class ChunkWriter:
             rows, self._staged = self._staged, []
             self._queue.put(rows)
 
-    def row_buffer(self, make: Callable[[], ChunkBuffer]) -> ChunkBuffer:
+    def row_buffer(self, make: Callable[[], ChunkBuffer], nbytes: int = 0) -> ChunkBuffer:
         """The chunk buffer the next row is written into (row ``index % chunk_updates``): the current chunk's, else
         a free one, else a new one from ``make()`` while fewer than the bound exist, else the first the writer
-        frees (the training thread waits then, as it waits on a full queue: memory stays bounded)."""
+        frees (the training thread waits then, as it waits on a full queue: memory stays bounded). ``nbytes``
+        (the memory ``make`` lays its blocks in) is for the writer process's shared memory; unused here."""
         if self._current is None:
             try:
                 self._current = self._free.get_nowait()
