@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 from . import chunkio, schema
-from .chunkio import WriterError
+from .chunkio import BufferRow, ChunkBuffer, WriterError  # noqa: F401 - defined there for both writers
 from .chunkio import to_numpy as _to_numpy
 
 
@@ -38,26 +38,6 @@ class Row:
     commit_attrs: dict[str, Any] = field(default_factory=dict)  # root attributes valid once this row is committed
     # pack name -> 1-D tensor laid out by ChunkWriter.packs, or the BufferRow the row was copied into
     packed: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(eq=False)
-class ChunkBuffer:
-    """Preallocated rows of one chunk for every packed group, reused from chunk to chunk: ``blocks[path]`` is a
-    C-contiguous ``(chunk_updates, *shape)`` array, so the writer encodes ``blocks[path][j0:j1]`` as it lies (no
-    stacking of rows, no copy per array, no fresh memory per update). ``fill`` is what the training thread needs
-    to write row ``j`` (its tensor views of the same memory); the writer never looks at it."""
-
-    blocks: dict[str, np.ndarray]
-    fill: Any = None
-    offsets: dict[str, int] = field(default_factory=dict)  # where each block starts in shared memory (process writer)
-
-
-@dataclass(frozen=True)
-class BufferRow:
-    """``Row.packed`` entry of a row written in place: row ``j`` of ``buffer``'s blocks."""
-
-    buffer: ChunkBuffer
-    j: int
 
 
 @dataclass(frozen=True)

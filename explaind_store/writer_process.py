@@ -26,6 +26,7 @@ Design choices, and why:
 
 from __future__ import annotations
 
+import gc
 import json
 import mmap
 import os
@@ -43,8 +44,7 @@ import numpy as np
 import zarr
 
 from . import chunkio, schema
-from .chunkio import WriterError
-from .writer import BufferRow
+from .chunkio import BufferRow, WriterError
 
 _RECV = 1 << 16  # messages are small JSON; chunk data travels through shared memory
 _STARTUP_S = 120.0  # how long the first answer of a starting process may take (a busy machine, a cold disk)
@@ -494,8 +494,12 @@ class ProcessChunkWriter:
         for mm in self._slots.values():
             try:
                 mm.close()
-            except BufferError:  # a row still referenced elsewhere: unmapped when it is collected
-                pass
+            except BufferError:  # views still alive, maybe in a reference cycle: collect, then try once more
+                gc.collect()
+                try:
+                    mm.close()
+                except BufferError:  # a row still referenced elsewhere: unmapped when it is collected
+                    pass
         self._slots.clear()
 
     def __del__(self) -> None:
