@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,26 @@ _PARTIAL_IDS = itertools.count()
 
 class WriterError(RuntimeError):
     """The background writer failed; the message names the cause. Committed data is intact."""
+
+
+@dataclass(eq=False)
+class ChunkBuffer:
+    """Preallocated rows of one chunk for every packed group, reused from chunk to chunk: ``blocks[path]`` is a
+    C-contiguous ``(chunk_updates, *shape)`` array, so the writer encodes ``blocks[path][j0:j1]`` as it lies (no
+    stacking of rows, no copy per array, no fresh memory per update). ``fill`` is what the training thread needs
+    to write row ``j`` (its tensor views of the same memory); the writer never looks at it."""
+
+    blocks: dict[str, np.ndarray]
+    fill: Any = None
+    offsets: dict[str, int] = field(default_factory=dict)  # where each block starts in shared memory (process writer)
+
+
+@dataclass(frozen=True)
+class BufferRow:
+    """``Row.packed`` entry of a row written in place: row ``j`` of ``buffer``'s blocks."""
+
+    buffer: ChunkBuffer
+    j: int
 
 
 def to_numpy(value: Any) -> np.ndarray:

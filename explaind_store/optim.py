@@ -93,9 +93,9 @@ _ALL_STATIC = tuple(sorted({k for ks in STATIC_KEYS.values() for k in ks}))
 def static_fingerprint(optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
     """What must not change during a run (static hyperparameters and each group's tensors), cheap enough to compare
     at every step; :func:`static_mismatch` explains a difference."""
-    return tuple(
-        (tuple(_scalar(g.get(k)) for k in _ALL_STATIC), tuple(map(id, g["params"]))) for g in optimizer.param_groups
-    )
+    # map() rather than generator expressions: this runs before every optimizer step
+    return tuple((tuple(map(_scalar, map(g.get, _ALL_STATIC))), tuple(map(id, g["params"])))
+                 for g in optimizer.param_groups)
 
 
 def static_mismatch(recorded: dict[str, Any], optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[str]:

@@ -150,6 +150,8 @@ def clip_scale(total_norm: float | torch.Tensor, max_norm: float) -> float:
 
 def _batch_array(batch_indices: Any) -> np.ndarray:
     """One update's sample indices, flat; a list of arrays (the update's micro-batches) is concatenated."""
+    if type(batch_indices) is torch.Tensor and batch_indices.device.type == "cpu":  # the usual case, per update
+        return batch_indices.detach().numpy().reshape(-1)
     if isinstance(batch_indices, (list, tuple)) and batch_indices and all(
         isinstance(b, (list, tuple, np.ndarray, torch.Tensor)) for b in batch_indices
     ):
@@ -313,7 +315,7 @@ class Recorder:
         self._opt_attrs = self.root.attrs[schema.ATTR_OPTIMIZER]
         self._static_fp = optim_mod.static_fingerprint(optimizer)
         self._scheduler_checked = False
-        self._packs = self._pack_layout()
+        self._set_packs()
         # Rows between sparse checkpoints carry no parameters; only the thread writer writes such rows.
         kind = "thread" if self.checkpoint_every > 1 else self._writer_kind
         self._writer = make_writer(
@@ -805,7 +807,7 @@ class Recorder:
                 self._arrays.pop(f"{gname}/{n}", None)
                 if n in self.root[gname]:
                     del self.root[gname][n]
-        self._packs = self._pack_layout()
+        self._set_packs()
         self._writer.arrays = self._arrays
         self._writer.packs = {g_: pack[0] for g_, pack in self._packs.items()}
 
@@ -944,7 +946,9 @@ class Recorder:
         batch = _batch_array(batch_indices)
         if batch.size == 0 or batch.dtype.kind not in "iu":
             raise RecorderError(f"batch_indices must be a non-empty sequence of integers, got {batch_indices!r}")
-        if self.n_train is not None and (batch.min() < 0 or batch.max() >= self.n_train):
+        batch = batch.astype(np.int64)  # a copy: the caller may reuse its index buffer
+        # one reduction checks both ends: a negative index read as unsigned is above any n_train
+        if self.n_train is not None and batch.view(np.uint64).max() >= self.n_train:
             raise RecorderError(
                 f"batch index out of range: indices must lie in 0..{self.n_train - 1} (the training data), got "
                 f"min {batch.min()} max {batch.max()}"
@@ -967,7 +971,7 @@ class Recorder:
             self._last_checkpoint, self._ckpt_sched = s, self._pending["scheduler"]
         row = self._row(s, upd, checkpoint=checkpoint)
         row.arrays.update(rng_row)
-        row.batch = batch.astype(np.int64)
+        row.batch = batch
         row.commit_attrs = {
             schema.ATTR_SCHEDULER_STATE: self._pending["scheduler"], schema.ATTR_TRAIN_MODE: self._modes,
             schema.ATTR_CHECKPOINT_SCHEDULER: self._ckpt_sched,
@@ -1059,6 +1063,14 @@ class Recorder:
             layout[g] = (segs, dtype, [dtype] * len(segs), [torch.Size(seg.shape) for seg in segs])
         return layout
 
+    def _set_packs(self) -> None:
+        """Lay out the packed groups (``_pack_layout``) and, for rows copied in one go, the dtypes and shapes of all
+        their tensors in copy order (params, then each optimizer state)."""
+        self._packs = self._pack_layout()
+        self._pack_dtypes = [d for pack in self._packs.values() for d in pack[2]]
+        self._pack_shapes = [sh for pack in self._packs.values() for sh in pack[3]]
+        self._buffer_offsets, self._buffer_bytes = self._chunk_buffer_layout()
+
     def _tensors(self, group: str) -> list[torch.Tensor]:
         """The live tensors of ``group`` (params or an optimizer state), zeros where the state does not exist yet."""
         if group == schema.PARAMS:
@@ -1069,17 +1081,47 @@ class Recorder:
             out.append(val.detach() if val is not None else torch.zeros(p.shape, dtype=p.dtype, device=p.device))
         return out
 
-    def _new_chunk_buffer(self) -> ChunkBuffer:
+    def _chunk_buffer_layout(self) -> tuple[dict[str, int], int]:
+        """Where each array's block starts in a chunk buffer's memory (64-byte aligned), and the bytes it needs."""
+        offsets, end = {}, 0
+        for segs, dtype, *_ in self._packs.values():
+            for seg in segs:
+                offsets[seg.path] = -(-end // 64) * 64
+                end = offsets[seg.path] + self.chunk_updates * (seg.stop - seg.start) * dtype.itemsize
+        return offsets, end
+
+    def _new_chunk_buffer(self, memory: Any = None) -> ChunkBuffer:
         """A chunk buffer for the packed groups: a ``(chunk_updates, *shape)`` block per array, and for each group
-        and row ``j`` the list of tensor views that row ``j`` is copied into (``fill[group][j]``)."""
+        and row ``j`` the list of tensor views that row ``j`` is copied into (``fill[group][j]``). ``memory``: a
+        writable buffer of ``_chunk_buffer_layout()[1]`` bytes to place the blocks in (a writer process's shared
+        memory); by default they get memory of their own."""
         k = self.chunk_updates
+        offsets = self._buffer_offsets
         blocks: dict[str, np.ndarray] = {}
-        fill: dict[str, list[list[torch.Tensor]]] = {}
+        fill: dict[str | None, list[list[torch.Tensor]]] = {None: [[] for _ in range(k)]}
         for g, (segs, dtype, *_) in self._packs.items():
-            ts = [torch.empty((k, *seg.shape), dtype=dtype) for seg in segs]
+            if memory is None:
+                ts = [torch.empty((k, *seg.shape), dtype=dtype) for seg in segs]
+            else:
+                ts = [torch.frombuffer(memory, dtype=dtype, count=k * (seg.stop - seg.start),
+                                       offset=offsets[seg.path]).view(k, *seg.shape) for seg in segs]
             blocks.update({seg.path: t.numpy() for seg, t in zip(segs, ts)})
             fill[g] = [[t[j] for t in ts] for j in range(k)]
-        return ChunkBuffer(blocks, fill)
+            for j in range(k):  # fill[None][j]: every group's views of row j, in the order of _packed_sources
+                fill[None][j].extend(fill[g][j])
+        return ChunkBuffer(blocks, fill, offsets if memory is not None else {})
+
+    def _packed_sources(self) -> list[torch.Tensor] | None:
+        """The live tensors of every packed group in one list (params, then each optimizer state), or None where
+        an optimizer state does not exist yet (``_sources`` fills those with zeros)."""
+        out = list(self.params)
+        get = self.optimizer.state.get  # not state[p]: the optimizer's defaultdict would grow an entry
+        try:
+            for g in self.state_names:
+                out += [get(p, _NO_STATE)[g] for p in self.params]
+        except KeyError:
+            return None
+        return out
 
     def _sources(self, group: str) -> list[torch.Tensor]:
         """``_tensors(group)`` without the per-tensor ``detach`` (the copies run under ``no_grad``)."""
@@ -1097,7 +1139,22 @@ class Recorder:
         ready = None
         if f"{schema.UPDATES}/{schema.CHECKPOINT}" in self._arrays:
             updates = {**updates, schema.CHECKPOINT: np.bool_(checkpoint)}
-        if checkpoint:
+        if checkpoint and in_place and self._in_place and self._packs:
+            # the usual case: every group's tensors go into row j of the writer's chunk buffer in one foreach copy,
+            # after the same dtype and shape check as below (a copy would silently cast or broadcast)
+            srcs = self._packed_sources()
+            if srcs is not None and list(map(_DTYPE, srcs)) == self._pack_dtypes and list(
+                    map(_SHAPE, srcs)) == self._pack_shapes:
+                buf = self._writer.row_buffer(self._new_chunk_buffer, self._buffer_bytes)
+                j = index % self.chunk_updates
+                grad = torch.is_grad_enabled()
+                torch._C._set_grad_enabled(False)  # the buffers must not join the autograd graph
+                try:
+                    torch._foreach_copy_(buf.fill[None][j], srcs)
+                finally:
+                    torch._C._set_grad_enabled(grad)
+                packed = dict.fromkeys(self._packs, BufferRow(buf, j))
+        if checkpoint and not packed:
             buf = None
             with torch.no_grad():
                 for g in (schema.PARAMS, *self.state_names):
@@ -1108,7 +1165,7 @@ class Recorder:
                         map(_SHAPE, tensors)) == pack[3]:
                         if in_place and self._in_place:
                             if buf is None:
-                                buf = self._writer.row_buffer(self._new_chunk_buffer)
+                                buf = self._writer.row_buffer(self._new_chunk_buffer, self._buffer_bytes)
                             j = index % self.chunk_updates
                             torch._foreach_copy_(buf.fill[g][j], tensors)
                             packed[g] = BufferRow(buf, j)
@@ -1190,6 +1247,7 @@ class Recorder:
 
 
 _DTYPE = operator.attrgetter("dtype")
+_NO_STATE: dict[str, Any] = {}  # the state of a parameter the optimizer has not stepped yet
 _SHAPE = operator.attrgetter("shape")
 
 

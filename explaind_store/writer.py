@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 from . import chunkio, schema
-from .chunkio import WriterError
+from .chunkio import BufferRow, ChunkBuffer, WriterError  # noqa: F401 - defined there for both writers
 from .chunkio import to_numpy as _to_numpy
 
 
@@ -38,25 +38,6 @@ class Row:
     commit_attrs: dict[str, Any] = field(default_factory=dict)  # root attributes valid once this row is committed
     # pack name -> 1-D tensor laid out by ChunkWriter.packs, or the BufferRow the row was copied into
     packed: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(eq=False)
-class ChunkBuffer:
-    """Preallocated rows of one chunk for every packed group, reused from chunk to chunk: ``blocks[path]`` is a
-    C-contiguous ``(chunk_updates, *shape)`` array, so the writer encodes ``blocks[path][j0:j1]`` as it lies (no
-    stacking of rows, no copy per array, no fresh memory per update). ``fill`` is what the training thread needs
-    to write row ``j`` (its tensor views of the same memory); the writer never looks at it."""
-
-    blocks: dict[str, np.ndarray]
-    fill: Any = None
-
-
-@dataclass(frozen=True)
-class BufferRow:
-    """``Row.packed`` entry of a row written in place: row ``j`` of ``buffer``'s blocks."""
-
-    buffer: ChunkBuffer
-    j: int
 
 
 @dataclass(frozen=True)
@@ -152,10 +133,11 @@ class ChunkWriter:
             rows, self._staged = self._staged, []
             self._queue.put(rows)
 
-    def row_buffer(self, make: Callable[[], ChunkBuffer]) -> ChunkBuffer:
+    def row_buffer(self, make: Callable[[], ChunkBuffer], nbytes: int = 0) -> ChunkBuffer:
         """The chunk buffer the next row is written into (row ``index % chunk_updates``): the current chunk's, else
         a free one, else a new one from ``make()`` while fewer than the bound exist, else the first the writer
-        frees (the training thread waits then, as it waits on a full queue: memory stays bounded)."""
+        frees (the training thread waits then, as it waits on a full queue: memory stays bounded). ``nbytes``
+        (the memory ``make`` lays its blocks in) is for the writer process's shared memory; unused here."""
         if self._current is None:
             try:
                 self._current = self._free.get_nowait()

@@ -1,8 +1,10 @@
 """Writer process: the chunk writer in its own interpreter, so that encoding and writing never take the training
 process's GIL.
 
-At each chunk end the training thread copies the chunk's rows into a shared-memory slot (one ``memcpy`` per packed
-row) and sends a small JSON message naming the slot; the process writes and commits the chunk with
+The training thread copies each update's parameters and optimizer state straight into a chunk buffer in shared
+memory (one foreach copy per update, as for the thread writer); at each chunk end it copies the chunk's remaining
+small per-update records into a shared-memory slot and sends a small JSON message naming the slot and where the
+buffer's blocks lie; the process writes and commits the chunk with
 :func:`chunkio.write_chunk` (the same code as the thread writer, so the commit order is the same: the committed
 update count advances only after the chunk's data is written) and answers with the committed count, which frees the
 slot. At most ``queue_size`` chunks are in flight; then the training thread waits, as with the thread writer.
@@ -24,6 +26,7 @@ Design choices, and why:
 
 from __future__ import annotations
 
+import gc
 import json
 import mmap
 import os
@@ -41,7 +44,7 @@ import numpy as np
 import zarr
 
 from . import chunkio, schema
-from .chunkio import WriterError
+from .chunkio import BufferRow, WriterError
 
 _RECV = 1 << 16  # messages are small JSON; chunk data travels through shared memory
 _STARTUP_S = 120.0  # how long the first answer of a starting process may take (a busy machine, a cold disk)
@@ -109,7 +112,7 @@ class ProcessChunkWriter:
             raise WriterError("the writer process needs Linux shared memory (os.memfd_create); use writer='thread'.")
         self.root = root
         self.k = chunk_updates
-        self.packs = packs or {}
+        self._packs = packs or {}
         self.encode_attrs = encode_attrs
         self.bytes_written = 0
         self.busy_seconds = 0.0  # time the writer process spent encoding and writing
@@ -121,6 +124,14 @@ class ProcessChunkWriter:
         self._error: BaseException | None = None
         self._slots: dict[int, mmap.mmap] = {}
         self._free: list[int] = []
+        # Chunk buffers in shared memory (see ChunkWriter.row_buffer): the training thread copies each row straight
+        # into one, and the process reads the blocks from there (no copy at the chunk end). Each lives in a slot of
+        # its own; one is free again once the process has committed the chunk whose rows it holds.
+        self._current: Any = None  # the buffer rows are being copied into
+        self._free_buffers: list[Any] = []
+        self._buffer_slot: dict[int, int] = {}  # id(buffer) -> its slot
+        self._pending_buffers: dict[int, list[Any]] = {}  # message slot -> buffers it reads, until committed
+        self._buffers_made = 0
         self._in_flight = 0
         self._max_in_flight = max(2, queue_size)
         self._next_slot = 0
@@ -151,6 +162,18 @@ class ProcessChunkWriter:
         """The writer process's id."""
         return self._proc.pid
 
+    @property
+    def packs(self) -> dict[str, list[Any]]:
+        """pack name -> where each array's values sit in a packed row (as :attr:`ChunkWriter.packs`)."""
+        return self._packs
+
+    @packs.setter
+    def packs(self, packs: dict[str, list[Any]]) -> None:
+        # a new layout (called while idle, after a flush): buffers laid out for the old one are not reused; their
+        # slots stay mapped until close
+        self._packs = packs
+        self._current, self._free_buffers, self._buffers_made = None, [], 0
+
     # --- the arrays the process writes (the recorder changes them while the writer is idle) ---------------------
     @property
     def arrays(self) -> dict[str, zarr.Array]:
@@ -169,6 +192,22 @@ class ProcessChunkWriter:
         self._staged.append(row)
         if (row.index + 1) % self.k == 0:
             self._hand_over()
+
+    def row_buffer(self, make: Any, nbytes: int) -> Any:
+        """The chunk buffer the next row is copied into, as :meth:`ChunkWriter.row_buffer`, with its blocks laid
+        by ``make(memory)`` in ``nbytes`` of shared memory that the process maps too."""
+        if self._current is None:
+            while not self._free_buffers and self._buffers_made >= self._max_in_flight + 2:
+                self._wait_for("committed")  # memory stays bounded: wait for the process to free one
+                self.raise_if_failed()
+            if self._free_buffers:
+                self._current = self._free_buffers.pop()
+            else:
+                sid = self._new_slot(nbytes)
+                self._current = make(self._slots[sid])
+                self._buffer_slot[id(self._current)] = sid
+                self._buffers_made += 1
+        return self._current
 
     def flush(self) -> None:
         """Block until everything put so far is written and committed."""
@@ -220,7 +259,11 @@ class ProcessChunkWriter:
             self.raise_if_failed()
 
     def _hand_over(self) -> None:
+        # the process reads the staged rows' buffer now: the next row starts another
+        current, self._current = self._current, None
         if not self._staged:
+            if current is not None:
+                self._free_buffers.append(current)
             return
         rows, self._staged = self._staged, []
         _to_numpy = chunkio.to_numpy
@@ -244,11 +287,31 @@ class ProcessChunkWriter:
             return start
 
         covered: set[str] = set()
+        buffers: dict[int, Any] = {}
         for name, segments in self.packs.items():
-            if not all(name in r.packed for r in rows):
-                for r in rows:  # some rows were copied per tensor: unpack those row by row
+            first = rows[0].packed.get(name)
+            if isinstance(first, BufferRow) and all(
+                isinstance(v, BufferRow) and v.buffer is first.buffer and v.j == first.j + i
+                for i, v in enumerate(r.packed.get(name) for r in rows)
+            ):  # consecutive rows of one shared-memory chunk buffer: the process reads them where they lie
+                buf = first.buffer
+                buffers[id(buf)] = buf
+                for s in segments:
+                    block = buf.blocks[s.path]
+                    entries.append([s.path, block.dtype.str, [n, *s.shape],
+                                    buf.offsets[s.path] + first.j * block.strides[0], None,
+                                    self._buffer_slot[id(buf)]])
+                    covered.add(s.path)
+                continue
+            if not all(name in r.packed for r in rows) or any(isinstance(r.packed[name], BufferRow) for r in rows):
+                for r in rows:  # some rows were copied per tensor (or into other buffers): unpack row by row
                     if name in r.packed:
-                        one = _to_numpy(r.packed.pop(name))
+                        v = r.packed.pop(name)
+                        if isinstance(v, BufferRow):
+                            buffers[id(v.buffer)] = v.buffer
+                            r.arrays.update({s.path: v.buffer.blocks[s.path][v.j] for s in segments})
+                            continue
+                        one = _to_numpy(v)
                         r.arrays.update({s.path: one[s.start : s.stop].reshape(s.shape) for s in segments})
                 continue
             flat = [_to_numpy(r.packed[name]) for r in rows]
@@ -261,6 +324,16 @@ class ProcessChunkWriter:
         for path in self._arrays:
             if path not in covered:
                 vals = [np.asarray(_to_numpy(r.arrays[path])) for r in rows]
+                arr = self._arrays[path]
+                bad = [(r.index, v) for r, v in zip(rows, vals) if v.shape != arr.shape[1:] or v.dtype != arr.dtype]
+                if bad:  # the rows are copied as bytes below: refuse what would be cast, broadcast or garbled
+                    s, v = bad[0]
+                    self._error = WriterError(
+                        f"update {s} gave {path} as {v.dtype} of shape {v.shape}, but the store holds it as "
+                        f"{arr.dtype} of shape {arr.shape[1:]} (the tensor's dtype or shape changed during the run, "
+                        "e.g. an optimizer state replaced by hand); keep every recorded tensor's dtype and shape fixed"
+                    )
+                    self.raise_if_failed()
                 start = place(vals)
                 entries.append([path, vals[0].dtype.str, [n, *vals[0].shape], start, None])
         batch = chunkio.batch_block([r.batch for r in rows])
@@ -280,6 +353,9 @@ class ProcessChunkWriter:
                 view[j] = np.ascontiguousarray(v).reshape(-1).view(np.uint8)
         mm[header_at : header_at + len(header)] = header
         self._send({"op": "chunk", "slot": sid, "header": [header_at, len(header)]})
+        self._pending_buffers[sid] = list(buffers.values())
+        if current is not None and id(current) not in buffers:
+            self._free_buffers.append(current)
         self._in_flight += 1
 
     def _slot(self, size: int) -> int:
@@ -293,8 +369,12 @@ class ProcessChunkWriter:
                 return sid
             self._slots.pop(sid).close()
             self._send({"op": "drop", "slot": sid})
+        return self._new_slot(max(size * 5 // 4, 1 << 16))  # headroom: the next chunk's batches may be wider
+
+    def _new_slot(self, size: int) -> int:
+        """A new shared-memory slot of ``size`` bytes, mapped here and in the process."""
         sid, self._next_slot = self._next_slot, self._next_slot + 1
-        size = max(size * 5 // 4, 1 << 16)  # headroom: the next chunk's batches may be wider
+        size = max(size, 1)
         fd = os.memfd_create(f"explaind-writer-{sid}", getattr(os, "MFD_CLOEXEC", 0))
         try:
             os.ftruncate(fd, size)
@@ -349,6 +429,7 @@ class ProcessChunkWriter:
             # what the process wrote to the root attributes, mirrored in memory (readers of self.root here)
             self.root.metadata.attributes.update(msg["attrs"])
             self._free.append(msg["slot"])
+            self._free_buffers += self._pending_buffers.pop(msg["slot"], [])
             self._in_flight -= 1
         elif op == "error":
             tb = msg["traceback"].rstrip()
@@ -407,8 +488,18 @@ class ProcessChunkWriter:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        # the chunk buffers' tensors export their slots' memory: drop them before unmapping
+        self._current, self._free_buffers, self._pending_buffers = None, [], {}
+        self._staged = []
         for mm in self._slots.values():
-            mm.close()
+            try:
+                mm.close()
+            except BufferError:  # views still alive, maybe in a reference cycle: collect, then try once more
+                gc.collect()
+                try:
+                    mm.close()
+                except BufferError:  # a row still referenced elsewhere: unmapped when it is collected
+                    pass
         self._slots.clear()
 
     def __del__(self) -> None:
@@ -451,10 +542,11 @@ class _Child:
         t0 = time.perf_counter()
         mm = self.slots[sid]
         h = json.loads(bytes(mm[header_at : header_at + header_len]))
+        # an entry's sixth field, where present, is the slot of the chunk buffer its block lies in
         blocks = {
-            path: np.ndarray(tuple(shape), dtype=np.dtype(dt), buffer=mm, offset=off,
-                             strides=None if strides is None else tuple(strides))
-            for path, dt, shape, off, strides in h["entries"]
+            path: np.ndarray(tuple(shape), dtype=np.dtype(dt), buffer=self.slots[where[0]] if where else mm,
+                             offset=off, strides=None if strides is None else tuple(strides))
+            for path, dt, shape, off, strides, *where in h["entries"]
         }
         b_at, b_shape = h["batch"]
         batch = np.ndarray(tuple(b_shape), dtype=np.int64, buffer=mm, offset=b_at)

@@ -123,17 +123,19 @@ def test_arrays_grow_ahead_and_end_at_the_committed_update(tmp_path, writer):
             assert arr.shape[0] == 14, f"{g}/{name}"
 
 
-def test_rows_are_copied_into_a_bounded_set_of_reused_chunk_buffers(tmp_path):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_rows_are_copied_into_a_bounded_set_of_reused_chunk_buffers(tmp_path, writer):
     """Each update's parameters and optimizer state are copied straight into a preallocated chunk buffer (one
-    foreach copy per group, no fresh memory per update); the writer encodes the buffer's blocks as they lie and
-    hands the buffer back. However many chunks a run has, at most queue_chunks + 2 buffers ever exist (memory stays
-    bounded), and every step reads back exactly as it was trained, flushes in mid-chunk included."""
+    foreach copy, no fresh memory per update; for the writer process the buffer is shared memory it reads the rows
+    from); the writer encodes the buffer's blocks as they lie and hands the buffer back. However many chunks a run
+    has, at most queue_chunks + 2 buffers ever exist (memory stays bounded), and every step reads back exactly as it
+    was trained, flushes in mid-chunk included."""
     torch.manual_seed(0)
     x, y = digits()
     model = make_mlp()
     opt = make_optimizer("sgd_momentum", model)
     snaps = {}
-    with Recorder(tmp_path / "r", model, opt, data=(x, y), chunk_updates=4, queue_chunks=2) as rec:
+    with Recorder(tmp_path / "r", model, opt, data=(x, y), chunk_updates=4, queue_chunks=2, writer=writer) as rec:
         for s in range(1, 42):
             idx = batch_for(s, len(x))
             opt.zero_grad()
@@ -153,7 +155,8 @@ def test_rows_are_copied_into_a_bounded_set_of_reused_chunk_buffers(tmp_path):
         np.testing.assert_array_equal(m[s], momentum.numpy(), err_msg=f"step {s}")
 
 
-def test_a_state_tensor_of_another_shape_is_never_broadcast_into_a_buffer(tmp_path):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_state_tensor_of_another_shape_is_never_broadcast_into_a_buffer(tmp_path, writer):
     """A foreach copy broadcasts silently: a state tensor whose shape is not its parameter's (here one element)
     must not be stored as that value repeated. The row takes the per-tensor path, and the writer refuses it."""
     from explaind_store.writer import WriterError
@@ -162,7 +165,7 @@ def test_a_state_tensor_of_another_shape_is_never_broadcast_into_a_buffer(tmp_pa
     x, y = digits()
     model = make_mlp()
     opt = make_optimizer("sgd_momentum", model)
-    rec = Recorder(tmp_path / "r", model, opt, data=(x, y), chunk_updates=4)
+    rec = Recorder(tmp_path / "r", model, opt, data=(x, y), chunk_updates=4, writer=writer)
     with pytest.raises(WriterError):
         for s in range(1, 6):
             idx = batch_for(s, len(x))

@@ -464,3 +464,26 @@ def test_a_model_with_a_non_persistent_buffer_records_and_rebuilds(tmp_path):
     other = open_run(tmp_path / "m.zarr", model_factory=lambda: MaskedLinear(with_mask=False))
     with pytest.raises(StoreError, match="static tensor 'mask'"):
         other.model(3)
+
+
+def test_tensor_batches_are_range_checked_at_both_ends_and_stored_as_copies(tmp_path):
+    """record() takes a CPU index tensor on a fast path: a negative or too large index (any integer dtype) is still
+    refused before anything of the update is written, and the stored batch is a copy, so a loop that reuses its
+    index tensor in place cannot change a recorded batch."""
+    x, y = digits()
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(tmp_path / "r", model, opt, data=(x, y), chunk_updates=4)  # update 1 stays staged until close
+    idx = torch.arange(4)
+    nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+    opt.step()
+    for bad in (torch.tensor([0, -1, 2]), torch.tensor([3, len(x)], dtype=torch.int32),
+                torch.tensor([-(2**62), 1])):
+        with pytest.raises(RecorderError, match="batch index out of range"):
+            rec.record(bad)
+    rec.record(idx)
+    idx += 7  # the loop reuses its index tensor
+    rec.close()
+    run = open_run(tmp_path / "r")
+    assert run.committed_updates == 1
+    np.testing.assert_array_equal(run.root["updates/batch"][1][:4], [0, 1, 2, 3])
