@@ -267,9 +267,7 @@ def print_pairs(rows: list[dict[str, Any]], threads: int, pairs: int, load_befor
           "recorded) | writer process CPU ms/update | whole-run ratio (set-up and close included) | same losses |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        task = "modadd (paper config, full batch)" if r["task"] == "modadd" else "digits CNN (SGD, minibatch 64)"
-        k = int(r["arm"].split("@K=")[1]) if "@K=" in r["arm"] else 1
-        target = TARGETS.get((r["task"], k))
+        task, k, target = _labels(r)
         q1, q2, q3 = r["ratio_q"]
         c1, c2, c3 = r["cpu_ratio_q"]
         rec, pl = r["rec"], r["plain"]
@@ -335,6 +333,13 @@ def main() -> None:
             print_lengths(rows, threads, args.repeats, load_before, sparse)
 
 
+def _labels(r: dict[str, Any]) -> tuple[str, int, Any]:
+    """A result row's task label, checkpoint interval K and overhead target."""
+    task = "modadd (paper config, full batch)" if r["task"] == "modadd" else "digits CNN (SGD, minibatch 64)"
+    k = int(r["arm"].split("@K=")[1]) if "@K=" in r["arm"] else 1
+    return task, k, TARGETS.get((r["task"], k))
+
+
 def print_lengths(rows: list[dict[str, Any]], threads: int, repeats: int, load_before: str, sparse: bool) -> None:
     """The N / 2N table."""
     print(f"\nRecording overhead ({repeats} interleaved repeats, torch threads={threads}, medians; "
@@ -344,9 +349,7 @@ def print_lengths(rows: list[dict[str, Any]], threads: int, repeats: int, load_b
           "ratio at 2N per repeat |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        task = "modadd (paper config, full batch)" if r["task"] == "modadd" else "digits CNN (SGD, minibatch 64)"
-        k = int(r["arm"].split("@K=")[1]) if "@K=" in r["arm"] else 1
-        target = TARGETS.get((r["task"], k))
+        task, k, target = _labels(r)
         print(
             f"| {task} | {r['arm'].split('@')[0]} | {k} | {r['updates']} | {r['ms_per_update']:.1f} | "
             f"{r['ratio']:.3f}x | {r['ratio2']:.3f}x | **{r['marginal']:.3f}x** | "
