@@ -165,16 +165,18 @@ def clear_caches() -> None:
 def running(job: Job) -> Iterator[tuple[Trajectory, Context]]:
     """How a chunk task runs: alone in its process (:data:`MATH_LOCK`), under the caller's settings, with this
     process's (trajectory, context) for ``job``; in a Dask worker, every :data:`TRIM_EVERY` tasks the heap pages
-    that tasks' temporaries freed are then handed back to the OS (:func:`release_freed_memory`)."""
+    that tasks' temporaries freed are then handed back to the OS (:func:`release_freed_memory`), and the updates
+    it decomposes are reported to the caller's progress bar (``job.progress_call``)."""
     global _SINCE_TRIM
-    sink = _event_sink(job.progress_call) if job.progress_call is not None and _in_worker() else None
+    in_worker = _in_worker()
+    sink = _event_sink(job.progress_call) if job.progress_call is not None and in_worker else None
     with MATH_LOCK, settings.applied(job.settings), progress.reporting(sink):
         try:
             yield task_env(job)
         finally:
             if sink is not None:
                 sink.flush()
-            if _in_worker():
+            if in_worker:
                 _SINCE_TRIM += 1
                 if _SINCE_TRIM >= TRIM_EVERY:
                     _SINCE_TRIM = 0
