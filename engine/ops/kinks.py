@@ -49,6 +49,11 @@ ARG = "arg"
 # Record budget (float64 elements of recorded switch values) for one batched forward while refining crossings.
 # The forward's other activations are a small multiple of the records, so this bounds the search's memory.
 _RECORD_BUDGET = 1 << 22
+# Relative precision of a root: |s(t)| <= _ROOT_TOL * (|s(a)| + |s(b)|) over the grid cell [a, b], or a sign
+# change of s within _ROOT_TOL * (b - a) of t (the same precision in t for a linear s).
+_ROOT_TOL = 1e-12
+# A root tolerance below this many ulps of a record's largest switch value may be under the rounding noise of s.
+_NOISE_ULPS = 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -471,12 +476,15 @@ def record_pass(seg: Segment, ts: Tensor, rows: Tensor | None = None) -> Records
     return Records(f=f, kinds=list(kinds), tensors=list(tensors))
 
 
-def _switch_pass(seg: Segment, ts: Tensor, rows: Tensor | None, ia: Tensor, ib: Tensor, kinds: list[str]) -> Tensor:
-    """Switch values ``(C, R)``: evaluation ``c`` at ``ts[c]``, record ``r`` read at flat index ``ia[c, r]``."""
+def _switch_pass(
+    seg: Segment, ts: Tensor, rows: Tensor | None, ia: Tensor, ib: Tensor, kinds: list[str]
+) -> tuple[Tensor, Tensor]:
+    """Outputs ``(C, K)`` and switch values ``(C, R)``: evaluation ``c`` at ``ts[c]``, record ``r`` read at flat
+    index ``ia[c, r]``."""
 
-    def at(t: Tensor, c: Any, a: Tensor, b: Tensor) -> Tensor:
+    def at(t: Tensor, c: Any, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         with KinkRecorder() as rec:
-            seg.call(t, c)
+            out = seg.call(t, c)
         if rec.kinds != kinds:
             raise RuntimeError(
                 "the piecewise-linear ops seen by the kink search changed between forwards; the query function "
@@ -489,7 +497,7 @@ def _switch_pass(seg: Segment, ts: Tensor, rows: Tensor | None, ia: Tensor, ib: 
             if kind == ARG:
                 v = v - torch.index_select(flat, 0, b[r : r + 1])
             vals.append(v)
-        return torch.cat(vals)
+        return out, torch.cat(vals)
 
     with torch.no_grad():
         return seg.vmap(at, ts, rows, ia, ib)
@@ -515,6 +523,9 @@ class KinkSearch:
     n_crossings: int
     n_evals: int
     n_arg: int = 0  # crossings of "arg" units (a max / pool winner changed between grid points)
+    # With a ``stencil``: the outputs at ``kinks[:, None] + stencil`` (n_kinks, S, K), valid where ``stencil_ok``.
+    f_stencil: Tensor | None = None
+    stencil_ok: Tensor | None = None
 
 
 def _stencil(ng: int, k: Tensor) -> Tensor:
@@ -570,14 +581,18 @@ def _inverse_interpolation(t: Tensor, s: Tensor) -> Tensor:
     """Root of the switch value by inverse cubic interpolation through 4 points ``(t, s)`` per row: ``t`` as a
     polynomial in ``s``, evaluated at ``s = 0``. Exact for a linear ``s(t)`` and ~h^4-accurate for a smooth monotone
     one; NaN / inf where two values coincide (the caller then falls back to regula falsi)."""
-    out = torch.zeros(t.shape[0], dtype=torch.float64)
-    for i in range(4):
-        li = torch.ones_like(out)
-        for j in range(4):
-            if j != i:
-                li = li * (-s[:, j]) / (s[:, i] - s[:, j])
-        out = out + t[:, i] * li
-    return out
+    # Lagrange weights of all 4 points at once; each weight multiplies its 3 factors in the order j = 0..3
+    # (skipping itself) and the terms are summed in order, so the result does not depend on the batching.
+    li = torch.ones_like(s)
+    for k in range(3):
+        sj = s[:, _OTHERS[k]]
+        li = li * (-sj) / (s - sj)
+    p = t * li
+    return p[:, 0] + p[:, 1] + p[:, 2] + p[:, 3]
+
+
+# _OTHERS[k][i]: the k-th of the 3 indices j != i in 0..3, ascending
+_OTHERS = [[k + (k >= i) for i in range(4)] for k in range(3)]
 
 
 def _dedupe(cell: Tensor, flo: Tensor, fhi: Tensor) -> Tensor:
@@ -605,27 +620,33 @@ def merge_sorted(t: Tensor, group: Tensor, lo: Tensor, hi: Tensor, merge: float)
 
 @dataclass
 class _Brackets:
-    """Illinois regula falsi per crossing: the bracket ``[a, b]`` and its switch values, the tolerance, the root
-    (NaN until found), the end kept last (-1 / +1), which are still active, and the first guess with its value
-    (for the second step). Updated in place."""
+    """Illinois regula falsi per crossing: the bracket ``[a, b]`` and its switch values, the tolerances on the
+    switch value (``ftol``) and on t (``eps``), whether ftol is near the rounding noise of the switch value (``probe``:
+    test c -+ eps from the second step on), the root (NaN until found), the end kept last (-1 / +1), which are
+    still active, the first guess with its value (for the second step), and the outputs at ``root + stencil``
+    where the forward that confirmed the root computed them (``f_st``, ``has_st``). Updated in place."""
 
     a: Tensor
     b: Tensor
     fa: Tensor
     fb: Tensor
     ftol: Tensor
+    eps: Tensor
+    probe: Tensor
     root: Tensor
     side: Tensor
     active: Tensor
     c_first: Tensor
     f_first: Tensor
+    f_st: Tensor | None
+    has_st: Tensor
 
 
 def _refine(
     seg: Segment, rec: Any, br: _Brackets, idx: Tensor, it: int, guess: Tensor, st_t: Tensor | None, sten: Tensor,
-    rid: Tensor, ia: Tensor, ib: Tensor, crow: Tensor | None, chunk: int,
+    rid: Tensor, ia: Tensor, ib: Tensor, crow: Tensor | None, chunk: int, stencil: Tensor | None,
 ) -> int:
-    """One step for the active crossings ``idx`` (batched switch passes of ``chunk`` points); returns the
+    """One step for the active crossings ``idx`` (batched switch passes of at most ``chunk`` points); returns the
     evaluations spent."""
     a, b, fa, fb, ftol, root, side, active = br.a, br.b, br.fa, br.fb, br.ftol, br.root, br.side, br.active
     c_first, f_first, nrec = br.c_first, br.f_first, len(rec.kinds)
@@ -647,39 +668,86 @@ def _refine(
         c = torch.where(torch.isfinite(g1) & (g1 > aa) & (g1 < bb), g1, c)
     bad = ~torch.isfinite(c) | (c <= aa) | (c >= bb)
     c = torch.where(bad, 0.5 * (aa + bb), c)
+    # From the second step on c is usually within rounding noise of the root. The same forward then evaluates the
+    # caller's stencil around c (the outputs its jump test needs, so a confirmed root costs no forward of its
+    # own) and, where ftol is within a few rounding errors of the record's switch values (``probe``) or a step
+    # already failed, c -+ eps: a sign change there proves the root within eps of c, so a unit whose small
+    # |fa| + |fb| puts ftol below its rounding noise still converges in this step.
+    e = br.eps[idx]
     n = idx.numel()
-    ia_m = torch.zeros(n, nrec, dtype=torch.int64)
-    ib_m = torch.zeros(n, nrec, dtype=torch.int64)
-    ia_m[torch.arange(n), rid[idx]] = ia[idx]
-    ib_m[torch.arange(n), rid[idx]] = ib[idx]
-    fc_parts = []
-    for s in range(0, n, chunk):
+    # Points: c for every crossing, then c -+ eps for the probed ones (local indices ``pr``), then the stencil
+    # offsets other than 0 (at 0 the stencil reads c itself).
+    groups, owners = [c], [torch.arange(n)]
+    pr = torch.zeros(0, dtype=torch.int64)
+    offs = [] if stencil is None or it == 0 else stencil.tolist()
+    if it >= 1:
+        pr = torch.arange(n) if it >= 2 else torch.nonzero(br.probe[idx]).flatten()
+        groups += [c[pr] - e[pr], c[pr] + e[pr]]
+        owners += [pr, pr]
+        groups += [c + off for off in offs if off != 0]
+        owners += [torch.arange(n)] * sum(off != 0 for off in offs)
+    ts_all = torch.cat(groups) if len(groups) > 1 else c
+    own = torch.cat(owners) if len(owners) > 1 else owners[0]
+    ci = idx[own]
+    n_pts = ts_all.numel()
+    ia_all = torch.zeros(n_pts, nrec, dtype=torch.int64)
+    ib_all = torch.zeros(n_pts, nrec, dtype=torch.int64)
+    ia_all[torch.arange(n_pts), rid[ci]] = ia[ci]
+    ib_all[torch.arange(n_pts), rid[ci]] = ib[ci]
+    f_parts, v_parts = [], []
+    for s in range(0, n_pts, chunk):
         sl = slice(s, s + chunk)
-        r_sl = None if crow is None else crow[idx[sl]]
-        vals = _switch_pass(seg, c[sl], r_sl, ia_m[sl], ib_m[sl], rec.kinds)
-        fc_parts.append(vals.gather(1, rid[idx[sl]].unsqueeze(1)).squeeze(1).to(torch.float64))
-    fc = torch.cat(fc_parts)
+        r_sl = None if crow is None else crow[ci[sl]]
+        f, vals = _switch_pass(seg, ts_all[sl], r_sl, ia_all[sl], ib_all[sl], rec.kinds)
+        v_parts.append(vals.gather(1, rid[ci[sl]].unsqueeze(1)).squeeze(1).to(torch.float64))
+        f_parts.append(f)
+    v = torch.cat(v_parts) if len(v_parts) > 1 else v_parts[0]
+    fc = v[:n]
     if it == 0:
         c_first[idx], f_first[idx] = c, fc
     done = (fc.abs() <= ftol[idx]) | (fc == 0)
-    same_b = (fc * fb_ > 0) & ~done
-    same_a = (fc * fa_ > 0) & ~done
+    cb, fcb = c, fc  # the point that moves the bracket
+    if pr.numel():
+        n_pr = pr.numel()
+        fl, fr = v[n : n + n_pr], v[n + n_pr : n + 2 * n_pr]
+        # a probe that is exactly 0 is a root within eps too
+        done[pr] |= ((fl <= 0) & (fr >= 0)) | ((fl >= 0) & (fr <= 0))
+        # No sign change around c: the probe on the root's side is the tighter bracket end.
+        fcp, cp, ep = fc[pr], c[pr], e[pr]
+        same = ~done[pr] & (fl * fcp > 0) & (fr * fcp > 0)
+        left = same & (fcp * fb_[pr] > 0) & (cp - ep > aa[pr])
+        right = same & (fcp * fa_[pr] > 0) & (cp + ep < bb[pr])
+        cb, fcb = c.clone(), fc.clone()
+        cb[pr] = torch.where(left, cp - ep, torch.where(right, cp + ep, cp))
+        fcb[pr] = torch.where(left, fl, torch.where(right, fr, fcp))
+    if br.f_st is not None and offs and bool(done.any()):
+        fo = torch.cat(f_parts) if len(f_parts) > 1 else f_parts[0]
+        # column of each stencil offset among the points: c itself for 0, else its group after the probes
+        base, cols, k = n + 2 * pr.numel(), [], 0
+        for off in offs:
+            cols.append(torch.arange(n) if off == 0 else base + k * n + torch.arange(n))
+            k += off != 0
+        dn = torch.nonzero(done).flatten()
+        br.f_st[idx[dn]] = fo[torch.stack(cols, 1)[dn]].to(br.f_st.dtype)
+        br.has_st[idx[dn]] = True
+    same_b = (fcb * fb_ > 0) & ~done
+    same_a = (fcb * fa_ > 0) & ~done
     # Illinois: halve the value kept at an end that survives twice in a row, so the bracket shrinks from both
     # sides and convergence stays superlinear instead of stalling like plain regula falsi.
     sd = side[idx]
     new_fa = torch.where(same_b & (sd == -1), fa_ * 0.5, fa_)
     new_fb = torch.where(same_a & (sd == 1), fb_ * 0.5, fb_)
-    new_b = torch.where(same_b, c, bb)
-    new_fb = torch.where(same_b, fc, new_fb)
-    new_a = torch.where(same_a, c, aa)
-    new_fa = torch.where(same_a, fc, new_fa)
+    new_b = torch.where(same_b, cb, bb)
+    new_fb = torch.where(same_b, fcb, new_fb)
+    new_a = torch.where(same_a, cb, aa)
+    new_fa = torch.where(same_a, fcb, new_fa)
     side[idx] = torch.where(same_b, -1.0, torch.where(same_a, 1.0, sd))
     a[idx], b[idx], fa[idx], fb[idx] = new_a, new_b, new_fa, new_fb
     narrow = (new_b - new_a) <= 1e-15
     fin = done | narrow | ~(same_a | same_b)
     root[idx] = torch.where(fin, torch.where(done, c, 0.5 * (new_a + new_b)), root[idx])
     active[idx] = ~fin
-    return n
+    return n_pts
 
 
 def search_kinks(
@@ -691,11 +759,15 @@ def search_kinks(
     grid: int = 8,
     merge: float = 1e-12,
     max_iter: int = 60,
+    stencil: Tensor | None = None,
 ) -> KinkSearch:
     """Switch positions of piecewise-linear units inside each interval ``[lo[i], hi[i]]`` on sample ``rows[i]``.
 
     ``grid + 1`` points per interval (ends included); crossings are refined by Illinois regula falsi until
-    ``|s(t)| <= 1e-12 * (|s(a)| + |s(b)|)`` for the grid cell ``[a, b]`` or the bracket is below 1e-15.
+    ``|s(t)| <= 1e-12 * (|s(a)| + |s(b)|)`` for the grid cell ``[a, b]``, or ``s`` changes sign within
+    ``1e-12 * (b - a)`` of ``t`` (the same precision for a linear ``s``), or the bracket is below 1e-15.
+    ``stencil`` (float64 offsets in t): also return the outputs at ``kink + stencil`` where the forward that
+    confirmed the kink computed them (``KinkSearch.f_stencil``, ``stencil_ok``).
     """
     if grid < 1:
         raise ValueError("grid must be >= 1")
@@ -710,8 +782,11 @@ def search_kinks(
     cell, rid, ia, ib, flo, fhi, sten = _crossings(rec, nb, grid)
     n_cross = int(cell.numel())
     empty = torch.zeros(0, dtype=torch.float64)
+    n_out = f_grid.shape[-1]
+    no_st = None if stencil is None else torch.zeros(0, stencil.numel(), n_out, dtype=f_grid.dtype)
     if n_cross == 0:
-        return KinkSearch(empty, empty.long(), t_grid, f_grid, 0, n_evals)
+        return KinkSearch(empty, empty.long(), t_grid, f_grid, 0, n_evals, 0, no_st,
+                          None if stencil is None else torch.zeros(0, dtype=torch.bool))
     sel = _dedupe(cell, flo, fhi)
     cell, rid, ia, ib, flo, fhi, sten = cell[sel], rid[sel], ia[sel], ib[sel], flo[sel], fhi[sel], sten[sel]
     interval = torch.div(cell, grid, rounding_mode="floor")
@@ -729,25 +804,35 @@ def search_kinks(
     a = t_grid[:, :-1].reshape(-1)[cell].clone()
     b = t_grid[:, 1:].reshape(-1)[cell].clone()
     fa, fb = flo.clone(), fhi.clone()
-    ftol = 1e-12 * (fa.abs() + fb.abs())
+    ftol = _ROOT_TOL * (fa.abs() + fb.abs())
+    eps = _ROOT_TOL * (b - a)
+    # ftol within a few rounding errors of the record's largest switch value: |s(c)| may never get below it
+    noise = torch.tensor([_NOISE_ULPS * torch.finfo(x[0].dtype).eps * float(x[0].abs().amax()) if x[0].numel() else 0.0
+                          for x in rec.tensors], dtype=torch.float64)
+    probe = ftol < noise[rid]
     root = torch.where(fa == 0, a, torch.where(fb == 0, b, torch.full_like(a, float("nan"))))
     side = torch.zeros_like(a)
     active = torch.isnan(root)
     per_t = sum(x[0][0].numel() for x in rec.tensors) or 1
     chunk = max(8, _RECORD_BUDGET // per_t)
-    br = _Brackets(a, b, fa, fb, ftol, root, side, active, c_first, f_first)
+    f_st = None if stencil is None else torch.full((n_cross, stencil.numel(), n_out), float("nan"), dtype=f_grid.dtype)
+    has_st = torch.zeros(a.shape, dtype=torch.bool)
+    br = _Brackets(a, b, fa, fb, ftol, eps, probe, root, side, active, c_first, f_first, f_st, has_st)
     for it in range(max_iter):
         idx = torch.nonzero(active).flatten()
         if idx.numel() == 0:
             break
-        n_evals += _refine(seg, rec, br, idx, it, guess, st_t, sten, rid, ia, ib, crow, chunk)
+        n_evals += _refine(seg, rec, br, idx, it, guess, st_t, sten, rid, ia, ib, crow, chunk, stencil)
     if active.any():  # iteration cap: the bracket midpoint is the best estimate
         root[active] = 0.5 * (a[active] + b[active])
     order = lexsort(interval, root)
     root, interval = root[order], interval[order]
     keep = merge_sorted(root, interval, lo, hi, merge)
     n_arg = int(sum(int((rid == r).sum()) for r, kind in enumerate(rec.kinds) if kind == ARG))
-    return KinkSearch(root[keep], interval[keep], t_grid, f_grid, n_cross, n_evals, n_arg)
+    out = KinkSearch(root[keep], interval[keep], t_grid, f_grid, n_cross, n_evals, n_arg)
+    if f_st is not None:
+        out.f_stencil, out.stencil_ok = f_st[order][keep], has_st[order][keep]
+    return out
 
 
 def find_kinks(

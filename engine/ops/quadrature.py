@@ -67,6 +67,7 @@ _F64: dict[str, Any] = {"dtype": torch.float64}
 # _JUMP_STEP is the step of its finite-difference stencil (rounding of F then contributes ~1e-15 / _JUMP_STEP).
 KINK_JUMP_TOL = 1e-7
 _JUMP_STEP = 1e-5
+_JUMP_OFFSETS = torch.tensor([0.0, -_JUMP_STEP, _JUMP_STEP, -2 * _JUMP_STEP, 2 * _JUMP_STEP], dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -488,23 +489,32 @@ def dfdt_at(query_fn: QueryFn, params0: dict[str, Tensor], dparams: dict[str, Te
     return _dfdt(Segment(lambda p, _c: query_fn(p), params0, dparams), ts, None)
 
 
-def _drop_flat_kinks(seg: Segment, kinks: Tensor, krow: Tensor) -> tuple[Tensor, Tensor]:
+def _drop_flat_kinks(
+    seg: Segment, kinks: Tensor, krow: Tensor, f: Tensor | None = None, have: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """The kinks (sorted by (row, t)) where ``dF/dt`` really jumps: a unit that switches at ``t*`` changes ``J_F``
     by ``dF/dy * (its slope change) * dx/dtheta``, and ``dF/dt`` by the same times ``dx/dt != 0``, so a switch with
     no jump in ``dF/dt`` (for every output) leaves ``J_F`` continuous and needs no piece edge. Such switches are
     common in models as users write them: units whose outputs are discarded (an MLP run over all positions of
     which only the last is read), or masked out.
 
-    The jump ``J`` comes from plain forwards at ``t*``, ``t* +- h``, ``t* +- 2h``: with
+    The jump ``J`` comes from plain forwards at ``t*``, ``t* +- h``, ``t* +- 2h`` (``_JUMP_OFFSETS``): with
     ``D(h) = F(t*+h) + F(t*-h) - 2 F(t*) = J h + h^2 F'' + O(h^4)``, ``(4 D(h) - D(2h)) / (2h) = J + O(h^3)``.
     A flat switch within ``2h`` of a real one sees that one's jump in its stencil and is kept. The caller checks
-    the residual after dropping (:func:`path_integral`), so a switch dropped wrongly cannot go unnoticed."""
+    the residual after dropping (:func:`path_integral`), so a switch dropped wrongly cannot go unnoticed.
+    ``f`` (n, 5, K): these outputs where ``have`` (the kink search computes most of them); the rest are
+    evaluated here."""
     n = int(kinks.numel())
     if n == 0:
         return kinks, krow
     h = _JUMP_STEP
-    ts = (kinks[:, None] + torch.tensor([0.0, -h, h, -2 * h, 2 * h], **_F64)).reshape(-1)
-    f = seg.forward(ts, krow.repeat_interleave(5)).reshape(n, 5, -1)
+    need = torch.ones(n, dtype=torch.bool) if f is None or have is None else ~have
+    if bool(need.any()):
+        ts = (kinks[need, None] + _JUMP_OFFSETS).reshape(-1)
+        fn = seg.forward(ts, krow[need].repeat_interleave(5))
+        fn = fn.reshape(-1, 5, fn.shape[-1])
+        f = fn if f is None or bool(need.all()) else f.index_put((need,), fn.to(f.dtype))
+    assert f is not None
     d1 = f[:, 1] + f[:, 2] - 2 * f[:, 0]
     d2 = f[:, 3] + f[:, 4] - 2 * f[:, 0]
     jump = ((4 * d1 - d2) / (2 * h)).abs().amax(1)
@@ -638,12 +648,15 @@ def path_integral(
         t_rows, w_rows = ts.expand(n_rows, -1), ws.expand(n_rows, -1)
     else:
         ones = torch.ones(n_rows, **_F64)
-        search = search_kinks(seg, 0 * ones, ones, torch.arange(n_rows), grid=rule.grid)
+        jump = rule.kind == "kink"  # the search's last forwards also give most of _drop_flat_kinks' stencils
+        search = search_kinks(seg, 0 * ones, ones, torch.arange(n_rows), grid=rule.grid,
+                              stencil=_JUMP_OFFSETS if jump else None)
         n_search = search.n_evals
         f0, f1 = search.f_grid[:, 0], search.f_grid[:, -1]
-        if rule.kind == "kink" and search.n_arg == 0:
-            found, frow = _drop_flat_kinks(seg, search.kinks, search.interval)
-            n_search += 5 * int(search.kinks.numel())
+        if jump and search.n_arg == 0:
+            found, frow = _drop_flat_kinks(seg, search.kinks, search.interval, search.f_stencil, search.stencil_ok)
+            assert search.stencil_ok is not None
+            n_search += 5 * int((~search.stencil_ok).sum())
             if found.numel() < search.kinks.numel():
                 all_kinks = (search.kinks, search.interval)
             pieces, kinks, krow = _capped(found, frow, n_rows, rule.nodes, rule.max_nodes, short=1.0 / rule.grid)
