@@ -623,7 +623,8 @@ class _Brackets:
     """Illinois regula falsi per crossing: the bracket ``[a, b]`` and its switch values, the tolerances on the
     switch value (``ftol``) and on t (``eps``), whether ftol is near the rounding noise of the switch value (``probe``:
     test c -+ eps from the second step on), the root (NaN until found), the end kept last (-1 / +1), which are
-    still active, the first guess with its value (for the second step), and the outputs at ``root + stencil``
+    still active, the first guess with its value (for the second step), the last two points that moved the
+    bracket with their values (for the secant of later steps), and the outputs at ``root + stencil``
     where the forward that confirmed the root computed them (``f_st``, ``has_st``). Updated in place."""
 
     a: Tensor
@@ -638,6 +639,10 @@ class _Brackets:
     active: Tensor
     c_first: Tensor
     f_first: Tensor
+    c_prev: Tensor
+    f_prev: Tensor
+    c_last: Tensor
+    f_last: Tensor
     f_st: Tensor | None
     has_st: Tensor
 
@@ -666,29 +671,40 @@ def _refine(
         keep[torch.arange(len(idx)), far] = False
         g1 = _inverse_interpolation(t5[keep].reshape(-1, 4), s5[keep].reshape(-1, 4))
         c = torch.where(torch.isfinite(g1) & (g1 > aa) & (g1 < bb), g1, c)
+    elif it >= 2:
+        # Later steps (units whose switch value is small or curved over the cell): the secant through the last
+        # two points evaluated, both near the root, instead of regula falsi from a far bracket end.
+        cp, fp, cl, fl_ = br.c_prev[idx], br.f_prev[idx], br.c_last[idx], br.f_last[idx]
+        g2 = cl - fl_ * (cl - cp) / (fl_ - fp)
+        c = torch.where(torch.isfinite(g2) & (g2 > aa) & (g2 < bb), g2, c)
     bad = ~torch.isfinite(c) | (c <= aa) | (c >= bb)
     c = torch.where(bad, 0.5 * (aa + bb), c)
     # From the second step on c is usually within rounding noise of the root. The same forward then evaluates the
     # caller's stencil around c (the outputs its jump test needs, so a confirmed root costs no forward of its
-    # own) and, where ftol is within a few rounding errors of the record's switch values (``probe``) or a step
-    # already failed, c -+ eps: a sign change there proves the root within eps of c, so a unit whose small
-    # |fa| + |fb| puts ftol below its rounding noise still converges in this step.
+    # own; also around roots found earlier without one) and, where ftol is within a few rounding errors of the
+    # record's switch values (``probe``) or a step already failed, c -+ eps: a sign change there proves the root
+    # within eps of c, so a unit whose small |fa| + |fb| puts ftol below its rounding noise still converges here.
     e = br.eps[idx]
     n = idx.numel()
     # Points: c for every crossing, then c -+ eps for the probed ones (local indices ``pr``), then the stencil
-    # offsets other than 0 (at 0 the stencil reads c itself).
-    groups, owners = [c], [torch.arange(n)]
+    # offsets other than 0 (at 0 the stencil reads c itself), then the stencils of earlier roots (``pend``).
+    groups, owners = [c], [idx]
     pr = torch.zeros(0, dtype=torch.int64)
+    pend = pr
     offs = [] if stencil is None or it == 0 else stencil.tolist()
     if it >= 1:
         pr = torch.arange(n) if it >= 2 else torch.nonzero(br.probe[idx]).flatten()
         groups += [c[pr] - e[pr], c[pr] + e[pr]]
-        owners += [pr, pr]
+        owners += [idx[pr], idx[pr]]
         groups += [c + off for off in offs if off != 0]
-        owners += [torch.arange(n)] * sum(off != 0 for off in offs)
+        owners += [idx] * sum(off != 0 for off in offs)
+        if offs:
+            assert stencil is not None
+            pend = torch.nonzero(~active & ~br.has_st & ~torch.isnan(root)).flatten()
+            groups.append((root[pend, None] + stencil).reshape(-1))
+            owners.append(pend.repeat_interleave(len(offs)))
     ts_all = torch.cat(groups) if len(groups) > 1 else c
-    own = torch.cat(owners) if len(owners) > 1 else owners[0]
-    ci = idx[own]
+    ci = torch.cat(owners) if len(owners) > 1 else idx
     n_pts = ts_all.numel()
     ia_all = torch.zeros(n_pts, nrec, dtype=torch.int64)
     ib_all = torch.zeros(n_pts, nrec, dtype=torch.int64)
@@ -706,13 +722,15 @@ def _refine(
     if it == 0:
         c_first[idx], f_first[idx] = c, fc
     done = (fc.abs() <= ftol[idx]) | (fc == 0)
+    at = c  # the root where done
     cb, fcb = c, fc  # the point that moves the bracket
     if pr.numel():
         n_pr = pr.numel()
         fl, fr = v[n : n + n_pr], v[n + n_pr : n + 2 * n_pr]
-        # a probe that is exactly 0 is a root within eps too
+        # a sign change between the probes (one exactly 0 included) puts the root within eps of c
         done[pr] |= ((fl <= 0) & (fr >= 0)) | ((fl >= 0) & (fr <= 0))
-        # No sign change around c: the probe on the root's side is the tighter bracket end.
+        # No sign change around c: the probe on the root's side is the tighter bracket end, and a root if its
+        # value is within ftol.
         fcp, cp, ep = fc[pr], c[pr], e[pr]
         same = ~done[pr] & (fl * fcp > 0) & (fr * fcp > 0)
         left = same & (fcp * fb_[pr] > 0) & (cp - ep > aa[pr])
@@ -720,16 +738,26 @@ def _refine(
         cb, fcb = c.clone(), fc.clone()
         cb[pr] = torch.where(left, cp - ep, torch.where(right, cp + ep, cp))
         fcb[pr] = torch.where(left, fl, torch.where(right, fr, fcp))
-    if br.f_st is not None and offs and bool(done.any()):
+        near = (left | right) & (fcb[pr].abs() <= ftol[idx[pr]])
+        at = c.clone()
+        at[pr] = torch.where(near, cb[pr], cp)
+        done[pr] |= near
+    if offs:
         fo = torch.cat(f_parts) if len(f_parts) > 1 else f_parts[0]
-        # column of each stencil offset among the points: c itself for 0, else its group after the probes
+        # index of each stencil offset among the points: c itself for 0, else its group after the probes
         base, cols, k = n + 2 * pr.numel(), [], 0
         for off in offs:
             cols.append(torch.arange(n) if off == 0 else base + k * n + torch.arange(n))
             k += off != 0
-        dn = torch.nonzero(done).flatten()
+        dn = torch.nonzero(done & (at == c)).flatten()
+        assert br.f_st is not None
         br.f_st[idx[dn]] = fo[torch.stack(cols, 1)[dn]].to(br.f_st.dtype)
         br.has_st[idx[dn]] = True
+        if pend.numel():
+            br.f_st[pend] = fo[base + k * n :].reshape(pend.numel(), len(offs), -1).to(br.f_st.dtype)
+            br.has_st[pend] = True
+    br.c_prev[idx], br.f_prev[idx] = br.c_last[idx], br.f_last[idx]
+    br.c_last[idx], br.f_last[idx] = cb, fcb
     same_b = (fcb * fb_ > 0) & ~done
     same_a = (fcb * fa_ > 0) & ~done
     # Illinois: halve the value kept at an end that survives twice in a row, so the bracket shrinks from both
@@ -745,7 +773,7 @@ def _refine(
     a[idx], b[idx], fa[idx], fb[idx] = new_a, new_b, new_fa, new_fb
     narrow = (new_b - new_a) <= 1e-15
     fin = done | narrow | ~(same_a | same_b)
-    root[idx] = torch.where(fin, torch.where(done, c, 0.5 * (new_a + new_b)), root[idx])
+    root[idx] = torch.where(fin, torch.where(done, at, 0.5 * (new_a + new_b)), root[idx])
     active[idx] = ~fin
     return n_pts
 
@@ -817,7 +845,8 @@ def search_kinks(
     chunk = max(8, _RECORD_BUDGET // per_t)
     f_st = None if stencil is None else torch.full((n_cross, stencil.numel(), n_out), float("nan"), dtype=f_grid.dtype)
     has_st = torch.zeros(a.shape, dtype=torch.bool)
-    br = _Brackets(a, b, fa, fb, ftol, eps, probe, root, side, active, c_first, f_first, f_st, has_st)
+    br = _Brackets(a, b, fa, fb, ftol, eps, probe, root, side, active, c_first, f_first, c_first.clone(),
+                   f_first.clone(), c_first.clone(), f_first.clone(), f_st, has_st)
     for it in range(max_iter):
         idx = torch.nonzero(active).flatten()
         if idx.numel() == 0:
