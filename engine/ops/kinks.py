@@ -795,7 +795,8 @@ def search_kinks(
     ``|s(t)| <= 1e-12 * (|s(a)| + |s(b)|)`` for the grid cell ``[a, b]``, or ``s`` changes sign within
     ``1e-12 * (b - a)`` of ``t`` (the same precision for a linear ``s``), or the bracket is below 1e-15.
     ``stencil`` (float64 offsets in t): also return the outputs at ``kink + stencil`` where the forward that
-    confirmed the kink computed them (``KinkSearch.f_stencil``, ``stencil_ok``).
+    confirmed the kink computed them (``KinkSearch.f_stencil``, ``stencil_ok``); not when an "arg" unit crosses
+    (``n_arg > 0``: the jump test that wants them is for "sign" units only).
     """
     if grid < 1:
         raise ValueError("grid must be >= 1")
@@ -817,6 +818,9 @@ def search_kinks(
                           None if stencil is None else torch.zeros(0, dtype=torch.bool))
     sel = _dedupe(cell, flo, fhi)
     cell, rid, ia, ib, flo, fhi, sten = cell[sel], rid[sel], ia[sel], ib[sel], flo[sel], fhi[sel], sten[sel]
+    n_arg = int(sum(int((rid == r).sum()) for r, kind in enumerate(rec.kinds) if kind == ARG))
+    if n_arg:
+        stencil = None  # the jump test is for "sign" units only (the kink rule verifies "arg" pieces instead)
     interval = torch.div(cell, grid, rounding_mode="floor")
     # First guess: inverse cubic interpolation through the grid values around the cell (switch values are smooth
     # and nearly linear over one update, so this usually lands within ~1e-8 of the root: 2 iterations instead of 4)
@@ -843,7 +847,9 @@ def search_kinks(
     active = torch.isnan(root)
     per_t = sum(x[0][0].numel() for x in rec.tensors) or 1
     chunk = max(8, _RECORD_BUDGET // per_t)
-    f_st = None if stencil is None else torch.full((n_cross, stencil.numel(), n_out), float("nan"), dtype=f_grid.dtype)
+    f_st = None
+    if stencil is not None:
+        f_st = torch.full((a.numel(), stencil.numel(), n_out), float("nan"), dtype=f_grid.dtype)
     has_st = torch.zeros(a.shape, dtype=torch.bool)
     br = _Brackets(a, b, fa, fb, ftol, eps, probe, root, side, active, c_first, f_first, c_first.clone(),
                    f_first.clone(), c_first.clone(), f_first.clone(), f_st, has_st)
@@ -857,7 +863,6 @@ def search_kinks(
     order = lexsort(interval, root)
     root, interval = root[order], interval[order]
     keep = merge_sorted(root, interval, lo, hi, merge)
-    n_arg = int(sum(int((rid == r).sum()) for r, kind in enumerate(rec.kinds) if kind == ARG))
     out = KinkSearch(root[keep], interval[keep], t_grid, f_grid, n_cross, n_evals, n_arg)
     if f_st is not None:
         out.f_stencil, out.stencil_ok = f_st[order][keep], has_st[order][keep]
