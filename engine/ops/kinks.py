@@ -13,8 +13,10 @@ under ``torch.func.vmap`` over many values of ``t`` at once:
 
 Search: evaluate every switch value on a coarse grid of ``t`` (one batched forward), take the elements whose
 sign (or winner) differs between adjacent grid points, and refine each crossing with the Illinois variant of
-regula falsi, all crossings at once (one batched forward per iteration). Crossings of deeper layers are found the
-same way: regula falsi only needs the composed switch value as a function of ``t``.
+regula falsi, all crossings at once (one batched forward per iteration): inverse cubic guesses for the first two
+steps, a secant through the last two points after that, and from the second step on ``t -+ eps`` probes where the
+tolerance on the switch value is at its rounding noise. Crossings of deeper layers are found the same way:
+regula falsi only needs the composed switch value as a function of ``t``.
 
 Caveats: an element that crosses an even number of times between two grid points (out and back in) is invisible
 to the grid; an "arg" unit whose winner changes twice (a -> c -> b) is refined on ``x[a] - x[b]`` only. Both leave
