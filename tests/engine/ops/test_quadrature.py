@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -269,8 +270,6 @@ class CountingSegment(Segment):
 
 def _exact_root(u0: float, v0: float, du: float, dv: float, c: float, lo: float, hi: float) -> float:
     """Root of ``(u0 + t du)(v0 + t dv) - c`` in ``[lo, hi]`` in exact rational arithmetic (bisection)."""
-    from fractions import Fraction
-
     U0, V0, DU, DV, C = (Fraction(x) for x in (u0, v0, du, dv, c))
     a, b = Fraction(lo), Fraction(hi)
     fa = (U0 + a * DU) * (V0 + a * DV) - C
