@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -29,6 +29,7 @@ T = TypeVar("T")
 W = TypeVar("W")
 
 _POLL_S = 0.1
+PRODUCER_NAME = "explaind-pipeline-producer"
 
 
 def pipeline_threads(device: str, threads: int | None = None) -> tuple[int, int] | None:
@@ -48,58 +49,83 @@ class _Done:
 _DONE = _Done()
 
 
+def producer_count(threads: tuple[int, int] | None) -> int:
+    """Producer threads for a pipeline with ``threads`` (:func:`pipeline_threads`): the ``pipeline_producers``
+    setting (1 without a pipeline)."""
+    return 1 if threads is None else int(settings.get("pipeline_producers"))
+
+
 def run_two_stage(
     items: Iterable[T],
-    produce: Callable[[T], W],
+    produce: Callable[[T], W] | Sequence[Callable[[T], W]],
     consume: Callable[[T, W], Any],
     threads: tuple[int, int] | None,
     *,
     ahead: int = 1,
 ) -> None:
-    """``consume(item, produce(item))`` for every item in order; with ``threads`` (producer, consumer torch
-    threads), ``produce`` runs in a second thread, at most ``ahead`` items ahead of the one being consumed (so at
-    most ``ahead + 1`` produced items hold memory at once). An exception on either side stops both and is raised
-    here."""
+    """``consume(item, produce(item))`` for every item in order; with ``threads`` (producer side, consumer torch
+    threads), ``produce`` runs in other threads, each at most ``ahead`` of its items ahead of the one being
+    consumed (so at most ``ahead + 1`` produced items per producer hold memory at once). An exception on any side
+    stops all of them and is raised here.
+
+    ``produce`` may be a list: one function per producer thread (each with its own model: ``functional_call``
+    swaps a module's parameters in place, so two threads must not call one module). Of ``k`` producers, producer
+    ``p`` takes items ``p, p + k, ...``, with ``threads[0] // k`` torch threads (at least one); the consumer
+    still takes the results strictly in order. Without ``threads`` only the first function runs, here."""
+    fns = list(produce) if isinstance(produce, Sequence) else [produce]
+    if not fns:
+        raise ValueError("run_two_stage needs at least one produce function")
     if threads is None:
         for it in items:
-            consume(it, produce(it))
+            consume(it, fns[0](it))
         return
-    q: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
-    slots = threading.Semaphore(max(1, ahead) + 1)
+    todo = list(items)
+    k = len(fns)
+    queues: list[queue.SimpleQueue[tuple[Any, Any]]] = [queue.SimpleQueue() for _ in range(k)]
+    slots = [threading.Semaphore(max(1, ahead) + 1) for _ in range(k)]
     stop = threading.Event()
 
-    def work() -> None:
-        torch.set_num_threads(threads[0])
+    def work(p: int) -> None:
+        torch.set_num_threads(max(1, threads[0] // k))
+        q, fn = queues[p], fns[p]
         try:
-            for it in items:
-                while not slots.acquire(timeout=_POLL_S):
+            for it in todo[p::k]:
+                while not slots[p].acquire(timeout=_POLL_S):
                     if stop.is_set():
                         return
                 if stop.is_set():
                     return
-                q.put((it, produce(it)))
+                q.put((it, fn(it)))
             q.put((_DONE, None))
         except BaseException as e:  # noqa: BLE001  # handed to the consumer, which raises it
             q.put((_DONE, e))
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads[1])
-    producer = threading.Thread(target=work, name="explaind-pipeline-producer", daemon=True)
-    producer.start()
+    workers = [threading.Thread(target=work, args=(p,), name=f"{PRODUCER_NAME}-{p}" if p else PRODUCER_NAME,
+                                daemon=True) for p in range(k)]
+    for w in workers:
+        w.start()
     try:
-        while True:
-            it, value = q.get()
+        for i in range(len(todo)):
+            o = i % k
+            it, value = queues[o].get()
             if it is _DONE:
                 if value is not None:
                     raise value
-                return
+                raise RuntimeError("a pipeline producer stopped before its items were done")  # not reached
             consume(it, value)
             del it, value  # before the producer may start another item
-            slots.release()
+            slots[o].release()
+        for o in range(k):  # every producer's end mark (or its late error)
+            it, value = queues[o].get()
+            if value is not None:
+                raise value
     finally:
         stop.set()
-        producer.join()
+        for w in workers:
+            w.join()
         torch.set_num_threads(before)
 
 
-__all__ = ["pipeline_threads", "run_two_stage"]
+__all__ = ["PRODUCER_NAME", "pipeline_threads", "producer_count", "run_two_stage"]

@@ -3,6 +3,7 @@ float64 model, data and coefficients, built once per process) and :func:`result_
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from collections import OrderedDict
@@ -135,16 +136,9 @@ class Context:
         self.names = list(traj.tensor_names)
         self.terms = OptimTerms(traj.optimizer_spec, self.names)
         self.loss = dict(traj.loss)
-        # the mode each module trained in (stores before that was recorded: eval), as verify rebuilds it too
-        model = apply_modes(traj.build_model(), getattr(traj, "attrs", {}).get(schema.ATTR_TRAIN_MODE))
-        model = model.to(device=self.device, dtype=F64)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.model = model
-        # runs with dropout: the model's dropout calls are off except where an update's masks are applied
         self.rng = getattr(traj, "rng_info", None)
-        if self.rng is not None:
-            dropout.install(model)
+        self.model = model = self._build_model(traj)
+        self._twins: list[Context] = []
         own = dict(model.named_parameters())
         missing = [n for n in self.names if n not in own]
         if missing:
@@ -157,10 +151,7 @@ class Context:
         self.n_samples = len(self.x_train)
         self.x_query = _cast(problem.x_query, self.device)
         self.y_query = None if problem.y_query is None else _cast(problem.y_query, self.device)
-        if problem.per_query:
-            self.query_fn = output_modes.make_sample_query(model, self.x_query, self.y_query, problem.output, self.loss)
-        else:
-            self.query_fn = output_modes.make_query_fn(model, self.x_query, self.y_query, problem.output, self.loss)
+        self.query_fn = self._query_fn(model)
         with torch.no_grad():
             out = output_modes.apply_mode(problem.output, model(self.x_query), self.y_query, self.loss)
         self.Q, self.O = int(out.shape[0]), int(out.shape[1])
@@ -168,6 +159,41 @@ class Context:
         self.rule = parse_rule(problem.rule) if isinstance(problem.rule, str) else problem.rule
         self.by = problem.by
         self.per_tensor = "tensor" in problem.by
+
+    def _build_model(self, traj: Trajectory) -> torch.nn.Module:
+        # the mode each module trained in (stores before that was recorded: eval), as verify rebuilds it too
+        model = apply_modes(traj.build_model(), getattr(traj, "attrs", {}).get(schema.ATTR_TRAIN_MODE))
+        model = model.to(device=self.device, dtype=F64)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # runs with dropout: the model's dropout calls are off except where an update's masks are applied
+        if self.rng is not None:
+            dropout.install(model)
+        return model
+
+    def _query_fn(self, model: torch.nn.Module) -> Any:
+        p = self.problem
+        if p.per_query:
+            return output_modes.make_sample_query(model, self.x_query, self.y_query, p.output, self.loss)
+        return output_modes.make_query_fn(model, self.x_query, self.y_query, p.output, self.loss)
+
+    def twins(self, traj: Trajectory, n: int) -> list[Context]:
+        """``n`` copies of this context for other threads (made once, then kept): the same data and queries but
+        each its own model, with this one's parameters and buffers. ``functional_call`` swaps a module's
+        parameters in place while it runs, so two threads calling one module would see each other's."""
+        while len(self._twins) < n:
+            twin = copy.copy(self)
+            twin._twins = []
+            twin.model = self._build_model(traj)
+            with torch.no_grad():
+                own = dict(self.model.named_parameters(remove_duplicate=False))
+                own.update(self.model.named_buffers(remove_duplicate=False))
+                for name, t in [*twin.model.named_parameters(remove_duplicate=False),
+                                *twin.model.named_buffers(remove_duplicate=False)]:
+                    t.copy_(own[name])
+            twin.query_fn = twin._query_fn(twin.model)
+            self._twins.append(twin)
+        return self._twins[:n]
 
     def params(self, block: TrajectoryBlock, step: int) -> dict[str, torch.Tensor]:
         r = step - block.lo

@@ -1,4 +1,4 @@
-"""engine.scan.pipeline: pass 2's two-thread producer/consumer driver (its numbers are checked in test_math), and
+"""engine.scan.pipeline: pass 2's producer/consumer driver (its numbers are checked in test_math), and
 the settings table it reads."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from engine import settings
-from engine.scan.pipeline import pipeline_threads, run_two_stage
+from engine.scan.pipeline import PRODUCER_NAME, pipeline_threads, producer_count, run_two_stage
 
 
 def _producer_alive() -> bool:
-    return any(t.name == "explaind-pipeline-producer" and t.is_alive() for t in threading.enumerate())
+    return any(t.name.startswith(PRODUCER_NAME) and t.is_alive() for t in threading.enumerate())
 
 
 def test_runs_ahead_in_a_second_thread_in_order():
@@ -69,6 +69,66 @@ def test_a_consumer_error_stops_the_producer():
     assert len(produced) <= 4  # stopped right away, not run to the end
 
 
+def test_several_producers_take_turns_and_deliver_in_order():
+    """Three producer threads (each its own function, as each has its own model) take the items in turn, with the
+    producer side's torch threads split between them; the consumer still gets every item in order, and the values
+    equal the one-thread run's."""
+    log: dict[int, tuple[int, str, int]] = {}
+    got: list[tuple[int, float]] = []
+
+    def producer(p: int):
+        def produce(i: int) -> float:
+            log[i] = (p, threading.current_thread().name, torch.get_num_threads())
+            return i * 0.5 + p * 0  # the same value whichever producer takes it
+
+        return produce
+
+    fns = [producer(p) for p in range(3)]
+    run_two_stage(range(10), fns, lambda i, v: got.append((i, v)), (6, 1))
+    assert [log[i][0] for i in range(10)] == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    assert {log[i][1:] for i in (0, 3)} == {(PRODUCER_NAME, 2)}
+    assert {log[i][1:] for i in (1, 2)} == {(PRODUCER_NAME + "-1", 2), (PRODUCER_NAME + "-2", 2)}
+    ref: list[tuple[int, float]] = []
+    run_two_stage(range(10), fns, lambda i, v: ref.append((i, v)), None)
+    assert got == ref == [(i, i * 0.5) for i in range(10)]
+    assert not _producer_alive()
+
+
+@pytest.mark.parametrize("bad", [0, 1, 4])
+def test_an_error_in_any_producer_reaches_the_caller(bad):
+    """Whichever of three producers fails, its error is raised here after the items before it were consumed, and
+    every producer thread has stopped."""
+    consumed = []
+
+    def produce(i: int) -> int:
+        if i == bad:
+            raise ValueError(f"bad update {i}")
+        return i
+
+    with pytest.raises(ValueError, match=f"bad update {bad}"):
+        run_two_stage(range(30), [produce] * 3, lambda i, v: consumed.append(i), (1, 1))
+    assert consumed == list(range(bad))
+    assert not _producer_alive()
+
+
+def test_several_producers_stay_within_ahead_each():
+    import time
+
+    done = [0]
+    lead: list[int] = []
+
+    def produce(i: int) -> int:
+        lead.append(i - done[0])
+        return i
+
+    def consume(i: int, v: int) -> None:
+        time.sleep(0.002)
+        done[0] += 1
+
+    run_two_stage(range(40), [produce, produce], consume, (1, 1), ahead=1)
+    assert max(lead) == 3  # each of the two runs ahead by up to 2 of its own items: memory stays bounded
+
+
 def test_pipeline_threads(monkeypatch):
     monkeypatch.delenv("EXPLAIND_PIPELINE", raising=False)
     assert pipeline_threads("cpu", 1) is None
@@ -80,6 +140,10 @@ def test_pipeline_threads(monkeypatch):
     with settings.override(pipeline=True):  # an override beats the environment
         assert pipeline_threads("cpu", 4) == (2, 2)
     assert pipeline_threads("cpu", 4) is None
+    monkeypatch.delenv("EXPLAIND_PIPELINE_PRODUCERS", raising=False)
+    assert producer_count(None) == 1 and producer_count((1, 1)) == 2
+    with settings.override(pipeline_producers=1):
+        assert producer_count((1, 1)) == 1
 
 
 @pytest.mark.parametrize("ahead", [1, 2])
