@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from engine import progress
+from engine import progress, settings
 from engine.ops.persample import (
     batch_mean_grad,
     choose_method,
@@ -505,10 +505,15 @@ def pass2(
         consume(state, s, w)
         progress.tick()
 
-    # more producer threads: each its own model (Context.twins); the state they read is shared
-    twins = ctx.twins(traj, pipeline.producer_count(threads) - 1) if threads is not None else []
-    producers = [functools.partial(produce, st) for st in [state, *(dataclasses.replace(state, ctx=c) for c in twins)]]
-    pipeline.run_two_stage(reversed(block.updates), producers, consume_one, threads)
+    # every thread that produces has its own model (Context.twins); the state they read is shared. With the
+    # pipeline_help setting the calling thread produces too, on this context, when it would wait for a producer
+    helps = threads is not None and settings.get("pipeline_help")
+    k = pipeline.producer_count(threads)
+    twins = ctx.twins(traj, k if helps else k - 1) if threads is not None else []
+    others = [functools.partial(produce, dataclasses.replace(state, ctx=c)) for c in twins]
+    mine = functools.partial(produce, state)
+    pipeline.run_two_stage(reversed(block.updates), others if helps else [mine, *others], consume_one, threads,
+                           helper=mine if helps else None)
     return finish(state)
 
 

@@ -16,7 +16,6 @@ longer touches. ``torch.set_num_threads`` is per thread (OpenMP), so each side g
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -42,13 +41,6 @@ def pipeline_threads(device: str, threads: int | None = None) -> tuple[int, int]
     return n - n // 2, n // 2
 
 
-class _Done:
-    pass
-
-
-_DONE = _Done()
-
-
 def producer_count(threads: tuple[int, int] | None) -> int:
     """Producer threads for a pipeline with ``threads`` (:func:`pipeline_threads`): the ``pipeline_producers``
     setting (1 without a pipeline)."""
@@ -62,16 +54,21 @@ def run_two_stage(
     threads: tuple[int, int] | None,
     *,
     ahead: int = 1,
+    helper: Callable[[T], W] | None = None,
 ) -> None:
-    """``consume(item, produce(item))`` for every item in order; with ``threads`` (producer side, consumer torch
-    threads), ``produce`` runs in other threads, each at most ``ahead`` of its items ahead of the one being
-    consumed (so at most ``ahead + 1`` produced items per producer hold memory at once). An exception on any side
-    stops all of them and is raised here.
+    """``consume(item, produce(item))`` for every item in order. With ``threads`` (producer side, consumer torch
+    threads) ``produce`` runs in other threads, taking the items in turn, at most ``ahead + 1`` produced or
+    started items per producer thread ahead of the one being consumed (bounded memory). With ``helper`` (the same
+    work as ``produce`` on objects of its own) the calling thread, instead of waiting for an item a producer is
+    still working on, takes the next unstarted item itself, so a producer side slower than the consumer gets the
+    consumer's spare time. Results are consumed strictly in order; an exception on any side stops all of them and
+    is raised here.
 
-    ``produce`` may be a list: one function per producer thread (each with its own model: ``functional_call``
-    swaps a module's parameters in place, so two threads must not call one module). Of ``k`` producers, producer
-    ``p`` takes items ``p, p + k, ...``, with ``threads[0] // k`` torch threads (at least one); the consumer
-    still takes the results strictly in order. Without ``threads`` only the first function runs, here."""
+    ``produce`` may be a list: one function per producer thread. Each producer thread, and the caller when it
+    helps, must have its own model (``functional_call`` swaps a module's parameters in place, so two threads must
+    not call one module). Producer work runs with ``threads[0] // k`` torch threads for ``k`` producers (at least
+    one), in whichever thread takes it, so the numbers do not depend on who took an item. Without ``threads``
+    only the first function runs, here."""
     fns = list(produce) if isinstance(produce, Sequence) else [produce]
     if not fns:
         raise ValueError("run_two_stage needs at least one produce function")
@@ -80,25 +77,50 @@ def run_two_stage(
             consume(it, fns[0](it))
         return
     todo = list(items)
-    k = len(fns)
-    queues: list[queue.SimpleQueue[tuple[Any, Any]]] = [queue.SimpleQueue() for _ in range(k)]
-    slots = [threading.Semaphore(max(1, ahead) + 1) for _ in range(k)]
-    stop = threading.Event()
+    n, k = len(todo), len(fns)
+    per_producer = max(1, threads[0] // k)
+    limit = k * (max(1, ahead) + 1)  # items started but not yet consumed
+    cond = threading.Condition()
+    done: dict[int, tuple[bool, Any]] = {}  # item index -> (ok, value or exception)
+    state = {"next": 0, "consumed": 0, "stop": False}
+
+    def claim(bound: int) -> int | None:  # under cond: the next unstarted item, if within the bound
+        i = state["next"]
+        if i >= n or i - state["consumed"] >= bound:
+            return None
+        state["next"] = i + 1
+        return i
+
+    def run(fn: Callable[[T], W], i: int) -> None:  # not under cond
+        try:
+            result: tuple[bool, Any] = (True, fn(todo[i]))
+        except BaseException as e:  # noqa: BLE001  # handed to the consumer, which raises it
+            result = (False, e)
+        with cond:
+            done[i] = result
+            cond.notify_all()
 
     def work(p: int) -> None:
-        torch.set_num_threads(max(1, threads[0] // k))
-        q, fn = queues[p], fns[p]
-        try:
-            for it in todo[p::k]:
-                while not slots[p].acquire(timeout=_POLL_S):
-                    if stop.is_set():
+        torch.set_num_threads(per_producer)
+        while True:
+            with cond:
+                while not state["stop"] and (i := claim(limit)) is None:
+                    if state["next"] >= n:
                         return
-                if stop.is_set():
+                    cond.wait(_POLL_S)
+                if state["stop"]:
                     return
-                q.put((it, fn(it)))
-            q.put((_DONE, None))
-        except BaseException as e:  # noqa: BLE001  # handed to the consumer, which raises it
-            q.put((_DONE, e))
+            run(fns[p], i)
+
+    def help_with(i: int) -> None:
+        if per_producer == threads[1]:
+            run(helper, i)
+            return
+        torch.set_num_threads(per_producer)
+        try:
+            run(helper, i)
+        finally:
+            torch.set_num_threads(threads[1])
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads[1])
@@ -107,22 +129,28 @@ def run_two_stage(
     for w in workers:
         w.start()
     try:
-        for i in range(len(todo)):
-            o = i % k
-            it, value = queues[o].get()
-            if it is _DONE:
-                if value is not None:
-                    raise value
-                raise RuntimeError("a pipeline producer stopped before its items were done")  # not reached
-            consume(it, value)
-            del it, value  # before the producer may start another item
-            slots[o].release()
-        for o in range(k):  # every producer's end mark (or its late error)
-            it, value = queues[o].get()
-            if value is not None:
+        for i in range(n):
+            while True:
+                with cond:
+                    if i in done:
+                        ok, value = done.pop(i)
+                        break
+                    j = claim(limit + 1) if helper is not None else None
+                    if j is None:
+                        cond.wait(_POLL_S)
+                        continue
+                help_with(j)  # item i is not ready: take the next unstarted one (maybe i) here meanwhile
+            if not ok:
                 raise value
+            consume(todo[i], value)
+            del value  # before a producer may start another item
+            with cond:
+                state["consumed"] = i + 1
+                cond.notify_all()
     finally:
-        stop.set()
+        with cond:
+            state["stop"] = True
+            cond.notify_all()
         for w in workers:
             w.join()
         torch.set_num_threads(before)

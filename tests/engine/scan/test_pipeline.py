@@ -69,35 +69,46 @@ def test_a_consumer_error_stops_the_producer():
     assert len(produced) <= 4  # stopped right away, not run to the end
 
 
-def test_several_producers_take_turns_and_deliver_in_order():
-    """Three producer threads (each its own function, as each has its own model) take the items in turn, with the
-    producer side's torch threads split between them; the consumer still gets every item in order, and the values
-    equal the one-thread run's."""
-    log: dict[int, tuple[int, str, int]] = {}
+def test_producers_and_a_helping_caller_deliver_in_order():
+    """Three producer threads (each its own function, as each has its own model) and the calling thread, which
+    takes items itself while the producers are busy: every item is consumed once and in order, with the values of
+    the one-thread run, and every item's production ran with the same torch thread count (the producer side's
+    six split three ways) whichever thread took it."""
+    import time
+
+    log: dict[int, tuple[str, int]] = {}
     got: list[tuple[int, float]] = []
 
-    def producer(p: int):
-        def produce(i: int) -> float:
-            log[i] = (p, threading.current_thread().name, torch.get_num_threads())
-            return i * 0.5 + p * 0  # the same value whichever producer takes it
+    def produce(i: int) -> float:
+        log[i] = (threading.current_thread().name, torch.get_num_threads())
+        if threading.current_thread().name.startswith(PRODUCER_NAME):
+            time.sleep(0.01)  # slow producers: the caller has time to help
+        return i * 0.5
 
-        return produce
+    def consume(i: int, v: float) -> None:
+        got.append((i, v))
+        assert torch.get_num_threads() == 1  # the consumer's own count is back after helping
 
-    fns = [producer(p) for p in range(3)]
-    run_two_stage(range(10), fns, lambda i, v: got.append((i, v)), (6, 1))
-    assert [log[i][0] for i in range(10)] == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
-    assert {log[i][1:] for i in (0, 3)} == {(PRODUCER_NAME, 2)}
-    assert {log[i][1:] for i in (1, 2)} == {(PRODUCER_NAME + "-1", 2), (PRODUCER_NAME + "-2", 2)}
     ref: list[tuple[int, float]] = []
-    run_two_stage(range(10), fns, lambda i, v: ref.append((i, v)), None)
-    assert got == ref == [(i, i * 0.5) for i in range(10)]
+    run_two_stage(range(40), [produce] * 3, lambda i, v: ref.append((i, v)), None)
+    assert ref == [(i, i * 0.5) for i in range(40)]
+    log.clear()
+    before = torch.get_num_threads()
+    run_two_stage(range(40), [produce] * 3, consume, (6, 1), helper=produce)
+    assert torch.get_num_threads() == before
+    assert got == ref
+    names = {name for name, _ in log.values()}
+    assert threading.current_thread().name in names, names  # the caller helped
+    assert {f"{PRODUCER_NAME}-1", f"{PRODUCER_NAME}-2"} <= names, names  # and the producers took turns
+    assert {n for _, n in log.values()} == {2}
     assert not _producer_alive()
 
 
 @pytest.mark.parametrize("bad", [0, 1, 4])
-def test_an_error_in_any_producer_reaches_the_caller(bad):
-    """Whichever of three producers fails, its error is raised here after the items before it were consumed, and
-    every producer thread has stopped."""
+@pytest.mark.parametrize("helps", [False, True])
+def test_an_error_in_any_producer_reaches_the_caller(bad, helps):
+    """Whichever of three producers (or the helping caller) fails, its error is raised here after the items before
+    it were consumed, and every producer thread has stopped."""
     consumed = []
 
     def produce(i: int) -> int:
@@ -106,7 +117,8 @@ def test_an_error_in_any_producer_reaches_the_caller(bad):
         return i
 
     with pytest.raises(ValueError, match=f"bad update {bad}"):
-        run_two_stage(range(30), [produce] * 3, lambda i, v: consumed.append(i), (1, 1))
+        run_two_stage(range(30), [produce] * 3, lambda i, v: consumed.append(i), (1, 1),
+                      helper=produce if helps else None)
     assert consumed == list(range(bad))
     assert not _producer_alive()
 
@@ -126,7 +138,7 @@ def test_several_producers_stay_within_ahead_each():
         done[0] += 1
 
     run_two_stage(range(40), [produce, produce], consume, (1, 1), ahead=1)
-    assert max(lead) == 3  # each of the two runs ahead by up to 2 of its own items: memory stays bounded
+    assert max(lead) == 3  # two producers, each up to two items: memory stays bounded
 
 
 def test_pipeline_threads(monkeypatch):
@@ -141,9 +153,9 @@ def test_pipeline_threads(monkeypatch):
         assert pipeline_threads("cpu", 4) == (2, 2)
     assert pipeline_threads("cpu", 4) is None
     monkeypatch.delenv("EXPLAIND_PIPELINE_PRODUCERS", raising=False)
-    assert producer_count(None) == 1 and producer_count((1, 1)) == 2
-    with settings.override(pipeline_producers=1):
-        assert producer_count((1, 1)) == 1
+    assert producer_count(None) == 1 and producer_count((1, 1)) == 1
+    with settings.override(pipeline_producers=3):
+        assert producer_count((1, 1)) == 3 and producer_count(None) == 1
 
 
 @pytest.mark.parametrize("ahead", [1, 2])
