@@ -94,9 +94,9 @@ def _group_grads(state: Pass2State, s: int) -> list[tuple[slice, Vectors]]:
     gradients of ``s`` and of up to ``grad_group - 1`` updates before it (within the chunk, with batches of the
     same size) are taken in one call (:func:`sample_grads_many`) and kept until their turn.
 
-    The groups are fixed up front (:func:`_grad_groups`, as one thread walking backward meets them), so producer
-    threads taking alternate updates take the same groups, each once: under ``grad_lock`` the first thread to
-    need a group takes it and one that needs it meanwhile waits for it."""
+    The groups are fixed up front (:func:`_grad_groups`, as one thread walking backward meets them), so threads
+    taking the updates as they come take the same groups, each once: under ``grad_lock`` the first thread to need
+    a group takes it and one that needs it meanwhile waits for it."""
     with state.grad_lock:
         got = state.grad_cache.pop(s, None)
         if got is not None:
@@ -482,7 +482,8 @@ def pass2(
     :func:`engine.result.chunk_layout` says.
 
     With two or more torch threads on the CPU the updates run as a two-stage pipeline (:mod:`engine.scan.pipeline`):
-    :func:`produce` one update ahead in a second thread, :func:`consume` here.
+    :func:`produce` ahead in a second thread (and here, on a copy of the model, while that thread is busy),
+    :func:`consume` here, in order.
 
     ``data_out`` (float64 CPU, the ``data`` block's shape, by sample): written in place and returned as ``data``.
     ``grads``: the chunk's batch gradients kept by its light pass 1 (``pass1(..., light=True, keep_g=True).g``),

@@ -1,17 +1,28 @@
-"""Two-stage pipelining of a chunk's updates over two threads of one process.
+"""Two-stage pipelining of a chunk's updates over threads of one process.
 
 Pass 2 does two kinds of work per update: the ``torch.func`` transforms (the path integral ``phi_s`` and the batch's
 per-sample gradients, which depend only on the stored parameters) and the plain tensor ops that chain the updates
 (the reverse accumulator ``U``, the per-sample dot products, the scalars). :func:`run_two_stage` runs the first kind
-for update ``s-1`` in a producer thread while the calling thread does the second kind for update ``s``.
+for later updates in a producer thread while the calling thread does the second kind for update ``s``, in order.
 
 Why threads rather than more torch threads: on small models the transforms are bound by Python and dispatch
 overhead, which a second intra-op thread does not split, so two one-thread stages side by side beat one stage
 with two torch threads (numbers: docs/benchmarks.md).
 
-Safety: every ``torch.func`` transform runs in the producer thread only (torch keeps the transform stack per
-thread, but forward-mode AD is not thread-safe); the consumer runs plain tensor ops on tensors the producer no
-longer touches. ``torch.set_num_threads`` is per thread (OpenMP), so each side gets its own thread count.
+Balance: on models whose transforms cost more than the consumer's work (a per-head transformer: about twice) the
+producer is the bottleneck and the consumer waits. The calling thread then *helps*: instead of waiting for an
+update a producer is still working on, it takes the next unstarted update's transforms itself (``helper``, the
+``pipeline_help`` setting), so both threads stay busy and the thread count stays the budget's. More producer
+threads (the ``pipeline_producers`` setting) are possible but cost CPU: the transforms hold the GIL between
+their many small torch calls, and three threads handing it over on two cores cost more CPU seconds than the
+third thread saved (numbers: docs/benchmarks.md).
+
+Safety: each thread that produces has its own model (``functional_call`` swaps a module's parameters in place
+while it runs, so two threads must not call one module; see ``Context.twins``); torch keeps the ``torch.func``
+transform stack per thread; forward-mode AD is process-wide, so every ``jvp`` goes through the lock in
+:mod:`engine.ops.forward_mode`; the consumer's plain tensor ops touch tensors no producer holds any more.
+``torch.set_num_threads`` is per thread (OpenMP), so each side gets its own thread count, and producer work runs
+with the producer's count in whichever thread takes it (the numbers do not depend on which thread did).
 """
 
 from __future__ import annotations
@@ -58,11 +69,11 @@ def run_two_stage(
 ) -> None:
     """``consume(item, produce(item))`` for every item in order. With ``threads`` (producer side, consumer torch
     threads) ``produce`` runs in other threads, taking the items in turn, at most ``ahead + 1`` produced or
-    started items per producer thread ahead of the one being consumed (bounded memory). With ``helper`` (the same
-    work as ``produce`` on objects of its own) the calling thread, instead of waiting for an item a producer is
-    still working on, takes the next unstarted item itself, so a producer side slower than the consumer gets the
-    consumer's spare time. Results are consumed strictly in order; an exception on any side stops all of them and
-    is raised here.
+    started items per producer thread (one more with ``helper``) ahead of the one being consumed (bounded memory).
+    With ``helper`` (the same work as ``produce`` on objects of its own) the calling thread, instead of waiting for
+    an item a producer is still working on, takes the next unstarted item itself, so a producer side slower than
+    the consumer gets the consumer's spare time. Results are consumed strictly in order; an exception on any side
+    stops all of them and is raised here.
 
     ``produce`` may be a list: one function per producer thread. Each producer thread, and the caller when it
     helps, must have its own model (``functional_call`` swaps a module's parameters in place, so two threads must
@@ -79,7 +90,9 @@ def run_two_stage(
     todo = list(items)
     n, k = len(todo), len(fns)
     per_producer = max(1, threads[0] // k)
-    limit = k * (max(1, ahead) + 1)  # items started but not yet consumed
+    # items started but not yet consumed; the one the caller helps with is extra, so that the producers do not
+    # stall behind it (they would: the caller consumes nothing while it produces)
+    limit = k * (max(1, ahead) + 1) + (helper is not None)
     cond = threading.Condition()
     done: dict[int, tuple[bool, Any]] = {}  # item index -> (ok, value or exception)
     state = {"next": 0, "consumed": 0, "stop": False}
@@ -135,7 +148,7 @@ def run_two_stage(
                     if i in done:
                         ok, value = done.pop(i)
                         break
-                    j = claim(limit + 1) if helper is not None else None
+                    j = claim(limit) if helper is not None else None
                     if j is None:
                         cond.wait(_POLL_S)
                         continue
