@@ -510,7 +510,9 @@ def pass2(
     # pipeline_help setting the calling thread produces too, on this context, when it would wait for a producer
     helps = threads is not None and settings.get("pipeline_help")
     k = pipeline.producer_count(threads)
-    twins = ctx.twins(traj, k if helps else k - 1) if threads is not None else []
+    twins = ctx.twins(k if helps else k - 1) if threads is not None else []
+    if len(twins) < (k if helps else k - 1):  # a model that cannot be copied: one producer on this context
+        helps, twins = False, []
     others = [functools.partial(produce, dataclasses.replace(state, ctx=c)) for c in twins]
     mine = functools.partial(produce, state)
     pipeline.run_two_stage(reversed(block.updates), others if helps else [mine, *others], consume_one, threads,

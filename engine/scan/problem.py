@@ -136,9 +136,17 @@ class Context:
         self.names = list(traj.tensor_names)
         self.terms = OptimTerms(traj.optimizer_spec, self.names)
         self.loss = dict(traj.loss)
-        self.rng = getattr(traj, "rng_info", None)
-        self.model = model = self._build_model(traj)
+        # the mode each module trained in (stores before that was recorded: eval), as verify rebuilds it too
+        model = apply_modes(traj.build_model(), getattr(traj, "attrs", {}).get(schema.ATTR_TRAIN_MODE))
+        model = model.to(device=self.device, dtype=F64)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
         self._twins: list[Context] = []
+        # runs with dropout: the model's dropout calls are off except where an update's masks are applied
+        self.rng = getattr(traj, "rng_info", None)
+        if self.rng is not None:
+            dropout.install(model)
         own = dict(model.named_parameters())
         missing = [n for n in self.names if n not in own]
         if missing:
@@ -160,38 +168,26 @@ class Context:
         self.by = problem.by
         self.per_tensor = "tensor" in problem.by
 
-    def _build_model(self, traj: Trajectory) -> torch.nn.Module:
-        # the mode each module trained in (stores before that was recorded: eval), as verify rebuilds it too
-        model = apply_modes(traj.build_model(), getattr(traj, "attrs", {}).get(schema.ATTR_TRAIN_MODE))
-        model = model.to(device=self.device, dtype=F64)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        # runs with dropout: the model's dropout calls are off except where an update's masks are applied
-        if self.rng is not None:
-            dropout.install(model)
-        return model
-
     def _query_fn(self, model: torch.nn.Module) -> Any:
         p = self.problem
         if p.per_query:
             return output_modes.make_sample_query(model, self.x_query, self.y_query, p.output, self.loss)
         return output_modes.make_query_fn(model, self.x_query, self.y_query, p.output, self.loss)
 
-    def twins(self, traj: Trajectory, n: int) -> list[Context]:
-        """``n`` copies of this context for other threads (made once, then kept): the same data and queries but
-        each its own model, with this one's parameters and buffers. ``functional_call`` swaps a module's
-        parameters in place while it runs, so two threads calling one module would see each other's."""
+    def twins(self, n: int) -> list[Context]:
+        """Up to ``n`` copies of this context for other threads (made once, then kept): the same data and queries
+        but each its own deep copy of the model. ``functional_call`` swaps a module's parameters in place while it
+        runs, so two threads calling one module would see each other's. Fewer (none) when the model cannot be
+        deep-copied; the caller then keeps to one thread per model."""
         while len(self._twins) < n:
+            try:
+                model = copy.deepcopy(self.model)
+            except Exception:  # noqa: BLE001 - a model that cannot be copied: no more twins
+                break
             twin = copy.copy(self)
             twin._twins = []
-            twin.model = self._build_model(traj)
-            with torch.no_grad():
-                own = dict(self.model.named_parameters(remove_duplicate=False))
-                own.update(self.model.named_buffers(remove_duplicate=False))
-                for name, t in [*twin.model.named_parameters(remove_duplicate=False),
-                                *twin.model.named_buffers(remove_duplicate=False)]:
-                    t.copy_(own[name])
-            twin.query_fn = twin._query_fn(twin.model)
+            twin.model = model
+            twin.query_fn = twin._query_fn(model)
             self._twins.append(twin)
         return self._twins[:n]
 

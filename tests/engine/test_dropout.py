@@ -155,8 +155,14 @@ def test_producer_threads_replay_the_masks_on_their_own_models(runs, results):
     """With two torch threads pass 2's producer threads and its helping consumer take the updates as they come,
     each regenerating its updates' masks on its own copy of the model (the dropout state is per thread and per
     model): the result is the one-producer pipeline's bit for bit and the one-thread run's to rounding."""
-    from engine import settings
+    import copy
 
+    from engine import settings
+    from explaind_store import dropout
+
+    net = make_mlp(**MLP)
+    twin = copy.deepcopy(net if dropout.install(net) else net)  # how pass 2 gives each thread its own model
+    assert dropout.control(twin) is not None and dropout.control(twin) is not dropout.control(net)
     root, _ = runs
     before = torch.get_num_threads()
     torch.set_num_threads(2)
