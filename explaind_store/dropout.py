@@ -184,6 +184,16 @@ class DropoutControl:
             model.register_forward_hook(self._exit, always_call=True),
         ]
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> DropoutControl:
+        """The control of a deep copy of the model (whose hooks are copied with it and call this copy): the same
+        behaviour with fresh per-thread state (a ``threading.local`` cannot be copied)."""
+        new = DropoutControl.__new__(DropoutControl)
+        memo[id(self)] = new
+        new.state = _State()
+        new._modes = threading.local()
+        new.handles = []
+        return new
+
     def _enter(self, module: nn.Module, args: Any) -> None:
         stack = getattr(self._modes, "stack", None)
         if stack is None:

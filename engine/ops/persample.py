@@ -26,8 +26,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, vmap
 
+from engine.ops.forward_mode import jvp
 from explaind_store.dropout import masks_applied
 from explaind_store.specs import loss_weights, per_sample_loss
 

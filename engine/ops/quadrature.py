@@ -36,8 +36,8 @@ reverse pass) with each sample's own kinks, which removes the batch factor from 
 speed-ups on the benchmark models). ``fn`` must then be vmappable over samples (no
 ``.item()``, no ``F.one_hot`` on a batched label).
 
-Caveats: the adaptive rule uses forward-mode AD (``jvp``), which is not thread-safe: run it in processes or the
-synchronous scheduler. Kinks that are not in ``F`` (e.g. ``x - x.max()`` in a hand-written stable softmax) are still
+Caveats: the adaptive rule uses forward-mode AD (``jvp``), which is not thread-safe: its calls go through
+:mod:`engine.ops.forward_mode`, whose lock lets one thread at a time in. Kinks that are not in ``F`` (e.g. ``x - x.max()`` in a hand-written stable softmax) are still
 found and cost extra pieces, not accuracy. See ``engine.ops.kinks`` for what is intercepted and what can be missed.
 """
 
@@ -52,8 +52,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.func import jacrev, jvp, vmap
+from torch.func import jacrev, vmap
 from torch.utils._pytree import tree_leaves, tree_map
+
+from engine.ops.forward_mode import jvp
 
 from .kinks import QueryFn, Segment, lexsort, merge_sorted, search_kinks
 

@@ -11,13 +11,15 @@ arrays).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from engine import progress
+from engine import progress, settings
 from engine.ops.persample import (
     batch_mean_grad,
     choose_method,
@@ -88,24 +90,45 @@ def _grad_group(ctx: Context, block: TrajectoryBlock) -> int:
 
 
 def _group_grads(state: Pass2State, s: int) -> list[tuple[slice, Vectors]]:
-    """Update ``s``'s per-sample gradients, as :func:`sample_grads` yields them. Pass 2 walks backward, so on a
-    miss the gradients of ``s`` and of up to ``grad_group - 1`` updates before it (within the chunk, with batches
-    of the same size) are taken in one call (:func:`sample_grads_many`) and kept until their turn."""
-    got = state.grad_cache.pop(s, None)
-    if got is not None:
-        return got
-    ctx, block, lo = state.ctx, state.block, state.lo
-    nb = int(block.batches[s - lo - 1].numel())
-    first = s
-    while first - 1 > lo and s - first + 1 < state.grad_group and int(block.batches[first - 2 - lo].numel()) == nb:
-        first -= 1
-    # theta_{u-1} of the updates first..s: consecutive rows of the chunk's parameters
-    params = {n: block.params[n][first - 1 - lo : s - lo].to(device=ctx.device, dtype=F64) for n in ctx.names}
-    batches = [ctx.batch(block, u) for u in range(first, s + 1)]
-    xs, ys = torch.stack([b[1] for b in batches]), torch.stack([b[2] for b in batches])
-    for u, g in zip(range(first, s + 1), sample_grads_many(ctx.model, params, xs, ys, ctx.loss)):
-        state.grad_cache[u] = [(slice(0, nb), g)]
-    return state.grad_cache.pop(s)
+    """Update ``s``'s per-sample gradients, as :func:`sample_grads` yields them. Pass 2 walks backward, so the
+    gradients of ``s`` and of up to ``grad_group - 1`` updates before it (within the chunk, with batches of the
+    same size) are taken in one call (:func:`sample_grads_many`) and kept until their turn.
+
+    The groups are fixed up front (:func:`_grad_groups`, as one thread walking backward meets them), so threads
+    taking the updates as they come take the same groups, each once: under ``grad_lock`` the first thread to need
+    a group takes it and one that needs it meanwhile waits for it."""
+    with state.grad_lock:
+        got = state.grad_cache.pop(s, None)
+        if got is not None:
+            return got
+        ctx, block, lo = state.ctx, state.block, state.lo
+        if not state.grad_groups:
+            state.grad_groups.update(_grad_groups(state))
+        first, last = state.grad_groups[s]
+        nb = int(block.batches[last - lo - 1].numel())
+        # theta_{u-1} of the updates first..last: consecutive rows of the chunk's parameters
+        params = {n: block.params[n][first - 1 - lo : last - lo].to(device=ctx.device, dtype=F64) for n in ctx.names}
+        batches = [ctx.batch(block, u) for u in range(first, last + 1)]
+        xs, ys = torch.stack([b[1] for b in batches]), torch.stack([b[2] for b in batches])
+        for u, g in zip(range(first, last + 1), sample_grads_many(ctx.model, params, xs, ys, ctx.loss)):
+            state.grad_cache[u] = [(slice(0, nb), g)]
+        return state.grad_cache.pop(s)
+
+
+def _grad_groups(state: Pass2State) -> dict[int, tuple[int, int]]:
+    """Every update's group ``(first, last)`` for :func:`_group_grads`: walking backward from ``hi``, each group
+    holds up to ``grad_group`` updates, within the chunk, with batches of the same size."""
+    block, lo, out = state.block, state.lo, {}
+    last = block.hi
+    while last > lo:
+        nb = int(block.batches[last - lo - 1].numel())
+        first = last
+        while (first - 1 > lo and last - first + 1 < state.grad_group
+               and int(block.batches[first - 2 - lo].numel()) == nb):
+            first -= 1
+        out.update(dict.fromkeys(range(first, last + 1), (first, last)))
+        last = first - 1
+    return out
 
 
 def _grads_ahead(ctx: Context, block: TrajectoryBlock) -> bool:
@@ -161,6 +184,8 @@ class Pass2State:
     pre_grads: bool  # the producer takes the per-sample gradients
     grad_group: int = 1  # updates whose per-sample gradients are taken in one call (_group_grads)
     grad_cache: dict[int, list[tuple[slice, Vectors]]] = field(default_factory=dict)  # taken, not yet consumed
+    grad_groups: dict[int, tuple[int, int]] = field(default_factory=dict)  # update -> its group (_grad_groups)
+    grad_lock: threading.Lock = field(default_factory=threading.Lock)  # producer threads share the two above
 
     @property
     def by_sample(self) -> bool:
@@ -457,7 +482,8 @@ def pass2(
     :func:`engine.result.chunk_layout` says.
 
     With two or more torch threads on the CPU the updates run as a two-stage pipeline (:mod:`engine.scan.pipeline`):
-    :func:`produce` one update ahead in a second thread, :func:`consume` here.
+    :func:`produce` ahead in a second thread (and here, on a copy of the model, while that thread is busy),
+    :func:`consume` here, in order.
 
     ``data_out`` (float64 CPU, the ``data`` block's shape, by sample): written in place and returned as ``data``.
     ``grads``: the chunk's batch gradients kept by its light pass 1 (``pass1(..., light=True, keep_g=True).g``),
@@ -480,7 +506,17 @@ def pass2(
         consume(state, s, w)
         progress.tick()
 
-    pipeline.run_two_stage(reversed(block.updates), functools.partial(produce, state), consume_one, threads)
+    # every thread that produces has its own model (Context.twins); the state they read is shared. With the
+    # pipeline_help setting the calling thread produces too, on this context, when it would wait for a producer
+    helps = threads is not None and settings.get("pipeline_help")
+    k = pipeline.producer_count(threads)
+    twins = ctx.twins(k if helps else k - 1) if threads is not None else []
+    if len(twins) < (k if helps else k - 1):  # a model that cannot be copied: one producer on this context
+        helps, twins = False, []
+    others = [functools.partial(produce, dataclasses.replace(state, ctx=c)) for c in twins]
+    mine = functools.partial(produce, state)
+    pipeline.run_two_stage(reversed(block.updates), others if helps else [mine, *others], consume_one, threads,
+                           helper=mine if helps else None)
     return finish(state)
 
 

@@ -3,6 +3,7 @@ float64 model, data and coefficients, built once per process) and :func:`result_
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from collections import OrderedDict
@@ -141,6 +142,7 @@ class Context:
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model
+        self._twins: list[Context] = []
         # runs with dropout: the model's dropout calls are off except where an update's masks are applied
         self.rng = getattr(traj, "rng_info", None)
         if self.rng is not None:
@@ -157,10 +159,7 @@ class Context:
         self.n_samples = len(self.x_train)
         self.x_query = _cast(problem.x_query, self.device)
         self.y_query = None if problem.y_query is None else _cast(problem.y_query, self.device)
-        if problem.per_query:
-            self.query_fn = output_modes.make_sample_query(model, self.x_query, self.y_query, problem.output, self.loss)
-        else:
-            self.query_fn = output_modes.make_query_fn(model, self.x_query, self.y_query, problem.output, self.loss)
+        self.query_fn = self._query_fn(model)
         with torch.no_grad():
             out = output_modes.apply_mode(problem.output, model(self.x_query), self.y_query, self.loss)
         self.Q, self.O = int(out.shape[0]), int(out.shape[1])
@@ -168,6 +167,29 @@ class Context:
         self.rule = parse_rule(problem.rule) if isinstance(problem.rule, str) else problem.rule
         self.by = problem.by
         self.per_tensor = "tensor" in problem.by
+
+    def _query_fn(self, model: torch.nn.Module) -> Any:
+        p = self.problem
+        if p.per_query:
+            return output_modes.make_sample_query(model, self.x_query, self.y_query, p.output, self.loss)
+        return output_modes.make_query_fn(model, self.x_query, self.y_query, p.output, self.loss)
+
+    def twins(self, n: int) -> list[Context]:
+        """Up to ``n`` copies of this context for other threads (made once, then kept): the same data and queries
+        but each its own deep copy of the model. ``functional_call`` swaps a module's parameters in place while it
+        runs, so two threads calling one module would see each other's. Fewer (none) when the model cannot be
+        deep-copied; the caller then keeps to one thread per model."""
+        while len(self._twins) < n:
+            try:
+                model = copy.deepcopy(self.model)
+            except Exception:  # noqa: BLE001 - a model that cannot be copied: no more twins
+                break
+            twin = copy.copy(self)
+            twin._twins = []
+            twin.model = model
+            twin.query_fn = twin._query_fn(model)
+            self._twins.append(twin)
+        return self._twins[:n]
 
     def params(self, block: TrajectoryBlock, step: int) -> dict[str, torch.Tensor]:
         r = step - block.lo

@@ -151,6 +151,35 @@ def test_dropout_run_decomposes_exactly_and_alike_at_k1_and_k8(results):
     assert_results_close(results[8], results[1], rtol=1e-10)
 
 
+def test_producer_threads_replay_the_masks_on_their_own_models(runs, results):
+    """With two torch threads pass 2's producer threads and its helping consumer take the updates as they come,
+    each regenerating its updates' masks on its own copy of the model (the dropout state is per thread and per
+    model): the result is the one-producer pipeline's bit for bit and the one-thread run's to rounding."""
+    import copy
+
+    from engine import settings
+    from explaind_store import dropout
+
+    net = make_mlp(**MLP)
+    twin = copy.deepcopy(net if dropout.install(net) else net)  # how pass 2 gives each thread its own model
+    assert dropout.control(twin) is not None and dropout.control(twin) is not dropout.control(net)
+    root, _ = runs
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = {}
+        for name, kw in (("one", dict(pipeline_help=False)), ("help", {}), ("two", dict(pipeline_producers=2))):
+            with settings.override(**kw):
+                out[name] = engine.attribute(open_run(root / "k8"), queries="val", by="sample,step", client="sync",
+                                             progress=False)
+    finally:
+        torch.set_num_threads(before)
+    for v in out["one"].data_vars:
+        assert np.array_equal(out["help"][v].values, out["one"][v].values, equal_nan=True), v
+        assert np.array_equal(out["two"][v].values, out["one"][v].values, equal_nan=True), v
+    assert_results_close(out["help"], results[8], rtol=1e-10)
+
+
 def test_per_sample_contributions_match_a_float64_oracle_with_the_same_masks(tmp_path):
     """Trained in float64, so that the engine and the brute force agree to float64 rounding."""
     before = torch.get_num_threads()

@@ -345,8 +345,11 @@ def test_grouped_per_sample_gradients_match_oracle(model, opt, monkeypatch):
     ],
 )
 def test_pipelined_pass2_matches_oracle(model, opt, by, method, window, monkeypatch):
-    """With two torch threads pass 2 takes the path integrals and per-sample gradients one update ahead in a
-    producer thread (engine.scan.pipeline); the scores still match the oracle and the one-thread run."""
+    """With two torch threads pass 2 takes the path integrals and per-sample gradients ahead in a producer thread
+    (engine.scan.pipeline) and, while it is busy, in the consuming thread, each with its own model; the scores
+    equal those of one producer alone and of two producers bit for bit, and still match the oracle and the
+    one-thread run."""
+    from engine import settings
     from engine.scan import pipeline
 
     seen: list[object] = []
@@ -354,16 +357,28 @@ def test_pipelined_pass2_matches_oracle(model, opt, by, method, window, monkeypa
 
     def spy(items, produce, consume, threads, **kw):
         seen.append(threads)
+        if threads is not None:  # every producing thread has its own model
+            fns = [*produce, *([kw["helper"]] if kw.get("helper") else [])]
+            assert len({id(f.args[0].ctx.model) for f in fns}) == len(fns) == threads_that_produce[0]
         return real(items, produce, consume, threads, **kw)
 
     monkeypatch.setattr(pipeline, "run_two_stage", spy)
     run = run_of(model, opt)
+    threads_that_produce = [2]
     torch.set_num_threads(2)
-    try:  # nothing kept: the producer also recomputes the path integrals (or, first chunk, makes them)
-        ds = engine(run, by=by, method=method, keep_u=False, window=window)
+    try:  # nothing kept: the producers also recompute the path integrals (or, first chunk, make them)
+        ds = engine(run, by=by, method=method, keep_u=False, window=window)  # the consumer helps
+        other = {}
+        for n, kw in ((1, dict(pipeline_help=False)), (3, dict(pipeline_producers=2))):
+            threads_that_produce[0] = n
+            with settings.override(**kw):
+                other[n] = engine(run, by=by, method=method, keep_u=False, window=window)
     finally:
         torch.set_num_threads(1)
     assert seen and all(t == ((1, 1) if method != "jvp" else None) for t in seen), seen
+    for v in ds.data_vars:  # whichever thread took an update changes no bit
+        for one in other.values():
+            assert np.array_equal(ds[v].values, one[v].values, equal_nan=True), v
     seen.clear()
     ref = engine(run, by=by, method=method, window=window)
     assert seen and all(t is None for t in seen), seen  # one torch thread: no pipeline

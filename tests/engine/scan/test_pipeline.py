@@ -1,4 +1,4 @@
-"""engine.scan.pipeline: pass 2's two-thread producer/consumer driver (its numbers are checked in test_math), and
+"""engine.scan.pipeline: pass 2's producer/consumer driver (its numbers are checked in test_math), and
 the settings table it reads."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from engine import settings
-from engine.scan.pipeline import pipeline_threads, run_two_stage
+from engine.scan.pipeline import PRODUCER_NAME, pipeline_threads, producer_count, run_two_stage
 
 
 def _producer_alive() -> bool:
-    return any(t.name == "explaind-pipeline-producer" and t.is_alive() for t in threading.enumerate())
+    return any(t.name.startswith(PRODUCER_NAME) and t.is_alive() for t in threading.enumerate())
 
 
 def test_runs_ahead_in_a_second_thread_in_order():
@@ -69,6 +69,78 @@ def test_a_consumer_error_stops_the_producer():
     assert len(produced) <= 4  # stopped right away, not run to the end
 
 
+def test_producers_and_a_helping_caller_deliver_in_order():
+    """Three producer threads (each its own function, as each has its own model) and the calling thread, which
+    takes items itself while the producers are busy: every item is consumed once and in order, with the values of
+    the one-thread run, and every item's production ran with the same torch thread count (the producer side's
+    six split three ways) whichever thread took it."""
+    import time
+
+    log: dict[int, tuple[str, int]] = {}
+    got: list[tuple[int, float]] = []
+
+    def produce(i: int) -> float:
+        log[i] = (threading.current_thread().name, torch.get_num_threads())
+        if threading.current_thread().name.startswith(PRODUCER_NAME):
+            time.sleep(0.01)  # slow producers: the caller has time to help
+        return i * 0.5
+
+    def consume(i: int, v: float) -> None:
+        got.append((i, v))
+        assert torch.get_num_threads() == 1  # the consumer's own count is back after helping
+
+    ref: list[tuple[int, float]] = []
+    run_two_stage(range(40), [produce] * 3, lambda i, v: ref.append((i, v)), None)
+    assert ref == [(i, i * 0.5) for i in range(40)]
+    log.clear()
+    before = torch.get_num_threads()
+    run_two_stage(range(40), [produce] * 3, consume, (6, 1), helper=produce)
+    assert torch.get_num_threads() == before
+    assert got == ref
+    names = {name for name, _ in log.values()}
+    assert threading.current_thread().name in names, names  # the caller helped
+    assert {f"{PRODUCER_NAME}-1", f"{PRODUCER_NAME}-2"} <= names, names  # and the producers took turns
+    assert {n for _, n in log.values()} == {2}
+    assert not _producer_alive()
+
+
+@pytest.mark.parametrize("bad", [0, 1, 4])
+@pytest.mark.parametrize("helps", [False, True])
+def test_an_error_in_any_producer_reaches_the_caller(bad, helps):
+    """Whichever of three producers (or the helping caller) fails, its error is raised here after the items before
+    it were consumed, and every producer thread has stopped."""
+    consumed = []
+
+    def produce(i: int) -> int:
+        if i == bad:
+            raise ValueError(f"bad update {i}")
+        return i
+
+    with pytest.raises(ValueError, match=f"bad update {bad}"):
+        run_two_stage(range(30), [produce] * 3, lambda i, v: consumed.append(i), (1, 1),
+                      helper=produce if helps else None)
+    assert consumed == list(range(bad))
+    assert not _producer_alive()
+
+
+def test_several_producers_stay_within_ahead_each():
+    import time
+
+    done = [0]
+    lead: list[int] = []
+
+    def produce(i: int) -> int:
+        lead.append(i - done[0])
+        return i
+
+    def consume(i: int, v: int) -> None:
+        time.sleep(0.002)
+        done[0] += 1
+
+    run_two_stage(range(40), [produce, produce], consume, (1, 1), ahead=1)
+    assert max(lead) == 3  # two producers, each up to two items: memory stays bounded
+
+
 def test_pipeline_threads(monkeypatch):
     monkeypatch.delenv("EXPLAIND_PIPELINE", raising=False)
     assert pipeline_threads("cpu", 1) is None
@@ -80,6 +152,10 @@ def test_pipeline_threads(monkeypatch):
     with settings.override(pipeline=True):  # an override beats the environment
         assert pipeline_threads("cpu", 4) == (2, 2)
     assert pipeline_threads("cpu", 4) is None
+    monkeypatch.delenv("EXPLAIND_PIPELINE_PRODUCERS", raising=False)
+    assert producer_count(None) == 1 and producer_count((1, 1)) == 1
+    with settings.override(pipeline_producers=3):
+        assert producer_count((1, 1)) == 3 and producer_count(None) == 1
 
 
 @pytest.mark.parametrize("ahead", [1, 2])
