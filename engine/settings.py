@@ -61,7 +61,7 @@ TABLE: dict[str, Setting] = {
         Setting("pipeline", bool, True, "run pass 2 over two threads (torch.func work one update ahead) when it "
                 "has two or more torch threads on the CPU; 0/false/off/no turns it off"),
         Setting("pipeline_producers", int, 1, "threads of pass 2's pipeline that take the torch.func work in turn "
-                "(each with its own copy of the model)"),
+                "(each with its own copy of the model); more than 1 costs CPU under the GIL", minimum=1),
         Setting("pipeline_help", bool, True, "pass 2's consumer thread takes an update's torch.func work itself "
                 "(on its own copy of the model) instead of waiting for a busy producer; 0/false/off/no turns it off"),
         Setting("threads_per_group", int, 2, "torch threads per query group on the default LocalCluster"),
