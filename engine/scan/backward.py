@@ -509,9 +509,10 @@ def pass2(
     # every thread that produces has its own model (Context.twins); the state they read is shared. With the
     # pipeline_help setting the calling thread produces too, on this context, when it would wait for a producer
     helps = threads is not None and settings.get("pipeline_help")
-    k = pipeline.producer_count(threads)
-    twins = ctx.twins(k if helps else k - 1) if threads is not None else []
-    if len(twins) < (k if helps else k - 1):  # a model that cannot be copied: one producer on this context
+    k = pipeline.producer_count(threads)  # 1 without a pipeline, and then no twin
+    need = k if helps else k - 1
+    twins = ctx.twins(need)
+    if len(twins) < need:  # a model that cannot be copied: one producer on this context
         helps, twins = False, []
     others = [functools.partial(produce, dataclasses.replace(state, ctx=c)) for c in twins]
     mine = functools.partial(produce, state)
