@@ -649,15 +649,25 @@ class _Brackets:
     has_st: Tensor
 
 
-def _refine(
-    seg: Segment, rec: Any, br: _Brackets, idx: Tensor, it: int, guess: Tensor, st_t: Tensor | None, sten: Tensor,
-    rid: Tensor, ia: Tensor, ib: Tensor, crow: Tensor | None, chunk: int, stencil: Tensor | None,
-) -> int:
-    """One step for the active crossings ``idx`` (batched switch passes of at most ``chunk`` points); returns the
-    evaluations spent."""
-    a, b, fa, fb, ftol, root, side, active = br.a, br.b, br.fa, br.fb, br.ftol, br.root, br.side, br.active
-    c_first, f_first, nrec = br.c_first, br.f_first, len(rec.kinds)
-    aa, bb, fa_, fb_ = a[idx], b[idx], fa[idx], fb[idx]
+@dataclass
+class _Points:
+    """The points one refinement step evaluates in one batched forward: ``ts[:n]`` is the next point ``c`` of each
+    active crossing; then ``c -+ eps`` of the probed ones (local indices ``pr``), the stencil offsets other than 0
+    (at 0 the stencil reads ``c`` itself), and the stencils of roots found earlier without one (``pend``).
+    ``owner``: the crossing each point belongs to."""
+
+    ts: Tensor
+    owner: Tensor
+    n: int
+    pr: Tensor
+    pend: Tensor
+    offs: list[float]
+
+
+def _next_guess(br: _Brackets, idx: Tensor, it: int, guess: Tensor, st_t: Tensor | None, sten: Tensor) -> Tensor:
+    """The point each active crossing ``idx`` tries next, strictly inside its bracket (the midpoint when the rule
+    of this step gives none)."""
+    aa, bb, fa_, fb_ = br.a[idx], br.b[idx], br.fa[idx], br.fb[idx]
     c = (aa * fb_ - bb * fa_) / (fb_ - fa_)
     if it == 0:
         g0 = guess[idx]
@@ -666,9 +676,9 @@ def _refine(
         # Second step: inverse cubic through the first guess and the 3 stencil points nearest to it. The first
         # guess is ~1e-8 off; this lands within float64 noise of the root, so most crossings converge here
         # instead of after one or two more regula falsi steps (one batched forward each).
-        t5 = torch.cat([st_t[idx], c_first[idx, None]], 1)
-        s5 = torch.cat([sten[idx], f_first[idx, None]], 1)
-        far = (st_t[idx] - c_first[idx, None]).abs().argmax(1)
+        t5 = torch.cat([st_t[idx], br.c_first[idx, None]], 1)
+        s5 = torch.cat([sten[idx], br.f_first[idx, None]], 1)
+        far = (st_t[idx] - br.c_first[idx, None]).abs().argmax(1)
         keep = torch.ones_like(t5, dtype=torch.bool)
         keep[torch.arange(len(idx)), far] = False
         g1 = _inverse_interpolation(t5[keep].reshape(-1, 4), s5[keep].reshape(-1, 4))
@@ -680,16 +690,17 @@ def _refine(
         g2 = cl - fl_ * (cl - cp) / (fl_ - fp)
         c = torch.where(torch.isfinite(g2) & (g2 > aa) & (g2 < bb), g2, c)
     bad = ~torch.isfinite(c) | (c <= aa) | (c >= bb)
-    c = torch.where(bad, 0.5 * (aa + bb), c)
-    # From the second step on c is usually within rounding noise of the root. The same forward then evaluates the
-    # caller's stencil around c (the outputs its jump test needs, so a confirmed root costs no forward of its
-    # own; also around roots found earlier without one) and, where ftol is within a few rounding errors of the
-    # record's switch values (``probe``) or a step already failed, c -+ eps: a sign change there proves the root
-    # within eps of c, so a unit whose small |fa| + |fb| puts ftol below its rounding noise still converges here.
+    return torch.where(bad, 0.5 * (aa + bb), c)
+
+
+def _gather_points(br: _Brackets, idx: Tensor, c: Tensor, it: int, stencil: Tensor | None) -> _Points:
+    """From the second step on c is usually within rounding noise of the root. The same forward then evaluates the
+    caller's stencil around c (the outputs its jump test needs, so a confirmed root costs no forward of its own;
+    also around roots found earlier without one) and, where ftol is within a few rounding errors of the record's
+    switch values (``probe``) or a step already failed, c -+ eps: a sign change there proves the root within eps
+    of c, so a unit whose small |fa| + |fb| puts ftol below its rounding noise still converges here."""
     e = br.eps[idx]
     n = idx.numel()
-    # Points: c for every crossing, then c -+ eps for the probed ones (local indices ``pr``), then the stencil
-    # offsets other than 0 (at 0 the stencil reads c itself), then the stencils of earlier roots (``pend``).
     groups, owners = [c], [idx]
     pr = torch.zeros(0, dtype=torch.int64)
     pend = pr
@@ -702,12 +713,20 @@ def _refine(
         owners += [idx] * sum(off != 0 for off in offs)
         if offs:
             assert stencil is not None
-            pend = torch.nonzero(~active & ~br.has_st & ~torch.isnan(root)).flatten()
-            groups.append((root[pend, None] + stencil).reshape(-1))
+            pend = torch.nonzero(~br.active & ~br.has_st & ~torch.isnan(br.root)).flatten()
+            groups.append((br.root[pend, None] + stencil).reshape(-1))
             owners.append(pend.repeat_interleave(len(offs)))
-    ts_all = torch.cat(groups) if len(groups) > 1 else c
-    ci = torch.cat(owners) if len(owners) > 1 else idx
-    n_pts = ts_all.numel()
+    ts = torch.cat(groups) if len(groups) > 1 else c
+    owner = torch.cat(owners) if len(owners) > 1 else idx
+    return _Points(ts, owner, n, pr, pend, offs)
+
+
+def _evaluate(seg: Segment, rec: Any, pts: _Points, rid: Tensor, ia: Tensor, ib: Tensor, crow: Tensor | None,
+              chunk: int) -> tuple[Tensor, Tensor | None]:
+    """Batched switch passes (at most ``chunk`` points each) over ``pts``: each point's value of its own
+    crossing's switch (float64), and the outputs at every point where a stencil asks for them."""
+    ci, nrec = pts.owner, len(rec.kinds)
+    n_pts = pts.ts.numel()
     ia_all = torch.zeros(n_pts, nrec, dtype=torch.int64)
     ib_all = torch.zeros(n_pts, nrec, dtype=torch.int64)
     ia_all[torch.arange(n_pts), rid[ci]] = ia[ci]
@@ -716,18 +735,26 @@ def _refine(
     for s in range(0, n_pts, chunk):
         sl = slice(s, s + chunk)
         r_sl = None if crow is None else crow[ci[sl]]
-        f, vals = _switch_pass(seg, ts_all[sl], r_sl, ia_all[sl], ib_all[sl], rec.kinds)
+        f, vals = _switch_pass(seg, pts.ts[sl], r_sl, ia_all[sl], ib_all[sl], rec.kinds)
         v_parts.append(vals.gather(1, rid[ci[sl]].unsqueeze(1)).squeeze(1).to(torch.float64))
         f_parts.append(f)
     v = torch.cat(v_parts) if len(v_parts) > 1 else v_parts[0]
+    if not pts.offs:
+        return v, None
+    return v, (torch.cat(f_parts) if len(f_parts) > 1 else f_parts[0])
+
+
+def _judge(br: _Brackets, idx: Tensor, c: Tensor, v: Tensor, pts: _Points) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Which crossings converged (``done``) and where (``at``), and the point that moves each bracket with its
+    switch value (``cb``, ``fcb``): c itself, or the probe on the root's side where that is the tighter end."""
+    n, pr = pts.n, pts.pr
     fc = v[:n]
-    if it == 0:
-        c_first[idx], f_first[idx] = c, fc
-    done = (fc.abs() <= ftol[idx]) | (fc == 0)
-    at = c  # the root where done
-    cb, fcb = c, fc  # the point that moves the bracket
+    done = (fc.abs() <= br.ftol[idx]) | (fc == 0)
+    at = c
+    cb, fcb = c, fc
     if pr.numel():
         n_pr = pr.numel()
+        aa, bb, fa_, fb_, e = br.a[idx], br.b[idx], br.fa[idx], br.fb[idx], br.eps[idx]
         fl, fr = v[n : n + n_pr], v[n + n_pr : n + 2 * n_pr]
         # a sign change between the probes (one exactly 0 included) puts the root within eps of c
         done[pr] |= ((fl <= 0) & (fr >= 0)) | ((fl >= 0) & (fr <= 0))
@@ -740,44 +767,72 @@ def _refine(
         cb, fcb = c.clone(), fc.clone()
         cb[pr] = torch.where(left, cp - ep, torch.where(right, cp + ep, cp))
         fcb[pr] = torch.where(left, fl, torch.where(right, fr, fcp))
-        near = (left | right) & (fcb[pr].abs() <= ftol[idx[pr]])
+        near = (left | right) & (fcb[pr].abs() <= br.ftol[idx[pr]])
         at = c.clone()
         at[pr] = torch.where(near, cb[pr], cp)
         done[pr] |= near
-    if offs:
-        fo = torch.cat(f_parts) if len(f_parts) > 1 else f_parts[0]
-        # index of each stencil offset among the points: c itself for 0, else its group after the probes
-        base, cols, k = n + 2 * pr.numel(), [], 0
-        for off in offs:
-            cols.append(torch.arange(n) if off == 0 else base + k * n + torch.arange(n))
-            k += off != 0
-        dn = torch.nonzero(done & (at == c)).flatten()
-        assert br.f_st is not None
-        br.f_st[idx[dn]] = fo[torch.stack(cols, 1)[dn]].to(br.f_st.dtype)
-        br.has_st[idx[dn]] = True
-        if pend.numel():
-            br.f_st[pend] = fo[base + k * n :].reshape(pend.numel(), len(offs), -1).to(br.f_st.dtype)
-            br.has_st[pend] = True
+    return done, at, cb, fcb
+
+
+def _keep_stencils(br: _Brackets, idx: Tensor, c: Tensor, pts: _Points, fo: Tensor, done: Tensor,
+                   at: Tensor) -> None:
+    """Store the stencil outputs of the roots this forward confirmed at c, and of the earlier roots it served."""
+    n, offs = pts.n, pts.offs
+    # index of each stencil offset among the points: c itself for 0, else its group after the probes
+    base, cols, k = n + 2 * pts.pr.numel(), [], 0
+    for off in offs:
+        cols.append(torch.arange(n) if off == 0 else base + k * n + torch.arange(n))
+        k += off != 0
+    dn = torch.nonzero(done & (at == c)).flatten()
+    assert br.f_st is not None
+    br.f_st[idx[dn]] = fo[torch.stack(cols, 1)[dn]].to(br.f_st.dtype)
+    br.has_st[idx[dn]] = True
+    if pts.pend.numel():
+        br.f_st[pts.pend] = fo[base + k * n :].reshape(pts.pend.numel(), len(offs), -1).to(br.f_st.dtype)
+        br.has_st[pts.pend] = True
+
+
+def _move_brackets(br: _Brackets, idx: Tensor, done: Tensor, at: Tensor, cb: Tensor, fcb: Tensor) -> None:
+    """The Illinois update of each bracket with the point ``cb``; crossings that converged or whose bracket
+    collapsed get their root and leave the active set."""
+    aa, bb, fa_, fb_ = br.a[idx], br.b[idx], br.fa[idx], br.fb[idx]
     br.c_prev[idx], br.f_prev[idx] = br.c_last[idx], br.f_last[idx]
     br.c_last[idx], br.f_last[idx] = cb, fcb
     same_b = (fcb * fb_ > 0) & ~done
     same_a = (fcb * fa_ > 0) & ~done
     # Illinois: halve the value kept at an end that survives twice in a row, so the bracket shrinks from both
     # sides and convergence stays superlinear instead of stalling like plain regula falsi.
-    sd = side[idx]
+    sd = br.side[idx]
     new_fa = torch.where(same_b & (sd == -1), fa_ * 0.5, fa_)
     new_fb = torch.where(same_a & (sd == 1), fb_ * 0.5, fb_)
     new_b = torch.where(same_b, cb, bb)
     new_fb = torch.where(same_b, fcb, new_fb)
     new_a = torch.where(same_a, cb, aa)
     new_fa = torch.where(same_a, fcb, new_fa)
-    side[idx] = torch.where(same_b, -1.0, torch.where(same_a, 1.0, sd))
-    a[idx], b[idx], fa[idx], fb[idx] = new_a, new_b, new_fa, new_fb
+    br.side[idx] = torch.where(same_b, -1.0, torch.where(same_a, 1.0, sd))
+    br.a[idx], br.b[idx], br.fa[idx], br.fb[idx] = new_a, new_b, new_fa, new_fb
     narrow = (new_b - new_a) <= 1e-15
     fin = done | narrow | ~(same_a | same_b)
-    root[idx] = torch.where(fin, torch.where(done, at, 0.5 * (new_a + new_b)), root[idx])
-    active[idx] = ~fin
-    return n_pts
+    br.root[idx] = torch.where(fin, torch.where(done, at, 0.5 * (new_a + new_b)), br.root[idx])
+    br.active[idx] = ~fin
+
+
+def _refine(
+    seg: Segment, rec: Any, br: _Brackets, idx: Tensor, it: int, guess: Tensor, st_t: Tensor | None, sten: Tensor,
+    rid: Tensor, ia: Tensor, ib: Tensor, crow: Tensor | None, chunk: int, stencil: Tensor | None,
+) -> int:
+    """One step for the active crossings ``idx``: their next points (with probes and stencils) in one batched
+    forward, then the brackets moved; returns the evaluations spent."""
+    c = _next_guess(br, idx, it, guess, st_t, sten)
+    pts = _gather_points(br, idx, c, it, stencil)
+    v, fo = _evaluate(seg, rec, pts, rid, ia, ib, crow, chunk)
+    if it == 0:
+        br.c_first[idx], br.f_first[idx] = c, v[: pts.n]
+    done, at, cb, fcb = _judge(br, idx, c, v, pts)
+    if fo is not None:
+        _keep_stencils(br, idx, c, pts, fo, done, at)
+    _move_brackets(br, idx, done, at, cb, fcb)
+    return pts.ts.numel()
 
 
 def search_kinks(
