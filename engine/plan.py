@@ -213,6 +213,37 @@ def query_groups(n_queries: int, n_groups: int, *, per_query: bool) -> list[slic
     return [slice(a, b) for a, b in itertools.pairwise(edges)]
 
 
+# Float64 parameter-sized vectors one query row (one output of one query) adds to the peak of a scan task: pass 2
+# holds the row's phi (its path integral), the reverse accumulator U, and the Jacobians of the vmapped quadrature
+# nodes while phi is being built (and the accumulator handed on by the next chunk). Calibrated against the peak
+# resident memory of the paper's modular-addition model (~97k parameters, by step and tensor, one torch thread):
+# 1, 4 and 16 queries of 113 rows each grew it by about 3.5 vectors a row (bench/query_memory.py,
+# docs/benchmarks.md); rounded up, so a batch rather stays under its budget.
+QUERY_ROW_VECTORS = 4
+
+
+def query_row_bytes(n_params: int) -> int:
+    """Estimated peak bytes one query row (a query's output) adds to a scan task over ``n_params`` parameters
+    (``QUERY_ROW_VECTORS`` float64 vectors of all parameters)."""
+    return QUERY_ROW_VECTORS * max(1, int(n_params)) * F64_BYTES
+
+
+def query_batches(group: slice, n_outputs: int, n_params: int, budget: int | None) -> list[slice]:
+    """The queries of one group split into consecutive, nearly equal batches whose rows' estimated memory
+    (:func:`query_row_bytes`) fits ``budget`` bytes each (None: no bound, one batch). The batches run one after
+    another in the group's slot, so the group's memory is one batch's; each repeats the per-sample gradients of
+    every update (and pass 1), so the group is only split when it would not fit. A batch holds at least one query:
+    a query's outputs are not split (one query over the budget is one batch of one query)."""
+    n = group.stop - group.start
+    per_query = query_row_bytes(n_params) * max(1, int(n_outputs))
+    if budget is None or n <= 1 or n * per_query <= budget:
+        return [group]
+    fit = max(1, int(budget) // per_query)
+    n_batches = math.ceil(n / fit)
+    edges = [group.start + round(i * n / n_batches) for i in range(n_batches + 1)]
+    return [slice(a, b) for a, b in itertools.pairwise(edges)]
+
+
 def plan_parallelism(
     n_queries: int, *, per_query: bool, sync: bool, same_host: bool, n_workers: int
 ) -> tuple[int, int | None]:
@@ -249,6 +280,13 @@ class Plan:
     chain: bool  # reverse chain (True) or parallel chunks
     bounds: list[tuple[int, int]]
     keep_u: bool  # parallel chunks: pass 1 keeps u_s for pass 2
+    batches: list[list[slice]] | None = None  # per group, its queries' batches, run one after another (None: one)
+    query_estimate: int = 0  # estimated bytes of query-row state of the largest batches of all groups at once
+
+    @property
+    def group_batches(self) -> list[list[slice]]:
+        """Per group, the batches of its queries (the group itself when it is not split)."""
+        return self.batches if self.batches is not None else [[g] for g in self.groups]
 
 
 def plan_attribution(
@@ -262,23 +300,33 @@ def plan_attribution(
     same_host: bool,
     n_workers: int,
     checkpoints: Sequence[int] | None = None,
+    query_bytes: int | None = None,
 ) -> Plan:
     """Workers first take groups of queries (independent scans, no repeated work), then chunks of updates.
 
     Workers (processes) left per group: none spare -> chunks of updates in the reverse chain (every path integral
     once, chunks in sequence); spare workers -> chunks in parallel (later chunks' path integrals twice, unless
-    kept within ``keep_u_bytes``). With threads set, the cores are already spread over the groups."""
+    kept within ``keep_u_bytes``). With threads set, the cores are already spread over the groups.
+
+    ``query_bytes``: the memory the groups that run at once may hold in query-row state (None: unbounded); each
+    group gets an equal share, and a group whose rows would not fit runs its queries in batches, one after another
+    (:func:`query_batches`; only when ``per_query``: otherwise one batch, which may exceed it)."""
     n_groups, threads = plan_parallelism(meta.n_queries, per_query=per_query, sync=sync, same_host=same_host,
                                          n_workers=n_workers)
     groups = query_groups(meta.n_queries, n_groups, per_query=per_query)
-    rows = max(g.stop - g.start for g in groups) * meta.n_outputs
+    n_params = sum(math.prod(s) for s in meta.tensor_shapes)
+    share = None if query_bytes is None else max(1, int(query_bytes) // len(groups))
+    batches = [query_batches(g, meta.n_outputs, n_params, share if per_query else None) for g in groups]
+    largest = [max(b.stop - b.start for b in bs) for bs in batches]
+    estimate = sum(q * meta.n_outputs * query_row_bytes(n_params) for q in largest)
+    rows = max(largest) * meta.n_outputs
     spare = 1 if threads else n_workers // len(groups)
     chain = spare <= 1
     bounds = plan_chunks(window, store_chunk=store_chunk, chunk_updates=chunk_updates, n_workers=spare,
                          max_updates=task_updates(meta, rows, chain=chain), fill=chain, checkpoints=checkpoints)
-    n_params = sum(math.prod(s) for s in meta.tensor_shapes)
     keep_u = not chain and keeps_u(window[1] - window[0], rows, n_params)
-    return Plan(groups, threads, chain, bounds, keep_u)
+    return Plan(groups, threads, chain, bounds, keep_u, batches if any(len(b) > 1 for b in batches) else None,
+                estimate)
 
 
 __all__ = [
@@ -296,7 +344,10 @@ __all__ = [
     "plan_attribution",
     "plan_chunks",
     "plan_parallelism",
+    "QUERY_ROW_VECTORS",
+    "query_batches",
     "query_groups",
+    "query_row_bytes",
     "step_bytes",
     "task_updates",
 ]
