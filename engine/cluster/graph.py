@@ -187,9 +187,11 @@ def _pass2_task(
     with running(job) as (traj, ctx):
         if isinstance(a_in, Spilled):
             a_in = {part: read_vectors(a_in, f"carry-{part}", ctx.names, ctx.shapes) for part in summary.a_total}
+        owned = u_in is None or isinstance(u_in, Spilled)  # made here: pass 2 may accumulate into it in place
         if isinstance(u_in, Spilled):
             u_in = read_vectors(u_in, "carry-u", ctx.names, {n: (ctx.R, *ctx.shapes[n]) for n in ctx.names})
-        carry = Carry(lo, hi, _zero_accumulator(ctx) if u_in is None else u_in, a_in or {}, s_a, summary.stats)
+        carry = Carry(lo, hi, _zero_accumulator(ctx) if u_in is None else u_in, a_in or {}, s_a, summary.stats,
+                      u_owned=owned)
         return pass2(traj, job.problem, lo, hi, carry, p1, ctx=ctx).arrays
 
 
