@@ -6,7 +6,9 @@ cluster layer, the in-process reference and :func:`engine.attribute` ask it.
 - Memory: pass 2 keeps a chunk's rebuilt momentum, ``L x P`` float64 per momentum part (:func:`momentum_parts`:
   one for AdamW, whose decay is decoupled, two otherwise), within the ``light_bytes`` setting; kept path integrals
   (``L x rows x P``) stay within ``keep_u_bytes``; every task's result block within ``block_bytes``, even when that
-  means fewer updates than a store chunk (:func:`task_updates`).
+  means fewer updates than a store chunk (:func:`task_updates`); the query rows' own state (``rows x P``, a few
+  vectors a row: :func:`query_row_bytes`) within ``query_bytes``, by running a group's queries in batches one
+  after another (:func:`query_batches`).
 - Parallelism: on one machine, query groups in separate processes versus torch threads inside one process
   (:func:`plan_parallelism`); chunks of updates run in parallel only when workers would otherwise sit idle.
 """
@@ -214,28 +216,34 @@ def query_groups(n_queries: int, n_groups: int, *, per_query: bool) -> list[slic
 
 
 # Float64 parameter-sized vectors one query row (one output of one query) adds to the peak of a scan task: pass 2
-# holds the row's phi (its path integral), the reverse accumulator U, and the Jacobians of the vmapped quadrature
-# nodes while phi is being built (and the accumulator handed on by the next chunk). Calibrated against the peak
-# resident memory of the paper's modular-addition model (~97k parameters, by step and tensor, one torch thread):
-# 1, 4 and 16 queries of 113 rows each grew it by about 3.5 vectors a row (bench/query_memory.py,
-# docs/benchmarks.md); rounded up, so a batch rather stays under its budget.
-QUERY_ROW_VECTORS = 4
+# holds the row's phi (its path integral) and the reverse accumulator U, and while phi is being built the vmapped
+# Jacobians and their reverse passes at the quadrature nodes. Calibrated against the peak resident memory of the
+# paper's modular-addition model (~97k parameters, by step and tensor, one torch thread, synchronous scheduler):
+# from 1 to 4 queries of 113 rows each it grew by 2.7 vectors a row as one chunk and 2.8 in a reverse chain of
+# three chunks (bench/query_memory.py, docs/benchmarks.md); rounded up. In a distributed worker pass 2 also keeps
+# the accumulator handed on by the next chunk (dask may run a task again on its inputs, so it is not overwritten):
+# one vector more (3.8 measured there before in-place accumulation, same model).
+QUERY_ROW_VECTORS = 3
+QUERY_ROW_VECTORS_WORKER = 4
 
 
-def query_row_bytes(n_params: int) -> int:
-    """Estimated peak bytes one query row (a query's output) adds to a scan task over ``n_params`` parameters
-    (``QUERY_ROW_VECTORS`` float64 vectors of all parameters)."""
-    return QUERY_ROW_VECTORS * max(1, int(n_params)) * F64_BYTES
+def query_row_bytes(n_params: int, *, in_process: bool = True) -> int:
+    """Estimated peak bytes one query row (a query's output) adds to a scan task over ``n_params`` parameters:
+    ``QUERY_ROW_VECTORS`` float64 vectors of all parameters, ``QUERY_ROW_VECTORS_WORKER`` in a distributed worker
+    (``in_process`` False)."""
+    vectors = QUERY_ROW_VECTORS if in_process else QUERY_ROW_VECTORS_WORKER
+    return vectors * max(1, int(n_params)) * F64_BYTES
 
 
-def query_batches(group: slice, n_outputs: int, n_params: int, budget: int | None) -> list[slice]:
+def query_batches(group: slice, n_outputs: int, n_params: int, budget: int | None, *,
+                  in_process: bool = True) -> list[slice]:
     """The queries of one group split into consecutive, nearly equal batches whose rows' estimated memory
     (:func:`query_row_bytes`) fits ``budget`` bytes each (None: no bound, one batch). The batches run one after
     another in the group's slot, so the group's memory is one batch's; each repeats the per-sample gradients of
     every update (and pass 1), so the group is only split when it would not fit. A batch holds at least one query:
     a query's outputs are not split (one query over the budget is one batch of one query)."""
     n = group.stop - group.start
-    per_query = query_row_bytes(n_params) * max(1, int(n_outputs))
+    per_query = query_row_bytes(n_params, in_process=in_process) * max(1, int(n_outputs))
     if budget is None or n <= 1 or n * per_query <= budget:
         return [group]
     fit = max(1, int(budget) // per_query)
@@ -316,9 +324,10 @@ def plan_attribution(
     groups = query_groups(meta.n_queries, n_groups, per_query=per_query)
     n_params = sum(math.prod(s) for s in meta.tensor_shapes)
     share = None if query_bytes is None else max(1, int(query_bytes) // len(groups))
-    batches = [query_batches(g, meta.n_outputs, n_params, share if per_query else None) for g in groups]
+    batches = [query_batches(g, meta.n_outputs, n_params, share if per_query else None, in_process=sync)
+               for g in groups]
     largest = [max(b.stop - b.start for b in bs) for bs in batches]
-    estimate = sum(q * meta.n_outputs * query_row_bytes(n_params) for q in largest)
+    estimate = sum(q * meta.n_outputs * query_row_bytes(n_params, in_process=sync) for q in largest)
     rows = max(largest) * meta.n_outputs
     spare = 1 if threads else n_workers // len(groups)
     chain = spare <= 1
@@ -345,6 +354,7 @@ __all__ = [
     "plan_chunks",
     "plan_parallelism",
     "QUERY_ROW_VECTORS",
+    "QUERY_ROW_VECTORS_WORKER",
     "query_batches",
     "query_groups",
     "query_row_bytes",

@@ -51,7 +51,7 @@ import torch
 import xarray as xr
 
 from engine.cluster.handoff import inline_keep, inline_room, inline_sink, inline_take
-from engine.cluster.worker import Job, running
+from engine.cluster.worker import Job, in_dask_worker, running
 from engine.result import (
     QO,
     STEP,
@@ -210,6 +210,11 @@ def _pass2_chain_task(
         if isinstance(a_in, Spilled):
             a_in = read_momentum(a_in, PART_OF_COL[: momentum_parts(ctx.terms.kind)], ctx.names, ctx.shapes)
         carry = chain_carry(ctx, lo, hi, a_in, s_a, last=u_next is None)
+        if u_next is not None and not in_dask_worker():
+            # a local scheduler hands the next chunk's accumulator to this task alone and never runs a task twice:
+            # pass 2 accumulates into it in place, one rows x P array less (a distributed worker may run a task
+            # again on the same inputs, so there it takes a copy)
+            carry, u_next = replace(carry, u_in=u_next, u_owned=True), None
         res = pass2(traj, job.problem, lo, hi, carry, None, u_in=u_next, ctx=ctx, data_out=_data_sink(job, ctx, lo, hi),
                     grads=inline_take(job.token, _grads_key(lo, hi)))
         arrays = res.arrays

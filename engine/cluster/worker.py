@@ -113,7 +113,9 @@ def trusted_modules(extra: str | None) -> Iterator[None]:
             os.environ[TRUSTED_ENV] = old
 
 
-def _in_worker() -> bool:
+def in_dask_worker() -> bool:
+    """Whether this code runs in a ``distributed`` worker (else under a local dask scheduler in the caller's
+    process, which never runs a task twice)."""
     if "distributed" not in sys.modules:
         return False  # no worker without distributed; and a synchronous run must not import it (start-up time)
     try:
@@ -134,7 +136,7 @@ def task_env(job: Job) -> tuple[Trajectory, Context]:
     if hit is not None:
         _ENVS.move_to_end(job.token)
         return hit
-    if not _THREADS_SET and not job.threads and _in_worker():
+    if not _THREADS_SET and not job.threads and in_dask_worker():
         # one torch thread per worker process: dask parallelises over processes, and oversubscribed BLAS threads
         # only slow every worker down
         torch.set_num_threads(settings.get("worker_threads"))
@@ -168,7 +170,7 @@ def running(job: Job) -> Iterator[tuple[Trajectory, Context]]:
     that tasks' temporaries freed are then handed back to the OS (:func:`release_freed_memory`), and the updates
     it decomposes are reported to the caller's progress bar (``job.progress_call``)."""
     global _SINCE_TRIM
-    in_worker = _in_worker()
+    in_worker = in_dask_worker()
     sink = _event_sink(job.progress_call) if job.progress_call is not None and in_worker else None
     with MATH_LOCK, settings.applied(job.settings), progress.reporting(sink):
         try:
@@ -221,5 +223,5 @@ def release_freed_memory() -> bool:
     return True
 
 
-__all__ = ["MATH_LOCK", "TRIM_EVERY", "Job", "clear_caches", "make_job", "release_freed_memory", "running", "seed", "task_env",
+__all__ = ["MATH_LOCK", "TRIM_EVERY", "Job", "clear_caches", "in_dask_worker", "make_job", "release_freed_memory", "running", "seed", "task_env",
            "trusted_modules"]

@@ -38,7 +38,7 @@ def _budget_for(store: Path, queries: int) -> int:
 
 def test_plan_splits_queries_into_batches_only_over_the_budget():
     row = plan.query_row_bytes(1000)
-    assert row == plan.QUERY_ROW_VECTORS * 1000 * 8
+    assert row == plan.QUERY_ROW_VECTORS * 1000 * 8 < plan.query_row_bytes(1000, in_process=False)
     # 10 queries of 5 outputs; room for 3 queries a batch -> 4 nearly equal consecutive batches
     assert plan.query_batches(slice(0, 10), 5, 1000, 3 * 5 * row) == [slice(0, 2), slice(2, 5), slice(5, 8),
                                                                        slice(8, 10)]
