@@ -169,3 +169,23 @@ def test_in_process_attribute_hands_freed_memory_back(tmp_path):
     before, after, peak = (int(v) for v in r.stdout.split("RSS")[1].split())
     assert peak - before > 50 << 20, "the call must allocate enough for the check to mean something"
     assert after - before < 0.5 * (peak - before), (before >> 20, after >> 20, peak >> 20)
+
+
+def test_batches_on_the_local_cluster_and_an_in_process_client(digits_store, cluster):
+    """The default LocalCluster (worker processes) and a threads-only distributed client run the batches too, with
+    the one-batch numbers."""
+    from distributed import Client, LocalCluster
+
+    kw = dict(queries="val[:4]", by=("sample", "step"), progress=False)
+    with settings.override(query_bytes=10**15):
+        one = engine.attribute(digits_store, client="sync", **kw)
+    # a budget for one query in process is less than one in a worker: every batch holds one query
+    with settings.override(query_bytes=_budget_for(digits_store, 1)), warnings.catch_warnings():
+        warnings.simplefilter("ignore", QueryMemoryWarning)  # one query is over the budget in a worker
+        local = engine.attribute(digits_store, client=None, **kw)
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as lc, \
+                Client(lc, set_as_default=False) as threads:
+            inproc = engine.attribute(digits_store, client=threads, **kw)
+    for got in (local, inproc):
+        assert got.attrs["query_batches"] == 4
+        assert_results_close(got, one)
