@@ -189,3 +189,15 @@ def test_batches_on_the_local_cluster_and_an_in_process_client(digits_store, clu
     for got in (local, inproc):
         assert got.attrs["query_batches"] == 4
         assert_results_close(got, one)
+
+
+def test_the_bar_counts_every_batchs_updates(digits_store, monkeypatch):
+    """Each batch's pass 2 visits every update: the bar's total is batches x updates, reached by the ticks alone."""
+    from tests.engine.cluster.test_progress import _bars
+
+    bars = _bars(monkeypatch)
+    with settings.override(query_bytes=_budget_for(digits_store, 1)):
+        ds = engine.attribute(digits_store, queries="val[:3]", by="sample", client="sync", progress=True)
+    (bar,) = bars
+    assert ds.attrs["query_batches"] == 3
+    assert bar.total == 3 * 12 and bar.steps[: 3 * 12] == [1] * (3 * 12)
