@@ -201,3 +201,19 @@ def test_the_bar_counts_every_batchs_updates(digits_store, monkeypatch):
     (bar,) = bars
     assert ds.attrs["query_batches"] == 3
     assert bar.total == 3 * 12 and bar.steps[: 3 * 12] == [1] * (3 * 12)
+
+
+def test_queries_that_are_not_independent_stay_one_batch_with_a_warning(digits_store):
+    """Queries integrated as one function (``Problem.per_query`` False) cannot be split: one batch, and a warning
+    naming the setting when it exceeds the budget."""
+    from engine.api import warn_query_memory
+
+    run, problem, meta = _digits(digits_store, 4)
+    kw = dict(store_chunk=run.chunk_updates, chunk_updates=None, sync=True, same_host=False, n_workers=1,
+              query_bytes=1)
+    split = plan.plan_attribution(meta, (0, 12), per_query=True, **kw)
+    whole = plan.plan_attribution(meta, (0, 12), per_query=False, **kw)
+    assert [len(b) for b in split.group_batches] == [4] and whole.batches is None
+    assert whole.query_estimate == 4 * split.query_estimate > 1
+    with pytest.warns(QueryMemoryWarning, match="per_query=False.*EXPLAIND_QUERY_BYTES"):
+        warn_query_memory(whole, meta, 1, False)
