@@ -524,10 +524,7 @@ def attribute(
         runner.close()
         if scratch is not None:
             storage.remove_tree(scratch)
-        # hand the heap pages freed by the tasks that ran in this process (sync, or a client with in-process
-        # workers) and by the gathered blocks back to the OS: the engine's glibc tuning keeps freed memory, which
-        # would otherwise stay with a notebook until it exits (cheap where little is free)
-        _worker.release_freed_memory()
+        release_heap()
     check_exactness(result, req.traj, req.tol)  # the per-update residual arrays are small (query x output x step)
     return result
 
@@ -613,6 +610,21 @@ def validate(
                           meta.n_queries, window[1] - window[0])
     return Request(traj, problem, ctx, meta, qdesc, store_chunk, chunk_updates, step_bins, out_path, tol, len(guess),
                    checkpoints)
+
+
+# free heap below this stays with the process after a call: trimming it costs more (the next call faults the
+# pages in again) than the memory is worth
+RELEASE_MIN_BYTES = 64 << 20
+
+
+def release_heap() -> None:
+    """Hand the heap pages freed by the tasks that ran in this process (sync, or a client with in-process workers)
+    and by the gathered blocks back to the OS (:func:`engine.cluster.worker.release_freed_memory`) when at least
+    ``RELEASE_MIN_BYTES`` are free: the engine's glibc tuning keeps freed memory, which would otherwise stay with a
+    notebook until it exits."""
+    free = _worker.freed_heap_bytes()
+    if free is None or free >= RELEASE_MIN_BYTES:
+        _worker.release_freed_memory()
 
 
 def _start_runner(req: Request, client: Any) -> _sched.Runner:
