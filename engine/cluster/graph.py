@@ -24,7 +24,8 @@ Then ``pass2[c] ──► arrays of chunk c ──► from_delayed blocks``. Arr
 the per-chunk blocks (``dask.array.concatenate``: the step axis is never built in one task); every other array is a
 tree sum over chunks (``dask.array`` ``sum`` with ``split_every``), or in the reverse chain a running sum handed
 down the chain with ``U`` (one copy alive at a time). Groups of queries (:func:`engine.plan.query_groups`) are
-independent scans joined along the query axis (:func:`join_query_groups`). ``job`` is one graph key holding the
+independent scans joined along the query axis (:func:`join_query_groups`); a group over the ``query_bytes`` budget
+runs its queries in batches, scans one after another in its slot (:func:`lazy_result`). ``job`` is one graph key holding the
 small :class:`~engine.cluster.worker.Job` (store path, ``Problem``, settings): tasks open the store and build the
 float64 model themselves, cached per worker (:func:`engine.cluster.worker.task_env`), so no large tensor is closed over or embedded in
 the graph.
