@@ -397,22 +397,21 @@ def max_result_limit(max_result_bytes: int | str | None = None) -> int:
             return parse_bytes(max_result_bytes)
         except ValueError as exc:
             raise ValueError(f"max_result_bytes: {exc}") from None
-    configured = settings.get("max_result_bytes")  # $EXPLAIND_MAX_RESULT_BYTES or an override; 0: not set
-    if configured:
-        return configured
+    return settings.get("max_result_bytes") or share_of_available()  # the setting's 0: not set
+
+
+def share_of_available() -> int:
+    """``MAX_RESULT_FRACTION`` of the memory available now (8 GB if unknown): the default of the in-memory result
+    limit and of the query budget (the computation needs room besides them: workers, blocks in flight)."""
     avail = available_memory()
     return int(avail * MAX_RESULT_FRACTION) if avail else 8 * 10**9
 
 
 def query_limit() -> int:
     """The memory the query groups that run at once may hold in query-row state (bytes): the ``query_bytes``
-    setting (``$EXPLAIND_QUERY_BYTES``), else ``MAX_RESULT_FRACTION`` of the memory available now (8 GB if
-    unknown), as for the result (:func:`max_result_limit`)."""
-    configured = settings.get("query_bytes")
-    if configured:
-        return configured
-    avail = available_memory()
-    return int(avail * MAX_RESULT_FRACTION) if avail else 8 * 10**9
+    setting (``$EXPLAIND_QUERY_BYTES``), else :func:`share_of_available`, as for the result
+    (:func:`max_result_limit`); the query groups that run at once share it."""
+    return settings.get("query_bytes") or share_of_available()  # the setting's 0: not set
 
 
 def warn_query_memory(p: plan.Plan, meta: Any, limit: int, per_query: bool) -> None:
@@ -427,7 +426,7 @@ def warn_query_memory(p: plan.Plan, meta: Any, limit: int, per_query: bool) -> N
         f"the budget of {format_bytes(limit)}: {why}. The attribution runs anyway and may run out of memory; use an "
         "output with one row per query (output='target_logprob', 'loss' or 'margin') or fewer queries, or raise the "
         f"budget with {QUERY_BYTES_ENV} (engine setting query_bytes) if the machine has the memory",
-        QueryMemoryWarning, stacklevel=3,
+        QueryMemoryWarning, stacklevel=4,  # the caller of attribute
     )
 
 
@@ -740,6 +739,6 @@ def _strings_as_objects(ds: xr.Dataset) -> xr.Dataset:
     return ds.assign_coords(fix) if fix else ds
 
 
-__all__ = ["QueryMemoryWarning", "QuerySpec", "Request", "ResultTooLargeError", "UnknownSplitError", "attribute", "available_memory",
-           "build", "check_store", "max_result_limit", "open_trajectory", "query_limit", "parse_by", "parse_queries", "parse_steps",
-           "validate"]
+__all__ = ["QueryMemoryWarning", "QuerySpec", "Request", "ResultTooLargeError", "UnknownSplitError", "attribute",
+           "available_memory", "build", "check_store", "max_result_limit", "open_trajectory", "parse_by",
+           "parse_queries", "parse_steps", "query_limit", "release_heap", "share_of_available", "validate"]

@@ -24,10 +24,10 @@ Then ``pass2[c] ──► arrays of chunk c ──► from_delayed blocks``. Arr
 the per-chunk blocks (``dask.array.concatenate``: the step axis is never built in one task); every other array is a
 tree sum over chunks (``dask.array`` ``sum`` with ``split_every``), or in the reverse chain a running sum handed
 down the chain with ``U`` (one copy alive at a time). Groups of queries (:func:`engine.plan.query_groups`) are
-independent scans joined along the query axis (:func:`join_query_groups`); a group over the ``query_bytes`` budget
-runs its queries in batches, scans one after another in its slot (:func:`lazy_result`). ``job`` is one graph key holding the
-small :class:`~engine.cluster.worker.Job` (store path, ``Problem``, settings): tasks open the store and build the
-float64 model themselves, cached per worker (:func:`engine.cluster.worker.task_env`), so no large tensor is closed over or embedded in
+independent scans joined along the query axis (:func:`join_query_groups`); a group over the ``query_bytes``
+budget runs its queries in batches, scans one after another in its slot (:func:`lazy_result`). ``job`` is one graph
+key holding the small :class:`~engine.cluster.worker.Job` (store path, ``Problem``, settings): tasks open the store
+and build the float64 model themselves, cached per worker (:func:`engine.cluster.worker.task_env`), so no large tensor is closed over or embedded in
 the graph.
 
 Memory: a pass-1 / pass-2 task holds O(R x P) (R = query rows of its group, P = parameters) plus its chunk's
@@ -320,7 +320,8 @@ def _parallel_blocks(
     job_d: Any, meta: ResultMeta, layout: dict[str, Any], tok: str, bounds: Sequence[tuple[int, int]],
     keep_u: bool, scratch: storage.Location | None, after: Any = None,
 ) -> tuple[list[dict[str, da.Array]], list[Any]]:
-    """The parallel schedule's per-chunk blocks (and its pass-2 tasks, the last to hold query-row state), with its carries as two chains of small tasks::
+    """The parallel schedule's per-chunk blocks (and its pass-2 tasks, the last to hold query-row state), with its
+    carries as two chains of small tasks::
 
         pass1[c] ──► summary[c]                                   (parallel over chunks)
         summary[0] ──► afold[1] ──► afold[2] ──► ... ──► afold[C-1]     (forward: momentum entering chunk c)

@@ -245,5 +245,5 @@ def release_freed_memory() -> bool:
     return True
 
 
-__all__ = ["MATH_LOCK", "TRIM_EVERY", "Job", "clear_caches", "freed_heap_bytes", "in_dask_worker", "make_job", "release_freed_memory", "running", "seed", "task_env",
-           "trusted_modules"]
+__all__ = ["MATH_LOCK", "TRIM_EVERY", "Job", "clear_caches", "freed_heap_bytes", "in_dask_worker", "make_job",
+           "release_freed_memory", "running", "seed", "task_env", "trusted_modules"]
