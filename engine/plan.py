@@ -219,10 +219,10 @@ def query_groups(n_queries: int, n_groups: int, *, per_query: bool) -> list[slic
 # holds the row's phi (its path integral) and the reverse accumulator U, and while phi is being built the vmapped
 # Jacobians and their reverse passes at the quadrature nodes. Calibrated against the peak resident memory of the
 # paper's modular-addition model (~97k parameters, by step and tensor, one torch thread, synchronous scheduler):
-# from 1 to 4 queries of 113 rows each it grew by 2.7 vectors a row as one chunk and 2.8 in a reverse chain of
-# three chunks (bench/query_memory.py, docs/benchmarks.md); rounded up. In a distributed worker pass 2 also keeps
-# the accumulator handed on by the next chunk (dask may run a task again on its inputs, so it is not overwritten):
-# one vector more (3.8 measured there before in-place accumulation, same model).
+# from 1 to 4 and 16 queries of 113 rows each it grew by 2.5-2.8 vectors a row as one chunk and 2.8 in a reverse
+# chain of three chunks (bench/query_memory.py, docs/benchmarks.md); rounded up. In a distributed worker pass 2
+# also keeps the accumulator handed on by the next chunk (dask may run a task again on its inputs, so it is not
+# overwritten): one vector more (the chain measured 3.8 with that copy, same model).
 QUERY_ROW_VECTORS = 3
 QUERY_ROW_VECTORS_WORKER = 4
 
