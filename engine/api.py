@@ -44,6 +44,14 @@ MAX_RESULT_ENV = "EXPLAIND_MAX_RESULT_BYTES"
 MAX_RESULT_FRACTION = 0.25
 
 
+QUERY_BYTES_ENV = "EXPLAIND_QUERY_BYTES"
+
+
+class QueryMemoryWarning(UserWarning):
+    """The query rows of one batch are estimated to need more memory than the ``query_bytes`` budget and cannot be
+    split further (one query, or queries that are not independent per sample)."""
+
+
 class ResultTooLargeError(ValueError, MemoryError):
     """The result asked for would not fit the in-memory limit (``max_result_bytes``) and no ``out=`` was given."""
 
@@ -389,11 +397,37 @@ def max_result_limit(max_result_bytes: int | str | None = None) -> int:
             return parse_bytes(max_result_bytes)
         except ValueError as exc:
             raise ValueError(f"max_result_bytes: {exc}") from None
-    configured = settings.get("max_result_bytes")  # $EXPLAIND_MAX_RESULT_BYTES or an override; 0: not set
-    if configured:
-        return configured
+    return settings.get("max_result_bytes") or share_of_available()  # the setting's 0: not set
+
+
+def share_of_available() -> int:
+    """``MAX_RESULT_FRACTION`` of the memory available now (8 GB if unknown): the default of the in-memory result
+    limit and of the query budget (the computation needs room besides them: workers, blocks in flight)."""
     avail = available_memory()
     return int(avail * MAX_RESULT_FRACTION) if avail else 8 * 10**9
+
+
+def query_limit() -> int:
+    """The memory the query groups that run at once may hold in query-row state (bytes): the ``query_bytes``
+    setting (``$EXPLAIND_QUERY_BYTES``), else :func:`share_of_available`, as for the result
+    (:func:`max_result_limit`); the query groups that run at once share it."""
+    return settings.get("query_bytes") or share_of_available()  # the setting's 0: not set
+
+
+def warn_query_memory(p: plan.Plan, meta: Any, limit: int, per_query: bool) -> None:
+    """A :class:`QueryMemoryWarning` when the plan's query-row state still exceeds ``limit`` (it could not split
+    further), with what to do instead."""
+    if p.query_estimate <= limit:
+        return
+    why = (f"one query has {meta.n_outputs} outputs (query rows), and a query's outputs are not split"
+           if per_query else "these queries are not independent per sample (per_query=False), so they run as one batch")
+    warnings.warn(
+        f"the query rows are estimated to need {format_bytes(p.query_estimate)} of memory in one batch, more than "
+        f"the budget of {format_bytes(limit)}: {why}. The attribution runs anyway and may run out of memory; use an "
+        "output with one row per query (output='target_logprob', 'loss' or 'margin') or fewer queries, or raise the "
+        f"budget with {QUERY_BYTES_ENV} (engine setting query_bytes) if the machine has the memory",
+        QueryMemoryWarning, stacklevel=4,  # the caller of attribute
+    )
 
 
 def check_result_size(size: int, limit: int, by: frozenset[str], n_queries: int, n_steps: int) -> None:
@@ -469,6 +503,9 @@ def attribute(
             ``ResultTooLargeError`` before any task runs unless ``out=`` is given (default: $EXPLAIND_MAX_RESULT_BYTES,
             else a quarter of the available memory). With ``out=`` every task's memory stays within the per-task
             budget ($EXPLAIND_BLOCK_BYTES, 512 MiB) whatever the result size and the store's chunk length.
+            The query rows' own state (about 3 parameter-sized float64 vectors per query output) stays within
+            $EXPLAIND_QUERY_BYTES (default: a quarter of the available memory): beyond it the queries run in
+            batches one after another (attrs ``query_batches``), each taking the per-sample gradients again.
 
     Returns:
         An ``xarray.Dataset`` (dims ``query``, ``output``, and ``sample`` / ``step`` / ``tensor`` as asked) with
@@ -489,6 +526,7 @@ def attribute(
         runner.close()
         if scratch is not None:
             storage.remove_tree(scratch)
+        release_heap()
     check_exactness(result, req.traj, req.tol)  # the per-update residual arrays are small (query x output x step)
     return result
 
@@ -576,6 +614,21 @@ def validate(
                    checkpoints)
 
 
+# free heap below this stays with the process after a call: trimming it costs more (the next call faults the
+# pages in again) than the memory is worth
+RELEASE_MIN_BYTES = 64 << 20
+
+
+def release_heap() -> None:
+    """Hand the heap pages freed by the tasks that ran in this process (sync, or a client with in-process workers)
+    and by the gathered blocks back to the OS (:func:`engine.cluster.worker.release_freed_memory`) when at least
+    ``RELEASE_MIN_BYTES`` are free: the engine's glibc tuning keeps freed memory, which would otherwise stay with a
+    notebook until it exits."""
+    free = _worker.freed_heap_bytes()
+    if free is None or free >= RELEASE_MIN_BYTES:
+        _worker.release_freed_memory()
+
+
 def _start_runner(req: Request, client: Any) -> _sched.Runner:
     """The runner for ``client`` (our LocalCluster by default), checked for the device before any task runs."""
     device = req.problem.device
@@ -605,15 +658,19 @@ def build(req: Request, runner: _sched.Runner, *, scratch: storage.Location | No
     p = plan.plan_attribution(meta, problem.window, store_chunk=req.store_chunk, chunk_updates=req.chunk_updates,
                               per_query=problem.per_query, sync=sync,
                               same_host=bool(getattr(runner, "same_host", False)),
-                              n_workers=1 if sync else runner.n_workers, checkpoints=req.checkpoints)
+                              n_workers=1 if sync else runner.n_workers, checkpoints=req.checkpoints,
+                              query_bytes=(limit := query_limit()))
+    warn_query_memory(p, meta, limit, problem.per_query)
     groups, threads, chain, bounds = p.groups, p.threads, p.chain, p.bounds
-    if len(groups) == 1:
-        jobs = [_worker.make_job(traj, problem, by_reference=sync, threads=threads, progress_call=progress_call)]
+    n_batches = sum(len(b) for b in p.group_batches)
+    if n_batches == 1:
+        jobs: list[Any] = [_worker.make_job(traj, problem, by_reference=sync, threads=threads,
+                                            progress_call=progress_call)]
         if sync and problem.device == "cpu":
             _worker.seed(jobs[0], traj, req.ctx)  # the tasks run here: reuse the driver's float64 context
-    else:
-        jobs = [_worker.make_job(traj, _graph.group_problem(problem, g), by_reference=sync, threads=threads,
-                                 progress_call=progress_call) for g in groups]
+    else:  # per group (a slot), its batches of queries, run one after another
+        jobs = [[_worker.make_job(traj, _graph.group_problem(problem, b), by_reference=sync, threads=threads,
+                                  progress_call=progress_call) for b in batches] for batches in p.group_batches]
     ds = _graph.lazy_result(jobs, meta, bounds, keep_u=p.keep_u, chain=chain, scratch=scratch)
     if req.step_bins is not None:
         ds = _graph.bin_steps(ds, int(req.step_bins))
@@ -625,6 +682,7 @@ def build(req: Request, runner: _sched.Runner, *, scratch: storage.Location | No
         scheduler=runner.describe(),
         n_chunks=len(bounds),
         query_groups=len(groups),
+        query_batches=n_batches,  # scans run: query_groups, or more when groups run their queries in batches
         torch_threads=threads or (torch.get_num_threads() if sync else 0),  # 0: the workers' own setting
         scan="reverse chain" if chain else "parallel chunks",
         chunk_updates=max(hi - lo for lo, hi in bounds),
@@ -635,10 +693,10 @@ def build(req: Request, runner: _sched.Runner, *, scratch: storage.Location | No
 def _compute(req: Request, ds: xr.Dataset, bounds: list[tuple[int, int]], runner: _sched.Runner,
              progress: bool, progress_call: str | None = None) -> xr.Dataset:
     """Compute the lazy result in memory, or stream it to ``out``; a NaN/inf anywhere is an error. With
-    ``progress_call`` (the jobs' id) the bar counts updates decomposed: each query group's pass 2 visits every
-    update of the window once."""
+    ``progress_call`` (the jobs' id) the bar counts updates decomposed: each query batch's pass 2 (one per query
+    group unless groups run their queries in batches) visits every update of the window once."""
     a, b = req.ctx.window
-    updates = None if progress_call is None else (progress_call, int(ds.attrs["query_groups"]) * (b - a))
+    updates = None if progress_call is None else (progress_call, int(ds.attrs["query_batches"]) * (b - a))
     if req.out_path is None:
         (result,) = runner.compute([ds], progress=progress, desc="attribute", updates=updates)
         return check_finite(finalize_attrs(result))
@@ -681,6 +739,6 @@ def _strings_as_objects(ds: xr.Dataset) -> xr.Dataset:
     return ds.assign_coords(fix) if fix else ds
 
 
-__all__ = ["QuerySpec", "Request", "ResultTooLargeError", "UnknownSplitError", "attribute", "available_memory",
-           "build", "check_store", "max_result_limit", "open_trajectory", "parse_by", "parse_queries", "parse_steps",
-           "validate"]
+__all__ = ["QueryMemoryWarning", "QuerySpec", "Request", "ResultTooLargeError", "UnknownSplitError", "attribute",
+           "available_memory", "build", "check_store", "max_result_limit", "open_trajectory", "parse_by",
+           "parse_queries", "parse_steps", "query_limit", "release_heap", "share_of_available", "validate"]

@@ -6,7 +6,9 @@ cluster layer, the in-process reference and :func:`engine.attribute` ask it.
 - Memory: pass 2 keeps a chunk's rebuilt momentum, ``L x P`` float64 per momentum part (:func:`momentum_parts`:
   one for AdamW, whose decay is decoupled, two otherwise), within the ``light_bytes`` setting; kept path integrals
   (``L x rows x P``) stay within ``keep_u_bytes``; every task's result block within ``block_bytes``, even when that
-  means fewer updates than a store chunk (:func:`task_updates`).
+  means fewer updates than a store chunk (:func:`task_updates`); the query rows' own state (``rows x P``, a few
+  vectors a row: :func:`query_row_bytes`) within ``query_bytes``, by running a group's queries in batches one
+  after another (:func:`query_batches`).
 - Parallelism: on one machine, query groups in separate processes versus torch threads inside one process
   (:func:`plan_parallelism`); chunks of updates run in parallel only when workers would otherwise sit idle.
 """
@@ -213,6 +215,43 @@ def query_groups(n_queries: int, n_groups: int, *, per_query: bool) -> list[slic
     return [slice(a, b) for a, b in itertools.pairwise(edges)]
 
 
+# Float64 parameter-sized vectors one query row (one output of one query) adds to the peak of a scan task: pass 2
+# holds the row's phi (its path integral) and the reverse accumulator U, and while phi is being built the vmapped
+# Jacobians and their reverse passes at the quadrature nodes. Calibrated against the peak resident memory of the
+# paper's modular-addition model (~97k parameters, by step and tensor, one torch thread, synchronous scheduler):
+# from 1 to 4 and 16 queries of 113 rows each it grew by 2.5-2.8 vectors a row as one chunk and 2.8 in a reverse
+# chain of three chunks (bench/query_memory.py, docs/benchmarks.md); rounded up. In a distributed worker pass 2
+# also keeps the accumulator handed on by the next chunk (dask may run a task again on its inputs, so it is not
+# overwritten): one vector more (the chain measured 3.8 with that copy, same model).
+QUERY_ROW_VECTORS = 3
+QUERY_ROW_VECTORS_WORKER = 4
+
+
+def query_row_bytes(n_params: int, *, in_process: bool = True) -> int:
+    """Estimated peak bytes one query row (a query's output) adds to a scan task over ``n_params`` parameters:
+    ``QUERY_ROW_VECTORS`` float64 vectors of all parameters, ``QUERY_ROW_VECTORS_WORKER`` in a distributed worker
+    (``in_process`` False)."""
+    vectors = QUERY_ROW_VECTORS if in_process else QUERY_ROW_VECTORS_WORKER
+    return vectors * max(1, int(n_params)) * F64_BYTES
+
+
+def query_batches(group: slice, n_outputs: int, n_params: int, budget: int | None, *,
+                  in_process: bool = True) -> list[slice]:
+    """The queries of one group split into consecutive, nearly equal batches whose rows' estimated memory
+    (:func:`query_row_bytes`) fits ``budget`` bytes each (None: no bound, one batch). The batches run one after
+    another in the group's slot, so the group's memory is one batch's; each repeats the per-sample gradients of
+    every update (and pass 1), so the group is only split when it would not fit. A batch holds at least one query:
+    a query's outputs are not split (one query over the budget is one batch of one query)."""
+    n = group.stop - group.start
+    per_query = query_row_bytes(n_params, in_process=in_process) * max(1, int(n_outputs))
+    if budget is None or n <= 1 or n * per_query <= budget:
+        return [group]
+    fit = max(1, int(budget) // per_query)
+    n_batches = math.ceil(n / fit)
+    edges = [group.start + round(i * n / n_batches) for i in range(n_batches + 1)]
+    return [slice(a, b) for a, b in itertools.pairwise(edges)]
+
+
 def plan_parallelism(
     n_queries: int, *, per_query: bool, sync: bool, same_host: bool, n_workers: int
 ) -> tuple[int, int | None]:
@@ -249,6 +288,13 @@ class Plan:
     chain: bool  # reverse chain (True) or parallel chunks
     bounds: list[tuple[int, int]]
     keep_u: bool  # parallel chunks: pass 1 keeps u_s for pass 2
+    batches: list[list[slice]] | None = None  # per group, its queries' batches, run one after another (None: one)
+    query_estimate: int = 0  # estimated bytes of query-row state of the largest batches of all groups at once
+
+    @property
+    def group_batches(self) -> list[list[slice]]:
+        """Per group, the batches of its queries (the group itself when it is not split)."""
+        return self.batches if self.batches is not None else [[g] for g in self.groups]
 
 
 def plan_attribution(
@@ -262,23 +308,34 @@ def plan_attribution(
     same_host: bool,
     n_workers: int,
     checkpoints: Sequence[int] | None = None,
+    query_bytes: int | None = None,
 ) -> Plan:
     """Workers first take groups of queries (independent scans, no repeated work), then chunks of updates.
 
     Workers (processes) left per group: none spare -> chunks of updates in the reverse chain (every path integral
     once, chunks in sequence); spare workers -> chunks in parallel (later chunks' path integrals twice, unless
-    kept within ``keep_u_bytes``). With threads set, the cores are already spread over the groups."""
+    kept within ``keep_u_bytes``). With threads set, the cores are already spread over the groups.
+
+    ``query_bytes``: the memory the groups that run at once may hold in query-row state (None: unbounded); each
+    group gets an equal share, and a group whose rows would not fit runs its queries in batches, one after another
+    (:func:`query_batches`; only when ``per_query``: otherwise one batch, which may exceed it)."""
     n_groups, threads = plan_parallelism(meta.n_queries, per_query=per_query, sync=sync, same_host=same_host,
                                          n_workers=n_workers)
     groups = query_groups(meta.n_queries, n_groups, per_query=per_query)
-    rows = max(g.stop - g.start for g in groups) * meta.n_outputs
+    n_params = sum(math.prod(s) for s in meta.tensor_shapes)
+    share = None if query_bytes is None else max(1, int(query_bytes) // len(groups))
+    batches = [query_batches(g, meta.n_outputs, n_params, share if per_query else None, in_process=sync)
+               for g in groups]
+    largest = [max(b.stop - b.start for b in bs) for bs in batches]
+    estimate = sum(q * meta.n_outputs * query_row_bytes(n_params, in_process=sync) for q in largest)
+    rows = max(largest) * meta.n_outputs
     spare = 1 if threads else n_workers // len(groups)
     chain = spare <= 1
     bounds = plan_chunks(window, store_chunk=store_chunk, chunk_updates=chunk_updates, n_workers=spare,
                          max_updates=task_updates(meta, rows, chain=chain), fill=chain, checkpoints=checkpoints)
-    n_params = sum(math.prod(s) for s in meta.tensor_shapes)
     keep_u = not chain and keeps_u(window[1] - window[0], rows, n_params)
-    return Plan(groups, threads, chain, bounds, keep_u)
+    return Plan(groups, threads, chain, bounds, keep_u, batches if any(len(b) > 1 for b in batches) else None,
+                estimate)
 
 
 __all__ = [
@@ -296,7 +353,11 @@ __all__ = [
     "plan_attribution",
     "plan_chunks",
     "plan_parallelism",
+    "QUERY_ROW_VECTORS",
+    "QUERY_ROW_VECTORS_WORKER",
+    "query_batches",
     "query_groups",
+    "query_row_bytes",
     "step_bytes",
     "task_updates",
 ]

@@ -24,9 +24,10 @@ Then ``pass2[c] ──► arrays of chunk c ──► from_delayed blocks``. Arr
 the per-chunk blocks (``dask.array.concatenate``: the step axis is never built in one task); every other array is a
 tree sum over chunks (``dask.array`` ``sum`` with ``split_every``), or in the reverse chain a running sum handed
 down the chain with ``U`` (one copy alive at a time). Groups of queries (:func:`engine.plan.query_groups`) are
-independent scans joined along the query axis (:func:`join_query_groups`). ``job`` is one graph key holding the
-small :class:`~engine.cluster.worker.Job` (store path, ``Problem``, settings): tasks open the store and build the
-float64 model themselves, cached per worker (:func:`engine.cluster.worker.task_env`), so no large tensor is closed over or embedded in
+independent scans joined along the query axis (:func:`join_query_groups`); a group over the ``query_bytes``
+budget runs its queries in batches, scans one after another in its slot (:func:`lazy_result`). ``job`` is one graph
+key holding the small :class:`~engine.cluster.worker.Job` (store path, ``Problem``, settings): tasks open the store
+and build the float64 model themselves, cached per worker (:func:`engine.cluster.worker.task_env`), so no large tensor is closed over or embedded in
 the graph.
 
 Memory: a pass-1 / pass-2 task holds O(R x P) (R = query rows of its group, P = parameters) plus its chunk's
@@ -51,7 +52,7 @@ import torch
 import xarray as xr
 
 from engine.cluster.handoff import inline_keep, inline_room, inline_sink, inline_take
-from engine.cluster.worker import Job, running
+from engine.cluster.worker import Job, in_dask_worker, running
 from engine.result import (
     QO,
     STEP,
@@ -75,7 +76,9 @@ SPLIT_EVERY = 8  # fan-in of the tree sums over chunks
 # ==============================================================================================================
 # Tasks (module-level functions: pickled by reference, never closing over data)
 # ==============================================================================================================
-def _pass1_task(job: Job, lo: int, hi: int, keep_u: bool) -> Pass1:
+def _pass1_task(job: Job, lo: int, hi: int, keep_u: bool, after: Any = None) -> Pass1:
+    """Pass 1 of the parallel schedule (``after``: the previous query batch's end, only waited for)."""
+    del after
     with running(job) as (traj, ctx):  # one engine task at a time per process, under the caller's settings
         return pass1(traj, job.problem, lo, hi, keep_u=keep_u, ctx=ctx)
 
@@ -185,26 +188,34 @@ def _pass2_task(
     with running(job) as (traj, ctx):
         if isinstance(a_in, Spilled):
             a_in = {part: read_vectors(a_in, f"carry-{part}", ctx.names, ctx.shapes) for part in summary.a_total}
+        owned = u_in is None or isinstance(u_in, Spilled)  # made here: pass 2 may accumulate into it in place
         if isinstance(u_in, Spilled):
             u_in = read_vectors(u_in, "carry-u", ctx.names, {n: (ctx.R, *ctx.shapes[n]) for n in ctx.names})
-        carry = Carry(lo, hi, _zero_accumulator(ctx) if u_in is None else u_in, a_in or {}, s_a, summary.stats)
+        carry = Carry(lo, hi, _zero_accumulator(ctx) if u_in is None else u_in, a_in or {}, s_a, summary.stats,
+                      u_owned=owned)
         return pass2(traj, job.problem, lo, hi, carry, p1, ctx=ctx).arrays
 
 
 def _pass2_chain_task(
     job: Job, lo: int, hi: int, a_in: dict[str, dict[str, torch.Tensor]] | Spilled | None,
     s_a: dict[str, torch.Tensor] | None, u_next: dict[str, torch.Tensor] | None,
-    sums_next: dict[str, np.ndarray] | None = None,
+    sums_next: dict[str, np.ndarray] | None = None, after: Any = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
     """Pass 2 of the reverse chain: ``a_in`` is the momentum entering the chunk (None for the window's first, or
     where the fold spilled it), ``s_a`` the window-start momentum, ``u_next`` the next chunk's ``u_out`` (None for
     the window's last chunk), ``sums_next`` the next chunk's running sums (:func:`_sums`), added in place to this
     chunk's arrays, so the window's first chunk ends up holding the totals over the window and no chunk's copy
-    outlives the next task."""
+    outlives the next task. ``after``: the previous query batch's end (:func:`lazy_result`), only waited for."""
+    del after
     with running(job) as (traj, ctx):
         if isinstance(a_in, Spilled):
             a_in = read_momentum(a_in, PART_OF_COL[: momentum_parts(ctx.terms.kind)], ctx.names, ctx.shapes)
         carry = chain_carry(ctx, lo, hi, a_in, s_a, last=u_next is None)
+        if u_next is not None and not in_dask_worker():
+            # a local scheduler hands the next chunk's accumulator to this task alone and never runs a task twice:
+            # pass 2 accumulates into it in place, one rows x P array less (a distributed worker may run a task
+            # again on the same inputs, so there it takes a copy)
+            carry, u_next = replace(carry, u_in=u_next, u_owned=True), None
         res = pass2(traj, job.problem, lo, hi, carry, None, u_in=u_next, ctx=ctx, data_out=_data_sink(job, ctx, lo, hi),
                     grads=inline_take(job.token, _grads_key(lo, hi)))
         arrays = res.arrays
@@ -231,8 +242,10 @@ def _sums(arrays: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, np.
     return {k: arrays[k] for k in keys}
 
 
-def _solo_task(job: Job) -> dict[str, np.ndarray]:
-    """The whole window as one chunk of the reverse chain: one task, no pass 1 or carries."""
+def _solo_task(job: Job, after: Any = None) -> dict[str, np.ndarray]:
+    """The whole window as one chunk of the reverse chain: one task, no pass 1 or carries (``after``: the previous
+    query batch's end, only waited for)."""
+    del after
     with running(job) as (traj, ctx):
         lo, hi = ctx.window
         return pass2(traj, job.problem, lo, hi, solo_carry(traj, job.problem, ctx), None, ctx=ctx).arrays
@@ -262,7 +275,7 @@ def _to_cpu(obj: Any) -> Any:
 # ==============================================================================================================
 def build_arrays(
     job: Job, meta: ResultMeta, bounds: Sequence[tuple[int, int]], *, keep_u: bool, chain: bool = False,
-    scratch: storage.Location | None = None,
+    scratch: storage.Location | None = None, after: Any = None,
 ) -> dict[str, Any]:
     """Lazy whole-window arrays (``engine.result.combine``'s layout) for the chunks ``bounds`` of ``job``.
 
@@ -272,7 +285,19 @@ def build_arrays(
     first, each handing its accumulator ``U_{lo+1}`` to the previous one: every path integral once, chunks in
     sequence. Parallelism then comes from query groups (:func:`engine.plan.query_groups`); the chain's carries
     are chains of small tasks (:func:`_chain_blocks`) spilling the forward momentum to ``scratch``
-    (:func:`engine.cluster.scratch.scratch_root`; the caller removes it after the compute) when given."""
+    (:func:`engine.cluster.scratch.scratch_root`; the caller removes it after the compute) when given.
+
+    ``after`` (a Delayed, :func:`_scan`'s second value for the previous batch of queries): every task that holds
+    query-row state (``rows x P``) waits for it, directly or through another such task."""
+    return _scan(job, meta, bounds, keep_u=keep_u, chain=chain, scratch=scratch, after=after)[0]
+
+
+def _scan(
+    job: Job, meta: ResultMeta, bounds: Sequence[tuple[int, int]], *, keep_u: bool, chain: bool,
+    scratch: storage.Location | None, after: Any,
+) -> tuple[dict[str, Any], Any]:
+    """:func:`build_arrays`, and a Delayed that is done once the last task holding query-row state finished
+    (the next batch of queries in the same slot waits for it)."""
     if not bounds:
         raise ValueError("build_arrays needs at least one chunk")
     if chain and keep_u:
@@ -281,18 +306,22 @@ def build_arrays(
     job_d = dask.delayed(job, name=f"explaind-job-{tok}", traverse=False)
     layout = chunk_layout(meta)
     if chain and len(bounds) == 1:
-        p2 = dask.delayed(_solo_task, pure=True)(job_d, dask_key_name=f"explaind-pass2-{tok}-0")
-        return combine_lazy([_blocks(p2, meta, layout, tok, 0, *bounds[0])], meta)
-    if chain:
-        return combine_lazy(_chain_blocks(job_d, meta, layout, tok, bounds, scratch), meta, accumulated=True)
-    return combine_lazy(_parallel_blocks(job_d, meta, layout, tok, bounds, keep_u, scratch), meta)
+        p2 = dask.delayed(_solo_task, pure=True)(job_d, after, dask_key_name=f"explaind-pass2-{tok}-0")
+        blocks, lasts, accumulated = [_blocks(p2, meta, layout, tok, 0, *bounds[0])], [p2], False
+    elif chain:
+        (blocks, lasts), accumulated = _chain_blocks(job_d, meta, layout, tok, bounds, scratch, after), True
+    else:
+        (blocks, lasts), accumulated = _parallel_blocks(job_d, meta, layout, tok, bounds, keep_u, scratch, after), False
+    done = dask.delayed(_gate, pure=True)(None, *lasts, dask_key_name=f"{BATCH_DONE}{tok}")
+    return combine_lazy(blocks, meta, accumulated=accumulated), done
 
 
 def _parallel_blocks(
     job_d: Any, meta: ResultMeta, layout: dict[str, Any], tok: str, bounds: Sequence[tuple[int, int]],
-    keep_u: bool, scratch: storage.Location | None,
-) -> list[dict[str, da.Array]]:
-    """The parallel schedule's per-chunk blocks, with its carries as two chains of small tasks::
+    keep_u: bool, scratch: storage.Location | None, after: Any = None,
+) -> tuple[list[dict[str, da.Array]], list[Any]]:
+    """The parallel schedule's per-chunk blocks (and its pass-2 tasks, the last to hold query-row state), with its
+    carries as two chains of small tasks::
 
         pass1[c] ──► summary[c]                                   (parallel over chunks)
         summary[0] ──► afold[1] ──► afold[2] ──► ... ──► afold[C-1]     (forward: momentum entering chunk c)
@@ -313,7 +342,8 @@ def _parallel_blocks(
     s_a = dask.delayed(_start_state_task, pure=True)(job_d, dask_key_name=f"explaind-startstate-{tok}")
     p1s, sums = [], []
     for c, (lo, hi) in enumerate(bounds):
-        p1 = dask.delayed(_pass1_task, pure=True)(job_d, lo, hi, keep_u, dask_key_name=f"explaind-pass1-{tok}-{c}")
+        p1 = dask.delayed(_pass1_task, pure=True)(job_d, lo, hi, keep_u, after,
+                                                  dask_key_name=f"explaind-pass1-{tok}-{c}")
         p1s.append(p1)
         # the folds only get the small CPU summary (kept u_s stay with pass 1's result, on its worker, for pass 2)
         sums.append(dask.delayed(_summary_task, pure=True)(p1, at(c), dask_key_name=f"explaind-summary-{tok}-{c}"))
@@ -337,20 +367,23 @@ def _parallel_blocks(
                                                              dask_key_name=f"explaind-ufold-{tok}-{c}")
         u_in[c] = handle(c, cur, "u")
     blocks: list[dict[str, da.Array]] = [{} for _ in bounds]
+    p2s = []
     for c, (lo, hi) in enumerate(bounds):
         p2 = dask.delayed(_pass2_task, pure=True)(
             job_d, lo, hi, sums[c], a_in[c], u_in[c], s_a, p1s[c] if keep_u else None,
             dask_key_name=f"explaind-pass2-{tok}-{c}",
         )
+        p2s.append(p2)
         blocks[c] = _blocks(p2, meta, layout, tok, c, lo, hi)
-    return blocks
+    return blocks, p2s
 
 
 def _chain_blocks(
     job_d: Any, meta: ResultMeta, layout: dict[str, Any], tok: str, bounds: Sequence[tuple[int, int]],
-    scratch: storage.Location | None,
-) -> list[dict[str, da.Array]]:
-    """The reverse chain's per-chunk blocks (``len(bounds) >= 2``), with its carries as chains of small tasks::
+    scratch: storage.Location | None, after: Any = None,
+) -> tuple[list[dict[str, da.Array]], list[Any]]:
+    """The reverse chain's per-chunk blocks (``len(bounds) >= 2``) and its first chunk's task (the last to hold
+    query-row state; ``after`` gates the first, the last chunk's), with its carries as chains of small tasks::
 
         momentum[0] ──► momentum[1] ──► ... ──► momentum[C-2]      (forward: pass 1 of chunk c, folded)
         chain[C-1] ──U──► chain[C-2] ──U──► ... ──► chain[0]       (reverse: pass 2, U handed down)
@@ -376,13 +409,14 @@ def _chain_blocks(
     for c in range(n - 1, -1, -1):
         lo, hi = bounds[c]
         out = dask.delayed(_pass2_chain_task, pure=True)(
-            job_d, lo, hi, a_in[c], s_a, u_next, sums_next, dask_key_name=f"explaind-chain-{tok}-{c}"
+            job_d, lo, hi, a_in[c], s_a, u_next, sums_next, after if c == n - 1 else None,
+            dask_key_name=f"explaind-chain-{tok}-{c}"
         )
         p2 = dask.delayed(_pick, pure=True)(out, 0, dask_key_name=f"explaind-pass2-{tok}-{c}")
         u_next = dask.delayed(_pick, pure=True)(out, 1, dask_key_name=f"explaind-uout-{tok}-{c}")
         sums_next = dask.delayed(_sums, pure=True)(p2, summed, dask_key_name=f"explaind-sums-{tok}-{c}")
         blocks[c] = _blocks(p2, meta, layout, tok, c, lo, hi)
-    return blocks
+    return blocks, [out]
 
 
 def _blocks(p2: Any, meta: ResultMeta, layout: dict[str, Any], tok: str, c: int, lo: int, hi: int) -> dict[str, da.Array]:
@@ -421,7 +455,7 @@ def combine_lazy(
 
 
 def lazy_result(
-    job: Job | Sequence[Job],
+    job: Job | Sequence[Job | Sequence[Job]],
     meta: ResultMeta,
     bounds: Sequence[tuple[int, int]],
     *,
@@ -431,16 +465,24 @@ def lazy_result(
 ) -> xr.Dataset:
     """The dask-backed result Dataset (``engine.result.assemble`` of :func:`build_arrays`).
 
-    ``job`` may be a list of jobs whose problems hold consecutive groups of the queries (:func:`group_problem`):
-    each group runs its own scan and the groups' arrays are joined along the query axis."""
-    jobs = [job] if isinstance(job, Job) else list(job)
+    ``job`` may be a list whose items hold consecutive groups of the queries (:func:`group_problem`): each group
+    runs its own scan and the groups' arrays are joined along the query axis. An item that is itself a list of
+    jobs is a group split into batches of consecutive queries (:func:`engine.plan.query_batches`) that run one
+    after another: each batch's first task holding query-row state waits for the previous batch's last one
+    (:func:`_scan`), so the group's slot holds one batch's ``rows x P`` state at a time, on any scheduler."""
+    slots = [[job]] if isinstance(job, Job) else [[j] if isinstance(j, Job) else list(j) for j in job]
+    jobs = [j for slot in slots for j in slot]
     if len(jobs) == 1:
         return assemble(jobs[0].problem, meta, build_arrays(jobs[0], meta, bounds, keep_u=keep_u, chain=chain,
                                                             scratch=scratch))
     parts = []
-    for j in jobs:
-        q = len(j.problem.x_query)
-        parts.append(build_arrays(j, replace(meta, n_queries=q), bounds, keep_u=keep_u, chain=chain, scratch=scratch))
+    for slot in slots:
+        after = None
+        for j in slot:
+            q = len(j.problem.x_query)
+            arrays, after = _scan(j, replace(meta, n_queries=q), bounds, keep_u=keep_u, chain=chain, scratch=scratch,
+                                  after=after)
+            parts.append(arrays)
     return assemble(jobs[0].problem, meta, join_query_groups(parts, meta))
 
 
@@ -448,6 +490,7 @@ def lazy_result(
 # Streaming writes: the reverse chain waits for its blocks to be written
 # ==============================================================================================================
 _PASS2_KEY = re.compile(r"^explaind-pass2-([0-9a-f]+)-(\d+)$")
+BATCH_DONE = "explaind-batchdone-"  # + token: a query batch's end, which the next batch in its slot waits for
 
 
 def _gate(value: Any, *written: Any) -> Any:
@@ -476,6 +519,8 @@ def gate_writes(collection: Any) -> Any:
     # lowest chunk index per query group (token) that each task needs: chunk c's pass 2 seeds c
     low: dict[Any, dict[str, int]] = {}
     for key in toposort(graph, dependencies=deps):
+        if isinstance(key, str) and key.startswith(BATCH_DONE):
+            continue  # the next query batch only waits for it: its tasks need none of this batch's chunks
         acc: dict[str, int] = {}
         m = _PASS2_KEY.match(key) if isinstance(key, str) else None
         if m:

@@ -113,7 +113,9 @@ def trusted_modules(extra: str | None) -> Iterator[None]:
             os.environ[TRUSTED_ENV] = old
 
 
-def _in_worker() -> bool:
+def in_dask_worker() -> bool:
+    """Whether this code runs in a ``distributed`` worker (else under a local dask scheduler in the caller's
+    process, which never runs a task twice)."""
     if "distributed" not in sys.modules:
         return False  # no worker without distributed; and a synchronous run must not import it (start-up time)
     try:
@@ -134,7 +136,7 @@ def task_env(job: Job) -> tuple[Trajectory, Context]:
     if hit is not None:
         _ENVS.move_to_end(job.token)
         return hit
-    if not _THREADS_SET and not job.threads and _in_worker():
+    if not _THREADS_SET and not job.threads and in_dask_worker():
         # one torch thread per worker process: dask parallelises over processes, and oversubscribed BLAS threads
         # only slow every worker down
         torch.set_num_threads(settings.get("worker_threads"))
@@ -168,7 +170,7 @@ def running(job: Job) -> Iterator[tuple[Trajectory, Context]]:
     that tasks' temporaries freed are then handed back to the OS (:func:`release_freed_memory`), and the updates
     it decomposes are reported to the caller's progress bar (``job.progress_call``)."""
     global _SINCE_TRIM
-    in_worker = _in_worker()
+    in_worker = in_dask_worker()
     sink = _event_sink(job.progress_call) if job.progress_call is not None and in_worker else None
     with MATH_LOCK, settings.applied(job.settings), progress.reporting(sink):
         try:
@@ -199,14 +201,24 @@ _SINCE_TRIM = TRIM_EVERY - 1  # the first task trims: the heap building the cont
 _LIBC: Any = None
 
 
-def release_freed_memory() -> bool:
-    """Return the free pages of this process's malloc heap to the OS (glibc ``malloc_trim(0)``); False where the
-    C library has no such call (then nothing is done).
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    Why: a task's temporaries (parameter-sized float64 vectors, a chunk's batches and blocks) are freed when it
-    ends, but the small objects that outlive it (Dask's task records, the result blocks it hands on) sit between
-    them in the heap, and glibc only gives back the heap's top. Without this a worker's resident memory grew with
-    the number of tasks it ran while the memory in use stayed flat (docs/benchmarks.md, "Larger than memory")."""
+
+def freed_heap_bytes() -> int | None:
+    """Bytes of this process's malloc heap that are free but kept (glibc ``mallinfo2().fordblks``); None where the
+    C library cannot tell."""
+    lib = _libc()
+    fn = getattr(lib, "mallinfo2", None) if lib else None
+    if fn is None:
+        return None
+    fn.restype = _MallInfo2
+    return int(fn().fordblks)
+
+
+def _libc() -> Any:
+    """The C library when it has ``malloc_trim`` (glibc), else False."""
     global _LIBC
     if _LIBC is None:
         name = ctypes.util.find_library("c")
@@ -215,11 +227,23 @@ def release_freed_memory() -> bool:
             _LIBC = lib if lib is not None and hasattr(lib, "malloc_trim") else False
         except OSError:
             _LIBC = False
-    if not _LIBC:
+    return _LIBC
+
+
+def release_freed_memory() -> bool:
+    """Return the free pages of this process's malloc heap to the OS (glibc ``malloc_trim(0)``); False where the
+    C library has no such call (then nothing is done).
+
+    Why: a task's temporaries (parameter-sized float64 vectors, a chunk's batches and blocks) are freed when it
+    ends, but the small objects that outlive it (Dask's task records, the result blocks it hands on) sit between
+    them in the heap, and glibc only gives back the heap's top. Without this a worker's resident memory grew with
+    the number of tasks it ran while the memory in use stayed flat (docs/benchmarks.md, "Larger than memory")."""
+    lib = _libc()
+    if not lib:
         return False
-    _LIBC.malloc_trim(0)
+    lib.malloc_trim(0)
     return True
 
 
-__all__ = ["MATH_LOCK", "TRIM_EVERY", "Job", "clear_caches", "make_job", "release_freed_memory", "running", "seed", "task_env",
-           "trusted_modules"]
+__all__ = ["MATH_LOCK", "TRIM_EVERY", "Job", "clear_caches", "freed_heap_bytes", "in_dask_worker", "make_job",
+           "release_freed_memory", "running", "seed", "task_env", "trusted_modules"]

@@ -229,7 +229,8 @@ def start(
         else:
             wd_param = {n: param[n][:, 1] for n in names}
     src = carry.u_in if u_in is None else u_in
-    Ut = {n: src[n].to(device=dev, dtype=F64).clone() for n in names}
+    own = u_in is None and carry.u_owned  # accumulate in place (to() copies only across devices / dtypes)
+    Ut = {n: src[n].to(device=dev, dtype=F64) if own else src[n].to(device=dev, dtype=F64).clone() for n in names}
     s_a = None if carry.s_a is None else {n: v.to(dev) for n, v in carry.s_a.items()}
     a = ctx.window[0]
     a_in = {part: {n: v.to(dev) for n, v in d.items()} for part, d in carry.a_in.items()} if lo > a else {}

@@ -29,6 +29,9 @@ class Carry:
     a_in: dict[str, dict[str, torch.Tensor]]  # rebuilt momentum at lo from updates a+1..lo (zeros for the first)
     s_a: dict[str, torch.Tensor] | None  # optimizer momentum stored at the window start (None: zero / none)
     stats: StepStats  # this chunk's per-update scalars from pass 1
+    # u_in was made for this carry alone (zeros, or read back from a scratch store): pass 2 accumulates into it in
+    # place instead of into a copy, one rows x P array less (never for a value that may be handed to a task again)
+    u_owned: bool = False
 
 
 def window_start_state(traj: Trajectory, problem: Problem, ctx: Context | None = None) -> dict[str, torch.Tensor] | None:
@@ -57,7 +60,7 @@ def solo_carry(traj: Trajectory, problem: Problem, ctx: Context | None = None) -
     stats = StepStats.empty(ctx.R, hi - lo, len(ctx.names), ctx.device)
     stats.deferred = True
     u_in = {n: torch.zeros((ctx.R, *ctx.shapes[n]), dtype=F64, device=ctx.device) for n in ctx.names}
-    return Carry(lo, hi, u_in, {}, window_start_state(traj, problem, ctx), stats)
+    return Carry(lo, hi, u_in, {}, window_start_state(traj, problem, ctx), stats, u_owned=True)
 
 
 def momentum_after(
@@ -92,7 +95,7 @@ def chain_carry(
     stats = StepStats.empty(ctx.R, hi - lo, len(ctx.names), ctx.device)
     stats.deferred = True
     u_in = {n: torch.zeros((ctx.R, *ctx.shapes[n]), dtype=F64) for n in ctx.names} if last else {}
-    return Carry(lo, hi, u_in, a_in or {}, s_a, stats)
+    return Carry(lo, hi, u_in, a_in or {}, s_a, stats, u_owned=True)
 
 
 def carries(traj: Trajectory, problem: Problem, pass1s: list[Pass1]) -> list[Carry]:
