@@ -100,8 +100,11 @@ def add_commands(subparsers: Any) -> None:
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
     from engine.api import attribute
-    from engine.cluster.runners import close_local_client, local_client
+    from engine.cluster.runners import close_local_client, local_client, local_client_running
 
+    # a default cluster this command starts is closed when it ends; one that was up before (main() called from a
+    # notebook or a test) belongs to the caller
+    started_here = not local_client_running()
     client: Any = None
     if args.sync:
         client = "sync"
@@ -121,7 +124,8 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         if args.out:
             print(f"result         {args.out} (xarray.open_zarr; `explaind top {args.out}`)")
     finally:
-        close_local_client()
+        if started_here:
+            close_local_client()
     return 0
 
 
@@ -165,6 +169,12 @@ def _count(n: object, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+def _batches_note(attrs: dict) -> str:
+    """" in 4 query batches" when the queries ran in batches to stay within the query memory budget."""
+    n, groups = attrs.get("query_batches", 1), attrs.get("query_groups", 1)
+    return "" if n == groups else f" in {n} query batches (EXPLAIND_QUERY_BYTES)"
+
+
 def _replay_note(attrs: dict) -> str:
     """", replay X" for a run with sparse checkpoints (results of older engines lack the attribute)."""
     value = attrs.get("max_replay_residual")
@@ -185,7 +195,8 @@ def summarize(ds: xr.Dataset, top: int = 5, max_queries: int = 5) -> str:
          f"{ds.sizes[OUTPUT]} outputs; by {','.join(attrs.get('by', [])) or '-'}; rule {attrs.get('rule')}"),
         (f"scheduler      {attrs.get('scheduler', '-')}; {_count(attrs.get('n_chunks', '?'), 'chunk')} of <= "
          f"{attrs.get('chunk_updates', '?')} updates ({attrs.get('scan', '-')}, "
-         f"{_count(attrs.get('query_groups', 1), 'query group')}); device {attrs.get('device', 'cpu')}"),
+         f"{_count(attrs.get('query_groups', 1), 'query group')}{_batches_note(attrs)}); device "
+         f"{attrs.get('device', 'cpu')}"),
         (f"residual       max |residual| {attrs.get('max_abs_residual', float('nan')):.3e} (quadrature "
          f"{attrs.get('max_quadrature_residual', float('nan')):.2e}, rounding "
          f"{attrs.get('max_rounding_residual', float('nan')):.2e}{_replay_note(attrs)}) against max |final - initial| "

@@ -374,6 +374,12 @@ async def warm_worker() -> None:
     await asyncio.get_running_loop().run_in_executor(None, _warm_worker)
 
 
+def local_client_running() -> bool:
+    """Whether this process's default LocalCluster (:func:`local_client`) is up."""
+    client = _LOCAL.get("client")
+    return client is not None and client.status == "running"
+
+
 def close_local_client() -> None:
     """Close the default LocalCluster (also registered to run at exit)."""
     with _LOCAL_LOCK:
@@ -432,4 +438,5 @@ __all__ = [
     "close_local_client",
     "get_runner",
     "local_client",
+    "local_client_running",
 ]

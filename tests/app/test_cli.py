@@ -44,3 +44,20 @@ def test_attribute_summary_shows_the_replay_residual_of_a_sparse_run(tmp_path):
     ds = engine.attribute(str(tmp_path / "run"), queries="val[:1]", by="step", client="sync", progress=False)
     line = next(x for x in summarize(ds).splitlines() if x.startswith("residual"))
     assert f"replay {ds.attrs['max_replay_residual']:.2e}" in line
+
+
+def test_cli_attribute_leaves_a_default_cluster_it_did_not_start_running(digits_store, cluster, capsys, monkeypatch):
+    """main() called in-process (a notebook, a test) must not close the caller's default LocalCluster; the summary
+    says when the queries ran in batches to stay within the query memory budget."""
+    import warnings
+
+    from engine import QueryMemoryWarning
+
+    monkeypatch.setenv("EXPLAIND_QUERY_BYTES", "1")  # every batch one query
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QueryMemoryWarning)  # one query is over such a budget
+        assert main(["attribute", str(digits_store), "--queries", "val[:2]", "--by", "sample", "--sync",
+                     "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "max |residual|" in out and "1 query group in 2 query batches (EXPLAIND_QUERY_BYTES)" in out
+    assert cluster.status == "running"
