@@ -503,7 +503,7 @@ def attribute(
             ``ResultTooLargeError`` before any task runs unless ``out=`` is given (default: $EXPLAIND_MAX_RESULT_BYTES,
             else a quarter of the available memory). With ``out=`` every task's memory stays within the per-task
             budget ($EXPLAIND_BLOCK_BYTES, 512 MiB) whatever the result size and the store's chunk length.
-            The query rows' own state (about 3 parameter-sized float64 vectors per query output) stays within
+            The query rows' own state (estimated as 4 parameter-sized float64 vectors per query output) stays within
             $EXPLAIND_QUERY_BYTES (default: a quarter of the available memory): beyond it the queries run in
             batches one after another (attrs ``query_batches``), each taking the per-sample gradients again.
 

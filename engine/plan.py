@@ -222,9 +222,12 @@ def query_groups(n_queries: int, n_groups: int, *, per_query: bool) -> list[slic
 # from 1 to 4 and 16 queries of 113 rows each it grew by 2.5-2.8 vectors a row as one chunk and 2.8 in a reverse
 # chain of three chunks (bench/query_memory.py, docs/benchmarks.md); rounded up. In a distributed worker pass 2
 # also keeps the accumulator handed on by the next chunk (dask may run a task again on its inputs, so it is not
-# overwritten): one vector more (the chain measured 3.8 with that copy, same model).
-QUERY_ROW_VECTORS = 3
-QUERY_ROW_VECTORS_WORKER = 4
+# overwritten): one vector more (the chain measured 3.8 with that copy, same model). The outside-style per-head
+# transformer of bench/outside_models.py (12k parameters, where what a row holds besides parameter-sized vectors
+# weighs more) grew by 4.5 vectors a row from 92 to 920 rows, so the estimate takes 4 (5 in a worker): a budget is
+# then exceeded by at most ~1.15x on that model, and the paper model's batches hold ~30% fewer queries than needed.
+QUERY_ROW_VECTORS = 4
+QUERY_ROW_VECTORS_WORKER = 5
 
 
 def query_row_bytes(n_params: int, *, in_process: bool = True) -> int:
