@@ -74,6 +74,9 @@ def add_commands(subparsers: Any) -> None:
     att.add_argument("--max-result-bytes", type=_size, default=None,
                      help="largest result kept in memory, e.g. 4GB (default: $EXPLAIND_MAX_RESULT_BYTES, else a "
                           "quarter of the available memory); larger results need --out")
+    att.add_argument("--query-bytes", type=_size, default=None,
+                     help="memory the query rows may hold, e.g. 2GB; more queries run in batches one after another "
+                          "(default: $EXPLAIND_QUERY_BYTES, else a quarter of the available memory)")
     att.add_argument("--top", type=_positive, default=5, help="top samples to print per query (default 5)")
     att.add_argument("--quiet", action="store_true", help="no progress bar")
     att.set_defaults(func=_cmd_attribute)
@@ -99,6 +102,7 @@ def add_commands(subparsers: Any) -> None:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
+    from engine import settings
     from engine.api import attribute
     from engine.cluster.runners import close_local_client, local_client, local_client_running
 
@@ -112,14 +116,16 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         client = args.scheduler
     elif args.workers:
         client = local_client(args.workers)
+    budget = {} if args.query_bytes is None else {"query_bytes": args.query_bytes}
     try:
-        ds = attribute(
-            args.run, queries=args.queries, output=args.output, by=_by(args.by), steps=args.steps,
-            quadrature=args.quadrature, client=client, device=args.device, out=args.out,
-            chunk_updates=args.chunk_updates, method=args.method, progress=not args.quiet, step_bins=args.step_bins,
-            **({} if args.residual_tol is None else {"residual_tol": args.residual_tol}),
-            max_result_bytes=args.max_result_bytes,
-        )
+        with settings.override(**budget):
+            ds = attribute(
+                args.run, queries=args.queries, output=args.output, by=_by(args.by), steps=args.steps,
+                quadrature=args.quadrature, client=client, device=args.device, out=args.out,
+                chunk_updates=args.chunk_updates, method=args.method, progress=not args.quiet,
+                step_bins=args.step_bins, **({} if args.residual_tol is None else {"residual_tol": args.residual_tol}),
+                max_result_bytes=args.max_result_bytes,
+            )
         print(summarize(ds, top=args.top))
         if args.out:
             print(f"result         {args.out} (xarray.open_zarr; `explaind top {args.out}`)")

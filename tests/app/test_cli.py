@@ -48,16 +48,21 @@ def test_attribute_summary_shows_the_replay_residual_of_a_sparse_run(tmp_path):
 
 def test_cli_attribute_leaves_a_default_cluster_it_did_not_start_running(digits_store, cluster, capsys, monkeypatch):
     """main() called in-process (a notebook, a test) must not close the caller's default LocalCluster; the summary
-    says when the queries ran in batches to stay within the query memory budget."""
+    says when the queries ran in batches to stay within the query memory budget (--query-bytes or the setting)."""
     import warnings
 
     from engine import QueryMemoryWarning
 
-    monkeypatch.setenv("EXPLAIND_QUERY_BYTES", "1")  # every batch one query
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", QueryMemoryWarning)  # one query is over such a budget
         assert main(["attribute", str(digits_store), "--queries", "val[:2]", "--by", "sample", "--sync",
-                     "--quiet"]) == 0
+                     "--quiet", "--query-bytes", "1"]) == 0  # every batch one query
     out = capsys.readouterr().out
     assert "max |residual|" in out and "1 query group in 2 query batches (EXPLAIND_QUERY_BYTES)" in out
+    monkeypatch.setenv("EXPLAIND_QUERY_BYTES", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QueryMemoryWarning)
+        assert main(["attribute", str(digits_store), "--queries", "val[:2]", "--by", "sample", "--sync",
+                     "--quiet"]) == 0
+    assert "in 2 query batches" in capsys.readouterr().out
     assert cluster.status == "running"
