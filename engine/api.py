@@ -407,11 +407,18 @@ def share_of_available() -> int:
     return int(avail * MAX_RESULT_FRACTION) if avail else 8 * 10**9
 
 
-def query_limit() -> int:
+def query_limit(device: str = "cpu") -> int:
     """The memory the query groups that run at once may hold in query-row state (bytes): the ``query_bytes``
-    setting (``$EXPLAIND_QUERY_BYTES``), else :func:`share_of_available`, as for the result
-    (:func:`max_result_limit`); the query groups that run at once share it."""
-    return settings.get("query_bytes") or share_of_available()  # the setting's 0: not set
+    setting (``$EXPLAIND_QUERY_BYTES``), else :func:`share_of_available` of host memory, as for the result
+    (:func:`max_result_limit`), or the same share of the GPU's free memory when the scan runs on ``device`` "cuda"
+    (the rows' state lives there); the query groups that run at once share it."""
+    configured = settings.get("query_bytes")  # the setting's 0: not set
+    if configured:
+        return configured
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * MAX_RESULT_FRACTION)
+    return share_of_available()
 
 
 def warn_query_memory(p: plan.Plan, meta: Any, limit: int, per_query: bool) -> None:
@@ -659,7 +666,7 @@ def build(req: Request, runner: _sched.Runner, *, scratch: storage.Location | No
                               per_query=problem.per_query, sync=sync,
                               same_host=bool(getattr(runner, "same_host", False)),
                               n_workers=1 if sync else runner.n_workers, checkpoints=req.checkpoints,
-                              query_bytes=(limit := query_limit()))
+                              query_bytes=(limit := query_limit(problem.device)))
     warn_query_memory(p, meta, limit, problem.per_query)
     groups, threads, chain, bounds = p.groups, p.threads, p.chain, p.bounds
     n_batches = sum(len(b) for b in p.group_batches)

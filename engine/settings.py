@@ -76,7 +76,7 @@ TABLE: dict[str, Setting] = {
         Setting("query_bytes", int, 0, "bytes of query-row state (path integrals, reverse accumulator: query rows "
                 "x parameters float64) the query groups that run at once may hold; more queries run in batches one "
                 "after another, each taking the per-sample gradients again (0: a quarter of the memory available "
-                "when the call starts)", minimum=0, size=True),
+                "when the call starts, of the GPU's free memory with device='cuda')", minimum=0, size=True),
         Setting("worker_threads", int, 1, "torch threads per dask worker process (when the job sets none)",
                 scope="process"),
         Setting("mallopt", bool, True, "glibc heap tuning at import (keep freed memory, one malloc arena); "

@@ -40,3 +40,15 @@ def test_cuda_on_local_cluster_workers(digits_store, cluster, tmp_path):
     gpu = engine.attribute(digits_store, queries="val[:2]", by="sample,step", client=cluster, device="cuda",
                            out=tmp_path / "gpu.zarr", progress=False)
     assert_results_close(gpu, cpu, rtol=RTOL)
+
+
+def test_query_budget_on_cuda_is_a_share_of_free_gpu_memory():
+    """The rows' state lives on the GPU when the scan runs there: the default budget follows its free memory."""
+    from engine import settings
+    from engine.api import query_limit
+
+    free, _ = torch.cuda.mem_get_info()
+    with settings.override(query_bytes=0):
+        assert 0 < query_limit("cuda") <= free
+    with settings.override(query_bytes=123456):
+        assert query_limit("cuda") == 123456
