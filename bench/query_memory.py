@@ -92,7 +92,7 @@ def main() -> None:
     if not store.exists():
         modadd.train(str(store), steps=a.updates, progress=False)
     here = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    engines = [("this branch", here)]
+    engines = [("this checkout", here)]
     if a.baseline:
         engines.insert(0, (f"baseline ({a.baseline})", os.pathsep.join([a.baseline, here])))
     print(f"paper modular-addition model, {a.updates} updates, by step and tensor, sync, 1 torch thread; "
@@ -103,7 +103,7 @@ def main() -> None:
         cases = []
         if q <= a.unbounded_max:
             cases += [(name, "unbounded", "1TB", path) for name, path in engines]
-        cases += [("this branch", "default", None, here), ("this branch", f"small ({a.small})", a.small, here)]
+        cases += [("this checkout", "default", None, here), ("this checkout", f"small ({a.small})", a.small, here)]
         for name, label, budget, path in cases:
             r = run_case(str(store), q, budget, path)
             if "error" in r:
