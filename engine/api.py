@@ -407,11 +407,16 @@ def share_of_available() -> int:
     return int(avail * MAX_RESULT_FRACTION) if avail else 8 * 10**9
 
 
-def query_limit(device: str = "cpu") -> int:
-    """The memory the query groups that run at once may hold in query-row state (bytes): the ``query_bytes``
-    setting (``$EXPLAIND_QUERY_BYTES``), else :func:`share_of_available` of host memory, as for the result
+def query_limit(device: str = "cpu", query_bytes: int | str | None = None) -> int:
+    """The memory the query groups that run at once may hold in query-row state (bytes): ``query_bytes`` (an int
+    or "2GB"), else the ``query_bytes`` setting (``$EXPLAIND_QUERY_BYTES``), else :func:`share_of_available` of host memory, as for the result
     (:func:`max_result_limit`), or the same share of the GPU's free memory when the scan runs on ``device`` "cuda"
     (the rows' state lives there); the query groups that run at once share it."""
+    if query_bytes is not None:
+        try:
+            return parse_bytes(query_bytes)
+        except ValueError as exc:
+            raise ValueError(f"query_bytes: {exc}") from None
     configured = settings.get("query_bytes")  # the setting's 0: not set
     if configured:
         return configured
@@ -478,6 +483,7 @@ def attribute(
     step_bins: int | None = None,
     residual_tol: float | None = DEFAULT_RESIDUAL_TOL,
     max_result_bytes: int | str | None = None,
+    query_bytes: int | str | None = None,
 ) -> xr.Dataset:
     """Decompose ``F(theta_b) - F(theta_a)`` for query outputs of a recorded run into training samples, updates,
     tensors / parameters, weight decay and carried-over momentum (ExPLAIND; see docs/math.md).
@@ -510,9 +516,10 @@ def attribute(
             ``ResultTooLargeError`` before any task runs unless ``out=`` is given (default: $EXPLAIND_MAX_RESULT_BYTES,
             else a quarter of the available memory). With ``out=`` every task's memory stays within the per-task
             budget ($EXPLAIND_BLOCK_BYTES, 512 MiB) whatever the result size and the store's chunk length.
-            The query rows' own state (estimated as 4 parameter-sized float64 vectors per query output) stays within
-            $EXPLAIND_QUERY_BYTES (default: a quarter of the available memory): beyond it the queries run in
-            batches one after another (attrs ``query_batches``), each taking the per-sample gradients again.
+        query_bytes: the memory the query rows' own state may take (bytes, or "2GB"; estimated as 4
+            parameter-sized float64 vectors per query output): beyond it the queries run in batches one after
+            another (attrs ``query_batches``), each taking the per-sample gradients again (default:
+            $EXPLAIND_QUERY_BYTES, else a quarter of the available memory, of the GPU's free memory on "cuda").
 
     Returns:
         An ``xarray.Dataset`` (dims ``query``, ``output``, and ``sample`` / ``step`` / ``tensor`` as asked) with
@@ -522,7 +529,7 @@ def attribute(
     """
     req = validate(run, inputs, targets, queries=queries, output=output, by=by, steps=steps, quadrature=quadrature,
                    device=device, out=out, chunk_updates=chunk_updates, method=method, step_bins=step_bins,
-                   residual_tol=residual_tol, max_result_bytes=max_result_bytes)
+                   residual_tol=residual_tol, max_result_bytes=max_result_bytes, query_bytes=query_bytes)
     runner = _start_runner(req, client)
     scratch = _scratch.scratch_root(req.out_path, local=runner.workers_here())
     try:
@@ -558,6 +565,7 @@ class Request:
     tol: float | None
     n_tasks_guess: int
     checkpoints: tuple[int, ...] | None = None  # a run with sparse checkpoints: its stored steps (chunk boundaries)
+    query_limit: int | None = None  # bytes of query-row state the groups that run at once may hold (query_limit())
 
 
 def validate(
@@ -577,6 +585,7 @@ def validate(
     step_bins: int | None,
     residual_tol: float | None,
     max_result_bytes: int | str | None,
+    query_bytes: int | str | None = None,
 ) -> Request:
     """Every check :func:`attribute` makes before any task runs (arguments, queries, window, output path, the
     store's health, the model factory's trust, the result's size); raises with a message that says what to change."""
@@ -618,7 +627,7 @@ def validate(
         check_result_size(result_bytes(meta, step_bins), max_result_limit(max_result_bytes), by_set,
                           meta.n_queries, window[1] - window[0])
     return Request(traj, problem, ctx, meta, qdesc, store_chunk, chunk_updates, step_bins, out_path, tol, len(guess),
-                   checkpoints)
+                   checkpoints, query_limit(device, query_bytes))
 
 
 # free heap below this stays with the process after a call: trimming it costs more (the next call faults the
@@ -666,7 +675,7 @@ def build(req: Request, runner: _sched.Runner, *, scratch: storage.Location | No
                               per_query=problem.per_query, sync=sync,
                               same_host=bool(getattr(runner, "same_host", False)),
                               n_workers=1 if sync else runner.n_workers, checkpoints=req.checkpoints,
-                              query_bytes=(limit := query_limit(problem.device)))
+                              query_bytes=(limit := req.query_limit or query_limit(problem.device)))
     warn_query_memory(p, meta, limit, problem.per_query)
     groups, threads, chain, bounds = p.groups, p.threads, p.chain, p.bounds
     n_batches = sum(len(b) for b in p.group_batches)

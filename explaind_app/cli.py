@@ -102,7 +102,6 @@ def add_commands(subparsers: Any) -> None:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
-    from engine import settings
     from engine.api import attribute
     from engine.cluster.runners import close_local_client, local_client, local_client_running
 
@@ -116,16 +115,14 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         client = args.scheduler
     elif args.workers:
         client = local_client(args.workers)
-    budget = {} if args.query_bytes is None else {"query_bytes": args.query_bytes}
     try:
-        with settings.override(**budget):
-            ds = attribute(
-                args.run, queries=args.queries, output=args.output, by=_by(args.by), steps=args.steps,
-                quadrature=args.quadrature, client=client, device=args.device, out=args.out,
-                chunk_updates=args.chunk_updates, method=args.method, progress=not args.quiet,
-                step_bins=args.step_bins, **({} if args.residual_tol is None else {"residual_tol": args.residual_tol}),
-                max_result_bytes=args.max_result_bytes,
-            )
+        ds = attribute(
+            args.run, queries=args.queries, output=args.output, by=_by(args.by), steps=args.steps,
+            quadrature=args.quadrature, client=client, device=args.device, out=args.out,
+            chunk_updates=args.chunk_updates, method=args.method, progress=not args.quiet, step_bins=args.step_bins,
+            **({} if args.residual_tol is None else {"residual_tol": args.residual_tol}),
+            max_result_bytes=args.max_result_bytes, query_bytes=args.query_bytes,
+        )
         print(summarize(ds, top=args.top))
         if args.out:
             print(f"result         {args.out} (xarray.open_zarr; `explaind top {args.out}`)")

@@ -66,6 +66,13 @@ def test_batches_match_one_batch_and_report_in_attrs(digits_store):
     assert got.attrs["query_batches"] == 3 and got.attrs["query_groups"] == 1
     assert_results_close(got, one)
     assert identity_error(got) < 1e-10
+    # the argument beats the setting, as max_result_bytes= does
+    with settings.override(query_bytes=10**15):
+        arg = engine.attribute(digits_store, query_bytes=_budget_for(digits_store, 2), **kw)
+    assert arg.attrs["query_batches"] == 3
+    assert_results_close(arg, got, rtol=0)
+    with pytest.raises(ValueError, match="query_bytes: .*as a size in bytes"):
+        engine.attribute(digits_store, query_bytes="lots", **kw)
 
 
 @pytest.mark.parametrize("chain", [True, False])
