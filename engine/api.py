@@ -437,7 +437,7 @@ def warn_query_memory(p: plan.Plan, meta: Any, limit: int, per_query: bool) -> N
         f"the query rows are estimated to need {format_bytes(p.query_estimate)} of memory in one batch, more than "
         f"the budget of {format_bytes(limit)}: {why}. The attribution runs anyway and may run out of memory; use an "
         "output with one row per query (output='target_logprob', 'loss' or 'margin') or fewer queries, or raise the "
-        f"budget with {QUERY_BYTES_ENV} (engine setting query_bytes) if the machine has the memory",
+        f"budget with query_bytes= (CLI: --query-bytes; env {QUERY_BYTES_ENV}) if the machine has the memory",
         QueryMemoryWarning, stacklevel=4,  # the caller of attribute
     )
 
