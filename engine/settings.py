@@ -79,8 +79,9 @@ TABLE: dict[str, Setting] = {
                 "when the call starts, of the GPU's free memory with device='cuda')", minimum=0, size=True),
         Setting("worker_threads", int, 1, "torch threads per dask worker process (when the job sets none)",
                 scope="process"),
-        Setting("mallopt", bool, True, "glibc heap tuning at import (keep freed memory, one malloc arena); "
-                "0/false/off/no turns it off", scope="process"),
+        Setting("mallopt", bool, True, "glibc heap tuning (keep freed memory; in the engine also one malloc "
+                "arena), by the engine at import and by a Recorder in the training process; 0/false/off/no turns it "
+                "off", scope="process"),
     )
 }
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from . import storage
 from . import dropout
+from . import heap
 from . import modes
 from . import optim as optim_mod
 from . import schema
@@ -316,6 +317,9 @@ class Recorder:
         self._static_fp = optim_mod.static_fingerprint(optimizer)
         self._scheduler_checked = False
         self._set_packs()
+        # the writer frees a chunk's encoded buffers every chunk: without this its heap is trimmed and regrown, and
+        # every trim flushes the training thread's TLB (explaind_store.heap)
+        heap.keep_heap()
         # Rows between sparse checkpoints carry no parameters; only the thread writer writes such rows.
         kind = "thread" if self.checkpoint_every > 1 else self._writer_kind
         self._writer = make_writer(

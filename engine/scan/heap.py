@@ -1,13 +1,10 @@
-"""glibc heap tuning for the scan's processes: keep freed memory, one malloc arena for all threads."""
+"""glibc heap tuning for the scan's processes: keep freed memory, one malloc arena for all threads
+(:func:`explaind_store.heap.keep_heap`, governed here by the engine's ``mallopt`` setting)."""
 
 from __future__ import annotations
 
-import ctypes
-import sys
-
 from engine import settings
-
-_HEAP_TUNED = False
+from explaind_store import heap
 
 
 def keep_heap() -> bool:
@@ -20,19 +17,7 @@ def keep_heap() -> bool:
     (:mod:`engine.scan.pipeline`) would otherwise keep a heap of its own at its own peak. Once per process; the
     ``mallopt`` setting (``EXPLAIND_MALLOPT=0``) turns it off.
     """
-    global _HEAP_TUNED
-    if _HEAP_TUNED or not sys.platform.startswith("linux") or not settings.get("mallopt"):
-        return _HEAP_TUNED
-    _HEAP_TUNED = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-        ok = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) or bool(libc.mallopt(m_mmap_threshold, 1 << 25))
-        libc.mallopt(m_trim_threshold, (1 << 31) - 1)
-        libc.mallopt(m_arena_max, 1)
-        return ok
-    except (OSError, AttributeError):  # not glibc
-        return False
+    return heap.keep_heap(one_arena=True, enabled=settings.get("mallopt"))
 
 
 __all__ = ["keep_heap"]
