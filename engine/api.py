@@ -407,37 +407,60 @@ def share_of_available() -> int:
     return int(avail * MAX_RESULT_FRACTION) if avail else 8 * 10**9
 
 
-def query_limit(device: str = "cpu", query_bytes: int | str | None = None) -> int:
-    """The memory the query groups that run at once may hold in query-row state (bytes): ``query_bytes`` (an int
-    or "2GB"), else the ``query_bytes`` setting (``$EXPLAIND_QUERY_BYTES``), else :func:`share_of_available` of host memory, as for the result
-    (:func:`max_result_limit`), or the same share of the GPU's free memory when the scan runs on ``device`` "cuda"
-    (the rows' state lives there); the query groups that run at once share it."""
+def given_query_limit(query_bytes: int | str | None = None) -> int | None:
+    """The query-row budget the caller set (bytes): ``query_bytes`` (an int or "2GB"), else the ``query_bytes``
+    setting (``$EXPLAIND_QUERY_BYTES``); None when neither is set."""
     if query_bytes is not None:
         try:
             return parse_bytes(query_bytes)
         except ValueError as exc:
             raise ValueError(f"query_bytes: {exc}") from None
-    configured = settings.get("query_bytes")  # the setting's 0: not set
-    if configured:
-        return configured
+    return settings.get("query_bytes") or None  # the setting's 0: not set
+
+
+def query_limit(device: str = "cpu", query_bytes: int | str | None = None) -> int:
+    """The memory the query groups that run at once may hold in query-row state (bytes): the budget the caller
+    set (:func:`given_query_limit`), else :func:`share_of_available` of host memory, as for the result
+    (:func:`max_result_limit`), or the same share of the GPU's free memory when the scan runs on ``device`` "cuda"
+    (the rows' state lives there); the query groups that run at once share it."""
+    given = given_query_limit(query_bytes)
+    if given:
+        return given
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         free, _total = torch.cuda.mem_get_info(torch.device(device))
         return int(free * MAX_RESULT_FRACTION)
     return share_of_available()
 
 
-def warn_query_memory(p: plan.Plan, meta: Any, limit: int, per_query: bool) -> None:
-    """A :class:`QueryMemoryWarning` when the plan's query-row state still exceeds ``limit`` (it could not split
-    further), with what to do instead."""
-    if p.query_estimate <= limit:
+def query_budget(req: Request, runner: _sched.Runner, sync: bool) -> tuple[int | None, int | None]:
+    """``(query_bytes, task_bytes)`` for :func:`engine.plan.plan_attribution`: the budget the caller set (it
+    wins), else this machine's share (:func:`query_limit`) for work that runs here, and, on workers with memory
+    limits (CPU), the same share of one task's memory there (:meth:`Runner.task_memory`). A cluster elsewhere
+    whose workers all have limits is bounded by those alone: this machine's memory says nothing about theirs."""
+    given = req.query_limit
+    if given is not None:
+        return given, None
+    device = req.problem.device
+    task = None if sync or device != "cpu" else runner.task_memory()
+    task_bytes = None if task is None else max(1, int(task * MAX_RESULT_FRACTION))
+    here = sync or bool(getattr(runner, "same_host", False))
+    if task_bytes is not None and not here:
+        return None, task_bytes
+    return query_limit(device), task_bytes
+
+
+def warn_query_memory(p: plan.Plan, meta: Any, per_query: bool) -> None:
+    """A :class:`QueryMemoryWarning` when a query group's rows are still estimated above its share of the budget
+    (it could not split further), with what to do instead."""
+    if not p.over_budget:
         return
     why = (f"one query has {meta.n_outputs} outputs (query rows), and a query's outputs are not split"
            if per_query else "these queries are not independent per sample (per_query=False), so they run as one batch")
     warnings.warn(
-        f"the query rows are estimated to need {format_bytes(p.query_estimate)} of memory in one batch, more than "
-        f"the budget of {format_bytes(limit)}: {why}. The attribution runs anyway and may run out of memory; use an "
-        "output with one row per query (output='target_logprob', 'loss' or 'margin') or fewer queries, or raise the "
-        f"budget with query_bytes= (CLI: --query-bytes; env {QUERY_BYTES_ENV}) if the machine has the memory",
+        f"the query rows are estimated to need {format_bytes(p.group_estimate)} of memory in one batch, more than "
+        f"a query group's budget of {format_bytes(p.query_share or 0)}: {why}. The attribution runs anyway and may "
+        "run out of memory; use an output with one row per query (output='target_logprob', 'loss' or 'margin') or "
+        f"fewer queries, or raise the budget with query_bytes= (CLI: --query-bytes; env {QUERY_BYTES_ENV}) if the machine has the memory",
         QueryMemoryWarning, stacklevel=4,  # the caller of attribute
     )
 
@@ -518,8 +541,10 @@ def attribute(
             budget ($EXPLAIND_BLOCK_BYTES, 512 MiB) whatever the result size and the store's chunk length.
         query_bytes: the memory the query rows' own state may take (bytes, or "2GB"; estimated as 4
             parameter-sized float64 vectors per query output): beyond it the queries run in batches one after
-            another (attrs ``query_batches``), each taking the per-sample gradients again (default:
-            $EXPLAIND_QUERY_BYTES, else a quarter of the available memory, of the GPU's free memory on "cuda").
+            another (attrs ``query_batches``, ``query_budget`` per group), each taking the per-sample gradients
+            again (default: $EXPLAIND_QUERY_BYTES, else a quarter of the available memory, of the GPU's free
+            memory on "cuda"; on CPU workers with memory limits also at most a quarter of one task's share of a
+            worker's limit, and on a cluster elsewhere whose workers all have limits, that alone).
 
     Returns:
         An ``xarray.Dataset`` (dims ``query``, ``output``, and ``sample`` / ``step`` / ``tensor`` as asked) with
@@ -565,7 +590,7 @@ class Request:
     tol: float | None
     n_tasks_guess: int
     checkpoints: tuple[int, ...] | None = None  # a run with sparse checkpoints: its stored steps (chunk boundaries)
-    query_limit: int | None = None  # bytes of query-row state the groups that run at once may hold (query_limit())
+    query_limit: int | None = None  # the query-row budget the caller set (given_query_limit()); None: the default
 
 
 def validate(
@@ -627,7 +652,7 @@ def validate(
         check_result_size(result_bytes(meta, step_bins), max_result_limit(max_result_bytes), by_set,
                           meta.n_queries, window[1] - window[0])
     return Request(traj, problem, ctx, meta, qdesc, store_chunk, chunk_updates, step_bins, out_path, tol, len(guess),
-                   checkpoints, query_limit(device, query_bytes))
+                   checkpoints, given_query_limit(query_bytes))
 
 
 # free heap below this stays with the process after a call: trimming it costs more (the next call faults the
@@ -675,8 +700,8 @@ def build(req: Request, runner: _sched.Runner, *, scratch: storage.Location | No
                               per_query=problem.per_query, sync=sync,
                               same_host=bool(getattr(runner, "same_host", False)),
                               n_workers=1 if sync else runner.n_workers, checkpoints=req.checkpoints,
-                              query_bytes=(limit := req.query_limit or query_limit(problem.device)))
-    warn_query_memory(p, meta, limit, problem.per_query)
+                              **dict(zip(("query_bytes", "task_bytes"), query_budget(req, runner, sync))))
+    warn_query_memory(p, meta, problem.per_query)
     groups, threads, chain, bounds = p.groups, p.threads, p.chain, p.bounds
     n_batches = sum(len(b) for b in p.group_batches)
     if n_batches == 1:
@@ -699,6 +724,7 @@ def build(req: Request, runner: _sched.Runner, *, scratch: storage.Location | No
         n_chunks=len(bounds),
         query_groups=len(groups),
         query_batches=n_batches,  # scans run: query_groups, or more when groups run their queries in batches
+        query_budget=int(p.query_share or 0),  # bytes of query-row state each group may hold (0: unbounded)
         torch_threads=threads or (torch.get_num_threads() if sync else 0),  # 0: the workers' own setting
         scan="reverse chain" if chain else "parallel chunks",
         chunk_updates=max(hi - lo for lo, hi in bounds),
@@ -756,5 +782,6 @@ def _strings_as_objects(ds: xr.Dataset) -> xr.Dataset:
 
 
 __all__ = ["QueryMemoryWarning", "QuerySpec", "Request", "ResultTooLargeError", "UnknownSplitError", "attribute",
-           "available_memory", "build", "check_store", "max_result_limit", "open_trajectory", "parse_by",
-           "parse_queries", "parse_steps", "query_limit", "release_heap", "share_of_available", "validate"]
+           "available_memory", "build", "check_store", "given_query_limit", "max_result_limit", "open_trajectory",
+           "parse_by", "parse_queries", "parse_steps", "query_budget", "query_limit", "release_heap",
+           "share_of_available", "validate"]

@@ -293,6 +293,13 @@ class Plan:
     keep_u: bool  # parallel chunks: pass 1 keeps u_s for pass 2
     batches: list[list[slice]] | None = None  # per group, its queries' batches, run one after another (None: one)
     query_estimate: int = 0  # estimated bytes of query-row state of the largest batches of all groups at once
+    query_share: int | None = None  # the query-row budget of each group (None: unbounded)
+    group_estimate: int = 0  # estimated bytes of query-row state of the largest batch of any one group
+
+    @property
+    def over_budget(self) -> bool:
+        """Whether some group's largest batch is still estimated above its share (it could not split further)."""
+        return self.query_share is not None and self.group_estimate > self.query_share
 
     @property
     def group_batches(self) -> list[list[slice]]:
@@ -312,6 +319,7 @@ def plan_attribution(
     n_workers: int,
     checkpoints: Sequence[int] | None = None,
     query_bytes: int | None = None,
+    task_bytes: int | None = None,
 ) -> Plan:
     """Workers first take groups of queries (independent scans, no repeated work), then chunks of updates.
 
@@ -320,17 +328,20 @@ def plan_attribution(
     kept within ``keep_u_bytes``). With threads set, the cores are already spread over the groups.
 
     ``query_bytes``: the memory the groups that run at once may hold in query-row state (None: unbounded); each
-    group gets an equal share, and a group whose rows would not fit runs its queries in batches, one after another
+    group gets an equal share, at most ``task_bytes`` (the query-row memory one task may take on its worker; None:
+    no such bound), and a group whose rows would not fit runs its queries in batches, one after another
     (:func:`query_batches`; only when ``per_query``: otherwise one batch, which may exceed it)."""
     n_groups, threads = plan_parallelism(meta.n_queries, per_query=per_query, sync=sync, same_host=same_host,
                                          n_workers=n_workers)
     groups = query_groups(meta.n_queries, n_groups, per_query=per_query)
     n_params = sum(math.prod(s) for s in meta.tensor_shapes)
-    share = None if query_bytes is None else max(1, int(query_bytes) // len(groups))
+    shares = [int(query_bytes) // len(groups)] if query_bytes is not None else []
+    shares += [int(task_bytes)] if task_bytes is not None else []
+    share = max(1, min(shares)) if shares else None
     batches = [query_batches(g, meta.n_outputs, n_params, share if per_query else None, in_process=sync)
                for g in groups]
     largest = [max(b.stop - b.start for b in bs) for bs in batches]
-    estimate = sum(q * meta.n_outputs * query_row_bytes(n_params, in_process=sync) for q in largest)
+    per_group = [q * meta.n_outputs * query_row_bytes(n_params, in_process=sync) for q in largest]
     rows = max(largest) * meta.n_outputs
     spare = 1 if threads else n_workers // len(groups)
     chain = spare <= 1
@@ -338,7 +349,7 @@ def plan_attribution(
                          max_updates=task_updates(meta, rows, chain=chain), fill=chain, checkpoints=checkpoints)
     keep_u = not chain and keeps_u(window[1] - window[0], rows, n_params)
     return Plan(groups, threads, chain, bounds, keep_u, batches if any(len(b) > 1 for b in batches) else None,
-                estimate)
+                sum(per_group), share, max(per_group))
 
 
 __all__ = [

@@ -85,6 +85,12 @@ class Runner:
         reach them all (the reverse chain's scratch store, :func:`engine.cluster.scratch.scratch_root`)."""
         return False
 
+    def task_memory(self) -> int | None:
+        """The memory one task may use on the workers (bytes): the smallest worker memory limit divided by that
+        worker's threads (tasks run at once). None where a worker sets no limit or none is known: then only
+        this machine's memory bounds the plan."""
+        return None
+
     def close(self) -> None:
         """Release what this runner opened for one call (the shared LocalCluster stays up)."""
 
@@ -146,12 +152,29 @@ class ClientRunner(Runner):
             return False
         return hosts == {socket.gethostname()}
 
+    def _workers(self) -> dict[str, Any]:
+        """The scheduler's description of every worker (address -> info with ``memory_limit``, ``nthreads``)."""
+        try:
+            info = self.client.scheduler_info(n_workers=-1)
+        except TypeError:  # older signatures
+            info = self.client.scheduler_info()
+        return dict(info.get("workers", {}))
+
     @property
     def n_workers(self) -> int:  # type: ignore[override]
-        try:
-            return max(1, len(self.client.scheduler_info(n_workers=-1).get("workers", {})))
-        except TypeError:  # older signatures
-            return max(1, len(self.client.scheduler_info().get("workers", {})))
+        return max(1, len(self._workers()))
+
+    def task_memory(self) -> int | None:
+        per_task = []
+        for w in self._workers().values():
+            try:
+                limit, threads = int(w.get("memory_limit") or 0), max(1, int(w.get("nthreads") or 1))
+            except (TypeError, ValueError):
+                return None
+            if limit <= 0:  # a worker without a limit: its host's memory, which this process cannot see
+                return None
+            per_task.append(limit // threads)
+        return min(per_task) if per_task else None
 
     def compute(self, collections: Sequence[Any], *, progress: bool, desc: str = "explaind",
                 updates: tuple[str, int] | None = None) -> list[Any]:

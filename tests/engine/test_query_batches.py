@@ -223,4 +223,49 @@ def test_queries_that_are_not_independent_stay_one_batch_with_a_warning(digits_s
     assert [len(b) for b in split.group_batches] == [4] and whole.batches is None
     assert whole.query_estimate == 4 * split.query_estimate > 1
     with pytest.warns(QueryMemoryWarning, match="per_query=False.*EXPLAIND_QUERY_BYTES"):
-        warn_query_memory(whole, meta, 1, False)
+        warn_query_memory(whole, meta, False)
+
+
+def test_plan_bounds_each_group_by_its_share_and_by_one_tasks_memory(digits_store):
+    """Each group gets ``query_bytes / groups``, at most ``task_bytes`` (a worker's memory per task): the smaller
+    bound decides the batches, and ``over_budget`` says when a batch could not be split below it."""
+    run, problem, meta = _digits(digits_store, 4)
+    one = _budget_for(digits_store, 1) * plan.QUERY_ROW_VECTORS_WORKER // plan.QUERY_ROW_VECTORS  # a query, worker
+    kw = dict(store_chunk=run.chunk_updates, chunk_updates=None, sync=False, same_host=False, n_workers=1,
+              per_query=True)
+    only_task = plan.plan_attribution(meta, (0, 12), task_bytes=2 * one, **kw)
+    assert only_task.query_share == 2 * one and [len(b) for b in only_task.group_batches] == [2]
+    assert not only_task.over_budget
+    both = plan.plan_attribution(meta, (0, 12), query_bytes=10**15, task_bytes=one, **kw)
+    assert both.query_share == one and [len(b) for b in both.group_batches] == [4]
+    assert plan.plan_attribution(meta, (0, 12), query_bytes=one, task_bytes=10**15, **kw).query_share == one
+    unbounded = plan.plan_attribution(meta, (0, 12), **kw)
+    assert unbounded.query_share is None and unbounded.batches is None and not unbounded.over_budget
+    assert plan.plan_attribution(meta, (0, 12), task_bytes=one - 1, **kw).over_budget
+
+
+def test_workers_memory_limits_bound_the_query_batches(digits_store):
+    """A client whose workers have a memory limit: each task's query rows get a quarter of the limit per worker
+    thread (``Runner.task_memory``), not a share of this machine's memory; the batches give the one-batch numbers.
+    The caller's query_bytes= still wins."""
+    from distributed import Client, LocalCluster
+
+    from engine.api import MAX_RESULT_FRACTION
+    from engine.cluster.runners import ClientRunner
+
+    per_query = _budget_for(digits_store, 1) * plan.QUERY_ROW_VECTORS_WORKER // plan.QUERY_ROW_VECTORS
+    limit = int(12 * per_query)  # two threads, a quarter each: 1.5 queries a task -> batches of one query
+    kw = dict(queries="val[:3]", by=("sample", "step"), progress=False)
+    with settings.override(query_bytes=10**15):
+        one = engine.attribute(digits_store, client="sync", **kw)
+    # the limit is far below what the test process holds: the worker must not pause, spill or restart over it
+    quiet = {f"distributed.worker.memory.{k}": False for k in ("target", "spill", "pause", "terminate")}
+    with dask.config.set(quiet), LocalCluster(n_workers=1, threads_per_worker=2, processes=False, memory_limit=limit,
+                                              dashboard_address=":0") as lc, Client(lc, set_as_default=False) as c:
+        assert ClientRunner(c).task_memory() == limit // 2
+        got = engine.attribute(digits_store, client=c, **kw)
+        assert got.attrs["query_budget"] == int(limit // 2 * MAX_RESULT_FRACTION)
+        assert got.attrs["query_batches"] == 3 and got.attrs["query_groups"] == 1
+        assert_results_close(got, one)
+        given = engine.attribute(digits_store, client=c, query_bytes=10**15, **kw)
+        assert given.attrs["query_batches"] == 1 and given.attrs["query_budget"] == 10**15

@@ -94,6 +94,15 @@ def test_attribute_on_external_scheduler_matches_sync(digits_store, scheduler_ad
                           client=scheduler_address, progress=True)
     assert ds.attrs["scheduler"] == f"{scheduler_address} (2 workers)"
     assert ds.attrs["query_groups"] == 2 and ds.attrs["scan"] == "reverse chain"
+    # the query-row budget comes from the workers' memory limits (a quarter per task), not from this machine's
+    from distributed import Client
+
+    from engine.api import MAX_RESULT_FRACTION
+    from engine.cluster.runners import ClientRunner
+
+    with Client(scheduler_address, set_as_default=False) as c:
+        task = ClientRunner(c).task_memory()
+    assert task is not None and ds.attrs["query_budget"] == int(task * MAX_RESULT_FRACTION)
     assert_results_close(ds, sync_result)
     # one query: the two workers take chunks of updates in parallel instead
     one = engine.attribute(digits_store, queries="val[:1]", by="sample,step", steps=slice(2, 12),
