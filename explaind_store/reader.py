@@ -81,6 +81,32 @@ class Run:
                 "Record it again with resume=True (`--resume` on the command line: it starts over at update 1) or "
                 "overwrite=True (`--overwrite`)."
             )
+        self._check_commit_point()
+
+    def _check_commit_point(self) -> None:
+        """The commit point must lie inside the recorded arrays: a larger one (a damaged or edited zarr.json) would
+        send readers past the data, and loops sized by it would not end."""
+        path = f"{schema.UPDATES}/{schema.LR}"
+        try:
+            arr = self._array(path)
+            steps = int(arr.shape[0])
+        except KeyError:
+            raise storage.StoreError(
+                f"{self.path} has no {path} array, which every store holds: the store is incomplete (an interrupted "
+                "copy?). Copy it again from an intact store, or record the run again."
+            ) from None
+        if self.committed_updates >= steps:
+            raise storage.StoreError(
+                f"{self.path} says updates 1..{self.committed_updates} are committed (committed_updates in its "
+                f"zarr.json), but its arrays hold steps 0..{steps - 1} only: the root metadata was edited or comes "
+                "from another copy of the store. Restore zarr.json from an intact copy, or record the run again."
+            )
+        if int(arr.chunks[0]) != self.chunk_updates:
+            raise storage.StoreError(
+                f"{self.path} says its chunks hold {self.chunk_updates} updates (chunk_updates in its zarr.json), "
+                f"but its arrays are chunked by {int(arr.chunks[0])}: the root metadata was edited or comes from "
+                "another store. Restore zarr.json from an intact copy, or record the run again."
+            )
 
     # --- metadata ------------------------------------------------------------------------------------------
     @property
@@ -103,6 +129,7 @@ class Run:
         self.__dict__.pop("_rng_info", None)
         self._state_cache: dict[str, xr.Dataset] = {}
         self._segments.clear()  # the last segment grows with new commits
+        self._check_commit_point()
         return self
 
     @property
@@ -667,8 +694,7 @@ def _fmt_slice(sl: Any) -> str:
 
 def _open_store_root(store: Any, path: storage.Location) -> zarr.Group:
     root = zarr.open_group(store, mode="r", zarr_format=3)
-    if root.attrs.get(schema.ATTR_FORMAT) != schema.FORMAT_NAME:
-        raise storage.StoreError(f"{path} is not an explaind store")
+    storage.check_explaind_root(root.attrs.asdict(), path)
     return root
 
 

@@ -36,7 +36,8 @@ from . import heap
 from . import modes
 from . import optim as optim_mod
 from . import schema
-from .specs import data_spec, normalize_loss, resolve_data
+from .root_attrs import valid_name
+from .specs import data_spec, normalize_loss, resolve_data, safe_text
 from .writer import BufferRow, ChunkBuffer, Row, Segment, make_writer, writer_kind
 
 
@@ -296,6 +297,12 @@ class Recorder:
         self._read_rng = dropout.state_reader(self._rng_device)
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        bad = [n for n, _ in named if not valid_name(n)]
+        if bad:
+            raise RecorderError(
+                f"parameter names {[safe_text(n) for n in bad[:3]]} cannot name arrays in a store (a name is a path: "
+                "no '/', '\\', control characters or empty dotted parts). Rename the modules that hold them."
+            )
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self._id_to_name = {id(p): n for n, p in named}
@@ -440,6 +447,9 @@ class Recorder:
         data_specs: dict[str, dict[str, Any]],
     ) -> None:
         all_splits = {schema.TRAIN_SPLIT: data, **splits}
+        bad = [safe_text(s) for s in all_splits if not valid_name(s)]
+        if bad:
+            raise RecorderError(f"split names {bad} cannot name folders in a store: use letters, digits, '_' or '-'")
         unknown = sorted(set(data_specs) - set(all_splits))
         if unknown:
             raise RecorderError(

@@ -29,6 +29,8 @@ from zarr.abc.store import Store
 from zarr.errors import GroupNotFoundError, NodeNotFoundError
 
 from . import schema
+from .errors import StoreError  # noqa: F401 - the store's base error, raised and re-exported here
+from .root_attrs import check_root_attrs, format_version
 
 TARGET_CHUNK_BYTES = 4 * 2**20  # aim for 1-8 MB chunks
 # Blosc lz4 at level 5 with bitshuffle: on recorded float32 trajectories it compresses about as well as zstd level 1
@@ -39,10 +41,6 @@ DEFAULT_CLEVEL = 5
 # zarr skips writing chunks equal to the fill value by default; then a deleted chunk file and a legitimately
 # all-fill chunk look the same. Every writer of the store uses this so a missing chunk always means damage.
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
-
-
-class StoreError(Exception):
-    """A path is not a readable explaind store, or the store cannot be used as asked."""
 
 
 # --- where a store lives ----------------------------------------------------------------------------------------
@@ -398,16 +396,22 @@ def open_root(path: str | os.PathLike[str], mode: str = "r", *, check: bool = Tr
         root = zarr.open_group(store=open_store(p, read_only=mode == "r"), mode=mode, zarr_format=3)
     except (GroupNotFoundError, NodeNotFoundError, FileNotFoundError, ValueError) as exc:
         raise StoreError(f"{p} is not a Zarr v3 group, so it is not an explaind store ({exc}).") from None
-    attrs = root.attrs.asdict()
+    check_explaind_root(root.attrs.asdict(), p)
+    return root
+
+
+def check_explaind_root(attrs: dict[str, Any], where: Location) -> None:
+    """Refuse a root group that is not an explaind store, is of a newer format, or whose attributes are damaged
+    (:func:`explaind_store.root_attrs.check_root_attrs`)."""
     if attrs.get(schema.ATTR_FORMAT) != schema.FORMAT_NAME:
         raise StoreError(
-            f"{p} is a Zarr group but not an explaind store (its '{schema.ATTR_FORMAT}' attribute is "
-            f"{attrs.get(schema.ATTR_FORMAT)!r}, expected {schema.FORMAT_NAME!r})."
+            f"{where} is a Zarr group but not an explaind store (its '{schema.ATTR_FORMAT}' attribute is "
+            f"{str(attrs.get(schema.ATTR_FORMAT))[:80]!r}, expected {schema.FORMAT_NAME!r})."
         )
-    version = int(attrs.get(schema.ATTR_FORMAT_VERSION, 0))
+    version = format_version(attrs, str(where))
     if version > schema.FORMAT_VERSION:
         raise StoreError(
-            f"{p} uses store format version {version}, newer than this explaind-store understands "
+            f"{where} uses store format version {version}, newer than this explaind-store understands "
             f"(version {schema.FORMAT_VERSION}). Upgrade the package: pip install -U explaind-store."
         )
-    return root
+    check_root_attrs(attrs, str(where))
