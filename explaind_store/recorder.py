@@ -36,7 +36,7 @@ from . import heap
 from . import modes
 from . import optim as optim_mod
 from . import schema
-from .root_attrs import valid_name
+from .metadata import valid_name
 from .specs import data_spec, normalize_loss, resolve_data, safe_text
 from .writer import BufferRow, ChunkBuffer, Row, Segment, make_writer, writer_kind
 

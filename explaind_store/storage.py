@@ -30,7 +30,7 @@ from zarr.errors import GroupNotFoundError, NodeNotFoundError
 
 from . import schema
 from .errors import StoreError  # noqa: F401 - the store's base error, raised and re-exported here
-from .root_attrs import check_root_attrs, format_version
+from .metadata import check_arrays, check_root_attrs, format_version
 
 TARGET_CHUNK_BYTES = 4 * 2**20  # aim for 1-8 MB chunks
 # Blosc lz4 at level 5 with bitshuffle: on recorded float32 trajectories it compresses about as well as zstd level 1
@@ -327,11 +327,13 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def check_metadata(path: str | os.PathLike[str]) -> None:
+def check_metadata(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """Parse the ``zarr.json`` of every node (root, groups, arrays; chunk folders are not entered), so damaged
-    metadata is reported up front with the file's name instead of a bare JSON error from deep inside zarr. In an
-    object store the documents of one level of the hierarchy are fetched concurrently (one round trip per level)."""
+    metadata is reported up front with the file's name instead of a bare JSON error from deep inside zarr; returns
+    the arrays' documents by path inside the store (``params/embed``). In an object store the documents of one level
+    of the hierarchy are fetched concurrently (one round trip per level)."""
     loc = location(path)
+    arrays: dict[str, dict[str, Any]] = {}
     if isinstance(loc, Path):
         def documents(nodes: list[Location]) -> list[bytes | None]:
             return [read_file(node, "zarr.json") for node in nodes]
@@ -377,7 +379,10 @@ def check_metadata(path: str | os.PathLike[str]) -> None:
                 ) from None
             if doc.get("node_type") == "group":
                 below.extend(subdirs(node))
+            elif doc.get("node_type") == "array":
+                arrays[str(node)[len(str(loc)):].replace("\\", "/").strip("/")] = doc
         level = below
+    return arrays
 
 
 def _raise(exc: BaseException) -> None:
@@ -390,19 +395,19 @@ def open_root(path: str | os.PathLike[str], mode: str = "r", *, check: bool = Tr
     p = location(path)
     if not exists(p):
         raise StoreError(f"{p} does not exist. Record a run first (e.g. `explaind record modadd --out {p}`).")
-    if check:
-        check_metadata(p)
+    arrays = check_metadata(p) if check else None
     try:
         root = zarr.open_group(store=open_store(p, read_only=mode == "r"), mode=mode, zarr_format=3)
     except (GroupNotFoundError, NodeNotFoundError, FileNotFoundError, ValueError) as exc:
         raise StoreError(f"{p} is not a Zarr v3 group, so it is not an explaind store ({exc}).") from None
-    check_explaind_root(root.attrs.asdict(), p)
+    check_explaind_root(root.attrs.asdict(), p, arrays)
     return root
 
 
-def check_explaind_root(attrs: dict[str, Any], where: Location) -> None:
-    """Refuse a root group that is not an explaind store, is of a newer format, or whose attributes are damaged
-    (:func:`explaind_store.root_attrs.check_root_attrs`)."""
+def check_explaind_root(attrs: dict[str, Any], where: Location,
+                        arrays: dict[str, dict[str, Any]] | None = None) -> None:
+    """Refuse a root group that is not an explaind store, is of a newer format, or whose attributes (and, given
+    their documents, arrays) are damaged (:mod:`explaind_store.metadata`)."""
     if attrs.get(schema.ATTR_FORMAT) != schema.FORMAT_NAME:
         raise StoreError(
             f"{where} is a Zarr group but not an explaind store (its '{schema.ATTR_FORMAT}' attribute is "
@@ -415,3 +420,5 @@ def check_explaind_root(attrs: dict[str, Any], where: Location) -> None:
             f"(version {schema.FORMAT_VERSION}). Upgrade the package: pip install -U explaind-store."
         )
     check_root_attrs(attrs, str(where))
+    if arrays is not None:
+        check_arrays(attrs, arrays, str(where))

@@ -19,7 +19,7 @@ import engine
 from explaind_app.cli import main as cli_main
 from explaind_store import Recorder, open_run
 from explaind_store.recorder import RecorderError
-from explaind_store.root_attrs import valid_name
+from explaind_store.metadata import valid_name
 from explaind_store.storage import StoreError
 
 
@@ -154,3 +154,47 @@ def test_names_that_cannot_be_paths_are_refused_when_recording(tmp_path):
     with pytest.raises(RecorderError, match="split names"):
         Recorder(tmp_path / "s.zarr", model, opt, data=(x, y), splits={"../val": (x[:4], y[:4])})
     assert not (tmp_path / "s.zarr").exists()
+
+
+def _edit_array(recorded: Path, tmp_path: Path, path: str, edit: Any) -> Path:
+    dst = tmp_path / "edited.zarr"
+    shutil.copytree(recorded, dst)
+    doc = json.loads((dst / path / "zarr.json").read_text())
+    edit(doc)
+    (dst / path / "zarr.json").write_text(json.dumps(doc))
+    return dst
+
+
+def _arr(**changes: Any) -> Any:
+    return lambda d: d.update(changes)
+
+
+P0 = "params/0.weight"
+ARRAY_DAMAGE = [
+    (P0, lambda d: d["codecs"].insert(0, {"name": "numcodecs.pickle"}), "codecs"),
+    (P0, lambda d: d["codecs"].insert(0, {"name": "mypkg.codec", "configuration": {}}), "codecs"),
+    (P0, _arr(data_type="string"), "data type"),
+    (P0, _arr(data_type="float64"), "data type"),
+    (P0, lambda d: d.update(shape=[d["shape"][0], 1, d["shape"][1] * d["shape"][2]]), "shape"),
+    (P0, lambda d: d.update(shape=[2, *d["shape"][1:]]), "shape"),
+    (P0, lambda d: d.update(shape=[d["shape"][0], 10**9, 10**9]), "chunk count"),  # hung before
+    (P0, _arr(dimension_names=["step", None, None]), "dimension names"),
+    (P0, _arr(dimension_names=["x", "y", "z"]), "dimension names"),
+    (P0, _arr(storage_transformers=[{"name": "mypkg.transformer"}]), "storage transformers"),
+    ("updates/lr", lambda d: d.update(shape=[2, *d["shape"][1:]]), "committed_updates"),
+    ("updates/batch_size", _arr(fill_value="NaN"), "fill value"),
+    ("data/val/inputs", lambda d: d.update(shape=[d["shape"][0] + 1, *d["shape"][1:]]), "shape"),
+]
+
+
+@pytest.mark.parametrize("path,edit,what", ARRAY_DAMAGE, ids=[f"{p}:{w}" for p, _, w in ARRAY_DAMAGE])
+def test_damaged_array_metadata_is_a_named_store_error_before_zarr_reads_it(recorded, tmp_path, path, edit, what):
+    """No codec, data type or shape from a store reaches zarr unchecked: an unknown codec (the only way a store could
+    ask for unpickling), a variable-length type, a shape the root attributes contradict or too many chunks to
+    enumerate is refused at open, naming the array."""
+    store = _edit_array(recorded, tmp_path, path, edit)
+    with pytest.raises(StoreError) as info:
+        open_run(store)
+    msg = str(info.value)
+    assert what in msg and (path in msg or what == "committed_updates"), msg
+    assert msg.isprintable() and len(msg) < 1000

@@ -1,11 +1,12 @@
-"""The root group's attributes, checked when a store is opened.
+"""A store's metadata (the root group's attributes, the arrays' documents), checked when the store is opened.
 
-Every value in a store's ``zarr.json`` is untrusted: it may come from someone else's machine, an edit, a partial
-copy or other software. Readers index arrays by tensor and split names, size loops by the commit point and chunk
-length, and feed hyperparameters into the replay and the engine; a wrong type or an absurd value there would fail
-deep inside with a bare ``KeyError`` or ``TypeError``, hang, or address a path outside the store. So the types,
-ranges and names are checked once, up front (:func:`check_root_attrs`), and a failure is a
-:class:`~explaind_store.storage.StoreError` that names the attribute, what it holds and what it should hold.
+Every value in a store's ``zarr.json`` files is untrusted: it may come from someone else's machine, an edit, a
+partial copy or other software. Readers index arrays by tensor and split names, size loops by the commit point,
+chunk lengths and shapes, and feed hyperparameters into the replay and the engine; a wrong type or an absurd value
+there would fail deep inside with a bare ``KeyError`` or ``TypeError``, hang, or address a path outside the store.
+So types, ranges, names, shapes, data types and codecs are checked once, up front (:func:`check_root_attrs`,
+:func:`check_arrays`), and a failure is a :class:`~explaind_store.errors.StoreError` that names the attribute or
+array, what it holds and what it should hold.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from .specs import CAUSAL_LM_COUNTS, LOSS_KINDS, safe_text
 from .errors import StoreError
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# fixed-size numbers only: variable-length strings or bytes (and object arrays) never belong in a store
+ARRAY_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16",
+                "float32", "float64")
+# the codecs explaind writes (zstd: older stores); anything else is refused before zarr resolves it
+CODECS = ("bytes", "blosc", "zstd", "gzip", "crc32c", "transpose", "numcodecs.bitround")
+MAX_CHUNKS = 10**7  # chunks in one array: integrity checks enumerate them
 DATA_MODES = ("stored", "reference")
 MAX_NAME = 512  # characters in a tensor or split name
 MAX_NDIM = 32
@@ -227,3 +234,87 @@ def _check_data(c: _Checker, data: Any) -> None:
         fp = info.get("fingerprint")
         if fp is not None and not isinstance(fp, str):
             c.fail(f"{key}.splits.{name}.fingerprint", fp, "a string")
+
+
+def _array_fail(where: str, path: str, what: str, value: Any, expected: str) -> None:
+    raise StoreError(
+        f"{where} has damaged array metadata: the {what} of '{path}' is {safe_text(value)}, expected {expected}. "
+        f"Its {path}/zarr.json was edited, cut short or written by other software. Restore it from an intact copy "
+        "of the store, or record the run again."
+    )
+
+
+def check_arrays(attrs: Mapping[str, Any], arrays: Mapping[str, Mapping[str, Any]], where: str) -> None:
+    """Raise :class:`StoreError` unless every array document (``path -> zarr.json``, as
+    :func:`explaind_store.storage.check_metadata` collects them) has a fixed-size data type, the codecs explaind
+    writes, a regular chunk grid of a bounded number of chunks, and, for the arrays the root attributes describe,
+    the shape and data type they say: tensors and optimizer state ``(>= committed + 1, *shape)`` of the tensor's
+    dtype, per-update records with a step for every committed update, data splits of ``n`` samples."""
+    committed = attrs.get(schema.ATTR_COMMITTED)
+    if not isinstance(committed, int) or committed < 0:
+        return  # nothing committed: nothing will be read (check_root_attrs has said so)
+    tensors = {t["name"]: t for t in attrs[schema.ATTR_TENSORS]}
+    splits = attrs[schema.ATTR_DATA]["splits"]
+    lr = arrays.get(f"{schema.UPDATES}/{schema.LR}")
+    if lr is None:
+        _array_fail(where, f"{schema.UPDATES}/{schema.LR}", "document", "missing", "an array every store holds")
+    # the root attributes against the arrays they describe (the per-update records' step axis and chunks)
+    steps, chunk = lr.get("shape"), (lr.get("chunk_grid") or {}).get("configuration", {}).get("chunk_shape")
+    c = _Checker(where)
+    if isinstance(steps, list) and steps and isinstance(steps[0], int) and committed >= steps[0]:
+        c.fail(schema.ATTR_COMMITTED, committed, f"at most {steps[0] - 1}, the last step its arrays hold")
+    if isinstance(chunk, list) and chunk and chunk[0] != attrs[schema.ATTR_CHUNK_UPDATES]:
+        c.fail(schema.ATTR_CHUNK_UPDATES, attrs[schema.ATTR_CHUNK_UPDATES], f"{chunk[0]}, its arrays' chunking")
+    for path, doc in arrays.items():
+        def fail(what: str, value: Any, expected: str) -> None:
+            _array_fail(where, path, what, value, expected)
+
+        shape = doc.get("shape")
+        if not isinstance(shape, list) or len(shape) > MAX_NDIM + 2 or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+            fail("shape", shape, "a list of non-negative sizes")
+        dtype = doc.get("data_type")
+        if dtype not in ARRAY_DTYPES:
+            fail("data type", dtype, "a fixed-size number type (" + ", ".join(ARRAY_DTYPES) + ")")
+        grid = doc.get("chunk_grid")
+        chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
+        if not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(chunks, list) or len(
+                chunks) != len(shape) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                                 for n in chunks):
+            fail("chunk grid", grid, f"a regular grid of {len(shape)} positive chunk sizes")
+        if math.prod(-(-n // k) for n, k in zip(shape, chunks)) > MAX_CHUNKS:
+            fail("chunk count", math.prod(-(-n // k) for n, k in zip(shape, chunks)), f"at most {MAX_CHUNKS}")
+        codecs = doc.get("codecs")
+        if not isinstance(codecs, list) or not all(isinstance(x, dict) and x.get("name") in CODECS for x in codecs):
+            fail("codecs", [x.get("name") if isinstance(x, dict) else x for x in codecs]
+                 if isinstance(codecs, list) else codecs, "codecs explaind writes (" + ", ".join(CODECS) + ")")
+        if doc.get("storage_transformers"):
+            fail("storage transformers", doc.get("storage_transformers"), "none")
+        names = doc.get("dimension_names")
+        if names is not None and (not isinstance(names, list) or len(names) != len(shape) or not all(
+                isinstance(n, str) and 0 < len(n) <= 2 * MAX_NAME for n in names)):
+            fail("dimension names", names, f"{len(shape)} names")
+        fill = doc.get("fill_value")
+        numeric = isinstance(fill, (int, float)) and not isinstance(fill, bool)
+        if not (isinstance(fill, bool) if dtype == "bool" else numeric and float(fill).is_integer()
+                if dtype.startswith(("int", "uint")) else numeric or fill in ("NaN", "Infinity", "-Infinity")):
+            fail("fill value", fill, f"a value of type {dtype}")
+        parts = path.split("/")
+        if len(parts) == 2 and parts[0] in (schema.PARAMS, *schema.STATE_GROUPS) and parts[1] in tensors:
+            t = tensors[parts[1]]
+            if shape[1:] != t["shape"] or shape[0] < committed + 1:
+                fail("shape", shape, f"[{committed + 1} steps or more, *{t['shape']}] (tensors attribute, "
+                                     "committed_updates)")
+            if dtype != t["dtype"]:
+                fail("data type", dtype, f"{t['dtype']} (tensors attribute)")
+            dims = list(schema.stepped_dims(parts[1], len(t["shape"])))
+            if names is not None and names != dims:
+                fail("dimension names", names, f"{dims}")
+        elif len(parts) == 2 and parts[0] == schema.UPDATES:
+            if not shape or shape[0] < committed + 1:
+                fail("shape", shape, f"a step axis of {committed + 1} steps or more (committed_updates)")
+            if names is not None and names[0] != schema.STEP:
+                fail("dimension names", names, f"'{schema.STEP}' first")
+        elif len(parts) == 3 and parts[0] == schema.DATA and parts[1] in splits and (
+                not shape or shape[0] != splits[parts[1]]["n"]):
+            fail("shape", shape, f"{splits[parts[1]]['n']} samples first (data attribute)")
