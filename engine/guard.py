@@ -92,6 +92,8 @@ def check_exactness(ds: xr.Dataset, traj: Any, tol: float | None) -> None:
     delta = np.abs(np.asarray(ds["delta"].values, dtype=np.float64)).reshape(-1, len(steps))
     size = np.maximum(np.abs(np.asarray(ds["initial"].values)), np.abs(np.asarray(ds["final"].values)))
     floor = FLOOR_ULPS * training_eps(traj) * float(np.nanmax(size, initial=0.0))
+    if "step_start" not in ds.coords:
+        _check_replay(ds, traj, tol, floor, steps, delta)
     worst_res, worst_delta = residual.max(axis=0, initial=0.0), delta.max(axis=0, initial=0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         excess = worst_res / (tol * worst_delta + floor)
@@ -131,6 +133,43 @@ def check_exactness(ds: xr.Dataset, traj: Any, tol: float | None) -> None:
         "rec.record(batch, grad_scale=min(1, max_norm / norm)), the exact batch indices, the batch-mean loss and "
         "eval-mode BatchNorm. To get the result anyway, pass residual_tol=None (CLI: --residual-tol inf)."
     )
+
+
+def _check_replay(ds: xr.Dataset, traj: Any, tol: float, floor: float, steps: np.ndarray,
+                  delta: np.ndarray) -> None:
+    """A run with sparse checkpoints: raise :class:`InexactRecordError` when the replay from a checkpoint misses
+    the next stored one (``replay_residual`` at its step) by more than ``tol`` of the change over the updates
+    between them plus ``floor``. Replay that is not bit-exact (threads, GPU kernels) drifts by float rounding, far
+    below that; a checkpoint or per-update record that is not the training's (a damaged or edited store, wrong batch
+    indices, unrecorded clipping) shows here, since the replay between checkpoints follows the records exactly."""
+    if "replay_residual" not in ds:
+        return
+    replay = np.abs(np.asarray(ds["replay_residual"].values, dtype=np.float64)).reshape(-1, len(steps))
+    hit = np.flatnonzero(replay.max(axis=0, initial=0.0) > 0)
+    if not len(hit):
+        return
+    stored = getattr(traj, "is_stored", None)
+    start = 0
+    for j in range(len(steps)):
+        ends = stored is not None and bool(stored(int(steps[j])))
+        if j in hit:
+            change = delta[:, start:j + 1].sum(axis=1)  # per query output, over the updates since the last checkpoint
+            worst = int(np.argmax(replay[:, j] / (tol * change + floor)))
+            if not replay[worst, j] <= tol * change[worst] + floor:
+                first = int(steps[start]) - 1
+                raise InexactRecordError(
+                    f"the record is not exact at the checkpoint of step {int(steps[j])}: replaying updates "
+                    f"{first + 1}..{int(steps[j])} from the recorded batches, learning rates and optimizer state misses "
+                    f"the stored parameters by {replay[worst, j]:.3g} in the explained output (replay_residual), "
+                    f"against a change of {change[worst]:.3g} over those updates (residual_tol={tol:g}). Replay "
+                    "that is not bit-exact (threads, GPU kernels) drifts far less, so the stored checkpoints are not "
+                    "the trajectory the records give: a damaged or edited checkpoint or per-update record, batch "
+                    "indices that are not the samples trained on, or clipping or randomness left out of the record."
+                    f"\nRun `explaind verify {getattr(traj, 'path', '<store>')}` to see which checkpoint and "
+                    "update. To get the result anyway, pass residual_tol=None (CLI: --residual-tol inf)."
+                )
+        if ends or j in hit:
+            start = j + 1
 
 
 def _checker(traj: Any) -> tuple[Any, str | None]:

@@ -450,7 +450,37 @@ class Run:
             names += (schema.RNG_STATE, schema.MICRO_SIZE)
         return names
 
+    def _check_records(self, lo: int, rec: dict[str, np.ndarray]) -> None:
+        """The per-update records are data from the store, checked before they index or scale anything: sample
+        indices inside the training split (python would read a negative one from the end), torch's step counter
+        from 1 and one more per update (Adam divides by ``1 - beta^step``), learning rates, weight decays and
+        clipping scales finite and non-negative."""
+        def bad(r: int, what: str) -> storage.StoreError:
+            return storage.StoreError(
+                f"update {lo + 1 + r} of {self.path}: {what}. The store's per-update records are damaged or were "
+                "edited: restore the store from an intact copy, or record the run again."
+            )
+
+        raw = rec[schema.BATCH]
+        n = int(self.attrs[schema.ATTR_DATA]["splits"][schema.TRAIN_SPLIT]["n"])
+        wrong = (raw != schema.BATCH_PAD) & ((raw < 0) | (raw >= n))
+        if wrong.any():
+            r, j = (int(v[0]) for v in np.nonzero(wrong))
+            raise bad(r, f"its batch holds sample index {int(raw[r, j])}, outside the training data (0..{n - 1})")
+        opt = np.asarray(rec[schema.OPT_STEP]).reshape(-1)
+        if len(opt) and (opt[0] < 1 or np.any(np.diff(opt) != 1)):
+            r = 0 if opt[0] < 1 else int(np.nonzero(np.diff(opt) != 1)[0][0]) + 1
+            raise bad(r, f"torch's step counter reads {int(opt[r])} (opt_step), but it counts updates from 1, one "
+                         "more each update")
+        for key in (schema.LR, schema.WEIGHT_DECAY, schema.GRAD_SCALE):
+            v = np.asarray(rec[key], dtype=np.float64).reshape(len(raw), -1)
+            wrong_v = ~np.isfinite(v) | (v < 0)
+            if wrong_v.any():
+                r = int(np.nonzero(wrong_v.any(axis=1))[0][0])
+                raise bad(r, f"its {key} is {v[r].tolist()}, expected finite values >= 0")
+
     def _records(self, lo: int, rec: dict[str, np.ndarray]) -> UpdateRecords:
+        self._check_records(lo, rec)
         sizes, raw = rec[schema.BATCH_SIZE], rec[schema.BATCH]
         batches = []
         for r, (row, n) in enumerate(zip(raw, sizes)):

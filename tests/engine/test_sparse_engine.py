@@ -94,8 +94,10 @@ def test_perturbed_checkpoint_shows_as_a_replay_residual_of_its_size(stores, tmp
 
     expect = f(run.load_params(c)) - f(replayed)
     assert np.abs(expect).max() > 1e-5  # the perturbation is visible in the outputs
-    with pytest.warns(engine.InexactWarning):  # stored state at 12 and the perturbed replay disagree after it
-        ds = _attribute(path)
+    # by default the guard refuses it, naming the checkpoint: the replay of updates 5..8 misses the stored state
+    with pytest.raises(engine.InexactRecordError, match="checkpoint of step 8: replaying updates 5..8"):
+        _attribute(path)
+    ds = _attribute(path, residual_tol=None)  # and reports it at its size when asked for the result anyway
     got = np.asarray(ds["replay_residual"].sel(step=c))
     np.testing.assert_allclose(got, expect, rtol=1e-9, atol=1e-14)
     # before c replay is exact; after c it starts from the perturbed parameters, so the later stored checkpoints
@@ -123,3 +125,19 @@ def test_workers_replay_their_chunks(stores, dense_result):
         scale = float(np.abs(np.asarray(dense_result[name])).max())
         diff = float(np.abs(np.asarray(ds[name] - dense_result[name])).max())
         assert diff <= reported + 1e-12 * scale, (name, diff, reported)
+
+
+def test_a_wrong_batch_between_checkpoints_is_refused_at_the_next_checkpoint(stores, tmp_path):
+    """Between checkpoints the engine replays the records, so a batch record that is not what was trained on is
+    self-consistent there and shows only where the replay meets the next stored checkpoint: the guard refuses it,
+    naming that checkpoint (the dense store's rounding check cannot see it in a sparse run)."""
+    import shutil
+
+    path = tmp_path / "k4"
+    shutil.copytree(stores / "k4", path)
+    arr = zarr.open_array(str(path / schema.UPDATES / schema.BATCH), mode="r+")
+    row = np.asarray(arr[6])
+    n = int(open_run(path).attrs["data"]["splits"]["train"]["n"])
+    arr[6] = np.where(row >= 0, (row + 1) % n, row)  # other samples of the same size, all in range
+    with pytest.raises(engine.InexactRecordError, match="checkpoint of step 8: replaying updates 5..8"):
+        _attribute(path)

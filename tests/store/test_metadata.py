@@ -6,6 +6,7 @@ recording."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,39 @@ def test_damaged_array_metadata_is_a_named_store_error_before_zarr_reads_it(reco
     msg = str(info.value)
     assert what in msg and (path in msg or what == "committed_updates"), msg
     assert msg.isprintable() and len(msg) < 1000
+
+
+def _edit_values(recorded: Path, tmp_path: Path, path: str, sel: Any, value: Any) -> Path:
+    import zarr
+
+    dst = tmp_path / "values.zarr"
+    shutil.copytree(recorded, dst)
+    arr = zarr.open_array(str(dst / path), mode="r+")
+    arr[sel] = value
+    return dst
+
+
+VALUE_DAMAGE = [
+    ("updates/batch", (3, 0), -7, "sample index -7"),  # python would read it from the end of the data
+    ("updates/batch", (3, 0), 10**12, "sample index 1000000000000"),
+    ("updates/opt_step", 3, 0, "step counter reads 0"),  # Adam's bias correction divided by zero
+    ("updates/opt_step", 4, 99, "step counter reads 99"),
+    ("updates/lr", (3, 0), float("nan"), "its lr is [nan"),
+    ("updates/weight_decay", (3, 1), -1.0, "its weight_decay is"),
+    ("updates/grad_scale", 3, float("inf"), "its grad_scale is [inf]"),
+]
+
+
+@pytest.mark.parametrize("path,sel,value,match", VALUE_DAMAGE, ids=[m for *_, m in VALUE_DAMAGE])
+def test_per_update_records_are_checked_before_they_index_or_scale_anything(recorded, tmp_path, path, sel, value,
+                                                                             match):
+    store = _edit_values(recorded, tmp_path, path, sel, value)
+    run = open_run(store)  # the metadata is fine; the values are read per block
+    match = re.escape(match)
+    with pytest.raises(StoreError, match=match) as info:
+        run.update_records(0, 6)
+    assert "update" in str(info.value) and "record the run again" in str(info.value)
+    with pytest.raises(StoreError, match=match):
+        run.verify()
+    with pytest.raises(StoreError, match=match):
+        engine.attribute(store, queries="val[:1]", by="step", client="sync", progress=False)
