@@ -145,14 +145,14 @@ def _check_replay(ds: xr.Dataset, traj: Any, tol: float, floor: float, steps: np
     if "replay_residual" not in ds:
         return
     replay = np.abs(np.asarray(ds["replay_residual"].values, dtype=np.float64)).reshape(-1, len(steps))
-    hit = np.flatnonzero(replay.max(axis=0, initial=0.0) > 0)
-    if not len(hit):
+    hit = replay.max(axis=0, initial=0.0) > 0
+    if not hit.any():
         return
     stored = getattr(traj, "is_stored", None)
     start = 0
     for j in range(len(steps)):
         ends = stored is not None and bool(stored(int(steps[j])))
-        if j in hit:
+        if hit[j]:
             change = delta[:, start:j + 1].sum(axis=1)  # per query output, over the updates since the last checkpoint
             worst = int(np.argmax(replay[:, j] / (tol * change + floor)))
             if not replay[worst, j] <= tol * change[worst] + floor:
@@ -168,7 +168,7 @@ def _check_replay(ds: xr.Dataset, traj: Any, tol: float, floor: float, steps: np
                     f"\nRun `explaind verify {getattr(traj, 'path', '<store>')}` to see which checkpoint and "
                     "update. To get the result anyway, pass residual_tol=None (CLI: --residual-tol inf)."
                 )
-        if ends or j in hit:
+        if ends or hit[j]:
             start = j + 1
 
 

@@ -236,6 +236,21 @@ def _check_data(c: _Checker, data: Any) -> None:
             c.fail(f"{key}.splits.{name}.fingerprint", fp, "a string")
 
 
+# the array whose step axis and chunks the commit point and chunk_updates are checked against
+COMMIT_ARRAY = f"{schema.UPDATES}/{schema.LR}"
+
+
+def check_commit_point(attrs: Mapping[str, Any], steps: Any, chunk: Any, where: str) -> None:
+    """The root attributes against the arrays they describe: ``committed_updates`` inside the ``steps`` the per-update
+    records hold (a larger one would send readers past the data and size loops that do not end), and
+    ``chunk_updates`` equal to their ``chunk`` length along the step axis."""
+    c = _Checker(where)
+    if isinstance(steps, int) and attrs[schema.ATTR_COMMITTED] >= steps:
+        c.fail(schema.ATTR_COMMITTED, attrs[schema.ATTR_COMMITTED], f"at most {steps - 1}, the last step its arrays hold")
+    if chunk != attrs[schema.ATTR_CHUNK_UPDATES]:
+        c.fail(schema.ATTR_CHUNK_UPDATES, attrs[schema.ATTR_CHUNK_UPDATES], f"{chunk}, its arrays' chunking")
+
+
 def _array_fail(where: str, path: str, what: str, value: Any, expected: str) -> None:
     raise StoreError(
         f"{where} has damaged array metadata: the {what} of '{path}' is {safe_text(value)}, expected {expected}. "
@@ -255,16 +270,12 @@ def check_arrays(attrs: Mapping[str, Any], arrays: Mapping[str, Mapping[str, Any
         return  # nothing committed: nothing will be read (check_root_attrs has said so)
     tensors = {t["name"]: t for t in attrs[schema.ATTR_TENSORS]}
     splits = attrs[schema.ATTR_DATA]["splits"]
-    lr = arrays.get(f"{schema.UPDATES}/{schema.LR}")
+    lr = arrays.get(COMMIT_ARRAY)
     if lr is None:
-        _array_fail(where, f"{schema.UPDATES}/{schema.LR}", "document", "missing", "an array every store holds")
-    # the root attributes against the arrays they describe (the per-update records' step axis and chunks)
+        _array_fail(where, COMMIT_ARRAY, "document", "missing", "an array every store holds")
     steps, chunk = lr.get("shape"), (lr.get("chunk_grid") or {}).get("configuration", {}).get("chunk_shape")
-    c = _Checker(where)
-    if isinstance(steps, list) and steps and isinstance(steps[0], int) and committed >= steps[0]:
-        c.fail(schema.ATTR_COMMITTED, committed, f"at most {steps[0] - 1}, the last step its arrays hold")
-    if isinstance(chunk, list) and chunk and chunk[0] != attrs[schema.ATTR_CHUNK_UPDATES]:
-        c.fail(schema.ATTR_CHUNK_UPDATES, attrs[schema.ATTR_CHUNK_UPDATES], f"{chunk[0]}, its arrays' chunking")
+    if isinstance(steps, list) and steps and isinstance(chunk, list) and chunk:
+        check_commit_point(attrs, steps[0], chunk[0], where)
     for path, doc in arrays.items():
         def fail(what: str, value: Any, expected: str) -> None:
             _array_fail(where, path, what, value, expected)

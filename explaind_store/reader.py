@@ -26,6 +26,7 @@ from torch import nn
 from . import storage
 from . import integrity, schema
 from .integrity import DataChecksumError, MissingChunkError  # noqa: F401 - re-exported for callers
+from .metadata import COMMIT_ARRAY, check_commit_point
 from .specs import data_factory, resolve_data, resolve_factory, safe_text
 from .replay import CheckpointData, Replayer, Segment
 from .dropout import RngRecord
@@ -81,32 +82,20 @@ class Run:
                 "Record it again with resume=True (`--resume` on the command line: it starts over at update 1) or "
                 "overwrite=True (`--overwrite`)."
             )
-        self._check_commit_point()
+        if store is not None:  # open_root checked the array documents of a path; a store object's were not read
+            self._check_commit_point()
 
     def _check_commit_point(self) -> None:
-        """The commit point must lie inside the recorded arrays: a larger one (a damaged or edited zarr.json) would
-        send readers past the data, and loops sized by it would not end."""
-        path = f"{schema.UPDATES}/{schema.LR}"
+        """:func:`explaind_store.metadata.check_commit_point` against the opened arrays, where opening did not check
+        the array documents (a store object, a refresh of a store still being written)."""
         try:
-            arr = self._array(path)
-            steps = int(arr.shape[0])
+            arr = self._array(COMMIT_ARRAY)
         except KeyError:
             raise storage.StoreError(
-                f"{self.path} has no {path} array, which every store holds: the store is incomplete (an interrupted "
-                "copy?). Copy it again from an intact store, or record the run again."
+                f"{self.path} has no {COMMIT_ARRAY} array, which every store holds: the store is incomplete (an "
+                "interrupted copy?). Copy it again from an intact store, or record the run again."
             ) from None
-        if self.committed_updates >= steps:
-            raise storage.StoreError(
-                f"{self.path} says updates 1..{self.committed_updates} are committed (committed_updates in its "
-                f"zarr.json), but its arrays hold steps 0..{steps - 1} only: the root metadata was edited or comes "
-                "from another copy of the store. Restore zarr.json from an intact copy, or record the run again."
-            )
-        if int(arr.chunks[0]) != self.chunk_updates:
-            raise storage.StoreError(
-                f"{self.path} says its chunks hold {self.chunk_updates} updates (chunk_updates in its zarr.json), "
-                f"but its arrays are chunked by {int(arr.chunks[0])}: the root metadata was edited or comes from "
-                "another store. Restore zarr.json from an intact copy, or record the run again."
-            )
+        check_commit_point(self.attrs, int(arr.shape[0]), int(arr.chunks[0]), str(self.path))
 
     # --- metadata ------------------------------------------------------------------------------------------
     @property
